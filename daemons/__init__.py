@@ -1,0 +1,1 @@
+"""Trio daemons around :mod:`shoal.protocol`; one subpackage per daemon."""
