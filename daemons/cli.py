@@ -1,1 +1,172 @@
-def main(): print('cli')
+"""The ``shoal`` command.
+
+Subcommands import their daemon lazily, so ``shoal --version`` or a config
+check does not pay for onnxruntime or Flower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DaemonSpec:
+    """Where a daemon's config schema and app factory live (``module:attr``)."""
+
+    schema: str
+    factory: str
+    check: str | None = None  # extra validation beyond the schema (files it names, ...)
+
+    @staticmethod
+    def _resolve(ref: str):
+        module, attr = ref.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def load_schema(self):
+        return self._resolve(self.schema)
+
+    def load_factory(self):
+        return self._resolve(self.factory)
+
+    def run_check(self, config) -> None:
+        if self.check:
+            self._resolve(self.check)(config)
+
+
+DAEMONS: dict[str, DaemonSpec] = {
+    "tracker": DaemonSpec(
+        "shoal.daemons.tracker.config:TrackerConfig",
+        "shoal.daemons.tracker.daemon:make_app",
+        "shoal.daemons.tracker.daemon:check_config",
+    ),
+}
+
+
+def _version() -> str:
+    try:
+        return version("shoal")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def _shoal_exe() -> str:
+    """The absolute path of this ``shoal`` script, for units that run it."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "shoal" and argv0.exists():
+        return str(argv0.resolve())
+    found = shutil.which("shoal")
+    if found:
+        return str(Path(found).resolve())
+    raise SystemExit("shoal: cannot find the installed `shoal` script; pass --shoal-exe")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runtime.daemon import run_daemon
+
+    spec = DAEMONS[args.daemon]
+    return run_daemon(args.daemon, Path(args.config), spec.load_schema(), spec.load_factory())
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from .runtime.config import ConfigError, load_config
+
+    name = args.daemon or Path(args.file).stem
+    if name not in DAEMONS:
+        print(
+            f"shoal: cannot tell which daemon {args.file} is for; pass --daemon "
+            f"({', '.join(DAEMONS)})",
+            file=sys.stderr,
+        )
+        return 2
+    spec = DAEMONS[name]
+    try:
+        config = load_config(args.file, spec.load_schema())
+        spec.run_check(config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"{args.file}: ok ({name})")
+    return 0
+
+
+def cmd_systemd(args: argparse.Namespace) -> int:
+    from .runtime import systemd
+
+    exe = args.shoal_exe or _shoal_exe()
+    if args.action == "render":
+        for name, text in systemd.render_units(exe, config_dir=args.config_dir).items():
+            print(f"# --- {name}")
+            print(text)
+        return 0
+    written = systemd.install(
+        Path(args.unit_dir),
+        shoal_exe=exe,
+        config_dir=Path(args.config_dir),
+        overwrite_configs=args.overwrite_configs,
+    )
+    for path in written:
+        print(f"wrote {path}")
+    print("now run: systemctl daemon-reload && systemctl enable --now shoal.target")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(size_mib=args.size_mib, timeout=args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shoal", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"shoal {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name in DAEMONS:
+        d = sub.add_parser(name, help=f"the {name} daemon")
+        dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")
+        run = dsub.add_parser("run", help=f"run the {name} in the foreground (as systemd does)")
+        run.add_argument("--config", required=True, help="TOML config file")
+        run.set_defaults(func=cmd_run, daemon=name)
+
+    c = sub.add_parser("config", help="config files")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = csub.add_parser("check", help="validate a config file; exit 2 with one line if it is bad")
+    check.add_argument("file")
+    check.add_argument("--daemon", choices=sorted(DAEMONS), help="default: the file name's stem")
+    check.set_defaults(func=cmd_config_check)
+
+    s = sub.add_parser("systemd", help="systemd units for this installation")
+    s.add_argument("action", choices=["render", "install"])
+    s.add_argument("--shoal-exe", help="path of the shoal script (default: this one)")
+    s.add_argument("--config-dir", default="/etc/shoal")
+    s.add_argument("--unit-dir", default="/etc/systemd/system")
+    s.add_argument("--overwrite-configs", action="store_true", help="replace existing config files")
+    s.set_defaults(func=cmd_systemd)
+
+    demo = sub.add_parser("demo", help="a live tour: real BitTorrent clients swarm through a shoal tracker")
+    demo.add_argument("--size-mib", type=int, default=64, help="size of the file to share (default 64)")
+    demo.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `shoal systemd render | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

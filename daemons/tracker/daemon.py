@@ -1,0 +1,169 @@
+"""The tracker daemon: HTTP (h11 via the runtime) and UDP listeners around TrackerService."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from ..runtime.config import ConfigError, ListenAddr
+from ..runtime.daemon import DaemonContext
+from ..runtime.http import HttpRequest, HttpResponse, serve_http
+from ..runtime.state import atomic_write
+from .access import load_policy
+from .config import TrackerConfig
+from .metrics import TrackerMetrics
+from .service import TrackerService
+from .swarm import SwarmTable
+
+log = logging.getLogger("shoal.tracker")
+
+# The largest BEP 15 request is a scrape of 74 hashes (1496 bytes), or an
+# announce with BEP 41 options; anything that does not fit is malformed.
+MAX_DATAGRAM = 2048
+STATE_FILE = "swarms.msgpack"
+
+
+class TrackerApp:
+    def __init__(self, ctx: DaemonContext) -> None:
+        cfg: TrackerConfig = ctx.config
+        self.ctx = ctx
+        self.config = cfg
+        t = cfg.tracker
+        self.table = SwarmTable(
+            max_torrents=t.max_torrents, max_peers_per_torrent=t.max_peers_per_torrent, max_peers=t.max_peers
+        )
+        self.metrics = TrackerMetrics(ctx.registry, self.table.stats)
+        self.service = TrackerService(t, load_policy(cfg.access), self.table, self.metrics)
+        self.state_file: Path = ctx.state_dir / STATE_FILE
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def run(self, ctx: DaemonContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._restore()
+        t = self.config.tracker
+        try:
+            async with trio.open_nursery() as nursery:
+                addresses: dict[str, ListenAddr] = {}
+                if t.http_listen is not None:
+                    addresses["http"] = await nursery.start(
+                        partial(
+                            serve_http,
+                            self._handle_http,
+                            t.http_listen,
+                            max_request_bytes=t.max_request_bytes,
+                            on_error=partial(self.metrics.reject, "http"),
+                        )
+                    )
+                if t.udp_listen is not None:
+                    addresses["udp"] = await nursery.start(self._serve_udp, t.udp_listen)
+                nursery.start_soon(self._housekeeping)
+                ctx.announce(**addresses)
+                log.info("tracking on %s", ", ".join(f"{k}={v}" for k, v in addresses.items()))
+                task_status.started()
+        finally:
+            self._save()
+
+    def reload(self, new: TrackerConfig) -> None:
+        """Apply a new config: access lists and limits now; listeners need a restart."""
+        policy = load_policy(new.access)  # raises ConfigError; the old config stays
+        old = self.config.tracker
+        if (new.tracker.http_listen, new.tracker.udp_listen) != (old.http_listen, old.udp_listen):
+            log.warning("listen addresses changed; they take effect at the next restart")
+        t = new.tracker
+        self.table.max_torrents = t.max_torrents
+        self.table.max_peers_per_torrent = t.max_peers_per_torrent
+        self.table.max_peers = t.max_peers
+        self.service.section = t
+        self.service.access = policy
+        self.config = new
+
+    # -- listeners -------------------------------------------------------------
+
+    async def _handle_http(self, req: HttpRequest) -> HttpResponse:
+        start = time.perf_counter()
+        resp = self.service.handle_http(req, trio.current_time())
+        self.metrics.latency_by["http"].observe(time.perf_counter() - start)
+        return resp
+
+    async def _serve_udp(self, listen: ListenAddr, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
+            await sock.bind((listen.host, listen.port))
+            host, port = sock.getsockname()[:2]
+            task_status.started(ListenAddr(host, port))
+            observe = self.metrics.latency_by["udp"].observe
+            handle = self.service.handle_udp
+            while True:
+                data, addr = await sock.recvfrom(MAX_DATAGRAM)
+                start = time.perf_counter()
+                reply = handle(data, addr, trio.current_time())
+                if reply is not None:
+                    try:
+                        await sock.sendto(reply, addr)
+                    except OSError as exc:  # e.g. ICMP unreachable reported late
+                        log.debug("udp reply to %s failed: %s", addr, exc)
+                        self.metrics.reject("udp", "send_failed")
+                observe(time.perf_counter() - start)
+
+    async def _housekeeping(self) -> None:
+        t = self.config.tracker
+        sweep = max(1.0, min(60.0, t.peer_timeout / 4))
+        next_save = trio.current_time() + t.save_interval
+        while True:
+            await trio.sleep(sweep)
+            now = trio.current_time()
+            dropped = self.table.expire(now, self.config.tracker.peer_timeout)
+            if dropped:
+                self.metrics.expired.inc(dropped)
+            if now >= next_save:
+                next_save = now + self.config.tracker.save_interval
+                blob = self.table.snapshot(now)
+                await trio.to_thread.run_sync(self._write_state, blob)
+
+    # -- state -----------------------------------------------------------------
+
+    def _write_state(self, blob: bytes) -> None:
+        try:
+            atomic_write(self.state_file, blob)
+        except OSError as exc:
+            log.error("cannot save swarm view to %s: %s", self.state_file, exc)
+            self.metrics.saves.labels("error").inc()
+            return
+        self.metrics.saves.labels("ok").inc()
+
+    def _save(self) -> None:
+        self._write_state(self.table.snapshot(trio.current_time()))
+        log.info("saved %d peers in %d swarms", self.table.peer_count, len(self.table.swarms))
+
+    def _restore(self) -> None:
+        try:
+            blob = self.state_file.read_bytes()
+        except FileNotFoundError:
+            return
+        now = trio.current_time()
+        try:
+            n = self.table.restore(blob, now, self.config.tracker.peer_timeout)
+        except ValueError as exc:
+            aside = self.state_file.with_suffix(".corrupt")
+            self.state_file.replace(aside)
+            log.error("%s; moved it to %s and starting empty", exc, aside)
+            self.table.clear()
+            return
+        log.info("restored %d peers in %d swarms from %s", n, len(self.table.swarms), self.state_file)
+
+
+def make_app(ctx: DaemonContext) -> TrackerApp:
+    return TrackerApp(ctx)
+
+
+def check_config(cfg: TrackerConfig) -> None:
+    """Validation that needs more than the schema: the access files must load."""
+    load_policy(cfg.access)
+
+
+__all__ = ["TrackerApp", "make_app", "check_config", "ConfigError"]
