@@ -27,10 +27,8 @@ from shoal.protocol import udp_tracker as udp
 from shoal.protocol.errors import RemoteProtocolError
 from shoal.protocol.tracker import (
     AnnounceResponse,
-    Peer,
     ScrapeStats,
     encode_announce_response,
-    encode_compact_announce,
     encode_failure,
     encode_scrape_response,
     parse_announce_query,
@@ -122,20 +120,14 @@ class TrackerService:
             return self._failure("http", exc.reason)
         self.metrics.announce_by["http", req.event.name.lower()].inc()
         s = self.section
-        if req.compact:
-            v4 = b"".join(p.compact for p in result.peers if not p.v6)
-            v6 = b"".join(p.compact for p in result.peers if p.v6)
-            return encode_compact_announce(
-                s.announce_interval, s.min_interval, result.complete, result.incomplete, v4, v6
-            )
         resp = AnnounceResponse(
             interval=s.announce_interval,
             min_interval=s.min_interval,
             complete=result.complete,
             incomplete=result.incomplete,
-            peers=tuple(Peer(p.ip, p.port, p.peer_id) for p in result.peers),
+            peers=tuple([p.peer for p in result.peers]),
         )
-        return encode_announce_response(resp, compact=False, no_peer_id=req.no_peer_id)
+        return encode_announce_response(resp, compact=req.compact, no_peer_id=req.no_peer_id)
 
     def _http_scrape(self, query: bytes) -> bytes:
         try:
@@ -204,10 +196,14 @@ class TrackerService:
         except TableFull as exc:
             return self._udp_error(req.transaction_id, exc.reason)
         self.metrics.announce_by["udp", a.event.name.lower()].inc()
-        peers = b"".join(p.compact for p in result.peers if p.v6 == ipv6)
-        return udp.encode_announce_reply(
-            req.transaction_id, self.section.announce_interval, result.incomplete, result.complete, peers
+        resp = udp.AnnounceResponse(
+            req.transaction_id,
+            self.section.announce_interval,
+            result.incomplete,
+            result.complete,
+            tuple([p.peer for p in result.peers]),
         )
+        return udp.encode_response(resp, ipv6=ipv6)
 
     def _udp_error(self, transaction_id: int, reason: str) -> bytes:
         self.metrics.reject("udp", reason)

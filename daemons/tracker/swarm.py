@@ -12,8 +12,9 @@ removes it at once.
 Random choice has to be cheap for a swarm of 10,000 peers, so each swarm keeps
 its peers in a list as well as a dict from peer_id to list index; removal
 swaps the last element into the hole. ``random.sample`` over the list is then
-O(numwant). Each peer's compact 6- or 18-byte form (BEP 23 / BEP 7) is built
-once, when the peer announces, not on every response that lists it.
+O(numwant). Each peer's wire value (:class:`Peer`, with its compact 6- or
+18-byte form, BEP 23 / BEP 7) is built once, when the peer joins, not on every
+response that lists it.
 
 Memory is bounded three ways: a maximum number of torrents, of peers per
 torrent and of peers overall. A new torrent or peer beyond a bound is refused
@@ -27,18 +28,13 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import socket
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import msgpack
 
 from shoal.protocol.errors import ProtocolError
-from shoal.protocol.tracker import Announce, Event
-
-_PORT = struct.Struct(">H")
-
+from shoal.protocol.tracker import Announce, Event, Peer
 
 class TableFull(Exception):
     """A bound on torrents or peers was reached; ``reason`` is a metric label."""
@@ -49,18 +45,28 @@ class TableFull(Exception):
 
 
 class PeerEntry:
-    __slots__ = ("peer_id", "ip", "port", "left", "last_seen", "compact", "v6", "index")
+    """One peer in one swarm. ``peer`` is the wire value, built once per join."""
+
+    __slots__ = ("peer_id", "peer", "left", "last_seen", "index")
 
     def __init__(self, peer_id: bytes, ip: str, port: int, left: int, now: float) -> None:
         self.peer_id = peer_id
-        self.ip = ip
-        self.port = port
+        self.peer = Peer(ip, port, peer_id)
         self.left = left
         self.last_seen = now
-        self.v6 = ":" in ip
-        family = socket.AF_INET6 if self.v6 else socket.AF_INET
-        self.compact = socket.inet_pton(family, ip) + _PORT.pack(port)
         self.index = -1
+
+    @property
+    def ip(self) -> str:
+        return self.peer.ip
+
+    @property
+    def port(self) -> int:
+        return self.peer.port
+
+    @property
+    def v6(self) -> bool:
+        return self.peer.is_ipv6
 
     @property
     def is_seed(self) -> bool:

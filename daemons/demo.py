@@ -1,0 +1,184 @@
+"""``shoal demo``: a live tour of the suite on loopback.
+
+For now the tour is the tracker: a shoal tracker starts on 127.0.0.1 (HTTP and
+UDP, ports chosen by the kernel), and real BitTorrent clients that Shoal did
+not write, libtorrent and aria2, share a file through it. Each client has its
+own 127.0.0.x address and learns of the others only from the tracker. The
+tracker's swarm view is printed as it changes; at the end every downloaded
+copy is checked against the original and the tracker's own /metrics endpoint
+is scraped. Later issues add their daemons to the tour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from .realclients import Aria2Client, LibtorrentClient, aria2_available, make_shared_file
+from .runtime.config import DaemonSection, ListenAddr
+from .runtime.daemon import serve
+from .tracker.config import AccessSection, TrackerConfig, TrackerSection
+from .tracker.daemon import TrackerApp
+
+REFRESH = 1.0  # seconds between swarm views
+
+
+def client_name(peer_id: bytes) -> str:
+    """Name a client from its peer_id (Azureus style "-LT2110-", or aria2's "A2-")."""
+    if peer_id.startswith(b"-LT"):
+        return "libtorrent"
+    if peer_id.startswith(b"A2-"):
+        return "aria2"
+    if peer_id.startswith(b"-SH"):
+        return "shoal"
+    return peer_id[:8].decode("latin-1")
+
+
+def swarm_view(app: TrackerApp, info_hash: bytes, size: int, elapsed: float) -> str:
+    swarm = app.table.swarms.get(info_hash)
+    m = app.metrics
+    counts = {p: int(sum(m.announce_by[p, e]._value.get() for e in ("none", "started", "completed", "stopped")))
+              for p in ("http", "udp")}
+    head = (f"[{elapsed:5.1f}s] swarm {info_hash.hex()[:12]}  "
+            f"seeders {swarm.seeders if swarm else 0}  leechers {swarm.leechers if swarm else 0}  "
+            f"announces http {counts['http']} udp {counts['udp']}")
+    lines = [head]
+    for p in sorted(swarm.order if swarm else [], key=lambda p: (p.ip, p.port)):
+        done = 1 - p.left / size if size else 1
+        bar = "#" * int(done * 20)
+        lines.append(f"    {client_name(p.peer_id):<11} {p.ip + ':' + str(p.port):<21} [{bar:<20}] {done:6.1%}"
+                     f"{'  seed' if p.left == 0 else ''}")
+    return "\n".join(lines)
+
+
+async def _tour(size_mib: int, timeout: float, out) -> int:
+    holder: dict[str, TrackerApp] = {}
+
+    def make_app(ctx):
+        holder["app"] = TrackerApp(ctx)
+        return holder["app"]
+
+    with tempfile.TemporaryDirectory(prefix="shoal-demo-") as tmpname:
+        tmp = Path(tmpname)
+        config = TrackerConfig(
+            daemon=DaemonSection(metrics_listen=ListenAddr("127.0.0.1", 0), state_directory=str(tmp / "state")),
+            tracker=replace(
+                TrackerSection(),
+                http_listen=ListenAddr("127.0.0.1", 0),
+                udp_listen=ListenAddr("127.0.0.1", 0),
+                # Lab timing: clients re-announce every 2 s so the view moves.
+                announce_interval=2,
+                min_interval=1,
+                peer_timeout=10,
+            ),
+            access=AccessSection(),
+        )
+        async with trio.open_nursery() as nursery:
+            ctx = await nursery.start(partial(serve, "tracker", config, None, make_app, handle_signals=False))
+            app = holder["app"]
+            http, udp = ctx.addresses["http"], ctx.addresses["udp"]
+            print(f"shoal tracker: http://{http}/announce  udp://{udp}/announce  "
+                  f"metrics http://{ctx.addresses['metrics']}/metrics", file=out)
+            try:
+                code = await _swarm(app, ctx, tmp, size_mib << 20, http, udp, timeout, out)
+            finally:
+                ctx.request_stop()
+        return code
+
+
+async def _swarm(app, ctx, tmp: Path, size: int, http, udp, timeout: float, out) -> int:
+    shared = make_shared_file(
+        tmp / "seed", "dataset.bin", size, f"http://{http}/announce",
+        announce_list=[[f"http://{http}/announce"], [f"udp://{udp}/announce"]],
+    )
+    want = hashlib.sha1(shared.path.read_bytes()).hexdigest()
+    print(f"sharing {shared.path.name}: {size >> 20} MiB, info-hash {shared.info_hash.hex()}", file=out)
+
+    # The UDP-only leecher gets a torrent whose only tracker is udp://.
+    udp_torrent = shared.torrent_for(f"udp://{udp}/announce", tmp / "udp-only.torrent")
+
+    seeder = LibtorrentClient("127.0.0.2", name="libtorrent seeder")
+    seeder.add(shared.torrent, shared.path.parent, seed=True)
+    leechers: list[tuple[str, Path, object]] = []
+    lt_http = LibtorrentClient("127.0.0.3", name="libtorrent (http)")
+    lt_http_dir = tmp / "lt-http"
+    h1 = lt_http.add(shared.torrent, lt_http_dir)
+    lt_udp = LibtorrentClient("127.0.0.4", name="libtorrent (udp)")
+    lt_udp_dir = tmp / "lt-udp"
+    (lt_udp_dir).mkdir()
+    h2 = lt_udp.add(udp_torrent, lt_udp_dir)
+    leechers += [("libtorrent (http)", lt_http_dir, (lt_http, h1)), ("libtorrent (udp)", lt_udp_dir, (lt_udp, h2))]
+    aria = None
+    if aria2_available():
+        aria_dir = tmp / "aria2"
+        aria = Aria2Client(shared.torrent, aria_dir, seed=False, ip="127.0.0.5", log=tmp / "aria2.log")
+        leechers.append(("aria2", aria_dir, aria))
+    else:
+        print("aria2c not installed: the tour runs without it (scripts/setup installs it)", file=out)
+
+    start = time.monotonic()
+    finished_at: dict[str, float] = {}
+    code = 0
+    try:
+        while len(finished_at) < len(leechers):
+            elapsed = time.monotonic() - start
+            if elapsed > timeout:
+                print(f"timed out after {timeout:.0f}s; finished: {sorted(finished_at)}", file=out)
+                code = 1
+                break
+            for name, _dir, client in leechers:
+                if name in finished_at:
+                    continue
+                if isinstance(client, Aria2Client):
+                    rc = client.poll()
+                    if rc is not None:
+                        finished_at[name] = elapsed
+                        if rc != 0:
+                            print(f"aria2c exited {rc}; see its log", file=out)
+                            code = 1
+                elif client[0].progress(client[1])[1]:
+                    finished_at[name] = elapsed
+            print(swarm_view(app, shared.info_hash, size, elapsed), file=out, flush=True)
+            await trio.sleep(REFRESH)  # display refresh, not synchronisation
+        print(swarm_view(app, shared.info_hash, size, time.monotonic() - start), file=out)
+        for name, directory, _client in leechers:
+            got = directory / "dataset.bin"
+            ok = got.exists() and hashlib.sha1(got.read_bytes()).hexdigest() == want
+            t = finished_at.get(name)
+            print(f"  {name:<18} {'identical copy' if ok else 'MISSING OR DIFFERENT'}"
+                  f"{f' after {t:.1f}s' if t is not None else ''}", file=out)
+            code |= 0 if ok else 1
+    finally:
+        for c in (seeder, lt_http, lt_udp):
+            c.close()
+        if aria is not None:
+            aria.close()
+    print(await _scrape_metrics(ctx.addresses["metrics"]), file=out)
+    return code
+
+
+async def _scrape_metrics(addr: ListenAddr) -> str:
+    """Fetch our own /metrics over HTTP, as Prometheus would, and keep the tracker lines."""
+    stream = await trio.open_tcp_stream(addr.host, addr.port)
+    async with stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+        chunks = []
+        while chunk := await stream.receive_some(65536):
+            chunks.append(chunk)
+    body = b"".join(chunks).split(b"\r\n\r\n", 1)[-1].decode()
+    keep = [line for line in body.splitlines()
+            if line.startswith(("shoal_tracker_announces_total", "shoal_tracker_scrapes", "shoal_tracker_swarms",
+                                "shoal_tracker_seeders", "shoal_tracker_leechers", "shoal_tracker_rejected"))
+            and not line.endswith(" 0.0")]
+    return "tracker metrics (from /metrics):\n  " + "\n  ".join(keep)
+
+
+def run_demo(size_mib: int = 64, timeout: float = 120.0, out=sys.stdout) -> int:
+    return trio.run(_tour, size_mib, timeout, out)

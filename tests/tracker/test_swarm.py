@@ -1,0 +1,141 @@
+"""The swarm table: membership, random peer choice, expiry, bounds and snapshots."""
+
+import pytest
+
+from shoal.daemons.tracker.swarm import SwarmTable, TableFull
+from shoal.protocol.tracker import Announce, Event
+
+IH = b"\x11" * 20
+IH2 = b"\x22" * 20
+
+
+def pid(n: int) -> bytes:
+    return b"-XX0000-" + n.to_bytes(12, "big")
+
+
+def ann(n: int, *, left: int = 100, event: Event = Event.NONE, ih: bytes = IH, port: int | None = None) -> Announce:
+    return Announce(info_hash=ih, peer_id=pid(n), port=port or 6000 + n, uploaded=0, downloaded=0,
+                    left=left, event=event)
+
+
+def table(**kw) -> SwarmTable:
+    limits = dict(max_torrents=100, max_peers_per_torrent=1000, max_peers=10_000)
+    limits.update(kw)
+    return SwarmTable(**limits)
+
+
+def test_requester_is_left_out_and_numwant_bounds_the_reply():
+    t = table()
+    for n in range(60):
+        t.announce(ann(n, event=Event.STARTED), "10.0.0.1", 0, now=0.0)
+    res = t.announce(ann(7), "10.0.0.1", 50, now=1.0)
+    assert len(res.peers) == 50
+    assert pid(7) not in {p.peer_id for p in res.peers}
+    assert len({p.peer_id for p in res.peers}) == 50
+    assert (res.complete, res.incomplete) == (0, 60)
+
+
+def test_choice_is_random_not_always_the_same_peers():
+    t = table()
+    for n in range(200):
+        t.announce(ann(n), "10.0.0.1", 0, now=0.0)
+    seen = set()
+    for _ in range(20):
+        seen |= {p.peer_id for p in t.announce(ann(0), "10.0.0.1", 10, now=0.0).peers}
+    # 20 draws of 10 from 199: a fixed choice would give 10 distinct peers.
+    assert len(seen) > 60
+
+
+def test_seeder_gets_only_leechers():
+    t = table()
+    for n in range(5):
+        t.announce(ann(n, left=0), "10.0.0.1", 0, now=0.0)
+    for n in range(5, 8):
+        t.announce(ann(n), "10.0.0.1", 0, now=0.0)
+    res = t.announce(ann(0, left=0), "10.0.0.1", 50, now=0.0)
+    assert {p.peer_id for p in res.peers} == {pid(5), pid(6), pid(7)}
+    assert (res.complete, res.incomplete) == (5, 3)
+
+
+def test_completed_turns_leecher_into_seeder_and_counts_download():
+    t = table()
+    t.announce(ann(1, event=Event.STARTED), "10.0.0.1", 0, now=0.0)
+    t.announce(ann(1, left=0, event=Event.COMPLETED), "10.0.0.1", 0, now=1.0)
+    assert t.scrape(IH) == (1, 1, 0)
+    assert t.stats() == (1, 1, 0)
+
+
+def test_stopped_removes_peer_and_empty_swarm():
+    t = table()
+    t.announce(ann(1), "10.0.0.1", 0, now=0.0)
+    t.announce(ann(2), "10.0.0.1", 0, now=0.0)
+    t.announce(ann(1, event=Event.STOPPED), "10.0.0.1", 0, now=1.0)
+    assert t.scrape(IH) == (0, 0, 1)
+    t.announce(ann(2, event=Event.STOPPED), "10.0.0.1", 0, now=1.0)
+    assert IH not in t.swarms and t.peer_count == 0
+    # A stopped announce for an unknown torrent creates nothing.
+    t.announce(ann(3, event=Event.STOPPED, ih=IH2), "10.0.0.1", 0, now=1.0)
+    assert t.swarms == {}
+
+
+def test_peer_that_moves_address_is_replaced_not_duplicated():
+    t = table()
+    t.announce(ann(1), "10.0.0.1", 0, now=0.0)
+    t.announce(ann(1, port=7777), "10.0.0.9", 0, now=1.0)
+    (entry,) = t.swarms[IH].order
+    assert (entry.ip, entry.port) == ("10.0.0.9", 7777)
+    assert t.peer_count == 1
+
+
+def test_expiry_drops_only_silent_peers():
+    t = table()
+    t.announce(ann(1), "10.0.0.1", 0, now=0.0)
+    t.announce(ann(2), "10.0.0.1", 0, now=50.0)
+    assert t.expire(now=100.0, timeout=60.0) == 1
+    assert set(t.swarms[IH].peers) == {pid(2)}
+    assert t.expire(now=200.0, timeout=60.0) == 1
+    assert t.swarms == {} and t.peer_count == 0
+
+
+@pytest.mark.parametrize(
+    "limits, reason",
+    [
+        (dict(max_torrents=1), "torrent_limit"),
+        (dict(max_peers_per_torrent=1), "peer_limit"),
+        (dict(max_peers=1), "peer_limit"),
+    ],
+)
+def test_bounds_refuse_new_entries_but_serve_existing(limits, reason):
+    t = table(**limits)
+    t.announce(ann(1), "10.0.0.1", 0, now=0.0)
+    other = ann(2, ih=IH2) if reason == "torrent_limit" else ann(2)
+    with pytest.raises(TableFull) as exc:
+        t.announce(other, "10.0.0.1", 0, now=0.0)
+    assert exc.value.reason == reason
+    # The refused peer left no trace, and the existing one is still served.
+    assert t.peer_count == 1 and len(t.swarms) == 1
+    assert t.announce(ann(1), "10.0.0.1", 5, now=1.0).incomplete == 1
+
+
+def test_snapshot_round_trip_keeps_ages_and_drops_expired():
+    t = table()
+    t.announce(ann(1, left=0, event=Event.COMPLETED), "10.0.0.1", 0, now=100.0)
+    t.announce(ann(2), "2001:db8::5", 0, now=130.0)
+    t.announce(ann(3, ih=IH2), "10.0.0.3", 0, now=10.0)
+    blob = t.snapshot(now=140.0)
+
+    # Restored in a new process whose clock reads 5.0; peer_timeout 100 s.
+    t2 = table()
+    assert t2.restore(blob, now=5.0, timeout=100.0) == 2
+    assert t2.scrape(IH) == (1, 1, 1)
+    assert IH2 not in t2.swarms  # 130 s old: expired
+    ages = {p.peer_id: 5.0 - p.last_seen for p in t2.swarms[IH].order}
+    assert ages == {pid(1): pytest.approx(40.0), pid(2): pytest.approx(10.0)}
+    v6 = t2.swarms[IH].peers[pid(2)]
+    assert v6.v6 and len(v6.peer.compact) == 18
+
+
+@pytest.mark.parametrize("blob", [b"", b"\x93\x01", b"garbage", b"\x92\x02\x90"])
+def test_restore_refuses_garbage(blob):
+    with pytest.raises(ValueError):
+        table().restore(blob, now=0.0, timeout=10.0)
