@@ -113,7 +113,7 @@ def cmd_systemd(args: argparse.Namespace) -> int:
     )
     for path in written:
         print(f"wrote {path}")
-    print("now run: systemctl daemon-reload && systemctl enable --now shoal.target")
+    print(f"now run: {systemd.next_steps()}")
     return 0
 
 

@@ -76,7 +76,7 @@ async def _tour(size_mib: int, timeout: float, out) -> int:
                 # Lab timing: clients re-announce every 2 s so the view moves.
                 announce_interval=2,
                 min_interval=1,
-                peer_timeout=10,
+                peer_timeout=60,
             ),
             access=AccessSection(),
         )
@@ -94,26 +94,30 @@ async def _tour(size_mib: int, timeout: float, out) -> int:
 
 
 async def _swarm(app, ctx, tmp: Path, size: int, http, udp, timeout: float, out) -> int:
-    shared = make_shared_file(
-        tmp / "seed", "dataset.bin", size, f"http://{http}/announce",
-        announce_list=[[f"http://{http}/announce"], [f"udp://{udp}/announce"]],
-    )
+    shared = make_shared_file(tmp / "seed", "dataset.bin", size, f"http://{http}/announce")
     want = hashlib.sha1(shared.path.read_bytes()).hexdigest()
     print(f"sharing {shared.path.name}: {size >> 20} MiB, info-hash {shared.info_hash.hex()}", file=out)
 
-    # The UDP-only leecher gets a torrent whose only tracker is udp://.
+    # One leecher uses a torrent whose only tracker is udp://. Only one
+    # session in this process speaks UDP: libtorrent caches BEP 15 connection
+    # ids per process, and the tracker binds each id to the client's IP.
     udp_torrent = shared.torrent_for(f"udp://{udp}/announce", tmp / "udp-only.torrent")
 
-    seeder = LibtorrentClient("127.0.0.2", name="libtorrent seeder")
-    seeder.add(shared.torrent, shared.path.parent, seed=True)
+    # libtorrent re-announces no more often than every 5 minutes unless told;
+    # the seeder's upload is capped so the swarm has time to be watched.
+    lab = {"min_announce_interval": 1}
+    seeder = LibtorrentClient("127.0.0.2", name="libtorrent seeder", **lab)
+    seeder.add(shared.torrent, shared.path.parent, seed=True).set_upload_limit(max(1 << 20, size // 8))
     leechers: list[tuple[str, Path, object]] = []
-    lt_http = LibtorrentClient("127.0.0.3", name="libtorrent (http)")
+    lt_http = LibtorrentClient("127.0.0.3", name="libtorrent (http)", **lab)
     lt_http_dir = tmp / "lt-http"
     h1 = lt_http.add(shared.torrent, lt_http_dir)
-    lt_udp = LibtorrentClient("127.0.0.4", name="libtorrent (udp)")
+    h1.set_upload_limit(max(1 << 20, size // 16))
+    lt_udp = LibtorrentClient("127.0.0.4", name="libtorrent (udp)", **lab)
     lt_udp_dir = tmp / "lt-udp"
     (lt_udp_dir).mkdir()
     h2 = lt_udp.add(udp_torrent, lt_udp_dir)
+    h2.set_upload_limit(max(1 << 20, size // 16))
     leechers += [("libtorrent (http)", lt_http_dir, (lt_http, h1)), ("libtorrent (udp)", lt_udp_dir, (lt_udp, h2))]
     aria = None
     if aria2_available():

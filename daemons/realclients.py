@@ -67,7 +67,7 @@ def _pseudo_random(size: int, seed: int) -> bytes:
 class LibtorrentClient:
     """One libtorrent session listening on ``ip`` (a 127.0.0.0/8 address)."""
 
-    def __init__(self, ip: str = "127.0.0.1", *, name: str = "lt") -> None:
+    def __init__(self, ip: str = "127.0.0.1", *, name: str = "lt", **settings) -> None:
         import libtorrent as lt
 
         self.lt = lt
@@ -94,6 +94,7 @@ class LibtorrentClient:
                 "alert_mask": lt.alert.category_t.status_notification
                 | lt.alert.category_t.tracker_notification
                 | lt.alert.category_t.error_notification,
+                **settings,
             }
         )
         self.handles: list = []

@@ -139,9 +139,11 @@ def _read_passkeys(path: Path) -> list[bytes]:
 class ConnectionIds:
     """Stateless BEP 15 connection ids.
 
-    An id is a keyed hash of the client's address and the current minute, so
-    the tracker stores nothing per client and a forged or replayed id from
-    another address fails. BEP 15: a client may use an id for one minute and
+    An id is a keyed hash of the client's IP and the current minute, so the
+    tracker stores nothing per client and an id used from another IP fails:
+    a spoofed source cannot announce without first receiving the id sent to
+    it. The port is left out on purpose: NAT rebinding changes it, and
+    libtorrent caches one id per tracker for the whole process. BEP 15: a client may use an id for one minute and
     a tracker should accept it for two, so ids from the current and the
     previous minute are valid. The key is random per process: after a restart
     old ids fail and clients connect again, as the BEP expects.
@@ -153,13 +155,13 @@ class ConnectionIds:
     def __init__(self, secret: bytes | None = None) -> None:
         self.secret = secret or os.urandom(32)
 
-    def _make(self, ip: str, port: int, epoch: int) -> int:
-        h = hashlib.blake2b(f"{ip}|{port}|{epoch}".encode(), key=self.secret, digest_size=8)
+    def _make(self, ip: str, epoch: int) -> int:
+        h = hashlib.blake2b(f"{ip}|{epoch}".encode(), key=self.secret, digest_size=8)
         return self._U64.unpack(h.digest())[0]
 
-    def issue(self, ip: str, port: int, now: float) -> int:
-        return self._make(ip, port, int(now // self.EPOCH))
+    def issue(self, ip: str, now: float) -> int:
+        return self._make(ip, int(now // self.EPOCH))
 
-    def valid(self, connection_id: int, ip: str, port: int, now: float) -> bool:
+    def valid(self, connection_id: int, ip: str, now: float) -> bool:
         epoch = int(now // self.EPOCH)
-        return connection_id in (self._make(ip, port, epoch), self._make(ip, port, epoch - 1))
+        return connection_id in (self._make(ip, epoch), self._make(ip, epoch - 1))

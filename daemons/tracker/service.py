@@ -152,7 +152,7 @@ class TrackerService:
     # -- UDP (BEP 15, 41) --------------------------------------------------
 
     def handle_udp(self, data: bytes, addr: tuple[str, int], now: float) -> bytes | None:
-        ip, port = client_ip(addr[0]), addr[1]
+        ip = client_ip(addr[0])
         try:
             req = udp.parse_request(data)
         except RemoteProtocolError as exc:
@@ -163,9 +163,9 @@ class TrackerService:
             return None
         if isinstance(req, udp.ConnectRequest):
             self.metrics.udp_connects.inc()
-            cid = self.ids.issue(ip, port, now)
+            cid = self.ids.issue(ip, now)
             return udp.encode_response(udp.ConnectResponse(req.transaction_id, cid))
-        if not self.ids.valid(req.connection_id, ip, port, now):
+        if not self.ids.valid(req.connection_id, ip, now):
             self.metrics.reject("udp", "bad_connection_id")
             return udp.encode_response(udp.ErrorResponse(req.transaction_id, "connection id expired"))
         ipv6 = ":" in ip

@@ -77,12 +77,11 @@ def test_rate_limit_per_ip_with_exempt_networks():
     assert p.rate_ok("192.0.2.1", 1.0)
 
 
-def test_connection_ids_are_bound_to_address_and_expire():
+def test_connection_ids_are_bound_to_ip_and_expire():
     ids = ConnectionIds(b"k" * 32)
-    cid = ids.issue("192.0.2.1", 5000, now=1000.0)
-    assert ids.valid(cid, "192.0.2.1", 5000, now=1000.0)
-    assert ids.valid(cid, "192.0.2.1", 5000, now=1000.0 + 60)  # the BEP's two minutes
-    assert not ids.valid(cid, "192.0.2.1", 5000, now=1000.0 + 120.1)
-    assert not ids.valid(cid, "192.0.2.2", 5000, now=1000.0)
-    assert not ids.valid(cid, "192.0.2.1", 5001, now=1000.0)
-    assert not ConnectionIds(b"j" * 32).valid(cid, "192.0.2.1", 5000, now=1000.0)
+    cid = ids.issue("192.0.2.1", now=1000.0)
+    assert ids.valid(cid, "192.0.2.1", now=1000.0)
+    assert ids.valid(cid, "192.0.2.1", now=1000.0 + 60)  # the BEP's two minutes
+    assert not ids.valid(cid, "192.0.2.1", now=1000.0 + 120.1)
+    assert not ids.valid(cid, "192.0.2.2", now=1000.0)
+    assert not ConnectionIds(b"j" * 32).valid(cid, "192.0.2.1", now=1000.0)

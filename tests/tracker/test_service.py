@@ -234,7 +234,7 @@ def test_udp_wrong_or_stale_connection_id_gets_error_and_is_counted():
     f = Fixture()
     cid = udp_connect(f)
     assert isinstance(udp_announce(f, cid ^ 1, 1), udp.ErrorResponse)
-    assert isinstance(udp_announce(f, cid, 1, client=("192.0.2.66", 1)), udp.ErrorResponse)
+    assert isinstance(udp_announce(f, cid, 1, client=("192.0.2.66", CLIENT[1])), udp.ErrorResponse)
     assert isinstance(udp_announce(f, cid, 1, now=100.0 + 180), udp.ErrorResponse)
     assert f.value("shoal_tracker_rejected_total", protocol="udp", reason="bad_connection_id") == 3
     assert f.table.peer_count == 0

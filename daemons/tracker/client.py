@@ -1,0 +1,205 @@
+"""Announce and scrape against a tracker over HTTP or UDP, on trio.
+
+The peer daemon uses this to find peers; tests and the benchmark use it to
+talk to the shoal tracker through its real sockets. URLs are
+``http://host:port/path`` (BEP 3) or ``udp://host:port/path`` (BEP 15, the
+path travels as BEP 41 URL data, which is how a passkey reaches a UDP
+tracker).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from shoal.protocol import udp_tracker as udp
+from shoal.protocol.errors import RemoteProtocolError
+from shoal.protocol.tracker import (
+    Announce,
+    AnnounceResponse,
+    Failure,
+    Scrape,
+    ScrapeStats,
+    decode_announce_response,
+    decode_scrape_response,
+    encode_announce_query,
+    encode_scrape_query,
+)
+
+# A tracker reply with 200 compact peers is ~1.3 KiB; dict-form replies and
+# scrapes of many torrents are larger. Anything past this is not a tracker.
+MAX_RESPONSE_BYTES = 1 << 20
+
+
+class TrackerError(Exception):
+    """The tracker could not be reached or answered with something unusable."""
+
+
+@dataclass(frozen=True)
+class TrackerUrl:
+    scheme: str  # "http" | "udp"
+    host: str
+    port: int
+    path: str  # "/announce", "/<passkey>/announce", ...
+
+    @classmethod
+    def parse(cls, url: str) -> TrackerUrl:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "udp") or not parts.hostname or not parts.port:
+            raise ValueError(f"expected http://host:port/path or udp://host:port/path, got {url!r}")
+        return cls(parts.scheme, parts.hostname, parts.port, parts.path or "/announce")
+
+    def scrape_path(self) -> str:
+        """BEP 48: replace "announce" in the last path segment with "scrape"."""
+        head, _, last = self.path.rpartition("/")
+        if not last.startswith("announce"):
+            raise ValueError(f"{self.path!r} has no scrape URL (BEP 48)")
+        return f"{head}/scrape{last[len('announce'):]}"
+
+
+async def http_get(host: str, port: int, target: bytes, *, timeout: float = 10.0) -> tuple[int, bytes]:
+    """One HTTP/1.1 GET on a fresh connection; returns (status, body)."""
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_BYTES)
+            request = h11.Request(method="GET", target=target,
+                                  headers=[("Host", f"{host}:{port}"), ("Connection", "close")])
+            await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+            status, body = 0, bytearray()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    conn.receive_data(data)
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > MAX_RESPONSE_BYTES:
+                        raise TrackerError("tracker response too large")
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    return status, bytes(body)
+
+
+class HttpTracker:
+    def __init__(self, url: TrackerUrl, *, timeout: float = 10.0) -> None:
+        self.url = url
+        self.timeout = timeout
+
+    async def _get(self, path: str, query: bytes) -> bytes:
+        try:
+            status, body = await http_get(self.url.host, self.url.port, path.encode() + b"?" + query,
+                                          timeout=self.timeout)
+        except (OSError, h11.ProtocolError) as exc:
+            raise TrackerError(f"{self.url.host}:{self.url.port}: {exc}") from None
+        if status != 200:
+            raise TrackerError(f"tracker answered HTTP {status}")
+        return body
+
+    async def announce(self, a: Announce) -> AnnounceResponse | Failure:
+        body = await self._get(self.url.path, encode_announce_query(a))
+        try:
+            return decode_announce_response(body)
+        except RemoteProtocolError as exc:
+            raise TrackerError(f"bad announce response: {exc}") from None
+
+    async def scrape(self, info_hashes: tuple[bytes, ...]) -> dict[bytes, ScrapeStats] | Failure:
+        body = await self._get(self.url.scrape_path(), encode_scrape_query(Scrape(info_hashes)))
+        try:
+            return decode_scrape_response(body)
+        except RemoteProtocolError as exc:
+            raise TrackerError(f"bad scrape response: {exc}") from None
+
+
+class UdpTracker:
+    """A BEP 15 client: connect, then announce or scrape, retrying on silence.
+
+    BEP 15 waits 15·2^n seconds for the n-th retry; ``base_timeout`` scales
+    that down for a LAN or a test. The connection id is reused for a minute.
+    """
+
+    CONNECTION_ID_LIFETIME = 60.0
+
+    def __init__(self, url: TrackerUrl, *, base_timeout: float = 15.0, retries: int = 3) -> None:
+        self.url = url
+        self.base_timeout = base_timeout
+        self.retries = retries
+        self._cid: tuple[int, float] | None = None
+        self._sock: trio.socket.SocketType | None = None
+
+    async def _socket(self) -> trio.socket.SocketType:
+        if self._sock is None:
+            infos = await trio.socket.getaddrinfo(self.url.host, self.url.port, type=socket.SOCK_DGRAM)
+            family, _type, _proto, _name, addr = infos[0]
+            self._sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+            await self._sock.connect(addr)
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def _exchange(self, make: callable) -> udp.Response:
+        sock = await self._socket()
+        ipv6 = sock.family == socket.AF_INET6
+        for attempt in range(self.retries + 1):
+            tid = struct.unpack(">I", os.urandom(4))[0]
+            await sock.send(udp.encode_request(make(tid)))
+            with trio.move_on_after(self.base_timeout * 2**attempt):
+                while True:
+                    try:
+                        data = await sock.recv(65536)
+                    except ConnectionRefusedError:
+                        raise TrackerError(f"{self.url.host}:{self.url.port}: connection refused") from None
+                    try:
+                        resp = udp.parse_response(data, ipv6=ipv6)
+                    except RemoteProtocolError:
+                        continue  # not for us, or garbage: keep waiting
+                    if resp.transaction_id == tid:
+                        return resp
+        raise TrackerError(f"{self.url.host}:{self.url.port}: no answer after {self.retries + 1} tries")
+
+    async def _connection_id(self) -> int:
+        now = trio.current_time()
+        if self._cid is None or now - self._cid[1] > self.CONNECTION_ID_LIFETIME:
+            resp = await self._exchange(udp.ConnectRequest)
+            if isinstance(resp, udp.ErrorResponse):
+                raise TrackerError(f"tracker error: {resp.message}")
+            if not isinstance(resp, udp.ConnectResponse):
+                raise TrackerError("unexpected reply to connect")
+            self._cid = (resp.connection_id, now)
+        return self._cid[0]
+
+    async def announce(self, a: Announce) -> udp.AnnounceResponse | Failure:
+        cid = await self._connection_id()
+        url_data = self.url.path.encode()
+        resp = await self._exchange(lambda tid: udp.AnnounceRequest(cid, tid, a, url_data=url_data))
+        if isinstance(resp, udp.ErrorResponse):
+            self._cid = None
+            return Failure(resp.message)
+        if not isinstance(resp, udp.AnnounceResponse):
+            raise TrackerError("unexpected reply to announce")
+        return resp
+
+    async def scrape(self, info_hashes: tuple[bytes, ...]) -> dict[bytes, ScrapeStats] | Failure:
+        cid = await self._connection_id()
+        resp = await self._exchange(lambda tid: udp.ScrapeRequest(cid, tid, info_hashes))
+        if isinstance(resp, udp.ErrorResponse):
+            self._cid = None
+            return Failure(resp.message)
+        if not isinstance(resp, udp.ScrapeResponse):
+            raise TrackerError("unexpected reply to scrape")
+        return dict(zip(info_hashes, resp.stats))
+
+
+def open_tracker(url: str, **kw) -> HttpTracker | UdpTracker:
+    parsed = TrackerUrl.parse(url)
+    return HttpTracker(parsed, **kw) if parsed.scheme == "http" else UdpTracker(parsed, **kw)

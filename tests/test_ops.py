@@ -1,0 +1,485 @@
+"""Operations packaging: systemd units, default configs, Prometheus rules, Grafana.
+
+These run the real checkers (systemd-analyze, systemd-sysusers, promtool). A
+missing checker is a failure that names the Debian package `.ci/run` must
+install, never a skip: a check that silently does not run is no check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from shoal.daemons.cli import DAEMONS as CLI_DAEMONS
+from shoal.daemons.cli import build_parser
+from shoal.daemons.runtime import systemd
+from shoal.daemons.runtime.config import load_config
+from shoal.daemons.runtime.metrics import runtime_metrics
+from shoal.daemons.tracker.config import TrackerConfig
+from shoal.daemons.tracker.metrics import TrackerMetrics
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMD_DIR = ROOT / "systemd"
+CONFIGS = ROOT / "configs"
+PROMETHEUS = CONFIGS / "prometheus"
+DASHBOARD = CONFIGS / "grafana" / "tracker.json"
+
+MAX_EXPOSURE = 2.0
+TOOL_PACKAGES = {"systemd-analyze": "systemd", "systemd-sysusers": "systemd", "promtool": "prometheus"}
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(
+            f"{name} is not installed: .ci/run must install the Debian package "
+            f"{TOOL_PACKAGES[name]!r} (apt-get install -y {TOOL_PACKAGES[name]})"
+        )
+    return path
+
+
+def run(argv: list[str], *, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0", "LC_ALL": "C.UTF-8"}
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def shoal_exe(tmp_path: Path) -> str:
+    """The venv's real `shoal` script; a stub only if it is not installed.
+
+    systemd-analyze verify checks that ExecStart= names an executable file;
+    what the file does is not under test here.
+    """
+    real = Path(sys.executable).parent / "shoal"
+    if real.is_file() and os.access(real, os.X_OK):
+        return str(real)
+    stub = tmp_path / "bin" / "shoal"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    return str(stub)
+
+
+@pytest.fixture
+def rendered(tmp_path: Path, shoal_exe: str) -> dict[str, Path]:
+    out = tmp_path / "units"
+    out.mkdir()
+    paths = {}
+    for name, text in systemd.render_units(shoal_exe).items():
+        (out / name).write_text(text)
+        paths[name] = out / name
+    return paths
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """``Key=value`` lines of a unit file, by key, comments and sections ignored."""
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+# -- systemd units -------------------------------------------------------------
+
+
+def verify_complaints(paths: list[Path]) -> list[str]:
+    """What ``systemd-analyze verify`` says about ``paths``.
+
+    It exits 0 after a bad value or an unknown key (it logs "..., ignoring"),
+    and 1 only for some errors (ExecStart= not executable), so every line of
+    its stderr that names one of our files counts.
+    """
+    proc = run([tool("systemd-analyze"), "verify", "--man=no", *map(str, paths)])
+    ours = {p.name for p in paths} | {str(p.parent) for p in paths}
+    lines = [line for line in proc.stderr.splitlines() if any(name in line for name in ours)]
+    if proc.returncode != 0:
+        lines.append(f"exit status {proc.returncode}: {proc.stderr.strip()}")
+    return lines
+
+
+@pytest.mark.systemd
+def test_rendered_units_pass_systemd_analyze_verify(rendered: dict[str, Path]) -> None:
+    assert verify_complaints(list(rendered.values())) == []
+
+
+@pytest.mark.systemd
+def test_verify_check_catches_a_broken_unit(rendered: dict[str, Path]) -> None:
+    # The check above is only worth something if a broken unit fails it.
+    service = rendered["shoal-tracker.service"]
+    service.write_text(service.read_text().replace("ProtectSystem=strict", "ProtectSystem=sometimes"))
+    assert any("ProtectSystem" in line or "protect system" in line for line in verify_complaints([service]))
+
+
+def exposure(path: Path) -> float:
+    proc = run([tool("systemd-analyze"), "security", "--offline=true", "--no-pager", str(path)])
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", proc.stdout)
+    assert match, f"no exposure level in systemd-analyze output:\n{proc.stdout}\n{proc.stderr}"
+    return float(match.group(1))
+
+
+@pytest.mark.systemd
+def test_every_service_unit_is_sandboxed(rendered: dict[str, Path]) -> None:
+    services = [p for name, p in rendered.items() if name.endswith(".service")]
+    assert services
+    scores = {p.name: exposure(p) for p in services}
+    assert all(score <= MAX_EXPOSURE for score in scores.values()), scores
+
+
+def test_committed_units_are_the_renderer_output() -> None:
+    expected = systemd.render_units(systemd.DEFAULT_EXE, config_dir=systemd.DEFAULT_CONFIG_DIR)
+    committed = {p.name for p in SYSTEMD_DIR.iterdir() if p.suffix in (".service", ".target")}
+    assert committed == set(expected), "regenerate: python -m shoal.daemons.runtime.systemd systemd/"
+    for name, text in expected.items():
+        assert (SYSTEMD_DIR / name).read_text() == text, (
+            f"systemd/{name} drifted from the renderer; "
+            "regenerate: python -m shoal.daemons.runtime.systemd systemd/"
+        )
+
+
+def test_units_match_how_the_daemons_run() -> None:
+    units = systemd.render_units("/opt/shoal/bin/shoal", config_dir="/srv/shoal/etc")
+    parser = build_parser()
+    for d in systemd.DAEMONS.values():
+        assert d.name in CLI_DAEMONS, f"{d.name}: no `shoal {d.name}` command"
+        s = unit_settings(units[d.unit])
+        (exec_start,) = s["ExecStart"]
+        argv = exec_start.split()
+        assert argv[0] == "/opt/shoal/bin/shoal"
+        args = parser.parse_args(argv[1:])
+        assert (args.daemon, args.config) == (d.name, f"/srv/shoal/etc/{d.config_file}")
+        assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
+        assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+        assert s["WantedBy"] == ["shoal.target"] and s["PartOf"] == ["shoal.target"]
+        assert s["StateDirectory"] == [f"shoal-{d.name}"]
+        # The daemon pings at half of WatchdogSec; stop must outlast stop_timeout.
+        assert int(s["WatchdogSec"][0]) >= 10
+        schema = CLI_DAEMONS[d.name].load_schema()
+        assert float(s["TimeoutStopSec"][0]) >= schema().daemon.stop_timeout + 3
+        assert not [k for k, v in s.items() if len(v) > 1 and k != "SystemCallFilter"], "duplicate keys"
+    assert "WantedBy=multi-user.target" in units["shoal.target"]
+
+
+def test_table_overrides_replace_or_append_service_settings() -> None:
+    row = systemd.DaemonUnit(
+        "example",
+        "Example",
+        service=(
+            ("ProcSubset", "all", "reads /proc/stat"),
+            ("SystemCallFilter", "@system-service", "needs sched_setaffinity"),
+            ("MemoryDenyWriteExecute", None, "a JIT"),
+            ("LimitMEMLOCK", "64M", "locks buffers"),
+        ),
+    )
+    s = unit_settings(systemd._render_service(row, "/usr/bin/shoal", "/etc/shoal"))
+    assert s["ProcSubset"] == ["all"]
+    assert s["SystemCallFilter"] == ["@system-service"]
+    assert "MemoryDenyWriteExecute" not in s
+    assert s["LimitMEMLOCK"] == ["64M"]
+    with pytest.raises(ValueError):
+        bad = systemd.DaemonUnit("example", "Example", service=(("NoSuchKey", None, "x"),))
+        systemd._render_service(bad, "/usr/bin/shoal", "/etc/shoal")
+
+
+@pytest.mark.parametrize("exe", ["shoal", "/opt/my shoal/bin/shoal", "/opt/$HOME/shoal", "/opt/100%/shoal"])
+def test_render_refuses_paths_that_need_escaping(exe: str) -> None:
+    with pytest.raises(ValueError, match="absolute path"):
+        systemd.render_units(exe)
+
+
+@pytest.mark.systemd
+def test_sysusers_snippet_creates_the_shoal_user(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    proc = run([tool("systemd-sysusers"), f"--root={tmp_path}", str(SYSTEMD_DIR / systemd.SYSUSERS_FILE)])
+    assert proc.returncode == 0 and "ignoring" not in proc.stderr, proc.stderr
+    passwd = (tmp_path / "etc" / "passwd").read_text()
+    assert re.search(r"^shoal:x:\d+:\d+:Shoal cluster daemons:/:/usr/sbin/nologin$", passwd, re.M), passwd
+
+
+def test_install_writes_units_and_keeps_edited_configs(tmp_path: Path, shoal_exe: str) -> None:
+    units, etc, sysusers = tmp_path / "system", tmp_path / "etc" / "shoal", tmp_path / "sysusers.d"
+    written = systemd.install(units, shoal_exe=shoal_exe, config_dir=etc, sysusers_dir=sysusers)
+    config = etc / "tracker.toml"
+    expected_units = systemd.render_units(shoal_exe, config_dir=str(etc))
+    assert set(written) == {units / n for n in expected_units} | {config, sysusers / "shoal.conf"}
+    for name, text in expected_units.items():
+        assert (units / name).read_text() == text
+        assert (units / name).stat().st_mode & 0o777 == 0o644
+    assert f"--config {etc}/tracker.toml" in (units / "shoal-tracker.service").read_text()
+    assert config.read_text() == (CONFIGS / "tracker.toml").read_text()
+    assert config.stat().st_mode & 0o777 == 0o644  # the daemon's unprivileged user reads it
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+    config.write_text("# edited by the operator\n")
+    again = systemd.install(units, shoal_exe=shoal_exe, config_dir=etc)
+    assert config not in again and config.read_text() == "# edited by the operator\n"
+    assert set(again) == {units / n for n in expected_units}
+
+    forced = systemd.install(units, shoal_exe=shoal_exe, config_dir=etc, overwrite_configs=True)
+    assert config in forced and config.read_text() == (CONFIGS / "tracker.toml").read_text()
+
+
+def test_next_steps_enables_the_target_and_the_daemons() -> None:
+    assert systemd.next_steps(["tracker"]) == (
+        "systemctl daemon-reload && systemctl enable --now shoal.target shoal-tracker.service"
+    )
+
+
+def test_metrics_ports_are_reserved_once() -> None:
+    assert len(set(systemd.METRICS_PORTS.values())) == len(systemd.METRICS_PORTS)
+    for name in systemd.DAEMONS:
+        schema = CLI_DAEMONS[name].load_schema()
+        assert schema().daemon.metrics_listen.port == systemd.METRICS_PORTS[name]
+
+
+# -- default configs -------------------------------------------------------------
+
+
+def documented_keys(text: str) -> dict[tuple[str, str], bool]:
+    """(section, key) -> whether the line above the key is a comment."""
+    found: dict[tuple[str, str], bool] = {}
+    section = ""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if m := re.match(r"^\[([A-Za-z0-9_.-]+)\]\s*$", line):
+            section = m.group(1)
+        elif m := re.match(r"^([A-Za-z0-9_-]+)\s*=", line):
+            found[(section, m.group(1))] = i > 0 and lines[i - 1].lstrip().startswith("#")
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(systemd.DAEMONS))
+def test_default_config_loads_as_the_schema_defaults(name: str) -> None:
+    schema = CLI_DAEMONS[name].load_schema()
+    path = CONFIGS / systemd.DAEMONS[name].config_file
+    assert load_config(path, schema) == schema()
+    assert systemd.default_config(name) == path.read_text()
+
+
+@pytest.mark.parametrize("name", sorted(systemd.DAEMONS))
+def test_default_config_documents_every_key(name: str) -> None:
+    schema = CLI_DAEMONS[name].load_schema()
+    keys = documented_keys((CONFIGS / systemd.DAEMONS[name].config_file).read_text())
+    missing, undocumented = [], []
+    for section in dataclasses.fields(schema):
+        for field in dataclasses.fields(getattr(schema(), section.name)):
+            key = (section.name, field.name)
+            if key not in keys:
+                missing.append(".".join(key))
+            elif not keys[key]:
+                undocumented.append(".".join(key))
+    assert not missing, f"keys absent from the default config: {missing}"
+    assert not undocumented, f"keys without a comment line above them: {undocumented}"
+
+
+def test_tracker_config_is_the_tracker_schema() -> None:
+    cfg = load_config(CONFIGS / "tracker.toml", TrackerConfig)
+    assert cfg == TrackerConfig()
+    assert str(cfg.tracker.http_listen) == str(cfg.tracker.udp_listen) == "127.0.0.1:6969"
+    assert str(cfg.daemon.metrics_listen) == "127.0.0.1:9741"
+
+
+# -- Prometheus ------------------------------------------------------------------
+
+
+def test_promtool_check_config() -> None:
+    proc = run([tool("promtool"), "check", "config", "prometheus.yml"], cwd=PROMETHEUS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_promtool_check_rules() -> None:
+    proc = run([tool("promtool"), "check", "rules", "alerts.yml"], cwd=PROMETHEUS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_promtool_test_rules() -> None:
+    proc = run([tool("promtool"), "test", "rules", "alerts_test.yml"], cwd=PROMETHEUS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def alert_rules() -> list[dict]:
+    doc = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def test_alerts_have_for_severity_and_annotations() -> None:
+    rules = alert_rules()
+    assert {r["alert"] for r in rules} >= {
+        "ShoalDaemonDown",
+        "ShoalConfigReloadFailed",
+        "ShoalTrackerHighRejectionRate",
+        "ShoalTrackerSlowRequests",
+    }
+    for rule in rules:
+        assert "for" in rule, rule["alert"]
+        assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+
+
+def test_every_alert_is_tested_firing_and_quiet() -> None:
+    tests = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]
+    fired, quiet = set(), set()
+    for t in tests:
+        for case in t["alert_rule_test"]:
+            (fired if case.get("exp_alerts") else quiet).add(case["alertname"])
+    names = {r["alert"] for r in alert_rules()}
+    assert names - fired == set(), "alerts never tested firing"
+    assert names - quiet == set(), "alerts never tested staying quiet"
+
+
+def test_scrape_config_covers_the_daemons_on_their_ports() -> None:
+    doc = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in doc["scrape_configs"]}
+    for name in systemd.DAEMONS:
+        targets = [t for sc in jobs[f"shoal-{name}"]["static_configs"] for t in sc["targets"]]
+        assert targets and all(t.endswith(f":{systemd.METRICS_PORTS[name]}") for t in targets)
+
+
+# -- metric names in alerts and dashboards ----------------------------------------
+
+
+def known_metrics() -> dict[str, set[str]]:
+    """Every series name the tracker exports -> its label names."""
+    registry = CollectorRegistry()
+    metrics = TrackerMetrics(registry, lambda: (0, 0, 0))
+    rt = runtime_metrics(registry, "tracker")
+    # Children of labelled metrics appear at first use; create one of each.
+    metrics.reject("http", "rate_limited")
+    metrics.saves.labels("ok")
+    metrics.expired.inc(0)
+    rt.rpc_errors.labels(reason="bad_frame")
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "info": ["_info"]}
+    names: dict[str, set[str]] = {"up": set()}
+    for family in registry.collect():
+        labels: set[str] = set()
+        for sample in family.samples:
+            labels |= set(sample.labels) - {"le"}
+        for suffix in suffixes.get(family.type, [""]):
+            names[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return names
+
+
+_NAME_REGEX = re.compile(r'__name__\s*=~\s*"((?:[^"\\]|\\.)*)"\s*,?')
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_MATCHER_LABEL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
+_SELECTOR = re.compile(r"\{([^}]*)\}")
+# Labels Prometheus adds to every series (and the one prometheus.yml adds).
+TARGET_LABELS = {"job", "instance", "daemon"}
+
+
+def check_expr(expr: str, known: dict[str, set[str]]) -> list[str]:
+    """Problems with the metric and label names that ``expr`` uses."""
+    problems, used = [], []
+    for pattern in _NAME_REGEX.findall(expr):
+        matched = [n for n in known if re.fullmatch(pattern, n)]
+        if not matched:
+            problems.append(f"__name__=~{pattern!r} matches no known metric")
+        used += matched
+    bare = _STRING.sub('""', _NAME_REGEX.sub("", expr))
+    for name in re.findall(r"\b(shoal_[A-Za-z0-9_:]*|up)\b(?!\s*\()", bare):
+        if name in known:
+            used.append(name)
+        else:
+            problems.append(f"unknown metric {name}")
+    allowed = TARGET_LABELS.union(*(known[n] for n in used)) if used else TARGET_LABELS
+    labels = [label for group in _GROUPING.findall(bare) for label in re.findall(r"\w+", group)]
+    labels += [label for sel in _SELECTOR.findall(bare) for label in _MATCHER_LABEL.findall(sel)]
+    problems += [f"label {label!r} is on none of {used}" for label in labels if label not in allowed]
+    if not used:
+        problems.append("uses no metric")
+    return problems
+
+
+def test_metric_check_catches_typos() -> None:
+    known = known_metrics()
+    assert check_expr('rate(shoal_tracker_announces_total{protocol="http"}[5m])', known) == []
+    assert check_expr("rate(shoal_tracker_announce_total[5m])", known)
+    assert check_expr("sum by (reasons) (rate(shoal_tracker_rejected_total[5m]))", known)
+    assert check_expr('{__name__=~"shoal_[a-z]+_reloads_total"}', known)
+
+
+def test_alert_exprs_use_existing_metrics() -> None:
+    known = known_metrics()
+    problems = {r["alert"]: check_expr(r["expr"], known) for r in alert_rules()}
+    assert not any(problems.values()), problems
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_exprs(dash: dict) -> list[str]:
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            exprs.append(re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", var["query"]["query"]))
+    return exprs
+
+
+def grafana_to_promql(expr: str) -> str:
+    return expr.replace("$__rate_interval", "1m").replace("$__range", "1h").replace("$instance", ".*")
+
+
+def test_dashboard_exprs_use_existing_metrics() -> None:
+    known = known_metrics()
+    problems = {e: check_expr(grafana_to_promql(e), known) for e in dashboard_exprs(dashboard())}
+    assert not any(problems.values()), {e: p for e, p in problems.items() if p}
+
+
+def test_dashboard_exprs_are_valid_promql(tmp_path: Path) -> None:
+    rules = [
+        {"record": f"shoal:dashboard_check_{i}", "expr": grafana_to_promql(e)}
+        for i, e in enumerate(dashboard_exprs(dashboard()))
+    ]
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    proc = run([tool("promtool"), "check", "rules", str(path)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dashboard_structure() -> None:
+    dash = dashboard()
+    assert dash["uid"] == "shoal-tracker" and 36 <= dash["schemaVersion"] <= 41
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    cells: dict[tuple[int, int], str] = {}
+    for panel in dash["panels"]:
+        g = panel["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, panel["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+            assert panel["targets"], panel["title"]
+            for target in panel["targets"]:
+                assert target["datasource"]["uid"] == "${datasource}"
+                assert 'job="shoal-tracker"' in target["expr"] and "$instance" in target["expr"]
+    text = " ".join(dashboard_exprs(dash))
+    for metric in (
+        "shoal_tracker_announces_total",
+        "shoal_tracker_scrapes_total",
+        "shoal_tracker_rejected_total",
+        "shoal_tracker_request_duration_seconds_bucket",
+        "shoal_tracker_swarms",
+        "shoal_tracker_seeders",
+        "shoal_tracker_leechers",
+        "shoal_tracker_peers_expired_total",
+        "shoal_tracker_config_reloads_total",
+    ):
+        assert metric in text, f"no panel shows {metric}"

@@ -1,0 +1,46 @@
+"""Start the real tracker daemon (`python -m shoal.daemons.cli tracker run`) for a test."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness import start_daemon
+
+LAB = """
+[daemon]
+log_level = "debug"
+metrics_listen = "127.0.0.1:0"
+stop_timeout = 5.0
+
+[tracker]
+http_listen = "127.0.0.1:0"
+udp_listen = "127.0.0.1:0"
+announce_interval = 2
+min_interval = 1
+peer_timeout = 8
+save_interval = 1.0
+{tracker_extra}
+
+[access]
+rate_limit = 0.0
+{access_extra}
+"""
+
+
+def write_config(path: Path, tracker_extra: str = "", access_extra: str = "") -> Path:
+    path.write_text(LAB.format(tracker_extra=tracker_extra, access_extra=access_extra))
+    return path
+
+
+def tracker_argv(config: Path) -> list[str]:
+    return [sys.executable, "-m", "shoal.daemons.cli", "tracker", "run", "--config", str(config)]
+
+
+async def start_tracker(config: Path, state_dir: Path | None = None):
+    return await start_daemon(tracker_argv(config), state_dir=state_dir)
+
+
+@pytest.fixture
+def config(tmp_path):
+    return write_config(tmp_path / "tracker.toml")

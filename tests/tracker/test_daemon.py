@@ -1,0 +1,179 @@
+"""The tracker daemon as systemd runs it: a subprocess on real sockets.
+
+Bad input over HTTP and UDP is refused and counted by reason while the daemon
+keeps serving; a graceful restart keeps the swarm; a kill -9 in the middle of
+an announce storm leaves a tracker that starts and serves again.
+"""
+
+import os
+import signal
+import socket
+import struct
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from shoal.daemons.tracker.client import HttpTracker, TrackerUrl, UdpTracker, http_get
+from shoal.protocol.tracker import Announce, AnnounceResponse, Event, Failure
+
+from .conftest import start_tracker
+
+IH_A = b"\xaa" * 20
+IH_B = b"\xbb" * 20
+
+
+def ann(n: int, ih: bytes = IH_A, left: int = 100, event: Event = Event.STARTED) -> Announce:
+    return Announce(info_hash=ih, peer_id=b"-TS0001-" + n.to_bytes(12, "big"), port=10000 + n,
+                    uploaded=0, downloaded=0, left=left, event=event)
+
+
+def http(d) -> HttpTracker:
+    a = d.addresses["http"]
+    return HttpTracker(TrackerUrl("http", a.host, a.port, "/announce"), timeout=5)
+
+
+def udp(d) -> UdpTracker:
+    a = d.addresses["udp"]
+    return UdpTracker(TrackerUrl("udp", a.host, a.port, "/announce"), base_timeout=0.5, retries=2)
+
+
+async def metrics(d) -> dict[tuple[str, tuple], float]:
+    a = d.addresses["metrics"]
+    status, body = await http_get(a.host, a.port, b"/metrics")
+    assert status == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(body.decode())
+        for s in fam.samples
+    }
+
+
+def rejected(m, protocol: str) -> dict[str, float]:
+    return {
+        dict(labels)["reason"]: v
+        for (name, labels), v in m.items()
+        if name == "shoal_tracker_rejected_total" and dict(labels)["protocol"] == protocol and v
+    }
+
+
+async def raw_http(addr, data: bytes) -> bytes:
+    stream = await trio.open_tcp_stream(addr.host, addr.port)
+    async with stream:
+        await stream.send_all(data)
+        out = b""
+        while chunk := await stream.receive_some(65536):
+            out += chunk
+    return out
+
+
+async def test_bad_input_is_refused_counted_and_the_daemon_keeps_serving(config):
+    with trio.fail_after(60):
+        async with await start_tracker(config) as d:
+            h = d.addresses["http"]
+            # HTTP: a malformed announce gets a bencoded failure.
+            status, body = await http_get(h.host, h.port, b"/announce?info_hash=short&port=x")
+            assert status == 200 and body.startswith(b"d14:failure reason")
+            # Oversized request line, garbage instead of HTTP, wrong path, wrong method.
+            big = await raw_http(h, b"GET /announce?" + b"a" * 10000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert big.split(b" ", 2)[1] in (b"413", b"431")
+            garbage = await raw_http(h, b"\x16\x03\x01\x02\x00hello not http\r\n\r\n")
+            assert garbage.startswith(b"HTTP/1.1 400")
+            assert (await http_get(h.host, h.port, b"/nope"))[0] == 404
+            post = await raw_http(h, b"POST /announce HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            assert post.startswith(b"HTTP/1.1 405")
+
+            # UDP: truncated, forged, garbage and wrong-connection-id datagrams.
+            u = d.addresses["udp"]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(5)
+                s.connect((u.host, u.port))
+                s.send(b"\x00\x00\x04\x17")  # truncated
+                s.send(struct.pack(">QII", 0xDEADBEEF, 0, 1))  # forged protocol id
+                s.send(os.urandom(64))  # noise
+                s.send(struct.pack(">QII20s20sqqqIIIiH", 12345, 1, 77, IH_A, b"x" * 20, 0, 0, 0, 2, 0, 0, -1, 6881))
+                reply = s.recv(2048)  # only the well-formed one is answered: with an error
+                assert struct.unpack(">II", reply[:8]) == (3, 77)
+
+            # Still serving, over both protocols.
+            assert isinstance(await http(d).announce(ann(1)), AnnounceResponse)
+            client = udp(d)
+            reply = await client.announce(ann(2))
+            client.close()
+            assert reply.leechers == 2
+
+            m = await metrics(d)
+            http_reasons = rejected(m, "http")
+            assert http_reasons.get("not_found") == 1 and http_reasons.get("bad_method") == 1
+            assert http_reasons.get("bad_http") == 1 and http_reasons.get("too_large") == 1
+            assert sum(http_reasons.values()) == 5
+            udp_reasons = rejected(m, "udp")
+            assert udp_reasons.get("bad_connection_id") == 1
+            # Three datagrams were dropped for their format, each counted once.
+            assert sum(udp_reasons.values()) == 4
+            assert await d.terminate() == 0
+
+
+async def test_graceful_restart_keeps_the_swarm(config, tmp_path):
+    state = tmp_path / "state"
+    with trio.fail_after(60):
+        async with await start_tracker(config, state) as d:
+            t = http(d)
+            for n in range(12):
+                await t.announce(ann(n, IH_A, left=0 if n < 4 else 100))
+            for n in range(5):
+                await t.announce(ann(100 + n, IH_B))
+            before = await t.scrape((IH_A, IH_B))
+            assert (before[IH_A].complete, before[IH_A].incomplete, before[IH_B].incomplete) == (4, 8, 5)
+            assert await d.terminate() == 0
+        assert (state / "swarms.msgpack").exists()
+
+        async with await start_tracker(config, state) as d:
+            after = await http(d).scrape((IH_A, IH_B))
+            assert after == before
+            # A restored peer is handed out to newcomers.
+            reply = await http(d).announce(ann(999, IH_B))
+            assert len(reply.peers) == 5
+            assert await d.terminate() == 0
+
+
+async def test_kill_9_during_announce_storm_then_serves_again(config, tmp_path):
+    state = tmp_path / "state"
+    with trio.fail_after(90):
+        async with await start_tracker(config, state) as d:
+            answered = 0
+            enough = trio.Event()
+
+            async def storm(worker: int) -> None:
+                nonlocal answered
+                client = udp(d) if worker % 2 else http(d)
+                try:
+                    for i in range(10_000):
+                        n = worker * 10_000 + i
+                        await client.announce(ann(n % 3000, IH_A if n % 2 else IH_B))
+                        answered += 1
+                        if answered >= 3000:
+                            enough.set()
+                except Exception:
+                    # The kill cuts requests off mid-flight; that is the point.
+                    pass
+                finally:
+                    if isinstance(client, UdpTracker):
+                        client.close()
+
+            async with trio.open_nursery() as nursery:
+                for w in range(8):
+                    nursery.start_soon(storm, w)
+                await enough.wait()
+                assert await d.kill() == -signal.SIGKILL
+                nursery.cancel_scope.cancel()
+
+        async with await start_tracker(config, state) as d:
+            # Whatever the last periodic snapshot held was readable: nothing was set aside.
+            assert not (state / "swarms.corrupt").exists()
+            assert "restored" in d.log or not (state / "swarms.msgpack").exists()
+            reply = await http(d).announce(ann(5, IH_A))
+            assert isinstance(reply, AnnounceResponse)
+            u = udp(d)
+            assert not isinstance(await u.announce(ann(6, IH_A)), Failure)
+            u.close()
+            assert await d.terminate() == 0
