@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from functools import partial
@@ -14,7 +15,7 @@ from ..runtime.config import ConfigError, ListenAddr
 from ..runtime.daemon import DaemonContext
 from ..runtime.http import HttpRequest, HttpResponse, serve_http
 from ..runtime.state import atomic_write
-from .access import load_policy
+from .access import ConnectionIds, load_policy
 from .config import TrackerConfig
 from .metrics import TrackerMetrics
 from .service import TrackerService
@@ -26,6 +27,7 @@ log = logging.getLogger("shoal.tracker")
 # announce with BEP 41 options; anything that does not fit is malformed.
 MAX_DATAGRAM = 2048
 STATE_FILE = "swarms.msgpack"
+SECRET_FILE = "udp-secret"
 
 
 class TrackerApp:
@@ -38,8 +40,28 @@ class TrackerApp:
             max_torrents=t.max_torrents, max_peers_per_torrent=t.max_peers_per_torrent, max_peers=t.max_peers
         )
         self.metrics = TrackerMetrics(ctx.registry, self.table.stats)
-        self.service = TrackerService(t, load_policy(cfg.access), self.table, self.metrics)
+        ids = ConnectionIds(self._secret(ctx.state_dir / SECRET_FILE))
+        self.service = TrackerService(t, load_policy(cfg.access), self.table, self.metrics, ids)
         self.state_file: Path = ctx.state_dir / STATE_FILE
+
+    @staticmethod
+    def _secret(path: Path) -> bytes:
+        """The key for BEP 15 connection ids, kept across restarts.
+
+        Clients cache a connection id for a minute (libtorrent per tracker IP,
+        process-wide); with a fresh key after every restart they would send
+        rejected ids until their cache expired.
+        """
+        try:
+            secret = path.read_bytes()
+            if len(secret) == 32:
+                return secret
+            log.warning("%s is not 32 bytes; making a new one", path)
+        except FileNotFoundError:
+            pass
+        secret = os.urandom(32)
+        atomic_write(path, secret)
+        return secret
 
     # -- lifecycle -----------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Start the real tracker daemon (`python -m shoal.daemons.cli tracker run`) for a test."""
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -14,8 +15,8 @@ metrics_listen = "127.0.0.1:0"
 stop_timeout = 5.0
 
 [tracker]
-http_listen = "127.0.0.1:0"
-udp_listen = "127.0.0.1:0"
+http_listen = "{host}:0"
+udp_listen = "{host}:0"
 announce_interval = 2
 min_interval = 1
 peer_timeout = 8
@@ -28,8 +29,16 @@ rate_limit = 0.0
 """
 
 
-def write_config(path: Path, tracker_extra: str = "", access_extra: str = "") -> Path:
-    path.write_text(LAB.format(tracker_extra=tracker_extra, access_extra=access_extra))
+# Each test's tracker gets its own loopback address, as trackers on separate
+# hosts would: libtorrent caches BEP 15 connection ids per tracker IP for the
+# whole process, so a second tracker on the same IP would be sent the first
+# one's ids for a minute.
+_hosts = (f"127.0.1.{n}" for n in itertools.count(1))
+
+
+def write_config(path: Path, tracker_extra: str = "", access_extra: str = "", host: str | None = None) -> Path:
+    host = host or next(_hosts)
+    path.write_text(LAB.format(host=host, tracker_extra=tracker_extra, access_extra=access_extra))
     return path
 
 

@@ -126,6 +126,7 @@ async def test_graceful_restart_keeps_the_swarm(config, tmp_path):
             assert (before[IH_A].complete, before[IH_A].incomplete, before[IH_B].incomplete) == (4, 8, 5)
             assert await d.terminate() == 0
         assert (state / "swarms.msgpack").exists()
+        secret = (state / "udp-secret").read_bytes()
 
         async with await start_tracker(config, state) as d:
             after = await http(d).scrape((IH_A, IH_B))
@@ -134,6 +135,8 @@ async def test_graceful_restart_keeps_the_swarm(config, tmp_path):
             reply = await http(d).announce(ann(999, IH_B))
             assert len(reply.peers) == 5
             assert await d.terminate() == 0
+        # BEP 15 connection ids handed out before the restart stay valid.
+        assert (state / "udp-secret").read_bytes() == secret
 
 
 async def test_kill_9_during_announce_storm_then_serves_again(config, tmp_path):
