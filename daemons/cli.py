@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_systemd)
 
     demo = sub.add_parser("demo", help="a live tour: real BitTorrent clients swarm through a shoal tracker")
-    demo.add_argument("--size-mib", type=int, default=64, help="size of the file to share (default 64)")
+    demo.add_argument("--size-mib", type=int, default=32, help="size of the file to share (default 32)")
     demo.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
     demo.set_defaults(func=cmd_demo)
     return p

@@ -107,17 +107,17 @@ async def _swarm(app, ctx, tmp: Path, size: int, http, udp, timeout: float, out)
     # the seeder's upload is capped so the swarm has time to be watched.
     lab = {"min_announce_interval": 1}
     seeder = LibtorrentClient("127.0.0.2", name="libtorrent seeder", **lab)
-    seeder.add(shared.torrent, shared.path.parent, seed=True).set_upload_limit(max(1 << 20, size // 8))
+    seeder.add(shared.torrent, shared.path.parent, seed=True).set_upload_limit(max(1 << 20, size // 6))
     leechers: list[tuple[str, Path, object]] = []
     lt_http = LibtorrentClient("127.0.0.3", name="libtorrent (http)", **lab)
     lt_http_dir = tmp / "lt-http"
     h1 = lt_http.add(shared.torrent, lt_http_dir)
-    h1.set_upload_limit(max(1 << 20, size // 16))
+    h1.set_upload_limit(max(1 << 20, size // 12))
     lt_udp = LibtorrentClient("127.0.0.4", name="libtorrent (udp)", **lab)
     lt_udp_dir = tmp / "lt-udp"
     (lt_udp_dir).mkdir()
     h2 = lt_udp.add(udp_torrent, lt_udp_dir)
-    h2.set_upload_limit(max(1 << 20, size // 16))
+    h2.set_upload_limit(max(1 << 20, size // 12))
     leechers += [("libtorrent (http)", lt_http_dir, (lt_http, h1)), ("libtorrent (udp)", lt_udp_dir, (lt_udp, h2))]
     aria = None
     if aria2_available():
@@ -184,5 +184,5 @@ async def _scrape_metrics(addr: ListenAddr) -> str:
     return "tracker metrics (from /metrics):\n  " + "\n  ".join(keep)
 
 
-def run_demo(size_mib: int = 64, timeout: float = 120.0, out=sys.stdout) -> int:
+def run_demo(size_mib: int = 32, timeout: float = 120.0, out=sys.stdout) -> int:
     return trio.run(_tour, size_mib, timeout, out)

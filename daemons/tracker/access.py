@@ -164,4 +164,4 @@ class ConnectionIds:
 
     def valid(self, connection_id: int, ip: str, now: float) -> bool:
         epoch = int(now // self.EPOCH)
-        return connection_id in (self._make(ip, epoch), self._make(ip, epoch - 1))
+        return connection_id == self._make(ip, epoch) or connection_id == self._make(ip, epoch - 1)

@@ -26,6 +26,7 @@ ACCESS_REASONS = (
     "not_found",
     "bad_method",
     "scrape_all_refused",
+    "send_failed",
 )
 
 # Announce handling takes tens of microseconds; the tail is what matters.

@@ -74,44 +74,82 @@ class PeerEntry:
 
 
 class Swarm:
-    __slots__ = ("peers", "order", "seeders", "downloaded")
+    """The peers of one torrent, in two lists (seeders, leechers) plus an index."""
+
+    __slots__ = ("peers", "seeds", "leeches", "downloaded")
 
     def __init__(self) -> None:
         self.peers: dict[bytes, PeerEntry] = {}
-        self.order: list[PeerEntry] = []
-        self.seeders = 0
+        self.seeds: list[PeerEntry] = []
+        self.leeches: list[PeerEntry] = []
         # BEP 48 "downloaded": how many times a completed event was seen.
         self.downloaded = 0
 
     @property
+    def seeders(self) -> int:
+        return len(self.seeds)
+
+    @property
     def leechers(self) -> int:
-        return len(self.order) - self.seeders
+        return len(self.leeches)
+
+    @property
+    def order(self) -> list[PeerEntry]:
+        return self.leeches + self.seeds
+
+    def _list(self, entry: PeerEntry) -> list[PeerEntry]:
+        return self.seeds if entry.left == 0 else self.leeches
 
     def add(self, entry: PeerEntry) -> None:
-        entry.index = len(self.order)
-        self.order.append(entry)
+        pool = self._list(entry)
+        entry.index = len(pool)
+        pool.append(entry)
         self.peers[entry.peer_id] = entry
-        self.seeders += entry.is_seed
 
-    def remove(self, entry: PeerEntry) -> None:
-        last = self.order.pop()
+    def _unlink(self, entry: PeerEntry) -> None:
+        pool = self._list(entry)
+        last = pool.pop()
         if last is not entry:
             last.index = entry.index
-            self.order[entry.index] = last
+            pool[entry.index] = last
+
+    def remove(self, entry: PeerEntry) -> None:
+        self._unlink(entry)
         del self.peers[entry.peer_id]
-        self.seeders -= entry.is_seed
+
+    def update_left(self, entry: PeerEntry, left: int) -> None:
+        if (left == 0) != (entry.left == 0):
+            self._unlink(entry)
+            entry.left = left
+            pool = self._list(entry)
+            entry.index = len(pool)
+            pool.append(entry)
+        else:
+            entry.left = left
 
     def sample(self, numwant: int, exclude: PeerEntry | None, seeder: bool) -> list[PeerEntry]:
-        """Up to ``numwant`` random peers other than ``exclude``.
+        """Up to ``numwant`` peers other than ``exclude``, from a random window.
 
-        A seeder gets no seeders back: it has nothing to gain from them.
+        Like opentracker, the reply is a run of consecutive entries starting
+        at a random position (wrapping around), which costs O(numwant) list
+        slicing instead of a per-element random draw. The order of the lists
+        is join order shuffled by swap-removal, and each request starts
+        elsewhere, so every peer is handed out about equally often. A seeder
+        gets only leechers: it has nothing to gain from other seeders.
         """
-        pool = self.order
+        pool = self.leeches if seeder else self.leeches + self.seeds
+        n = len(pool)
         k = numwant + (exclude is not None)
-        chosen = random.sample(pool, k) if k < len(pool) else list(pool)
-        if seeder:
-            chosen = [p for p in chosen if not p.is_seed]
-        return [p for p in chosen if p is not exclude][:numwant]
+        if k >= n:
+            chosen = pool  # sliced below, so never the swarm's own list
+        else:
+            start = random.randrange(n)
+            chosen = pool[start : start + k]
+            if start + k > n:
+                chosen += pool[: start + k - n]
+        if exclude is not None:
+            chosen = [p for p in chosen if p is not exclude]
+        return chosen[:numwant]
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,18 +192,16 @@ class SwarmTable:
             self._drop(req.info_hash, swarm, entry, keep_empty=True)
             entry = None
         if entry is None:
-            if len(swarm.order) >= self.max_peers_per_torrent or self.peer_count >= self.max_peers:
-                if not swarm.order:
+            if len(swarm.peers) >= self.max_peers_per_torrent or self.peer_count >= self.max_peers:
+                if not swarm.peers:
                     del self.swarms[req.info_hash]
                 raise TableFull("peer_limit")
             entry = PeerEntry(req.peer_id, ip, req.port, req.left, now)
             swarm.add(entry)
             self.peer_count += 1
         else:
-            was_seed = entry.is_seed
-            entry.left = req.left
+            swarm.update_left(entry, req.left)
             entry.last_seen = now
-            swarm.seeders += entry.is_seed - was_seed
         if req.event is Event.COMPLETED:
             swarm.downloaded += 1
         peers = swarm.sample(numwant, entry, entry.is_seed) if numwant else []
@@ -183,7 +219,7 @@ class SwarmTable:
         cutoff = now - timeout
         dropped = 0
         for info_hash, swarm in list(self.swarms.items()):
-            stale = [p for p in swarm.order if p.last_seen < cutoff]
+            stale = [p for p in swarm.peers.values() if p.last_seen < cutoff]
             for entry in stale:
                 self._drop(info_hash, swarm, entry)
             dropped += len(stale)
@@ -191,13 +227,13 @@ class SwarmTable:
 
     def stats(self) -> tuple[int, int, int]:
         """(swarms, seeders, leechers) over the whole table."""
-        seeders = sum(s.seeders for s in self.swarms.values())
+        seeders = sum(len(s.seeds) for s in self.swarms.values())
         return (len(self.swarms), seeders, self.peer_count - seeders)
 
     def _drop(self, info_hash: bytes, swarm: Swarm, entry: PeerEntry, keep_empty: bool = False) -> None:
         swarm.remove(entry)
         self.peer_count -= 1
-        if not swarm.order and not keep_empty:
+        if not swarm.peers and not keep_empty:
             del self.swarms[info_hash]
 
     # -- persistence -----------------------------------------------------
