@@ -127,7 +127,10 @@ class App(Protocol):
         ...
 
     def reload(self, new_config: Any) -> None:
-        """Apply a validated new config; ``ctx.config`` is updated after it."""
+        """Apply a validated new config; ``ctx.config`` is updated after it.
+
+        Raise ConfigError, before changing anything, to refuse a config the
+        schema accepted but the app cannot use (a file it names is bad)."""
         ...
 
 
@@ -276,14 +279,21 @@ def _reload_once(
             log.error("config reload failed, keeping the running config: %s", exc)
             metrics.config_reloads.labels(result="error").inc()
             return False
+        # An app refuses a config it cannot apply (a file it names is bad) with
+        # ConfigError, before changing anything; any other exception is a bug
+        # and propagates, stopping the daemon.
+        try:
+            app.reload(new)
+        except ConfigError as exc:
+            log.error("config reload failed, keeping the running config: %s", exc)
+            metrics.config_reloads.labels(result="error").inc()
+            return False
         old_daemon, new_daemon = ctx.config.daemon, new.daemon
         for key in ("metrics_listen", "state_directory"):
             if getattr(old_daemon, key) != getattr(new_daemon, key):
                 log.warning("daemon.%s changed; it takes effect at the next restart", key)
         if old_daemon.log_level != new_daemon.log_level:
             set_level(new_daemon.log_level)
-        # An exception from app.reload is a bug: it propagates and stops the daemon.
-        app.reload(new)
         ctx.config = new
         metrics.config_reloads.labels(result="ok").inc()
         log.info("config reloaded from %s", ctx.config_path)

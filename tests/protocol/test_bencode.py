@@ -10,6 +10,8 @@ from shoal.protocol import bencode
 from shoal.protocol.bencode import decode, decode_prefix, encode
 from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
 
+from .fuzz import mutated
+
 FAST = settings(max_examples=300, deadline=None)
 # Tests whose examples are large recursive structures: fewer examples keep
 # the suite fast while each example already covers many sub-cases.
@@ -243,25 +245,8 @@ def test_fuzz_bencode_alphabet_and_canonical_reencode(data):
         assert encode(v) == data
 
 
-@st.composite
-def mutated(draw):
-    raw = bytearray(encode(draw(values)))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
-        pos = draw(st.integers(0, len(raw)))
-        if op == "flip" and pos < len(raw):
-            raw[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "cut":
-            del raw[pos:]
-        elif op == "insert":
-            raw[pos:pos] = draw(st.binary(min_size=1, max_size=4))
-        elif op == "delete" and pos < len(raw):
-            del raw[pos]
-    return bytes(raw)
-
-
 @HEAVY
-@given(mutated())
+@given(mutated(values.map(encode)))
 def test_fuzz_mutated_valid_values(data):
     v = parses_or_remote(decode, data)
     if v is not None:

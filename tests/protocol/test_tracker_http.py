@@ -28,6 +28,8 @@ from shoal.protocol.tracker import (
     split_target,
 )
 
+from .fuzz import checkers
+
 FAST = settings(max_examples=300, deadline=None)
 # Tests whose examples are large recursive structures: fewer examples keep
 # the suite fast while each example already covers many sub-cases.
@@ -38,19 +40,7 @@ PID = b"-SH0100-abcdefghijkl"
 IH_Q = b"%01%02%03%04%05%06%07%08%09%0A%0B%0C%0D%0E%0F%10%11%12%13%14"
 
 
-def parses_or_remote(fn, data, **kw):
-    try:
-        return fn(data, **kw)
-    except RemoteProtocolError as exc:
-        assert exc.reason in tracker.REASONS, exc.reason
-        return None
-
-
-def reason_of(fn, data, **kw) -> str:
-    with pytest.raises(RemoteProtocolError) as info:
-        fn(data, **kw)
-    assert info.value.reason in tracker.REASONS, info.value.reason
-    return info.value.reason
+parses_or_remote, reason_of = checkers(tracker.REASONS)
 
 
 def q(**params: bytes) -> bytes:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.protocol import udp_tracker as udp
-from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
+from shoal.protocol.errors import LocalProtocolError
 from shoal.protocol.tracker import Announce, Event, Peer, ScrapeStats
 from shoal.protocol.udp_tracker import (
     AnnounceRequest,
@@ -23,6 +23,8 @@ from shoal.protocol.udp_tracker import (
     parse_response,
 )
 
+from .fuzz import checkers, mutated
+
 FAST = settings(max_examples=300, deadline=None)
 # Tests whose examples are large recursive structures: fewer examples keep
 # the suite fast while each example already covers many sub-cases.
@@ -33,19 +35,7 @@ PID = b"-SH0100-abcdefghijkl"
 H = bytes.fromhex
 
 
-def parses_or_remote(fn, data, **kw):
-    try:
-        return fn(data, **kw)
-    except RemoteProtocolError as exc:
-        assert exc.reason in udp.REASONS, exc.reason
-        return None
-
-
-def reason_of(fn, data, **kw) -> str:
-    with pytest.raises(RemoteProtocolError) as info:
-        fn(data, **kw)
-    assert info.value.reason in udp.REASONS, info.value.reason
-    return info.value.reason
+parses_or_remote, reason_of = checkers(udp.REASONS)
 
 
 # -- golden bytes ------------------------------------------------------------------
@@ -386,23 +376,6 @@ def test_fuzz_random_bytes(data):
     parses_or_remote(parse_request, data)
     parses_or_remote(parse_response, data)
     parses_or_remote(parse_response, data, ipv6=True)
-
-
-@st.composite
-def mutated(draw, base):
-    raw = bytearray(draw(base))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
-        pos = draw(st.integers(0, len(raw)))
-        if op == "flip" and pos < len(raw):
-            raw[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "cut":
-            del raw[pos:]
-        elif op == "insert":
-            raw[pos:pos] = draw(st.binary(min_size=1, max_size=4))
-        elif op == "delete" and pos < len(raw):
-            del raw[pos]
-    return bytes(raw)
 
 
 @FAST

@@ -180,3 +180,32 @@ async def test_kill_9_during_announce_storm_then_serves_again(config, tmp_path):
             assert not isinstance(await u.announce(ann(6, IH_A)), Failure)
             u.close()
             assert await d.terminate() == 0
+
+
+async def test_sighup_reloads_access_lists_and_refuses_a_bad_one(tmp_path):
+    from .conftest import write_config
+
+    wl = tmp_path / "whitelist"
+    wl.write_text(IH_A.hex() + "\n")
+    config = write_config(tmp_path / "tracker.toml",
+                          access_extra=f'mode = "whitelist"\nwhitelist_file = "{wl}"')
+    with trio.fail_after(60):
+        async with await start_tracker(config) as d:
+            t = http(d)
+            assert isinstance(await t.announce(ann(1, IH_A)), AnnounceResponse)
+            assert isinstance(await t.announce(ann(2, IH_B)), Failure)
+
+            wl.write_text(IH_A.hex() + "\n" + IH_B.hex() + "\n")
+            await d.reload()
+            assert isinstance(await t.announce(ann(3, IH_B)), AnnounceResponse)
+
+            wl.write_text("not a hash\n")
+            await d.reload()
+            m = await metrics(d)
+            assert m[("shoal_tracker_config_reloads_total", (("result", "error"),))] == 1
+            assert m[("shoal_tracker_config_reloads_total", (("result", "ok"),))] == 1
+            assert "line 1: expected a 40-digit hex info-hash" in d.log
+            # The previous lists stay in force.
+            assert isinstance(await t.announce(ann(4, IH_B)), AnnounceResponse)
+            assert isinstance(await t.announce(ann(5, b"\xcc" * 20)), Failure)
+            assert await d.terminate() == 0
