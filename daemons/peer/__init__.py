@@ -1,0 +1,1 @@
+"""The BitTorrent peer daemon: storage, piece picking, choking and the trio shell."""

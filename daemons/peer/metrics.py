@@ -1,0 +1,60 @@
+"""The peer daemon's Prometheus metrics. No per-peer or per-torrent labels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Why a peer was disconnected and banned; bounded set of tokens.
+BAN_REASONS = ("bad_hash", "protocol", "wrong_info_hash", "unrequested_piece", "self_connection")
+
+# A 16 KiB block on loopback takes well under a millisecond; on a busy WAN
+# link several seconds. Requests time out at 30 s by default.
+REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class PeerMetrics:
+    def __init__(self, registry: CollectorRegistry, gauges: Callable[[], dict[str, int]]):
+        self.bytes = Counter("shoal_peer_bytes_total", "Payload bytes moved, by direction.",
+                             ["direction"], registry=registry)
+        self.up = self.bytes.labels("up")
+        self.down = self.bytes.labels("down")
+        self.pieces = Counter("shoal_peer_pieces_total", "Pieces checked against their SHA-1, by result.",
+                              ["result"], registry=registry)
+        self.verified = self.pieces.labels("verified")
+        self.failed = self.pieces.labels("failed")
+        self.choke_rounds = Counter("shoal_peer_choke_rounds_total", "Choke rounds run.", registry=registry)
+        self.bans = Counter("shoal_peer_bans_total", "Peers disconnected and banned, by reason.",
+                            ["reason"], registry=registry)
+        self.protocol_errors = Counter("shoal_peer_protocol_errors_total",
+                                       "Connections closed for breaking the wire protocol, by reason.",
+                                       ["reason"], registry=registry)
+        self.request_latency = Histogram("shoal_peer_request_duration_seconds",
+                                         "Time from a block request to its piece message.",
+                                         buckets=REQUEST_BUCKETS, registry=registry)
+        self.announces = Counter("shoal_peer_announces_total", "Tracker announces, by result.",
+                                 ["result"], registry=registry)
+        for reason in BAN_REASONS:
+            self.bans.labels(reason)
+        registry.register(_Gauges(gauges))
+
+
+class _Gauges(Collector):
+    HELP = {
+        "torrents": "Torrents being downloaded or seeded.",
+        "peers": "Peers connected.",
+        "peers_unchoked": "Peers we are uploading to (unchoked by us).",
+        "peers_interested": "Peers interested in our pieces.",
+        "peers_unchoking_us": "Peers that unchoke us.",
+    }
+
+    def __init__(self, read: Callable[[], dict[str, int]]):
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        values = self._read()
+        for name, text in self.HELP.items():
+            yield GaugeMetricFamily(f"shoal_peer_{name}", text, value=values.get(name, 0))
