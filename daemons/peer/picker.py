@@ -424,7 +424,12 @@ class PiecePicker:
     # ---------------------------------------------------------- piece state
 
     def _make_fresh(self, i: int) -> None:
-        bucket = self._buckets[self._avail[i]]
+        # A partial piece sits outside the buckets while its availability
+        # keeps changing, so its level may be above every existing bucket.
+        buckets = self._buckets
+        while len(buckets) <= self._avail[i]:
+            buckets.append([])
+        bucket = buckets[self._avail[i]]
         self._pos[i] = len(bucket)
         bucket.append(i)
         self._num_fresh += 1

@@ -63,10 +63,15 @@ class TrackerUrl:
         return f"{head}/scrape{last[len('announce'):]}"
 
 
-async def http_get(host: str, port: int, target: bytes, *, timeout: float = 10.0) -> tuple[int, bytes]:
-    """One HTTP/1.1 GET on a fresh connection; returns (status, body)."""
+async def http_get(host: str, port: int, target: bytes, *, timeout: float = 10.0,
+                   local_address: str | None = None) -> tuple[int, bytes]:
+    """One HTTP/1.1 GET on a fresh connection; returns (status, body).
+
+    ``local_address`` picks the source address, so a tracker records the
+    address a peer listens on when a host has several.
+    """
     with trio.fail_after(timeout):
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await trio.open_tcp_stream(host, port, local_address=local_address)
         async with stream:
             conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_BYTES)
             request = h11.Request(method="GET", target=target,
@@ -89,14 +94,18 @@ async def http_get(host: str, port: int, target: bytes, *, timeout: float = 10.0
 
 
 class HttpTracker:
-    def __init__(self, url: TrackerUrl, *, timeout: float = 10.0) -> None:
+    def __init__(self, url: TrackerUrl, *, timeout: float = 10.0, local_address: str | None = None) -> None:
         self.url = url
         self.timeout = timeout
+        self.local_address = local_address
+
+    def close(self) -> None:
+        """Nothing to release: each request uses its own connection."""
 
     async def _get(self, path: str, query: bytes) -> bytes:
         try:
             status, body = await http_get(self.url.host, self.url.port, path.encode() + b"?" + query,
-                                          timeout=self.timeout)
+                                          timeout=self.timeout, local_address=self.local_address)
         except (OSError, h11.ProtocolError) as exc:
             raise TrackerError(f"{self.url.host}:{self.url.port}: {exc}") from None
         if status != 200:
@@ -127,10 +136,12 @@ class UdpTracker:
 
     CONNECTION_ID_LIFETIME = 60.0
 
-    def __init__(self, url: TrackerUrl, *, base_timeout: float = 15.0, retries: int = 3) -> None:
+    def __init__(self, url: TrackerUrl, *, base_timeout: float = 15.0, retries: int = 3,
+                 local_address: str | None = None) -> None:
         self.url = url
         self.base_timeout = base_timeout
         self.retries = retries
+        self.local_address = local_address
         self._cid: tuple[int, float] | None = None
         self._sock: trio.socket.SocketType | None = None
 
@@ -139,6 +150,8 @@ class UdpTracker:
             infos = await trio.socket.getaddrinfo(self.url.host, self.url.port, type=socket.SOCK_DGRAM)
             family, _type, _proto, _name, addr = infos[0]
             self._sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+            if self.local_address:
+                await self._sock.bind((self.local_address, 0))
             await self._sock.connect(addr)
         return self._sock
 
@@ -200,6 +213,9 @@ class UdpTracker:
         return dict(zip(info_hashes, resp.stats))
 
 
-def open_tracker(url: str, **kw) -> HttpTracker | UdpTracker:
+def open_tracker(url: str, *, local_address: str | None = None, timeout: float = 10.0) -> HttpTracker | UdpTracker:
+    """A client for ``url``; ``timeout`` bounds an HTTP request, or one UDP try (BEP 15 retries twice)."""
     parsed = TrackerUrl.parse(url)
-    return HttpTracker(parsed, **kw) if parsed.scheme == "http" else UdpTracker(parsed, **kw)
+    if parsed.scheme == "http":
+        return HttpTracker(parsed, timeout=timeout, local_address=local_address)
+    return UdpTracker(parsed, base_timeout=timeout, retries=2, local_address=local_address)

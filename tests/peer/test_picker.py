@@ -535,3 +535,21 @@ def test_pick_cost_16k_pieces_30_peers(capsys):
         print(f"\npick(): {us:.1f} us per call (16,384 pieces, 30 peers, {pk.num_have} pieces done)")
     assert pk.num_have > 0
     pk._check()
+
+
+def test_released_partial_piece_returns_to_a_new_availability_level():
+    # Found by an 8-leecher swarm: a piece went partial at availability 1,
+    # more peers announced it while it was partial (outside the buckets),
+    # then its only requester left, so it went back into a bucket level that
+    # had never existed.
+    pk = picker(4, random_first=0)
+    pk.peer_have(0, 2)
+    (block,) = pk.pick(0, None, 1, now=0.0)
+    assert block.index == 2
+    for peer in range(1, 6):
+        pk.peer_have(peer, 2)
+    assert pk.availability(2) == 6
+    assert pk.peer_gone(0) == [block]
+    assert pk.availability(2) == 5
+    (again,) = pk.pick(1, None, 1, now=1.0)
+    assert again == block

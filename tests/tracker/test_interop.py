@@ -55,10 +55,9 @@ async def test_libtorrent_over_http_and_udp_and_scrape_shows_them(config, tmp_pa
             assert sha1(tmp_path / "leech" / "data.bin") == sha1(shared.path)
 
             for url in (f"http://{http}/announce", f"udp://{udp}/announce"):
-                tracker = open_tracker(url, **({"base_timeout": 1.0} if url.startswith("udp") else {}))
+                tracker = open_tracker(url, timeout=1.0)
                 stats = (await tracker.scrape((shared.info_hash,)))[shared.info_hash]
-                if url.startswith("udp"):
-                    tracker.close()
+                tracker.close()
                 assert (stats.complete, stats.incomplete, stats.downloaded) == (2, 0, 1), url
             m = await metrics(d)
             assert m[("shoal_tracker_announces_total", (("event", "started"), ("protocol", "http")))] == 1
@@ -116,7 +115,7 @@ async def test_libtorrent_over_udp_downloads_from_aria2_over_http(config, tmp_pa
             leecher.add(udp_torrent, tmp_path / "leech")
             await wait_lt(leecher, lambda: shared.info_hash in leecher.finished, timeout=60)
             assert sha1(tmp_path / "leech" / "data.bin") == sha1(shared.path)
-            tracker = open_tracker(f"udp://{udp}/announce", base_timeout=1.0)
+            tracker = open_tracker(f"udp://{udp}/announce", timeout=1.0)
             stats = (await tracker.scrape((shared.info_hash,)))[shared.info_hash]
             tracker.close()
             assert stats.complete >= 1  # at least aria2, the seeder

@@ -1,0 +1,235 @@
+"""What a peer daemon shares across its torrents.
+
+The :class:`Session` holds the peer_id, the listening socket, the torrents by
+info-hash, the bans, and the global upload and download throttles (token
+buckets, which is also how an experiment gives each node its own upload
+capacity). Incoming connections are handshaken here and handed to the
+torrent they name; outgoing ones are dialled from the listen address, so a
+peer on 127.0.0.7 is seen as 127.0.0.7 by everyone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from functools import partial
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import trio
+
+from shoal.protocol import peer_wire as pw
+from shoal.protocol.errors import RemoteProtocolError
+from shoal.protocol.metainfo import Metainfo
+
+from ..runtime.config import ListenAddr
+from ..runtime.ratelimit import TokenBucket
+from .config import PeerConfig
+from .metrics import PeerMetrics
+from .torrent import HANDSHAKE_TIMEOUT, Torrent
+
+log = logging.getLogger("shoal.peer")
+
+# Bans are kept per IP, at most this many (oldest dropped first).
+MAX_BANS = 10_000
+# One peer may not hold more half-open incoming handshakes than the hard limit.
+RECEIVE_SIZE = 65536
+
+
+class Throttle:
+    """A shared byte-rate limit; ``rate`` 0 means unlimited."""
+
+    def __init__(self, rate: int) -> None:
+        self.set_rate(rate)
+
+    def set_rate(self, rate: int) -> None:
+        self.rate = rate
+        # A burst of a quarter second, but never less than two blocks, so a
+        # 16 KiB request can always eventually be paid for.
+        self.bucket = TokenBucket(rate, max(rate / 4, 2 * 16384), trio.current_time()) if rate else None
+
+    async def take(self, nbytes: int) -> None:
+        while self.bucket is not None:
+            now = trio.current_time()
+            if self.bucket.take(now, nbytes):
+                return
+            await trio.sleep((nbytes - self.bucket.tokens) / self.rate)
+
+
+def make_peer_id(prefix: str) -> bytes:
+    return prefix.encode() + os.urandom(6).hex().encode()
+
+
+class Session:
+    def __init__(self, config: PeerConfig, metrics_registry, download_dir: Path, resume_dir: Path) -> None:
+        self.config = config
+        self.peer_id = make_peer_id(config.peer.peer_id_prefix)
+        self.download_dir = download_dir
+        self.resume_dir = resume_dir
+        self.torrents: dict[bytes, Torrent] = {}
+        self.bans: dict[str, str] = {}
+        self.listen_addr: ListenAddr | None = None
+        self.upload_throttle = Throttle(config.limits.upload_rate)
+        self.download_throttle = Throttle(config.limits.download_rate)
+        self.metrics = PeerMetrics(metrics_registry, self.gauges)
+        try:
+            self.version = version("shoal")
+        except PackageNotFoundError:
+            self.version = "0"
+        self._nursery: trio.Nursery | None = None
+        self._incoming = 0
+
+    # -- running -----------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            listen = self.config.peer.listen
+            if listen is not None:
+                self.listen_addr = await nursery.start(self._serve, listen)
+            task_status.started(self.listen_addr)
+
+    async def _serve(self, listen: ListenAddr, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+        sockname = listeners[0].socket.getsockname()
+        task_status.started(ListenAddr(sockname[0], sockname[1]))
+        await trio.serve_listeners(self._accept, listeners)
+
+    async def add(self, meta: Metainfo, save_dir: Path | None = None) -> Torrent:
+        if meta.info_hash in self.torrents:
+            return self.torrents[meta.info_hash]
+        if len(self.torrents) >= self.config.peer.max_torrents:
+            raise ValueError(f"already {len(self.torrents)} torrents (peer.max_torrents)")
+        torrent = Torrent(self, meta, save_dir or self.download_dir)
+        self.torrents[meta.info_hash] = torrent
+        try:
+            await self._nursery.start(self._run_torrent, torrent)
+        except BaseException:
+            self.torrents.pop(meta.info_hash, None)
+            raise
+        return torrent
+
+    async def _run_torrent(self, torrent: Torrent, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await torrent.run(task_status=task_status)
+        finally:
+            self.torrents.pop(torrent.info_hash, None)
+
+    def remove(self, info_hash: bytes) -> bool:
+        torrent = self.torrents.get(info_hash)
+        if torrent is None:
+            return False
+        torrent.stop()
+        return True
+
+    def gauges(self) -> dict[str, int]:
+        links = [link for t in self.torrents.values() for link in t.links]
+        return {
+            "torrents": len(self.torrents),
+            "peers": len(links),
+            "peers_unchoked": sum(not link.am_choking for link in links),
+            "peers_interested": sum(link.peer_interested for link in links),
+            "peers_unchoking_us": sum(not link.peer_choking for link in links),
+        }
+
+    # -- bans --------------------------------------------------------------------
+
+    def ban(self, ip: str, reason: str) -> None:
+        self.metrics.bans.labels(reason).inc()
+        if len(self.bans) >= MAX_BANS:
+            del self.bans[next(iter(self.bans))]
+        self.bans[ip] = reason
+
+    def ban_address(self, addr: tuple[str, int], reason: str) -> None:
+        """Forget an address without banning its IP (e.g. ourselves)."""
+        self.metrics.bans.labels(reason).inc()
+        for t in self.torrents.values():
+            t.known.pop(addr, None)
+
+    def is_banned(self, ip: str) -> bool:
+        return ip in self.bans
+
+    # -- connections ---------------------------------------------------------------
+
+    @property
+    def local_host(self) -> str | None:
+        """The address we listen on, used as the source of outgoing traffic."""
+        if self.listen_addr is None or self.listen_addr.host in ("0.0.0.0", "::"):
+            return None
+        return self.listen_addr.host
+
+    async def connect(self, addr: tuple[str, int]) -> trio.SocketStream:
+        local = self.local_host
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if local and (":" in local) == (family == socket.AF_INET6):
+                await sock.bind((local, 0))
+            await sock.connect(addr)
+        except BaseException:
+            sock.close()
+            raise
+        stream = trio.SocketStream(sock)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        return stream
+
+    def _new_conn(self, num_pieces: int | None) -> pw.PeerConnection:
+        return pw.PeerConnection(num_pieces=num_pieces)
+
+    async def handshake_out(self, stream: trio.SocketStream, info_hash: bytes) -> pw.PeerConnection:
+        torrent = self.torrents[info_hash]
+        conn = self._new_conn(torrent.meta.num_pieces)
+        await stream.send_all(conn.send(pw.Handshake(info_hash, self.peer_id)))
+        hs = await _receive_handshake(stream, conn)
+        if hs.info_hash != info_hash:
+            raise RemoteProtocolError("peer answered for another torrent", "wrong_info_hash")
+        return conn
+
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        addr = stream.socket.getpeername()[:2]
+        if self.is_banned(addr[0]):
+            await trio.aclose_forcefully(stream)
+            return
+        hard = self.config.peer.max_connections_hard
+        if self._incoming >= hard * max(1, len(self.torrents)):
+            await trio.aclose_forcefully(stream)
+            return
+        self._incoming += 1
+        try:
+            conn = self._new_conn(None)
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    hs = await _receive_handshake(stream, conn)
+                    torrent = self.torrents.get(hs.info_hash)
+                    if torrent is None:
+                        raise RemoteProtocolError("no such torrent here", "wrong_info_hash")
+                    conn.set_num_pieces(torrent.meta.num_pieces)
+                    await stream.send_all(conn.send(pw.Handshake(hs.info_hash, self.peer_id)))
+            except (RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+                reason = getattr(exc, "reason", "handshake")
+                log.debug("incoming %s:%d: %s", *addr, exc)
+                if isinstance(exc, RemoteProtocolError):
+                    self.metrics.protocol_errors.labels(reason).inc()
+                await trio.aclose_forcefully(stream)
+                return
+            # The incoming connection's source port is ephemeral; remember
+            # nothing about it for dialling.
+            await torrent.attach(stream, conn, addr, outgoing=False)
+        finally:
+            self._incoming -= 1
+
+
+async def _receive_handshake(stream: trio.SocketStream, conn: pw.PeerConnection) -> pw.Handshake:
+    while True:
+        event = conn.next_event()
+        if event is pw.NEED_DATA:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, pw.Handshake):
+            return event
+        raise RemoteProtocolError("connection closed during the handshake", "bad_handshake")
+
+
+__all__ = ["Session", "Throttle", "make_peer_id", "partial"]

@@ -1,0 +1,396 @@
+"""One torrent's live state and the loops that drive it.
+
+A :class:`Torrent` owns the picker, the choker, the storage and the links to
+its peers. Its tasks:
+
+* **announcer**: tells the trackers we are here (started, then every
+  interval, completed once, stopped on the way out) and re-announces early,
+  respecting the tracker's min interval, when fewer than ``reannounce_below``
+  peers are connected (the seeds' rule);
+* **connector**: dials known addresses up to the soft connection limit;
+* **choker loop**: applies the choker's decisions every second (the choker
+  itself recomputes every 10 s and rotates the optimistic unchoke every 30 s);
+* **timeouts**: requests unanswered for ``request_timeout`` go to other peers.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from shoal.protocol import peer_wire as pw
+from shoal.protocol.errors import RemoteProtocolError
+from shoal.protocol.metainfo import Metainfo
+from shoal.protocol.tracker import Announce, Event, Failure
+
+from ..tracker.client import TrackerError, open_tracker
+from .choker import Choker
+from .link import Banned, PeerLink
+from .picker import PiecePicker
+from .storage import Storage
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger("shoal.peer")
+
+# Addresses we remember per torrent (from trackers, PEX, incoming peers).
+MAX_KNOWN = 2000
+CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
+# A failed address is retried no sooner than this.
+RETRY_AFTER = 30.0
+
+
+class Torrent:
+    def __init__(self, session: Session, meta: Metainfo, save_dir: Path) -> None:
+        self.session = session
+        self.meta = meta
+        self.info_hash = meta.info_hash
+        self.save_dir = save_dir
+        cfg = session.config
+        self.metrics = session.metrics
+        rng = random.Random()
+        self.storage = Storage(meta, save_dir, state_dir=session.resume_dir)
+        self.picker = PiecePicker(meta.num_pieces, meta.piece_length, meta.total_length,
+                                  random_first=cfg.picker.random_first, mode=cfg.picker.mode, rng=rng)
+        c = cfg.choker
+        self.choker = Choker(slots=c.slots, interval=c.interval, optimistic_interval=c.optimistic_interval,
+                             snub_after=c.snub_after, seeding_policy=c.seeding_policy, rng=rng)
+        self.links: set[PeerLink] = set()
+        self.writing: dict[int, int] = {}  # piece -> block writes in progress
+        self.known: dict[tuple[str, int], float] = {}  # address -> earliest next dial time
+        self.connecting: set[tuple[str, int]] = set()
+        self.trackers = [url for tier in meta.announce_list for url in tier]
+        self.uploaded = 0
+        self.downloaded = 0
+        self.state = "checking"
+        self.completed = trio.Event()
+        self.wake_connector = trio.Event()
+        self._reannounce = trio.Event()
+        self._rounds_seen = 0
+        self._cancel = trio.CancelScope()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with self._cancel:
+            await trio.to_thread.run_sync(self.storage.load_resume)
+            for i in range(self.meta.num_pieces):
+                if self.storage.is_verified(i):
+                    self.picker.we_have(i)
+            self._update_state()
+            task_status.started()
+            try:
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(self._announcer)
+                    nursery.start_soon(self._connector)
+                    nursery.start_soon(self._choke_loop)
+                    nursery.start_soon(self._timeouts)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.storage.close)
+
+    def stop(self) -> None:
+        self._cancel.cancel()
+
+    def _update_state(self) -> None:
+        if self.picker.complete:
+            if self.state != "seeding":
+                self.state = "seeding"
+                self.choker.set_seeding(True)
+                self.completed.set()
+        else:
+            self.state = "downloading"
+
+    def status(self) -> dict:
+        now = trio.current_time()
+        down = sum(self.choker.download_rate(link, now) for link in self.links)
+        up = sum(self.choker.upload_rate(link, now) for link in self.links)
+        left = self.left()
+        return {
+            "info_hash": self.info_hash.hex(), "name": self.meta.name, "state": self.state,
+            "size": self.meta.total_length, "pieces": self.meta.num_pieces, "have": self.storage.num_verified,
+            "peers": len(self.links), "uploaded": self.uploaded, "downloaded": self.downloaded,
+            "down_rate": down, "up_rate": up, "left": left, "path": str(self.save_dir),
+            "eta": left / down if down > 0 else None,
+        }
+
+    def left(self) -> int:
+        """Bytes still to download (exact: the last piece may be short)."""
+        have = sum(self.meta.piece_size(i) for i in range(self.meta.num_pieces) if self.storage.is_verified(i))
+        return self.meta.total_length - have
+
+    # -- pieces ------------------------------------------------------------------
+
+    async def store_block(self, link: PeerLink, index: int, begin: int, block: bytes) -> None:
+        # The picker counts a block as received before its write finishes, so
+        # the piece is verified by whichever write finishes last, never while
+        # another of its blocks is still on its way to disk.
+        self.writing[index] = self.writing.get(index, 0) + 1
+        try:
+            await trio.to_thread.run_sync(self.storage.write_block, index, begin, block)
+        finally:
+            self.writing[index] -= 1
+            last = self.writing[index] == 0
+            if last:
+                del self.writing[index]
+        if not last or not self.picker.all_blocks_received(index) or self.picker.have(index):
+            return
+        ok = await trio.to_thread.run_sync(self.storage.verify_piece, index)
+        if not ok:
+            self.metrics.failed.inc()
+            culprits = self.picker.piece_failed(index)
+            log.warning("piece %d failed its hash check (from %d peers)", index, len(culprits))
+            if len(culprits) == 1:
+                (culprit,) = culprits
+                if culprit is link:
+                    raise Banned("bad_hash", f"{link} sent piece {index} with a wrong hash")
+                self.session.ban(culprit.addr[0], "bad_hash")
+                culprit.abort()
+            return
+        self.metrics.verified.inc()
+        for peer, block in self.picker.we_have(index):
+            peer.cancel(block.index, block.begin, block.length)
+        for other in list(self.links):
+            other.send_nowait(pw.Have(index))
+        if self.picker.complete:
+            self._update_state()
+            await trio.to_thread.run_sync(self.storage.save_resume)
+            log.info("%s: complete", self.meta.name)
+            self._reannounce.set()
+            for other in list(self.links):
+                if other.am_interested:
+                    other.am_interested = False
+                    other.send_nowait(pw.NotInterested())
+
+    async def wake_requesters(self) -> None:
+        for link in list(self.links):
+            link.fill_requests()
+
+    async def on_extended(self, link: PeerLink, ev: pw.Extended) -> None:
+        if ev.ext_id == 0:
+            link.ext = pw.decode_ext_handshake(ev.payload)
+        elif ev.ext_id == EXT_IDS["ut_pex"]:
+            pex = pw.decode_pex(ev.payload)
+            self.add_addresses(list(pex.added) + list(pex.added6))
+        elif ev.ext_id == EXT_IDS["ut_metadata"]:
+            msg = pw.decode_metadata(ev.payload)
+            their_id = link.ext.m.get("ut_metadata") if link.ext else None
+            if isinstance(msg, pw.MetadataRequest) and their_id:
+                raw = self.meta.raw_info
+                start = msg.piece * pw.METADATA_PIECE
+                if start < len(raw):
+                    reply = pw.MetadataData(msg.piece, len(raw), raw[start:start + pw.METADATA_PIECE])
+                else:
+                    reply = pw.MetadataReject(msg.piece)
+                link.send_nowait(pw.Extended(their_id, pw.encode_metadata(reply)))
+
+    # -- peers -------------------------------------------------------------------
+
+    def add_addresses(self, addrs: Iterable[tuple[str, int]]) -> None:
+        me = self.session.listen_addr
+        added = False
+        for addr in addrs:
+            addr = (addr[0], int(addr[1]))
+            if addr in self.known or (me is not None and addr == (me.host, me.port)):
+                continue
+            if len(self.known) >= MAX_KNOWN:
+                break
+            self.known[addr] = 0.0
+            added = True
+        if added:
+            self.wake_connector.set()
+
+    async def attach(self, stream: trio.SocketStream, conn: pw.PeerConnection, addr: tuple[str, int],
+                     outgoing: bool) -> None:
+        """Run a link whose handshake is done, until it ends."""
+        peer_id = conn.their_handshake.peer_id
+        if peer_id == self.session.peer_id:
+            self.session.ban_address(addr, "self_connection")
+            return
+        if any(link.peer_id == peer_id for link in self.links):
+            return  # already connected to this peer (both dialled at once)
+        if len(self.links) >= self.session.config.peer.max_connections_hard:
+            return
+        link = PeerLink(self, stream, conn, addr, peer_id, outgoing)
+        now = trio.current_time()
+        self.links.add(link)
+        self.choker.add_peer(link, now)
+        try:
+            await self._greet(link)
+            await link.run()
+        except* Banned as group:
+            exc = group.exceptions[0]
+            log.info("banning %s: %s", link, exc)
+            self.session.ban(addr[0], exc.reason)
+        except* RemoteProtocolError as group:
+            exc = group.exceptions[0]
+            log.info("%s broke the protocol (%s): %s", link, exc.reason, exc)
+            self.metrics.protocol_errors.labels(exc.reason).inc()
+            self.session.ban(addr[0], "protocol")
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
+            log.debug("%s: connection lost: %s", link, group.exceptions[0])
+        finally:
+            link.closed = True
+            self.links.discard(link)
+            self.choker.remove_peer(link)
+            self.picker.peer_gone(link)
+            if outgoing and addr in self.known:
+                self.known[addr] = trio.current_time() + RETRY_AFTER
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            if len(self.links) < self.session.config.peer.reannounce_below:
+                self._reannounce.set()
+            await self.wake_requesters()
+
+    async def _greet(self, link: PeerLink) -> None:
+        conn = link.conn
+        if conn.extensions:
+            hs = pw.ExtHandshake(m=dict(EXT_IDS), metadata_size=len(self.meta.raw_info),
+                                 v=f"shoal {self.session.version}", reqq=500,
+                                 p=self.session.listen_addr.port if self.session.listen_addr else None,
+                                 yourip=None)
+            await link.send(pw.Extended(0, pw.encode_ext_handshake(hs)))
+        n = self.storage.num_verified
+        if conn.fast and n == self.meta.num_pieces:
+            await link.send(pw.HaveAll())
+        elif conn.fast and n == 0:
+            await link.send(pw.HaveNone())
+        elif n:
+            await link.send(pw.Bitfield(self.storage.bitfield()))
+
+    async def _connector(self) -> None:
+        limit = self.session.config.peer.max_connections_soft
+        while True:
+            now = trio.current_time()
+            busy = {link.addr for link in self.links} | self.connecting
+            for addr, not_before in list(self.known.items()):
+                if len(self.links) + len(self.connecting) >= limit:
+                    break
+                if addr in busy or not_before > now or self.session.is_banned(addr[0]):
+                    continue
+                self.connecting.add(addr)
+                self.nursery.start_soon(self._dial, addr)
+            self.wake_connector = trio.Event()
+            with trio.move_on_after(5.0):
+                await self.wake_connector.wait()
+
+    async def _dial(self, addr: tuple[str, int]) -> None:
+        try:
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    stream = await self.session.connect(addr)
+            except (OSError, trio.TooSlowError) as exc:
+                log.debug("dial %s:%d failed: %s", *addr, exc)
+                self.known[addr] = trio.current_time() + RETRY_AFTER
+                return
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    conn = await self.session.handshake_out(stream, self.info_hash)
+            except (RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+                log.debug("handshake with %s:%d failed: %s", *addr, exc)
+                self.known[addr] = trio.current_time() + RETRY_AFTER
+                await trio.aclose_forcefully(stream)
+                return
+        finally:
+            self.connecting.discard(addr)
+        await self.attach(stream, conn, addr, outgoing=True)
+
+    async def _choke_loop(self) -> None:
+        while True:
+            decision = self.choker.tick(trio.current_time())
+            for link in list(self.links):
+                link.set_choking(link not in decision.unchoke)
+            if self.choker.rounds > self._rounds_seen:
+                self.metrics.choke_rounds.inc(self.choker.rounds - self._rounds_seen)
+                self._rounds_seen = self.choker.rounds
+            await trio.sleep(1.0)
+
+    async def _timeouts(self) -> None:
+        """Once a second: re-issue requests that timed out, and top up every link.
+
+        Requests are normally topped up as blocks arrive; the sweep covers a
+        link that went quiet with blocks handed back to the picker (a queue
+        that was full, a peer that left) and nothing arriving to trigger it.
+        """
+        timeout = self.session.config.picker.request_timeout
+        while True:
+            await trio.sleep(1.0)
+            for peer, block in self.picker.expired(trio.current_time(), timeout):
+                peer.cancel(block.index, block.begin, block.length)
+            await self.wake_requesters()
+
+    # -- trackers ----------------------------------------------------------------
+
+    def _announce_for(self, event: Event) -> Announce:
+        me = self.session.listen_addr
+        left = self.left()
+        return Announce(info_hash=self.info_hash, peer_id=self.session.peer_id,
+                        port=me.port if me else 0, uploaded=self.uploaded, downloaded=self.downloaded,
+                        left=left, event=event, numwant=self.session.config.peer.numwant)
+
+    async def _announce_all(self, event: Event) -> tuple[float, float]:
+        """Announce to every tracker; return the (interval, min interval) to wait."""
+        interval, min_interval = 1800.0, 60.0
+        for url in self.trackers:
+            try:
+                tracker = open_tracker(url, local_address=self.session.local_host, timeout=5.0)
+            except ValueError:
+                continue
+            try:
+                with trio.move_on_after(30):
+                    reply = await tracker.announce(self._announce_for(event))
+                    if isinstance(reply, Failure):
+                        log.warning("tracker %s refused us: %s", url, reply.reason)
+                        self.metrics.announces.labels("refused").inc()
+                        continue
+                    # HTTP replies carry a min interval; BEP 15 replies do not.
+                    interval = float(reply.interval)
+                    min_interval = float(getattr(reply, "min_interval", None) or min(interval, 60.0))
+                    self.add_addresses((p.ip, p.port) for p in reply.peers)
+                    self.metrics.announces.labels("ok").inc()
+            except (TrackerError, OSError) as exc:
+                log.info("tracker %s: %s", url, exc)
+                self.metrics.announces.labels("error").inc()
+            finally:
+                tracker.close()
+        return interval, min_interval
+
+    async def _announcer(self) -> None:
+        """Announce at the tracker's interval; sooner when short of peers or just completed.
+
+        The seeds: "If nodes in the peers set become less than 20, Alice
+        contacts the tracker again" -- but never more often than the
+        tracker's min interval. A completed event goes out at once.
+        """
+        below = self.session.config.peer.reannounce_below
+        try:
+            interval, min_interval = await self._announce_all(Event.STARTED)
+            last = trio.current_time()
+            announced_complete = self.picker.complete
+            while True:
+                self._reannounce = trio.Event()
+                wait = interval if len(self.links) >= below else min_interval
+                with trio.move_on_after(max(0.0, last + wait - trio.current_time())):
+                    await self._reannounce.wait()
+                completing = self.picker.complete and not announced_complete
+                if not completing and trio.current_time() < last + min_interval:
+                    continue  # woken early by a lost peer: the next wait honours min_interval
+                event = Event.COMPLETED if completing else Event.NONE
+                announced_complete = announced_complete or completing
+                interval, min_interval = await self._announce_all(event)
+                last = trio.current_time()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self._announce_all(Event.STOPPED)
+
+
+# Our BEP 10 extension ids (what peers must use when they send to us).
+EXT_IDS = {"ut_metadata": 1, "ut_pex": 2}
