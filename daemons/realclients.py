@@ -217,6 +217,12 @@ class Aria2Client:
     def poll(self) -> int | None:
         return self.proc.poll()
 
+    async def wait(self) -> int:
+        """Wait for aria2c to exit, from trio; cancellable (the thread is abandoned)."""
+        import trio
+
+        return await trio.to_thread.run_sync(self.proc.wait, abandon_on_cancel=True)
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

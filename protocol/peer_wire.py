@@ -879,8 +879,10 @@ class PeerConnection:
             self._fail(f"piece index {index} >= {n} pieces", "bad_index")
 
     def _have_state(self) -> None:
-        if self._their_have_state:
-            self._fail("bitfield/have_all/have_none after the peer's piece state", "unexpected")
+        # BEP 3 puts the Bitfield first, and BEP 6's HaveAll/HaveNone take its
+        # place, but aria2 sends HaveNone and later a second piece-state
+        # message. A later one is accepted and *replaces* the peer's state;
+        # the caller treats it that way.
         self._their_have_state = True
 
     def _check_bitfield(self, size: int, last: int) -> None:

@@ -171,6 +171,8 @@ class PeerLink:
         elif kind is pw.HaveAll:
             t.picker.peer_have_all(self)
             await self._set_interested(not t.picker.complete)
+        elif kind is pw.HaveNone:  # a later one replaces what the peer had (aria2 sends it twice)
+            t.picker.peer_bitfield(self, ())
         elif kind is pw.Cancel:
             for r in list(self.requests):
                 if (r.index, r.begin, r.length) == (ev.index, ev.begin, ev.length):
@@ -181,7 +183,7 @@ class PeerLink:
             await t.wake_requesters()
         elif kind is pw.Extended:
             await t.on_extended(self, ev)
-        # KeepAlive, HaveNone, Port, SuggestPiece, AllowedFast: nothing to do.
+        # KeepAlive, Port, SuggestPiece, AllowedFast: nothing to do.
 
     async def _set_interested(self, interested: bool) -> None:
         if interested != self.am_interested:

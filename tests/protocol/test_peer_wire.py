@@ -170,7 +170,7 @@ def test_golden_messages(event, raw):
 
 
 def test_all_golden_messages_in_one_stream_and_byte_at_a_time():
-    # The piece state comes once and before any Have: the Bitfield leads.
+    # The piece state normally comes first: the Bitfield leads.
     msgs = [(e, r) for e, r in GOLDEN if type(e) is Bitfield]
     msgs += [(e, r) for e, r in GOLDEN if type(e) not in (Bitfield, HaveAll, HaveNone)]
     stream = b"".join(r for _, r in msgs)
@@ -498,9 +498,16 @@ def test_bad_index(event):
         (Have(1), HaveNone()),
     ],
 )
-def test_piece_state_comes_once_and_first(first, second):
+def test_a_later_piece_state_is_accepted_as_a_replacement(first, second):
+    # aria2 sends HaveNone and later a second piece-state message; refusing it
+    # cut aria2 off from shoal seeders. The later message replaces the state.
     raw = encode_message(first) + encode_message(second)
-    assert reason_of(decode_stream, raw, num_pieces=8) == "unexpected"
+    assert decode_stream(raw, num_pieces=8)[:2] == [first, second]
+
+
+def test_a_later_bitfield_is_still_checked():
+    raw = encode_message(HaveNone()) + encode_message(Bitfield(b"\xff\x80"))
+    assert reason_of(decode_stream, raw, num_pieces=8) == "bad_bitfield"
 
 
 def test_have_after_bitfield_is_fine():

@@ -35,7 +35,7 @@ async def wait_lt(client: LibtorrentClient, condition, timeout=30.0):
 
 async def wait_aria2(client: Aria2Client, timeout=60.0) -> int:
     with trio.fail_after(timeout):
-        return await trio.to_thread.run_sync(client.proc.wait)
+        return await client.wait()
 
 
 async def test_libtorrent_over_http_and_udp_and_scrape_shows_them(config, tmp_path):

@@ -1,0 +1,31 @@
+"""Shoal peers on loopback: a seeder and eight leechers through a shoal tracker."""
+
+import trio
+
+from shoal.daemons.realclients import make_shared_file
+from shoal.protocol.metainfo import parse_metainfo
+
+from .conftest import sha1
+
+
+async def test_one_seeder_and_eight_leechers_end_with_identical_files(lab, tmp_path):
+    with trio.fail_after(90):
+        tracker = await lab.tracker()
+        shared = make_shared_file(tmp_path / "seed", "data.bin", 6 << 20, f"http://{tracker['http']}/announce",
+                                  piece_length=128 * 1024)
+        meta = parse_metainfo(shared.torrent.read_bytes())
+        seeder = await lab.peer()
+        seed = await seeder.add(meta, shared.path.parent)
+        assert seed.state == "seeding"
+        leechers = [await (await lab.peer()).add(meta) for _ in range(8)]
+        for t in leechers:
+            await t.completed.wait()
+        want = sha1(shared.path)
+        for t in leechers:
+            assert sha1(t.save_dir / "data.bin") == want
+        # Leechers traded with each other, not only with the seed.
+        assert sum(t.uploaded for t in leechers) > 0
+        assert all(t.status()["left"] == 0 for t in leechers)
+        verified = sum(s.metrics.verified._value.get() for s in lab.sessions[1:])
+        assert verified == 8 * meta.num_pieces
+        assert sum(s.metrics.failed._value.get() for s in lab.sessions) == 0
