@@ -46,6 +46,7 @@ DAEMONS: dict[str, DaemonSpec] = {
         "shoal.daemons.tracker.daemon:make_app",
         "shoal.daemons.tracker.daemon:check_config",
     ),
+    "peer": DaemonSpec("shoal.daemons.peer.config:PeerConfig", "shoal.daemons.peer.daemon:make_app"),
 }
 
 
@@ -134,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
         run = dsub.add_parser("run", help=f"run the {name} in the foreground (as systemd does)")
         run.add_argument("--config", required=True, help="TOML config file")
         run.set_defaults(func=cmd_run, daemon=name)
+        if name == "peer":
+            from .peer.cli import add_commands
+
+            add_commands(dsub, sub)
 
     c = sub.add_parser("config", help="config files")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")

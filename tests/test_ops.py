@@ -24,6 +24,8 @@ from shoal.daemons.cli import DAEMONS as CLI_DAEMONS
 from shoal.daemons.cli import build_parser
 from shoal.daemons.runtime import systemd
 from shoal.daemons.runtime.config import load_config
+from shoal.daemons.peer.config import PeerConfig
+from shoal.daemons.peer.metrics import PeerMetrics
 from shoal.daemons.runtime.metrics import runtime_metrics
 from shoal.daemons.tracker.config import TrackerConfig
 from shoal.daemons.tracker.metrics import TrackerMetrics
@@ -32,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SYSTEMD_DIR = ROOT / "systemd"
 CONFIGS = ROOT / "configs"
 PROMETHEUS = CONFIGS / "prometheus"
-DASHBOARD = CONFIGS / "grafana" / "tracker.json"
+GRAFANA = CONFIGS / "grafana"
 
 MAX_EXPOSURE = 2.0
 TOOL_PACKAGES = {"systemd-analyze": "systemd", "systemd-sysusers": "systemd", "promtool": "prometheus"}
@@ -211,20 +213,24 @@ def test_install_writes_units_and_keeps_edited_configs(tmp_path: Path, shoal_exe
     units, etc, sysusers = tmp_path / "system", tmp_path / "etc" / "shoal", tmp_path / "sysusers.d"
     written = systemd.install(units, shoal_exe=shoal_exe, config_dir=etc, sysusers_dir=sysusers)
     config = etc / "tracker.toml"
+    configs = {etc / d.config_file for d in systemd.DAEMONS.values()}
+    assert config in configs
     expected_units = systemd.render_units(shoal_exe, config_dir=str(etc))
-    assert set(written) == {units / n for n in expected_units} | {config, sysusers / "shoal.conf"}
+    assert set(written) == {units / n for n in expected_units} | configs | {sysusers / "shoal.conf"}
     for name, text in expected_units.items():
         assert (units / name).read_text() == text
         assert (units / name).stat().st_mode & 0o777 == 0o644
-    assert f"--config {etc}/tracker.toml" in (units / "shoal-tracker.service").read_text()
-    assert config.read_text() == (CONFIGS / "tracker.toml").read_text()
-    assert config.stat().st_mode & 0o777 == 0o644  # the daemon's unprivileged user reads it
+    for d in systemd.DAEMONS.values():
+        assert f"--config {etc}/{d.config_file}" in (units / d.unit).read_text()
+        assert (etc / d.config_file).read_text() == (CONFIGS / d.config_file).read_text()
+        # The daemon's unprivileged user reads it.
+        assert (etc / d.config_file).stat().st_mode & 0o777 == 0o644
     assert not list(tmp_path.rglob(".*.tmp"))
 
     config.write_text("# edited by the operator\n")
     again = systemd.install(units, shoal_exe=shoal_exe, config_dir=etc)
     assert config not in again and config.read_text() == "# edited by the operator\n"
-    assert set(again) == {units / n for n in expected_units}
+    assert set(again) == {units / n for n in expected_units}  # no config rewritten
 
     forced = systemd.install(units, shoal_exe=shoal_exe, config_dir=etc, overwrite_configs=True)
     assert config in forced and config.read_text() == (CONFIGS / "tracker.toml").read_text()
@@ -290,6 +296,23 @@ def test_tracker_config_is_the_tracker_schema() -> None:
     assert str(cfg.daemon.metrics_listen) == "127.0.0.1:9741"
 
 
+def test_peer_config_is_the_peer_schema() -> None:
+    cfg = load_config(CONFIGS / "peer.toml", PeerConfig)
+    assert cfg == PeerConfig()
+    assert str(cfg.peer.listen) == "127.0.0.1:6881"
+    assert str(cfg.daemon.metrics_listen) == f"127.0.0.1:{systemd.METRICS_PORTS['peer']}"
+    # Empty means "under the state directory", where the unit's sandbox lets it write.
+    assert cfg.peer.download_dir == cfg.peer.control_socket == cfg.daemon.state_directory == ""
+
+
+def test_peer_unit_allows_many_connections() -> None:
+    s = unit_settings(systemd.render_units(systemd.DEFAULT_EXE)["shoal-peer.service"])
+    peer = PeerConfig().peer
+    # Every connection of every torrent at the default limits, twice over for
+    # their open files, the listeners and the rest.
+    assert int(s["LimitNOFILE"][0]) >= 2 * peer.max_connections_hard * peer.max_torrents
+
+
 # -- Prometheus ------------------------------------------------------------------
 
 
@@ -320,6 +343,9 @@ def test_alerts_have_for_severity_and_annotations() -> None:
         "ShoalConfigReloadFailed",
         "ShoalTrackerHighRejectionRate",
         "ShoalTrackerSlowRequests",
+        "ShoalPeerHashFailures",
+        "ShoalPeerBansSpiking",
+        "ShoalPeerAnnouncesFailing",
     }
     for rule in rules:
         assert "for" in rule, rule["alert"]
@@ -349,8 +375,7 @@ def test_scrape_config_covers_the_daemons_on_their_ports() -> None:
 # -- metric names in alerts and dashboards ----------------------------------------
 
 
-def known_metrics() -> dict[str, set[str]]:
-    """Every series name the tracker exports -> its label names."""
+def _tracker_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     metrics = TrackerMetrics(registry, lambda: (0, 0, 0))
     rt = runtime_metrics(registry, "tracker")
@@ -359,8 +384,36 @@ def known_metrics() -> dict[str, set[str]]:
     metrics.saves.labels("ok")
     metrics.expired.inc(0)
     rt.rpc_errors.labels(reason="bad_frame")
-    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "info": ["_info"]}
+    return registry
+
+
+def _peer_registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    metrics = PeerMetrics(registry, lambda: {})
+    rt = runtime_metrics(registry, "peer")
+    metrics.protocol_errors.labels("bad_message")
+    metrics.announces.labels("ok")
+    metrics.request_latency.observe(0.01)
+    rt.rpc_errors.labels(reason="bad_frame")
+    return registry
+
+
+#: Daemon -> its metrics registry, as the daemon builds it (own + runtime metrics).
+REGISTRIES = {"tracker": _tracker_registry, "peer": _peer_registry}
+
+
+def known_metrics(daemon: str | None = None) -> dict[str, set[str]]:
+    """Every series name ``daemon`` (default: any daemon) exports -> its label names."""
     names: dict[str, set[str]] = {"up": set()}
+    for name, make in REGISTRIES.items():
+        if daemon in (None, name):
+            names.update(_series_names(make()))
+    return names
+
+
+def _series_names(registry: CollectorRegistry) -> dict[str, set[str]]:
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "info": ["_info"]}
+    names: dict[str, set[str]] = {}
     for family in registry.collect():
         labels: set[str] = set()
         for sample in family.samples:
@@ -408,6 +461,17 @@ def test_metric_check_catches_typos() -> None:
     assert check_expr("rate(shoal_tracker_announce_total[5m])", known)
     assert check_expr("sum by (reasons) (rate(shoal_tracker_rejected_total[5m]))", known)
     assert check_expr('{__name__=~"shoal_[a-z]+_reloads_total"}', known)
+    assert check_expr('rate(shoal_peer_bytes_total{direction="up"}[5m])', known) == []
+    assert check_expr("shoal_peer_peers_choking_us", known)
+    assert check_expr('rate(shoal_peer_pieces_total{reason="failed"}[5m])', known)
+    # Each daemon's dashboard is checked against its own metrics only.
+    assert check_expr("shoal_tracker_swarms", known_metrics("peer"))
+
+
+def test_every_daemon_has_its_metrics_registry() -> None:
+    assert set(REGISTRIES) == set(systemd.DAEMONS)
+    for name in systemd.DAEMONS:
+        assert f"shoal_{name}_build_info" in known_metrics(name)
 
 
 def test_alert_exprs_use_existing_metrics() -> None:
@@ -416,8 +480,8 @@ def test_alert_exprs_use_existing_metrics() -> None:
     assert not any(problems.values()), problems
 
 
-def dashboard() -> dict:
-    return json.loads(DASHBOARD.read_text())
+def dashboard(name: str) -> dict:
+    return json.loads((GRAFANA / f"{name}.json").read_text())
 
 
 def dashboard_exprs(dash: dict) -> list[str]:
@@ -432,16 +496,18 @@ def grafana_to_promql(expr: str) -> str:
     return expr.replace("$__rate_interval", "1m").replace("$__range", "1h").replace("$instance", ".*")
 
 
-def test_dashboard_exprs_use_existing_metrics() -> None:
-    known = known_metrics()
-    problems = {e: check_expr(grafana_to_promql(e), known) for e in dashboard_exprs(dashboard())}
+@pytest.mark.parametrize("name", sorted(systemd.DAEMONS))
+def test_dashboard_exprs_use_existing_metrics(name: str) -> None:
+    known = known_metrics(name)
+    problems = {e: check_expr(grafana_to_promql(e), known) for e in dashboard_exprs(dashboard(name))}
     assert not any(problems.values()), {e: p for e, p in problems.items() if p}
 
 
-def test_dashboard_exprs_are_valid_promql(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", sorted(systemd.DAEMONS))
+def test_dashboard_exprs_are_valid_promql(tmp_path: Path, name: str) -> None:
     rules = [
         {"record": f"shoal:dashboard_check_{i}", "expr": grafana_to_promql(e)}
-        for i, e in enumerate(dashboard_exprs(dashboard()))
+        for i, e in enumerate(dashboard_exprs(dashboard(name)))
     ]
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
@@ -449,9 +515,41 @@ def test_dashboard_exprs_are_valid_promql(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_dashboard_structure() -> None:
-    dash = dashboard()
-    assert dash["uid"] == "shoal-tracker" and 36 <= dash["schemaVersion"] <= 41
+#: Metrics each daemon's dashboard must show.
+DASHBOARD_METRICS = {
+    "tracker": (
+        "shoal_tracker_announces_total",
+        "shoal_tracker_scrapes_total",
+        "shoal_tracker_rejected_total",
+        "shoal_tracker_request_duration_seconds_bucket",
+        "shoal_tracker_swarms",
+        "shoal_tracker_seeders",
+        "shoal_tracker_leechers",
+        "shoal_tracker_peers_expired_total",
+        "shoal_tracker_config_reloads_total",
+    ),
+    "peer": (
+        "shoal_peer_bytes_total",
+        "shoal_peer_pieces_total",
+        "shoal_peer_choke_rounds_total",
+        "shoal_peer_bans_total",
+        "shoal_peer_protocol_errors_total",
+        "shoal_peer_request_duration_seconds_bucket",
+        "shoal_peer_announces_total",
+        "shoal_peer_torrents",
+        "shoal_peer_peers",
+        "shoal_peer_peers_unchoked",
+        "shoal_peer_peers_interested",
+        "shoal_peer_peers_unchoking_us",
+        "shoal_peer_config_reloads_total",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(systemd.DAEMONS))
+def test_dashboard_structure(name: str) -> None:
+    dash = dashboard(name)
+    assert dash["uid"] == f"shoal-{name}" and 36 <= dash["schemaVersion"] <= 41
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     ids = [p["id"] for p in dash["panels"]]
@@ -469,17 +567,7 @@ def test_dashboard_structure() -> None:
             assert panel["targets"], panel["title"]
             for target in panel["targets"]:
                 assert target["datasource"]["uid"] == "${datasource}"
-                assert 'job="shoal-tracker"' in target["expr"] and "$instance" in target["expr"]
+                assert f'job="shoal-{name}"' in target["expr"] and "$instance" in target["expr"]
     text = " ".join(dashboard_exprs(dash))
-    for metric in (
-        "shoal_tracker_announces_total",
-        "shoal_tracker_scrapes_total",
-        "shoal_tracker_rejected_total",
-        "shoal_tracker_request_duration_seconds_bucket",
-        "shoal_tracker_swarms",
-        "shoal_tracker_seeders",
-        "shoal_tracker_leechers",
-        "shoal_tracker_peers_expired_total",
-        "shoal_tracker_config_reloads_total",
-    ):
-        assert metric in text, f"no panel shows {metric}"
+    for metric in DASHBOARD_METRICS[name]:
+        assert re.search(rf"\b{metric}\b", text), f"no panel shows {metric}"

@@ -33,6 +33,10 @@ class PeerSection:
             raise ValueError("max_connections_soft: must not exceed max_connections_hard")
         if len(self.peer_id_prefix.encode()) != 8:
             raise ValueError("peer_id_prefix: must be 8 bytes, like -SH0100-")
+        for key in ("download_dir", "control_socket"):
+            value = getattr(self, key)
+            if value and not value.startswith("/"):
+                raise ValueError(f"{key}: must be an absolute path (or empty for the default)")
 
 
 @dataclass(frozen=True, slots=True)

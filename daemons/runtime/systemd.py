@@ -87,6 +87,13 @@ DAEMONS: dict[str, DaemonUnit] = {
                 ("LimitNOFILE", "65536", "one descriptor per open HTTP announce connection"),
             ),
         ),
+        DaemonUnit(
+            "peer",
+            "Shoal BitTorrent peer (downloads and seeds torrents)",
+            service=(
+                ("LimitNOFILE", "65536", "one descriptor per peer connection and per open torrent file"),
+            ),
+        ),
     )
 }
 

@@ -1,0 +1,223 @@
+"""``shoal peer add|status|remove|create`` and ``shoal get``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_SOCKET = "/var/lib/shoal-peer/control.sock"
+
+
+def add_commands(peer: argparse._SubParsersAction, top: argparse._SubParsersAction) -> None:
+    def with_socket(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--socket", default=os.environ.get("SHOAL_PEER_SOCKET", DEFAULT_SOCKET),
+                       help=f"the daemon's control socket (default $SHOAL_PEER_SOCKET or {DEFAULT_SOCKET})")
+        return p
+
+    a = with_socket(peer.add_parser("add", help="add a .torrent to the running peer daemon"))
+    a.add_argument("torrent", help="a .torrent file (magnet links: not yet)")
+    a.add_argument("--dest", help="download directory (default: the daemon's download_dir)")
+    a.set_defaults(func=cmd_add)
+
+    s = with_socket(peer.add_parser("status", help="progress, rates, peers and ETA of every torrent"))
+    s.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    s.set_defaults(func=cmd_status)
+
+    r = with_socket(peer.add_parser("remove", help="stop a torrent (files stay on disk)"))
+    r.add_argument("which", help="info-hash (hex) or name")
+    r.set_defaults(func=cmd_remove)
+
+    c = peer.add_parser("create", help="make a .torrent from a file or directory")
+    c.add_argument("path")
+    c.add_argument("--tracker", action="append", required=True, help="announce URL (repeat for tiers)")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--piece-length", type=int, default=0, help="bytes, a power of two (default: by size)")
+    c.add_argument("--web-seed", action="append", default=[], help="BEP 19 URL")
+    c.add_argument("--private", action="store_true")
+    c.set_defaults(func=cmd_create)
+
+    g = top.add_parser("get", help="download a torrent, seed it for a while, and exit")
+    g.add_argument("torrent")
+    g.add_argument("--dest", default=".", help="where to put the files (default: here)")
+    g.add_argument("--seed-time", type=float, default=0.0, help="seconds to seed after completing")
+    g.add_argument("--listen", default="127.0.0.1:0", help="host:port for incoming peers (default 127.0.0.1:0)")
+    g.add_argument("--upload-rate", type=int, default=0, help="bytes/s, 0 = unlimited")
+    g.set_defaults(func=cmd_get)
+
+
+def _fail(message: str) -> int:
+    print(f"shoal: {message}", file=sys.stderr)
+    return 2
+
+
+async def _call(socket: str, method: str, params=None):
+    from ..runtime.rpc import connect_unix
+
+    async with await connect_unix(socket) as client:
+        return await client.call(method, params)
+
+
+def _rpc(args, method: str, params=None):
+    import trio
+
+    from ..runtime.rpc import RpcError
+
+    try:
+        return trio.run(_call, args.socket, method, params)
+    except RpcError as exc:
+        raise SystemExit(_fail(f"{exc.code}: {exc.message}")) from None
+    except OSError as exc:
+        raise SystemExit(_fail(f"cannot reach the peer daemon at {args.socket}: {exc.strerror or exc}")) from None
+
+
+def cmd_add(args) -> int:
+    if args.torrent.startswith("magnet:"):
+        return _fail("magnet links are not supported yet (BEP 9 metadata exchange is still to come)")
+    try:
+        raw = Path(args.torrent).read_bytes()
+    except OSError as exc:
+        return _fail(f"{args.torrent}: {exc.strerror}")
+    dest = str(Path(args.dest).resolve()) if args.dest else None
+    reply = _rpc(args, "add", {"torrent": raw, "dest": dest})
+    print(f"added {reply['name']} ({reply['info_hash']}), {reply['state']}")
+    return 0
+
+
+def _bar(fraction: float, width: int = 24) -> str:
+    full = int(fraction * width)
+    return "#" * full + "." * (width - full)
+
+
+def _rate(bps: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if bps < 1024 or unit == "GiB":
+            return f"{bps:6.1f} {unit}/s"
+        bps /= 1024
+    return ""
+
+
+def format_status(rows: list[dict]) -> str:
+    if not rows:
+        return "no torrents"
+    lines = []
+    for t in rows:
+        done = 1 - t["left"] / t["size"] if t["size"] else 1.0
+        eta = "-" if t["eta"] is None else time.strftime("%H:%M:%S", time.gmtime(t["eta"]))
+        lines.append(f"{t['name'][:28]:<28} [{_bar(done)}] {done:6.1%} {t['state']:<11} "
+                     f"down {_rate(t['down_rate'])} up {_rate(t['up_rate'])} peers {t['peers']:>3} eta {eta}")
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    while True:
+        text = format_status(_rpc(args, "status"))
+        if not args.watch:
+            print(text)
+            return 0
+        print("\x1b[2J\x1b[H" + text, flush=True)
+        try:
+            time.sleep(1.0)  # a display refresh
+        except KeyboardInterrupt:
+            return 0
+
+
+def cmd_remove(args) -> int:
+    rows = _rpc(args, "status")
+    match = [t for t in rows if args.which in (t["info_hash"], t["name"])]
+    if len(match) != 1:
+        return _fail(f"{args.which!r} matches {len(match)} torrents")
+    reply = _rpc(args, "remove", {"info_hash": match[0]["info_hash"]})
+    print("removed" if reply["removed"] else "not running")
+    return 0
+
+
+def _default_piece_length(total: int) -> int:
+    """About 1,000-2,000 pieces, within 16 KiB .. 16 MiB."""
+    length = 16 * 1024
+    while total // length > 2000 and length < 16 * 1024 * 1024:
+        length *= 2
+    return length
+
+
+def cmd_create(args) -> int:
+    from shoal.protocol.metainfo import create_metainfo
+
+    from .storage import hash_files
+
+    root = Path(args.path)
+    if root.is_file():
+        files = [((root.name,), root.stat().st_size)]
+        base = root.parent
+    elif root.is_dir():
+        paths = sorted(p for p in root.rglob("*") if p.is_file())
+        if not paths:
+            return _fail(f"{root} has no files")
+        files = [(p.relative_to(root).parts, p.stat().st_size) for p in paths]
+        base = root
+    else:
+        return _fail(f"{root}: no such file or directory")
+    total = sum(length for _path, length in files)
+    piece_length = args.piece_length or _default_piece_length(total)
+    layout = files if root.is_dir() else [((root.name,), files[0][1])]
+    pieces = hash_files(base, layout, piece_length)
+    data, info_hash = create_metainfo(root.name, layout, piece_length, pieces, [[t] for t in args.tracker],
+                                      url_list=tuple(args.web_seed), private=args.private)
+    Path(args.output).write_bytes(data)
+    print(f"{args.output}: {info_hash.hex()} ({len(files)} files, {total} bytes, {len(pieces) // 20} pieces)")
+    return 0
+
+
+def cmd_get(args) -> int:
+    import trio
+
+    from shoal.protocol.errors import RemoteProtocolError
+    from shoal.protocol.metainfo import parse_metainfo
+
+    if args.torrent.startswith("magnet:"):
+        return _fail("magnet links are not supported yet (BEP 9 metadata exchange is still to come)")
+    try:
+        meta = parse_metainfo(Path(args.torrent).read_bytes())
+    except OSError as exc:
+        return _fail(f"{args.torrent}: {exc.strerror}")
+    except RemoteProtocolError as exc:
+        return _fail(f"{args.torrent}: not a valid .torrent ({exc})")
+    return trio.run(_get, meta, args)
+
+
+async def _get(meta, args) -> int:
+    import tempfile
+    from dataclasses import replace
+
+    import trio
+    from prometheus_client import CollectorRegistry
+
+    from ..runtime.config import ListenAddr
+    from .config import LimitsSection, PeerConfig, PeerSection
+    from .session import Session
+
+    try:
+        listen = ListenAddr.parse(args.listen)
+    except ValueError as exc:
+        return _fail(f"--listen: {exc}")
+    cfg = PeerConfig(peer=replace(PeerSection(), listen=listen), limits=LimitsSection(upload_rate=args.upload_rate))
+    dest = Path(args.dest).resolve()
+    with tempfile.TemporaryDirectory(prefix="shoal-get-") as resume:
+        session = Session(cfg, CollectorRegistry(), dest, Path(resume))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session.run)
+            torrent = await session.add(meta, dest)
+            start = trio.current_time()
+            while not torrent.completed.is_set():
+                print("\r" + format_status([torrent.status()]), end="", flush=True)
+                with trio.move_on_after(1.0):  # a display refresh
+                    await torrent.completed.wait()
+            print("\r" + format_status([torrent.status()]))
+            print(f"done in {trio.current_time() - start:.1f}s: {dest / meta.name}")
+            if args.seed_time > 0:
+                print(f"seeding for {args.seed_time:.0f}s")
+                await trio.sleep(args.seed_time)
+            nursery.cancel_scope.cancel()
+    return 0

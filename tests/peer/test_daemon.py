@@ -1,0 +1,95 @@
+"""The peer daemon as systemd runs it, driven through the `shoal` CLI.
+
+`shoal peer create` makes the .torrent, `shoal peer add` hands it to the
+running daemon over its control socket, the daemon downloads from a shoal
+seeder through a shoal tracker, `shoal peer status` shows it, and after a
+graceful restart the daemon seeds again from its library without
+downloading anything.
+"""
+
+import subprocess
+import sys
+
+import trio
+
+from shoal.daemons.runtime.rpc import connect_unix
+from shoal.protocol.metainfo import parse_metainfo
+
+from tests.harness import start_daemon
+from .conftest import next_client_ip, sha1
+
+SHOAL = [sys.executable, "-m", "shoal.daemons.cli"]
+
+
+async def shoal(*args: str) -> subprocess.CompletedProcess:
+    r = await trio.run_process([*SHOAL, *args], capture_stdout=True, capture_stderr=True, check=False)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
+
+
+def write_config(path, tmp, ip):
+    path.write_text(f"""
+[daemon]
+metrics_listen = "127.0.0.1:0"
+stop_timeout = 5.0
+[peer]
+listen = "{ip}:0"
+download_dir = "{tmp / 'downloads'}"
+control_socket = "{tmp / 'control.sock'}"
+""")
+    return path
+
+
+async def test_daemon_downloads_what_the_cli_adds_and_seeds_again_after_restart(lab, tmp_path):
+    with trio.fail_after(120):
+        tracker = await lab.tracker()
+        data = tmp_path / "seed" / "dataset"
+        data.mkdir(parents=True)
+        (data / "a.bin").write_bytes(bytes(range(256)) * 4096)
+        (data / "sub").mkdir()
+        (data / "sub" / "b.bin").write_bytes(b"shoal" * 300_001)
+        torrent = tmp_path / "dataset.torrent"
+        made = await shoal("peer", "create", str(data), "--tracker", f"http://{tracker['http']}/announce",
+                           "-o", str(torrent))
+        assert made.returncode == 0, made.stderr
+        meta = parse_metainfo(torrent.read_bytes())
+        assert [f.path for f in meta.files] == [("a.bin",), ("sub", "b.bin")]
+        await (await lab.peer()).add(meta, data.parent)
+
+        state = tmp_path / "state"
+        config = write_config(tmp_path / "peer.toml", tmp_path, next_client_ip())
+        argv = [*SHOAL, "peer", "run", "--config", str(config)]
+        sock = str(tmp_path / "control.sock")
+        async with await start_daemon(argv, state_dir=state) as d:
+            added = await shoal("peer", "add", str(torrent), "--socket", sock)
+            assert added.returncode == 0, added.stderr
+            assert meta.info_hash.hex() in added.stdout
+            async with await connect_unix(sock) as rpc:
+                done = await rpc.call("wait", {"info_hash": meta.info_hash.hex()}, timeout=60)
+            assert done["state"] == "seeding" and done["left"] == 0
+            for f in ("a.bin", "sub/b.bin"):
+                assert sha1(tmp_path / "downloads" / "dataset" / f) == sha1(data / f)
+            status = await shoal("peer", "status", "--socket", sock)
+            assert "100.0%" in status.stdout and "seeding" in status.stdout
+            assert await d.terminate() == 0
+
+        # Restart: the torrent comes back from the library, already complete.
+        async with await start_daemon(argv, state_dir=state) as d:
+            async with await connect_unix(sock) as rpc:
+                (row,) = await rpc.call("status")
+            assert row["state"] == "seeding" and row["downloaded"] == 0
+            removed = await shoal("peer", "remove", "dataset", "--socket", sock)
+            assert removed.returncode == 0 and "removed" in removed.stdout
+            async with await connect_unix(sock) as rpc:
+                assert await rpc.call("status") == []
+            assert await d.terminate() == 0
+
+
+async def test_cli_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.torrent"
+    bad.write_bytes(b"d4:infod4:name0:ee")
+    r = await shoal("get", str(bad))
+    assert r.returncode == 2 and "not a valid .torrent" in r.stderr
+    r = await shoal("peer", "add", str(bad), "--socket", str(tmp_path / "nope.sock"))
+    assert r.returncode == 2 and "cannot reach the peer daemon" in r.stderr
+    r = await shoal("peer", "add", "magnet:?xt=urn:btih:" + "0" * 40, "--socket", str(tmp_path / "x"))
+    assert r.returncode == 2 and "magnet links are not supported yet" in r.stderr
