@@ -162,6 +162,7 @@ class PeerLink:
         elif kind is pw.Interested:
             self.peer_interested = True
             t.choker.set_interested(self, True)
+            t.wake_choker.set()  # a free slot is filled now, not at the next tick
         elif kind is pw.NotInterested:
             self.peer_interested = False
             t.choker.set_interested(self, False)
@@ -259,6 +260,10 @@ class PeerLink:
             r = self.requests.popleft()
             await t.session.upload_throttle.take(r.length)
             if self.am_choking:
+                # Choked while this one waited for tokens: set_choking rejected
+                # the queue, but not the request already taken from it.
+                if self.conn.fast:
+                    self.send_nowait(pw.RejectRequest(r.index, r.begin, r.length))
                 continue
             block = await trio.to_thread.run_sync(t.storage.read_block, r.index, r.begin, r.length)
             await self.send(pw.Piece(r.index, r.begin, block))

@@ -72,6 +72,7 @@ class Torrent:
         self.state = "checking"
         self.completed = trio.Event()
         self.wake_connector = trio.Event()
+        self.wake_choker = trio.Event()
         self._reannounce = trio.Event()
         self._rounds_seen = 0
         self._cancel = trio.CancelScope()
@@ -221,10 +222,13 @@ class Torrent:
             return
         link = PeerLink(self, stream, conn, addr, peer_id, outgoing)
         now = trio.current_time()
+        # Greeting and joining happen with no await between them, so a Have
+        # broadcast for a piece verified meanwhile is queued after our
+        # bitfield, never before it.
+        self._greet(link)
         self.links.add(link)
         self.choker.add_peer(link, now)
         try:
-            await self._greet(link)
             await link.run()
         except* Banned as group:
             exc = group.exceptions[0]
@@ -250,21 +254,22 @@ class Torrent:
                 self._reannounce.set()
             await self.wake_requesters()
 
-    async def _greet(self, link: PeerLink) -> None:
+    def _greet(self, link: PeerLink) -> None:
+        """Queue our extended handshake and piece state (the link's queue is empty)."""
         conn = link.conn
         if conn.extensions:
             hs = pw.ExtHandshake(m=dict(EXT_IDS), metadata_size=len(self.meta.raw_info),
                                  v=f"shoal {self.session.version}", reqq=500,
                                  p=self.session.listen_addr.port if self.session.listen_addr else None,
                                  yourip=None)
-            await link.send(pw.Extended(0, pw.encode_ext_handshake(hs)))
+            link.send_nowait(pw.Extended(0, pw.encode_ext_handshake(hs)))
         n = self.storage.num_verified
         if conn.fast and n == self.meta.num_pieces:
-            await link.send(pw.HaveAll())
+            link.send_nowait(pw.HaveAll())
         elif conn.fast and n == 0:
-            await link.send(pw.HaveNone())
+            link.send_nowait(pw.HaveNone())
         elif n:
-            await link.send(pw.Bitfield(self.storage.bitfield()))
+            link.send_nowait(pw.Bitfield(self.storage.bitfield()))
 
     async def _connector(self) -> None:
         limit = self.session.config.peer.max_connections_soft
@@ -311,7 +316,9 @@ class Torrent:
             if self.choker.rounds > self._rounds_seen:
                 self.metrics.choke_rounds.inc(self.choker.rounds - self._rounds_seen)
                 self._rounds_seen = self.choker.rounds
-            await trio.sleep(1.0)
+            self.wake_choker = trio.Event()
+            with trio.move_on_after(1.0):
+                await self.wake_choker.wait()
 
     async def _timeouts(self) -> None:
         """Once a second: re-issue requests that timed out, and top up every link.
