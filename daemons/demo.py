@@ -1,8 +1,8 @@
 """``shoal demo``: a live tour of the suite on loopback.
 
-For now the tour is the tracker: a shoal tracker starts on 127.0.0.1 (HTTP and
-UDP, ports chosen by the kernel), and real BitTorrent clients that Shoal did
-not write, libtorrent and aria2, share a file through it. Each client has its
+For now the tour is swarm distribution: a shoal tracker starts on 127.0.0.1
+(HTTP and UDP, ports chosen by the kernel), and a shoal peer shares a file
+with real BitTorrent clients that Shoal did not write, libtorrent and aria2. Each client has its
 own 127.0.0.x address and learns of the others only from the tracker. The
 tracker's swarm view is printed as it changes; at the end every downloaded
 copy is checked against the original and the tracker's own /metrics endpoint
@@ -21,6 +21,13 @@ from pathlib import Path
 
 import trio
 
+from prometheus_client import CollectorRegistry
+
+from shoal.protocol.metainfo import parse_metainfo
+
+from .peer.config import PeerConfig, PeerSection
+from .peer.session import Session
+from .peer.torrent import Torrent
 from .realclients import Aria2Client, LibtorrentClient, aria2_available, make_shared_file
 from .runtime.config import DaemonSection, ListenAddr
 from .runtime.daemon import serve
@@ -87,13 +94,15 @@ async def _tour(size_mib: int, timeout: float, out) -> int:
             print(f"shoal tracker: http://{http}/announce  udp://{udp}/announce  "
                   f"metrics http://{ctx.addresses['metrics']}/metrics", file=out)
             try:
-                code = await _swarm(app, ctx, tmp, size_mib << 20, http, udp, timeout, out)
+                async with trio.open_nursery() as peers:  # the shoal peer's tasks
+                    code = await _swarm(app, ctx, peers, tmp, size_mib << 20, http, udp, timeout, out)
+                    peers.cancel_scope.cancel()
             finally:
                 ctx.request_stop()
         return code
 
 
-async def _swarm(app, ctx, tmp: Path, size: int, http, udp, timeout: float, out) -> int:
+async def _swarm(app, ctx, peers: trio.Nursery, tmp: Path, size: int, http, udp, timeout: float, out) -> int:
     shared = make_shared_file(tmp / "seed", "dataset.bin", size, f"http://{http}/announce")
     want = hashlib.sha1(shared.path.read_bytes()).hexdigest()
     print(f"sharing {shared.path.name}: {size >> 20} MiB, info-hash {shared.info_hash.hex()}", file=out)
@@ -119,6 +128,12 @@ async def _swarm(app, ctx, tmp: Path, size: int, http, udp, timeout: float, out)
     h2 = lt_udp.add(udp_torrent, lt_udp_dir)
     h2.set_upload_limit(max(1 << 20, size // 12))
     leechers += [("libtorrent (http)", lt_http_dir, (lt_http, h1)), ("libtorrent (udp)", lt_udp_dir, (lt_udp, h2))]
+    # A shoal peer joins the same swarm, in this process.
+    shoal_session = Session(PeerConfig(peer=replace(PeerSection(), listen=ListenAddr("127.0.0.6", 0))),
+                            CollectorRegistry(), tmp / "shoal", tmp / "shoal-resume")
+    await peers.start(shoal_session.run)
+    shoal_torrent = await shoal_session.add(parse_metainfo(shared.torrent.read_bytes()))
+    leechers.append(("shoal", tmp / "shoal", shoal_torrent))
     aria = None
     if aria2_available():
         aria_dir = tmp / "aria2"
@@ -140,7 +155,10 @@ async def _swarm(app, ctx, tmp: Path, size: int, http, udp, timeout: float, out)
             for name, _dir, client in leechers:
                 if name in finished_at:
                     continue
-                if isinstance(client, Aria2Client):
+                if isinstance(client, Torrent):
+                    if client.completed.is_set():
+                        finished_at[name] = elapsed
+                elif isinstance(client, Aria2Client):
                     rc = client.poll()
                     if rc is not None:
                         finished_at[name] = elapsed
@@ -164,6 +182,7 @@ async def _swarm(app, ctx, tmp: Path, size: int, http, udp, timeout: float, out)
             c.close()
         if aria is not None:
             aria.close()
+        shoal_torrent.stop()
     print(await _scrape_metrics(ctx.addresses["metrics"]), file=out)
     return code
 

@@ -455,7 +455,9 @@ class Bitfield:
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
+class _BlockMessage:
+    """A reference to one block: the shape shared by Request, Cancel and RejectRequest."""
+
     index: int
     begin: int
     length: int
@@ -467,29 +469,18 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
-class Cancel:
-    index: int
-    begin: int
-    length: int
-
-    def __post_init__(self) -> None:
-        _check_u32("index", self.index)
-        _check_u32("begin", self.begin)
-        _check_u32("length", self.length)
+class Request(_BlockMessage):
+    """Ask for a block."""
 
 
 @dataclass(frozen=True, slots=True)
-class RejectRequest:
+class Cancel(_BlockMessage):
+    """Withdraw a Request."""
+
+
+@dataclass(frozen=True, slots=True)
+class RejectRequest(_BlockMessage):
     """BEP 6: the sender will not serve this request."""
-
-    index: int
-    begin: int
-    length: int
-
-    def __post_init__(self) -> None:
-        _check_u32("index", self.index)
-        _check_u32("begin", self.begin)
-        _check_u32("length", self.length)
 
 
 @dataclass(frozen=True, slots=True)

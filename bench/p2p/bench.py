@@ -53,12 +53,14 @@ import os
 import selectors
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import start_daemon  # noqa: E402  (bench/common.py)
 
 HERE = Path(__file__).resolve().parent
 NODE = HERE / "node.py"
@@ -102,20 +104,9 @@ peer_timeout = 60
 [access]
 rate_limit = 0.0
 """)
-        notify = tmp / "notify"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(str(notify))
-        sock.settimeout(30)
-        env = dict(os.environ, NOTIFY_SOCKET=str(notify))
-        self.proc = subprocess.Popen([sys.executable, "-m", "shoal.daemons.cli", "tracker", "run",
-                                      "--config", str(cfg)], env=env)
-        fields: dict[str, str] = {}
-        while fields.get("READY") != "1":
-            msg = sock.recv(4096).decode()
-            fields.update(line.split("=", 1) for line in msg.splitlines() if "=" in line)
-        sock.close()
-        addrs = dict(item.split("=", 1) for item in fields["STATUS"].split()[1:])
-        self.url = f"http://{addrs['http']}/announce"
+        self.proc, addrs = start_daemon("tracker", cfg, tmp)
+        host, port = addrs["http"]
+        self.url = f"http://{host}:{port}/announce"
 
     def stop(self) -> None:
         self.proc.terminate()

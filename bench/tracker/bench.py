@@ -36,6 +36,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import start_daemon  # noqa: E402  (bench/common.py)
 from urllib.parse import quote_from_bytes
 
 HERE = Path(__file__).resolve().parent
@@ -202,23 +205,9 @@ mode = "whitelist"
 whitelist_file = "{whitelist}"
 rate_limit = 0.0
 """)
-        notify = tmp / "notify"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(str(notify))
-        sock.settimeout(30)
-        env = dict(os.environ, NOTIFY_SOCKET=str(notify))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoal.daemons.cli", "tracker", "run", "--config", str(cfg)],
-            env=env, preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CPU}),
-        )
-        fields = {}
-        while fields.get("READY") != "1":
-            msg = sock.recv(4096).decode()
-            fields.update(line.split("=", 1) for line in msg.splitlines() if "=" in line)
-        sock.close()
-        addrs = dict(item.split("=", 1) for item in fields["STATUS"].split()[1:])
-        self.udp = _hostport(addrs["udp"])
-        self.http = _hostport(addrs["http"])
+        self.proc, addrs = start_daemon("tracker", cfg, tmp, cpu=SERVER_CPU)
+        self.udp = addrs["udp"]
+        self.http = addrs["http"]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -254,11 +243,6 @@ class OpenTracker:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
-
-
-def _hostport(text: str) -> tuple[str, int]:
-    host, port = text.rsplit(":", 1)
-    return host.strip("[]"), int(port)
 
 
 def _free_port() -> int:

@@ -15,9 +15,16 @@ from shoal.protocol.errors import RemoteProtocolError
 
 
 @st.composite
-def mutated(draw, base: st.SearchStrategy[bytes]) -> bytes:
-    """A valid encoding from ``base`` with up to four flips, cuts, insertions or deletions."""
+def mutated(draw, base: st.SearchStrategy[bytes], inserts: tuple[bytes, ...] = ()) -> bytes:
+    """A valid encoding from ``base`` with up to four flips, cuts, insertions or deletions.
+
+    ``inserts`` adds format-specific fragments to the random bytes inserted
+    (e.g. ``&`` and ``=`` for a query string), to reach deeper states.
+    """
     raw = bytearray(draw(base))
+    fragments = st.binary(min_size=1, max_size=4)
+    if inserts:
+        fragments = fragments | st.sampled_from(inserts)
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
         pos = draw(st.integers(0, len(raw)))
@@ -26,7 +33,7 @@ def mutated(draw, base: st.SearchStrategy[bytes]) -> bytes:
         elif op == "cut":
             del raw[pos:]
         elif op == "insert":
-            raw[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+            raw[pos:pos] = draw(fragments)
         elif op == "delete" and pos < len(raw):
             del raw[pos]
     return bytes(raw)

@@ -28,7 +28,7 @@ from shoal.protocol.tracker import (
     split_target,
 )
 
-from .fuzz import checkers
+from .fuzz import checkers, mutated
 
 FAST = settings(max_examples=300, deadline=None)
 # Tests whose examples are large recursive structures: fewer examples keep
@@ -516,22 +516,13 @@ def test_fuzz_parsers_random_bytes(data):
     parses_or_remote(decode_scrape_response, data)
 
 
-@st.composite
-def mutate(draw, base):
-    raw = bytearray(draw(base))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
-        pos = draw(st.integers(0, len(raw)))
-        if op == "flip" and pos < len(raw):
-            raw[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "cut":
-            del raw[pos:]
-        elif op == "insert":
-            raw[pos:pos] = draw(st.binary(min_size=1, max_size=4) | st.sampled_from(
-                [b"%", b"&", b"=", b"e", b"i", b"0", b"&port=1"]))
-        elif op == "delete" and pos < len(raw):
-            del raw[pos]
-    return bytes(raw)
+# Fragments that make a mutated query or bencoded body more likely to parse
+# a little further before it fails.
+QUERY_BITS = (b"%", b"&", b"=", b"e", b"i", b"0", b"&port=1")
+
+
+def mutate(base):
+    return mutated(base, inserts=QUERY_BITS)
 
 
 @FAST
