@@ -43,6 +43,8 @@ KEEPALIVE = 90.0
 RECEIVE_SIZE = 256 * 1024
 # Blocks never requested that a peer may send before it is banned.
 MAX_UNREQUESTED = 8
+# Queued frames are joined into writes of up to this many bytes.
+WRITE_COALESCE = 256 * 1024
 # Recently cancelled blocks remembered per link, so a late one is no offence.
 MAX_CANCELLED = 2048
 
@@ -99,8 +101,21 @@ class PeerLink:
         return True
 
     async def _writer(self) -> None:
+        """Send queued frames, joining whatever is already waiting into one write.
+
+        A burst of Requests, or several Piece messages, then costs one system
+        call instead of one each.
+        """
         async for frame in self._outbox:
-            await self.stream.send_all(frame)
+            frames, size = [frame], len(frame)
+            while size < WRITE_COALESCE:
+                try:
+                    frame = self._outbox.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                frames.append(frame)
+                size += len(frame)
+            await self.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def _keepalive(self) -> None:
         while True:
@@ -265,7 +280,7 @@ class PeerLink:
                 if self.conn.fast:
                     self.send_nowait(pw.RejectRequest(r.index, r.begin, r.length))
                 continue
-            block = await trio.to_thread.run_sync(t.storage.read_block, r.index, r.begin, r.length)
+            block = await t.read_block(r.index, r.begin, r.length)
             await self.send(pw.Piece(r.index, r.begin, block))
             self.uploaded += r.length
             t.uploaded += r.length

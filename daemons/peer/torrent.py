@@ -15,6 +15,7 @@ its peers. Its tasks:
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 from collections.abc import Iterable
@@ -32,13 +33,20 @@ from ..tracker.client import TrackerError, open_tracker
 from .choker import Choker
 from .link import Banned, PeerLink
 from .picker import PiecePicker
-from .storage import Storage
+from .storage import MAX_BLOCK_LENGTH, Storage
 
 if TYPE_CHECKING:
     from .session import Session
 
 log = logging.getLogger("shoal.peer")
 
+# Received blocks wait in memory until their piece is complete or this much of
+# it has arrived, and at most WRITE_BUFFER bytes wait in all; then they are
+# written in one thread hop.
+WRITE_BATCH = 1 << 20
+WRITE_BUFFER = 64 << 20
+# Whole pieces kept in memory for serving blocks.
+READ_CACHE = 32 << 20
 # Addresses we remember per torrent (from trackers, PEX, incoming peers).
 MAX_KNOWN = 2000
 CONNECT_TIMEOUT = 10.0
@@ -63,7 +71,11 @@ class Torrent:
         self.choker = Choker(slots=c.slots, interval=c.interval, optimistic_interval=c.optimistic_interval,
                              snub_after=c.snub_after, seeding_policy=c.seeding_policy, rng=rng)
         self.links: set[PeerLink] = set()
-        self.writing: dict[int, int] = {}  # piece -> block writes in progress
+        self.writing: dict[int, int] = {}  # piece -> batch writes in progress
+        self.pending: dict[int, list[tuple[int, bytes]]] = {}  # piece -> blocks not yet written
+        self.pending_bytes = 0
+        self.read_cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self.read_cache_bytes = 0
         self.known: dict[tuple[str, int], float] = {}  # address -> earliest next dial time
         self.connecting: set[tuple[str, int]] = set()
         self.trackers = [url for tier in meta.announce_list for url in tier]
@@ -131,18 +143,34 @@ class Torrent:
     # -- pieces ------------------------------------------------------------------
 
     async def store_block(self, link: PeerLink, index: int, begin: int, block: bytes) -> None:
-        # The picker counts a block as received before its write finishes, so
-        # the piece is verified by whichever write finishes last, never while
-        # another of its blocks is still on its way to disk.
+        """Buffer a received block; write a piece's blocks to disk in batches, then verify.
+
+        Handing each 16 KiB block to a worker thread cost more CPU than the
+        transfer itself, so blocks wait in memory until their piece is
+        complete (or WRITE_BATCH bytes of it, or WRITE_BUFFER overall) and go
+        to disk in one thread hop. The picker counts a block as received
+        before it is on disk, so a piece is verified by whichever write of it
+        finishes last, never while another batch is still on its way.
+        """
+        pending = self.pending.setdefault(index, [])
+        pending.append((begin, block))
+        self.pending_bytes += len(block)
+        complete = self.picker.all_blocks_received(index)
+        piece_bytes = sum(len(b) for _off, b in pending)
+        if not complete and piece_bytes < WRITE_BATCH and self.pending_bytes < WRITE_BUFFER:
+            return
+        batch = self.pending.pop(index)
+        self.pending_bytes -= piece_bytes
         self.writing[index] = self.writing.get(index, 0) + 1
         try:
-            await trio.to_thread.run_sync(self.storage.write_block, index, begin, block)
+            await trio.to_thread.run_sync(self._write_batch, index, batch)
         finally:
             self.writing[index] -= 1
             last = self.writing[index] == 0
             if last:
                 del self.writing[index]
-        if not last or not self.picker.all_blocks_received(index) or self.picker.have(index):
+        if not last or index in self.pending or not self.picker.all_blocks_received(index) \
+                or self.picker.have(index):
             return
         ok = await trio.to_thread.run_sync(self.storage.verify_piece, index)
         if not ok:
@@ -170,6 +198,35 @@ class Torrent:
                 if other.am_interested:
                     other.am_interested = False
                     other.send_nowait(pw.NotInterested())
+
+    def _write_batch(self, index: int, batch: list[tuple[int, bytes]]) -> None:
+        for begin, block in batch:
+            self.storage.write_block(index, begin, block)
+
+    async def read_block(self, index: int, begin: int, length: int) -> bytes:
+        """A block of a verified piece, from a small cache of whole pieces.
+
+        Peers request a piece's blocks one after another, so the piece is read
+        in one thread hop and its blocks are served from memory.
+        """
+        piece = self.read_cache.get(index)
+        if piece is None:
+            piece = await trio.to_thread.run_sync(self._read_piece, index)
+            self.read_cache[index] = piece
+            self.read_cache_bytes += len(piece)
+            while self.read_cache_bytes > READ_CACHE and len(self.read_cache) > 1:
+                _old, dropped = self.read_cache.popitem(last=False)
+                self.read_cache_bytes -= len(dropped)
+        else:
+            self.read_cache.move_to_end(index)
+        if begin + length > len(piece):
+            raise ValueError(f"block {index}:{begin}+{length} is outside the piece")
+        return piece[begin:begin + length]
+
+    def _read_piece(self, index: int) -> bytes:
+        size = self.meta.piece_size(index)
+        step = MAX_BLOCK_LENGTH
+        return b"".join(self.storage.read_block(index, off, min(step, size - off)) for off in range(0, size, step))
 
     async def wake_requesters(self) -> None:
         for link in list(self.links):
