@@ -10,8 +10,9 @@ Control RPC (the runtime's transport on a Unix socket, mode 0600):
 * ``add {"torrent": bytes, "dest": str | None}`` -> ``{"info_hash", "name"}``
 * ``status {}`` -> ``[{...per-torrent status...}]``
 * ``remove {"info_hash": hex}`` -> ``{"removed": bool}``
-* ``wait {"info_hash": hex}`` -> status once the torrent is complete (bounded
-  by the RPC request timeout; call again to keep waiting)
+* ``wait {"info_hash": hex, "pieces": n?}`` -> status once the torrent is
+  complete, or has n verified pieces (bounded by the RPC request timeout;
+  call again to keep waiting)
 """
 
 from __future__ import annotations
@@ -115,10 +116,18 @@ class PeerApp:
         return [t.status() for t in self.session.torrents.values()]
 
     async def rpc_wait(self, params) -> dict:
+        """Until the torrent is complete, or has at least ``pieces`` verified pieces."""
         torrent = self.session.torrents.get(_info_hash(params))
         if torrent is None:
             raise RpcError("not_found", "no such torrent")
-        await torrent.completed.wait()
+        pieces = params.get("pieces")
+        if pieces is None:
+            await torrent.completed.wait()
+        elif not isinstance(pieces, int):
+            raise RpcError("bad_params", "pieces must be an integer")
+        else:
+            while torrent.storage.num_verified < pieces and not torrent.completed.is_set():
+                await torrent.piece_verified.wait()
         return torrent.status()
 
     async def rpc_remove(self, params) -> dict:

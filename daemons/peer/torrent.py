@@ -45,6 +45,8 @@ log = logging.getLogger("shoal.peer")
 # written in one thread hop.
 WRITE_BATCH = 1 << 20
 WRITE_BUFFER = 64 << 20
+# Resume data is saved this often while new pieces arrive.
+RESUME_SAVE_INTERVAL = 10.0
 # Whole pieces kept in memory for serving blocks.
 READ_CACHE = 32 << 20
 # Addresses we remember per torrent (from trackers, PEX, incoming peers).
@@ -83,6 +85,7 @@ class Torrent:
         self.downloaded = 0
         self.state = "checking"
         self.completed = trio.Event()
+        self.piece_verified = trio.Event()  # set and replaced at every verified piece
         self.wake_connector = trio.Event()
         self.wake_choker = trio.Event()
         self._reannounce = trio.Event()
@@ -106,6 +109,7 @@ class Torrent:
                     nursery.start_soon(self._connector)
                     nursery.start_soon(self._choke_loop)
                     nursery.start_soon(self._timeouts)
+                    nursery.start_soon(self._saver)
             finally:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.storage.close)
@@ -185,6 +189,8 @@ class Torrent:
                 culprit.abort()
             return
         self.metrics.verified.inc()
+        self.piece_verified.set()
+        self.piece_verified = trio.Event()
         for peer, block in self.picker.we_have(index):
             peer.cancel(block.index, block.begin, block.length)
         for other in list(self.links):
@@ -376,6 +382,20 @@ class Torrent:
             self.wake_choker = trio.Event()
             with trio.move_on_after(1.0):
                 await self.wake_choker.wait()
+
+    async def _saver(self) -> None:
+        """Save resume data while downloading, so a kill -9 costs at most a recheck.
+
+        Storage fsyncs the written files before the resume file names their
+        pieces; a crash between saves loses nothing either, since at start
+        pieces the resume data does not vouch for are re-hashed from disk.
+        """
+        saved = self.storage.num_verified
+        while not self.picker.complete:
+            await trio.sleep(RESUME_SAVE_INTERVAL)
+            if self.storage.num_verified != saved:
+                saved = self.storage.num_verified
+                await trio.to_thread.run_sync(self.storage.save_resume)
 
     async def _timeouts(self) -> None:
         """Once a second: re-issue requests that timed out, and top up every link.
