@@ -23,6 +23,9 @@ class DaemonSpec:
     schema: str
     factory: str
     check: str | None = None  # extra validation beyond the schema (files it names, ...)
+    #: ``module:function(daemon_subparsers, top_subparsers)`` adding the
+    #: daemon's own commands (``shoal peer add``, ``shoal get``, ...)
+    commands: str | None = None
 
     @staticmethod
     def _resolve(ref: str):
@@ -35,6 +38,10 @@ class DaemonSpec:
     def load_factory(self):
         return self._resolve(self.factory)
 
+    def add_commands(self, dsub, sub) -> None:
+        if self.commands:
+            self._resolve(self.commands)(dsub, sub)
+
     def run_check(self, config) -> None:
         if self.check:
             self._resolve(self.check)(config)
@@ -46,7 +53,11 @@ DAEMONS: dict[str, DaemonSpec] = {
         "shoal.daemons.tracker.daemon:make_app",
         "shoal.daemons.tracker.daemon:check_config",
     ),
-    "peer": DaemonSpec("shoal.daemons.peer.config:PeerConfig", "shoal.daemons.peer.daemon:make_app"),
+    "peer": DaemonSpec(
+        "shoal.daemons.peer.config:PeerConfig",
+        "shoal.daemons.peer.daemon:make_app",
+        commands="shoal.daemons.peer.cli:add_commands",
+    ),
 }
 
 
@@ -121,7 +132,7 @@ def cmd_systemd(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(size_mib=args.size_mib, timeout=args.timeout)
+    return run_demo(size_mib=args.size_mib, timeout=args.timeout, only=args.only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,10 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         run = dsub.add_parser("run", help=f"run the {name} in the foreground (as systemd does)")
         run.add_argument("--config", required=True, help="TOML config file")
         run.set_defaults(func=cmd_run, daemon=name)
-        if name == "peer":
-            from .peer.cli import add_commands
-
-            add_commands(dsub, sub)
+        DAEMONS[name].add_commands(dsub, sub)
 
     c = sub.add_parser("config", help="config files")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -157,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a live tour: real BitTorrent clients swarm through a shoal tracker")
     demo.add_argument("--size-mib", type=int, default=32, help="size of the file to share (default 32)")
-    demo.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    demo.add_argument("--timeout", type=float, default=120.0, help="give up on a part after this many seconds")
+    demo.add_argument("--only", action="append", metavar="PART",
+                      help="run only this part of the tour (repeatable; an unknown name lists the parts)")
     demo.set_defaults(func=cmd_demo)
     return p
 

@@ -65,7 +65,7 @@ def swarm_view(app: TrackerApp, info_hash: bytes, size: int, elapsed: float) -> 
     return "\n".join(lines)
 
 
-async def _tour(size_mib: int, timeout: float, out) -> int:
+async def swarm_tour(size_mib: int, timeout: float, out) -> int:
     holder: dict[str, TrackerApp] = {}
 
     def make_app(ctx):
@@ -203,5 +203,28 @@ async def _scrape_metrics(addr: ListenAddr) -> str:
     return "tracker metrics (from /metrics):\n  " + "\n  ".join(keep)
 
 
-def run_demo(size_mib: int = 32, timeout: float = 120.0, out=sys.stdout) -> int:
-    return trio.run(_tour, size_mib, timeout, out)
+#: The parts of the tour, in order: name -> ``module:function``. Each function
+#: is ``async (size_mib, timeout, out) -> exit code`` and cleans up after
+#: itself; a part that fails does not stop the later ones.
+PARTS: dict[str, str] = {
+    "swarm": "shoal.daemons.demo:swarm_tour",
+}
+
+
+def run_demo(size_mib: int = 32, timeout: float = 120.0, out=sys.stdout, only: list[str] | None = None) -> int:
+    import importlib
+
+    names = list(PARTS) if not only else only
+    unknown = [n for n in names if n not in PARTS]
+    if unknown:
+        print(f"shoal demo: unknown part {', '.join(unknown)} (parts: {', '.join(PARTS)})", file=sys.stderr)
+        return 2
+    code = 0
+    for name in names:
+        module, attr = PARTS[name].split(":")
+        tour = getattr(importlib.import_module(module), attr)
+        print(f"\n=== {name} ===", file=out, flush=True)
+        rc = trio.run(tour, size_mib, timeout, out)
+        print(f"=== {name}: {'ok' if rc == 0 else f'FAILED ({rc})'} ===", file=out, flush=True)
+        code |= rc
+    return code
