@@ -118,6 +118,14 @@ class LibtorrentClient:
         self.handles.append(handle)
         return handle
 
+    def add_magnet(self, uri: str, save_path: Path):
+        """Add a magnet link: libtorrent fetches the info dictionary from peers (BEP 9)."""
+        params = self.lt.parse_magnet_uri(uri)
+        params.save_path = str(save_path)
+        handle = self.session.add_torrent(params)
+        self.handles.append(handle)
+        return handle
+
     def _drain(self) -> None:
         lt = self.lt
         for a in self.session.pop_alerts():

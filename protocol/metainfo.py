@@ -96,6 +96,7 @@ __all__ = [
     "parse_metainfo",
     "parse_info",
     "create_metainfo",
+    "metainfo_file",
     "create_single_file",
     "hash_pieces",
     "parse_magnet",
@@ -318,6 +319,30 @@ def parse_info(
     if expected_info_hash is not None and hashlib.sha1(raw_info).digest() != expected_info_hash:
         raise RemoteProtocolError("metadata does not match the info-hash", "info_hash_mismatch")
     return Metainfo(**_parse_info_dict(info, raw_info, max_files))
+
+
+def metainfo_file(
+    raw_info: bytes, announce_list: Sequence[Sequence[str]] = (), url_list: Sequence[str] = ()
+) -> bytes:
+    """A .torrent file around an info dictionary fetched with BEP 9.
+
+    ``raw_info`` is spliced in byte for byte (re-encoding could change the
+    info-hash of a dictionary another client wrote), and the trackers and web
+    seeds of the magnet link go around it, keys in bencode order.
+    """
+    tiers = [[_check_url(u) for u in tier] for tier in announce_list]
+    tiers = [t for t in tiers if t]
+    urls = [u for t in tiers for u in t]
+    parts = [b"d"]
+    if urls:
+        parts += [encode("announce"), encode(urls[0])]
+        if len(urls) > 1:
+            parts += [encode("announce-list"), encode(tiers)]
+    parts += [encode("info"), bytes(raw_info)]
+    if url_list:
+        parts += [encode("url-list"), encode([_check_url(u) for u in url_list])]
+    parts.append(b"e")
+    return b"".join(parts)
 
 
 def _info_span(data: bytes) -> bytes:

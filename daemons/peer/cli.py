@@ -18,7 +18,7 @@ def add_commands(peer: argparse._SubParsersAction, top: argparse._SubParsersActi
         return p
 
     a = with_socket(peer.add_parser("add", help="add a .torrent to the running peer daemon"))
-    a.add_argument("torrent", help="a .torrent file (magnet links: not yet)")
+    a.add_argument("torrent", help="a .torrent file or a magnet link")
     a.add_argument("--dest", help="download directory (default: the daemon's download_dir)")
     a.set_defaults(func=cmd_add)
 
@@ -40,7 +40,7 @@ def add_commands(peer: argparse._SubParsersAction, top: argparse._SubParsersActi
     c.set_defaults(func=cmd_create)
 
     g = top.add_parser("get", help="download a torrent, seed it for a while, and exit")
-    g.add_argument("torrent")
+    g.add_argument("torrent", help="a .torrent file or a magnet link")
     g.add_argument("--dest", default=".", help="where to put the files (default: here)")
     g.add_argument("--seed-time", type=float, default=0.0, help="seconds to seed after completing")
     g.add_argument("--listen", default="127.0.0.1:0", help="host:port for incoming peers (default 127.0.0.1:0)")
@@ -74,14 +74,15 @@ def _rpc(args, method: str, params=None):
 
 
 def cmd_add(args) -> int:
-    if args.torrent.startswith("magnet:"):
-        return _fail("magnet links are not supported yet (BEP 9 metadata exchange is still to come)")
-    try:
-        raw = Path(args.torrent).read_bytes()
-    except OSError as exc:
-        return _fail(f"{args.torrent}: {exc.strerror}")
     dest = str(Path(args.dest).resolve()) if args.dest else None
-    reply = _rpc(args, "add", {"torrent": raw, "dest": dest})
+    if args.torrent.startswith("magnet:"):
+        reply = _rpc(args, "add", {"magnet": args.torrent, "dest": dest})
+    else:
+        try:
+            raw = Path(args.torrent).read_bytes()
+        except OSError as exc:
+            return _fail(f"{args.torrent}: {exc.strerror}")
+        reply = _rpc(args, "add", {"torrent": raw, "dest": dest})
     print(f"added {reply['name']} ({reply['info_hash']}), {reply['state']}")
     return 0
 
@@ -104,6 +105,9 @@ def format_status(rows: list[dict]) -> str:
         return "no torrents"
     lines = []
     for t in rows:
+        if t["state"] == "metadata":
+            lines.append(f"{t['name'][:28]:<28} [{_bar(0.0)}] fetching the metadata from peers (magnet link)")
+            continue
         done = 1 - t["left"] / t["size"] if t["size"] else 1.0
         eta = "-" if t["eta"] is None else time.strftime("%H:%M:%S", time.gmtime(t["eta"]))
         lines.append(f"{t['name'][:28]:<28} [{_bar(done)}] {done:6.1%} {t['state']:<11} "
@@ -176,14 +180,17 @@ def cmd_get(args) -> int:
     from shoal.protocol.errors import RemoteProtocolError
     from shoal.protocol.metainfo import parse_metainfo
 
-    if args.torrent.startswith("magnet:"):
-        return _fail("magnet links are not supported yet (BEP 9 metadata exchange is still to come)")
+    from shoal.protocol.metainfo import parse_magnet
+
     try:
-        meta = parse_metainfo(Path(args.torrent).read_bytes())
+        if args.torrent.startswith("magnet:"):
+            meta = parse_magnet(args.torrent)
+        else:
+            meta = parse_metainfo(Path(args.torrent).read_bytes())
     except OSError as exc:
         return _fail(f"{args.torrent}: {exc.strerror}")
     except RemoteProtocolError as exc:
-        return _fail(f"{args.torrent}: not a valid .torrent ({exc})")
+        return _fail(f"{args.torrent}: not a valid .torrent or magnet link ({exc})")
     return trio.run(_get, meta, args)
 
 
@@ -195,7 +202,10 @@ async def _get(meta, args) -> int:
     from prometheus_client import CollectorRegistry
 
     from ..runtime.config import ListenAddr
+    from shoal.protocol.metainfo import Magnet
+
     from .config import LimitsSection, PeerConfig, PeerSection
+    from .metadata import fetch_metadata
     from .session import Session
 
     try:
@@ -208,6 +218,9 @@ async def _get(meta, args) -> int:
         session = Session(cfg, CollectorRegistry(), dest, Path(resume))
         async with trio.open_nursery() as nursery:
             await nursery.start(session.run)
+            if isinstance(meta, Magnet):
+                print(f"fetching the metadata of {meta.display_name or meta.info_hash.hex()} from peers")
+                meta = (await fetch_metadata(session, meta)).meta
             torrent = await session.add(meta, dest)
             start = trio.current_time()
             while not torrent.completed.is_set():

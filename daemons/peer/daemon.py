@@ -7,7 +7,10 @@ torrent up again; the storage's resume data then spares a re-hash.
 
 Control RPC (the runtime's transport on a Unix socket, mode 0600):
 
-* ``add {"torrent": bytes, "dest": str | None}`` -> ``{"info_hash", "name"}``
+* ``add {"torrent": bytes, "dest": str | None}`` -> ``{"info_hash", "name", "state"}``
+* ``add {"magnet": str, "dest": str | None}`` -> the same, state ``metadata``
+  while the info dictionary is fetched from peers (BEP 9); the link is kept
+  as ``<info-hash>.magnet`` until then, so a restart goes on fetching
 * ``status {}`` -> ``[{...per-torrent status...}]``
 * ``remove {"info_hash": hex}`` -> ``{"removed": bool}``
 * ``wait {"info_hash": hex, "pieces": n?}`` -> status once the torrent is
@@ -24,12 +27,13 @@ from pathlib import Path
 import trio
 
 from shoal.protocol.errors import RemoteProtocolError
-from shoal.protocol.metainfo import parse_metainfo
+from shoal.protocol.metainfo import Magnet, parse_magnet, parse_metainfo
 
 from ..runtime.daemon import DaemonContext
 from ..runtime.rpc import RpcError, RpcServer
 from ..runtime.state import atomic_write
 from .config import PeerConfig
+from .metadata import fetch_metadata
 from .session import Session
 
 log = logging.getLogger("shoal.peer")
@@ -47,10 +51,13 @@ class PeerApp:
         self.session = Session(cfg, ctx.registry, download_dir, state / "resume")
         self.library = state / "torrents"
         self.control_path = Path(cfg.peer.control_socket) if cfg.peer.control_socket else state / "control.sock"
+        # magnet links whose metadata is being fetched: info-hash -> (link, done event, cancel scope)
+        self.fetching: dict[bytes, tuple[Magnet, trio.Event, trio.CancelScope]] = {}
 
     async def run(self, ctx: DaemonContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.library.mkdir(mode=0o700, exist_ok=True)
         async with trio.open_nursery() as nursery:
+            self.nursery = nursery
             listen = await nursery.start(self.session.run)
             if listen is not None:
                 ctx.announce(peer=listen)
@@ -83,19 +90,50 @@ class PeerApp:
             dest = Path(dest_file.read_text()) if dest_file.exists() else None
             await self.session.add(meta, dest)
             log.info("resumed %s", meta.name)
+        for path in sorted(self.library.glob("*.magnet")):
+            try:
+                magnet = parse_magnet(path.read_text())
+            except (OSError, UnicodeDecodeError, RemoteProtocolError) as exc:
+                log.error("skipping %s: %s", path, exc)
+                continue
+            dest_file = path.with_suffix(".dest")
+            self._start_fetch(magnet, Path(dest_file.read_text()) if dest_file.exists() else None)
+
+    def _start_fetch(self, magnet: Magnet, dest: Path | None) -> None:
+        done, scope = trio.Event(), trio.CancelScope()
+        self.fetching[magnet.info_hash] = (magnet, done, scope)
+        self.nursery.start_soon(self._fetch_then_add, magnet, dest, done, scope)
+
+    async def _fetch_then_add(self, magnet: Magnet, dest: Path | None, done: trio.Event,
+                              scope: trio.CancelScope) -> None:
+        stem = self.library / magnet.info_hash.hex()
+        try:
+            with scope:
+                fetched = await fetch_metadata(self.session, magnet)
+                atomic_write(stem.with_suffix(".torrent"), fetched.torrent)
+                stem.with_suffix(".magnet").unlink(missing_ok=True)
+                log.info("fetched the metadata of %s (%d bytes)", fetched.meta.name, len(fetched.meta.raw_info))
+                try:
+                    await self.session.add(fetched.meta, dest)
+                except (ValueError, OSError) as exc:
+                    log.error("cannot start %s: %s", fetched.meta.name, exc)
+        finally:
+            del self.fetching[magnet.info_hash]
+            done.set()
 
     # -- control RPC ------------------------------------------------------------------
 
     async def rpc_add(self, params) -> dict:
         if not isinstance(params, dict):
             raise RpcError("bad_params", "expected {torrent: bytes, dest: str|null}")
-        if "magnet" in params:
-            raise RpcError("unsupported", "magnet links need BEP 9 metadata exchange, which this daemon does not do yet")
-        raw, dest = params.get("torrent"), params.get("dest")
-        if not isinstance(raw, bytes) or len(raw) > MAX_TORRENT_BYTES:
-            raise RpcError("bad_params", "torrent must be the bytes of a .torrent file")
+        dest = params.get("dest")
         if dest is not None and (not isinstance(dest, str) or not Path(dest).is_absolute()):
             raise RpcError("bad_params", "dest must be an absolute path")
+        if "magnet" in params:
+            return self._add_magnet(params["magnet"], dest)
+        raw = params.get("torrent")
+        if not isinstance(raw, bytes) or len(raw) > MAX_TORRENT_BYTES:
+            raise RpcError("bad_params", "torrent must be the bytes of a .torrent file")
         try:
             meta = parse_metainfo(raw)
         except RemoteProtocolError as exc:
@@ -112,12 +150,43 @@ class PeerApp:
             raise RpcError("refused", str(exc)) from None
         return {"info_hash": meta.info_hash.hex(), "name": meta.name, "state": torrent.state}
 
+    def _add_magnet(self, uri, dest: str | None) -> dict:
+        if not isinstance(uri, str) or len(uri) > MAX_TORRENT_BYTES:
+            raise RpcError("bad_params", "magnet must be a magnet: URI")
+        try:
+            magnet = parse_magnet(uri)
+        except RemoteProtocolError as exc:
+            raise RpcError("bad_magnet", str(exc)) from None
+        name = magnet.display_name or magnet.info_hash.hex()
+        torrent = self.session.torrents.get(magnet.info_hash)
+        if torrent is not None:
+            return {"info_hash": magnet.info_hash.hex(), "name": torrent.meta.name, "state": torrent.state}
+        if magnet.info_hash not in self.fetching:
+            if len(self.session.torrents) + len(self.fetching) >= self.ctx.config.peer.max_torrents:
+                raise RpcError("refused", f"already {self.ctx.config.peer.max_torrents} torrents (peer.max_torrents)")
+            stem = self.library / magnet.info_hash.hex()
+            atomic_write(stem.with_suffix(".magnet"), uri.encode())
+            if dest is not None:
+                atomic_write(stem.with_suffix(".dest"), dest.encode())
+            self._start_fetch(magnet, Path(dest) if dest else None)
+        return {"info_hash": magnet.info_hash.hex(), "name": name, "state": "metadata"}
+
     async def rpc_status(self, params) -> list:
-        return [t.status() for t in self.session.torrents.values()]
+        rows = [t.status() for t in self.session.torrents.values()]
+        for info_hash, (magnet, _done, _scope) in self.fetching.items():
+            rows.append({
+                "info_hash": info_hash.hex(), "name": magnet.display_name or info_hash.hex(), "state": "metadata",
+                "size": 0, "pieces": 0, "have": 0, "peers": 0, "uploaded": 0, "downloaded": 0,
+                "down_rate": 0.0, "up_rate": 0.0, "left": 0, "path": "", "eta": None,
+            })
+        return rows
 
     async def rpc_wait(self, params) -> dict:
         """Until the torrent is complete, or has at least ``pieces`` verified pieces."""
-        torrent = self.session.torrents.get(_info_hash(params))
+        info_hash = _info_hash(params)
+        if info_hash in self.fetching:
+            await self.fetching[info_hash][1].wait()
+        torrent = self.session.torrents.get(info_hash)
         if torrent is None:
             raise RpcError("not_found", "no such torrent")
         pieces = params.get("pieces")
@@ -133,7 +202,11 @@ class PeerApp:
     async def rpc_remove(self, params) -> dict:
         info_hash = _info_hash(params)
         removed = self.session.remove(info_hash)
+        if info_hash in self.fetching:
+            self.fetching[info_hash][2].cancel()
+            removed = True
         stem = self.library / info_hash.hex()
+        stem.with_suffix(".magnet").unlink(missing_ok=True)
         stem.with_suffix(".torrent").unlink(missing_ok=True)
         stem.with_suffix(".dest").unlink(missing_ok=True)
         return {"removed": removed}

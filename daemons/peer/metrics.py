@@ -9,7 +9,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # Why a peer was disconnected and banned; bounded set of tokens.
-BAN_REASONS = ("bad_hash", "protocol", "wrong_info_hash", "unrequested_piece", "self_connection")
+BAN_REASONS = ("bad_metadata", "bad_hash", "protocol", "wrong_info_hash", "unrequested_piece", "self_connection")
 
 # A 16 KiB block on loopback takes well under a millisecond; on a busy WAN
 # link several seconds. Requests time out at 30 s by default.

@@ -177,9 +177,10 @@ class Session:
     def _new_conn(self, num_pieces: int | None) -> pw.PeerConnection:
         return pw.PeerConnection(num_pieces=num_pieces)
 
-    async def handshake_out(self, stream: trio.SocketStream, info_hash: bytes) -> pw.PeerConnection:
-        torrent = self.torrents[info_hash]
-        conn = self._new_conn(torrent.meta.num_pieces)
+    async def handshake_out(self, stream: trio.SocketStream, info_hash: bytes,
+                            num_pieces: int | None) -> pw.PeerConnection:
+        """Our handshake out, theirs back; ``num_pieces`` None while metadata is unknown."""
+        conn = self._new_conn(num_pieces)
         await stream.send_all(conn.send(pw.Handshake(info_hash, self.peer_id)))
         hs = await _receive_handshake(stream, conn)
         if hs.info_hash != info_hash:

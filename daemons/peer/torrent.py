@@ -361,7 +361,7 @@ class Torrent:
                 return
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    conn = await self.session.handshake_out(stream, self.info_hash)
+                    conn = await self.session.handshake_out(stream, self.info_hash, self.meta.num_pieces)
             except (RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
                 log.debug("handshake with %s:%d failed: %s", *addr, exc)
                 self.known[addr] = trio.current_time() + RETRY_AFTER

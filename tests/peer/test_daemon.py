@@ -91,8 +91,45 @@ async def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "not a valid .torrent" in r.stderr
     r = await shoal("peer", "add", str(bad), "--socket", str(tmp_path / "nope.sock"))
     assert r.returncode == 2 and "cannot reach the peer daemon" in r.stderr
-    r = await shoal("peer", "add", "magnet:?xt=urn:btih:" + "0" * 40, "--socket", str(tmp_path / "x"))
-    assert r.returncode == 2 and "magnet links are not supported yet" in r.stderr
+    r = await shoal("get", "magnet:?xt=urn:btih:nothex")
+    assert r.returncode == 2 and "not a valid .torrent or magnet link" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+async def test_daemon_fetches_a_magnet_links_metadata_from_peers(lab, tmp_path):
+    """`shoal peer add MAGNET`: the info dictionary comes from a shoal seeder
+    over BEP 9, is kept in the library, and the download follows."""
+    with trio.fail_after(90):
+        tracker = await lab.tracker()
+        data = tmp_path / "seed" / "set"
+        data.mkdir(parents=True)
+        (data / "x.bin").write_bytes(bytes(range(251)) * 60_000)  # 919 pieces of 16 KiB
+        (data / "y.bin").write_bytes(b"y" * 70_000)
+        torrent = tmp_path / "set.torrent"
+        made = await shoal("peer", "create", str(data), "--tracker", f"http://{tracker['http']}/announce",
+                           "--piece-length", "16384", "-o", str(torrent))
+        assert made.returncode == 0, made.stderr
+        meta = parse_metainfo(torrent.read_bytes())
+        assert len(meta.raw_info) > 16384  # the metadata itself comes in several BEP 9 pieces
+        await (await lab.peer()).add(meta, data.parent)
+
+        state = tmp_path / "state"
+        config = write_config(tmp_path / "peer.toml", tmp_path, next_client_ip())
+        sock = str(tmp_path / "control.sock")
+        async with await start_daemon([*SHOAL, "peer", "run", "--config", str(config)], state_dir=state) as d:
+            added = await shoal("peer", "add", meta.magnet().uri(), "--socket", sock)
+            assert added.returncode == 0, added.stderr
+            assert "metadata" in added.stdout
+            async with await connect_unix(sock) as rpc:
+                done = await rpc.call("wait", {"info_hash": meta.info_hash.hex()}, timeout=60)
+            assert done["state"] == "seeding" and done["name"] == "set"
+            for f in ("x.bin", "y.bin"):
+                assert sha1(tmp_path / "downloads" / "set" / f) == sha1(data / f)
+            library = sorted(p.name for p in (state / "torrents").iterdir())
+            assert library == [f"{meta.info_hash.hex()}.torrent"]
+            kept = parse_metainfo((state / "torrents" / library[0]).read_bytes())
+            assert kept.raw_info == meta.raw_info and kept.trackers == meta.trackers
+            assert await d.terminate() == 0
 
 
 async def test_kill_9_mid_download_resumes_without_fetching_verified_pieces(lab, tmp_path):

@@ -139,3 +139,58 @@ async def test_a_peer_sending_bad_data_is_banned_and_the_download_finishes_elsew
         await (await lab.peer()).add(meta, shared.path.parent)
         await leecher.completed.wait()
         assert sha1(leecher.save_dir / "data.bin") == sha1(shared.path)
+
+
+async def serve_fake_metadata(raw_info: bytes, info_hash: bytes, *, task_status=trio.TASK_STATUS_IGNORED):
+    """A peer that answers BEP 9 requests with ``raw_info`` (which is not the torrent's)."""
+    listeners = await trio.open_tcp_listeners(0, host=next_client_ip())
+    task_status.started(listeners[0].socket.getsockname()[:2])
+
+    async def handle(stream):
+        conn = pw.PeerConnection(num_pieces=None)
+        await their_handshake(stream, conn)
+        await stream.send_all(conn.send(pw.Handshake.with_flags(info_hash, b"-EV0001-" + b"0" * 12)))
+        hs = pw.ExtHandshake(m={"ut_metadata": 3}, metadata_size=len(raw_info))
+        await stream.send_all(conn.send(pw.Extended(0, pw.encode_ext_handshake(hs))))
+        theirs = None
+        while True:
+            event = conn.next_event()
+            if event is pw.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                conn.receive_data(data)
+            elif isinstance(event, pw.Extended) and event.ext_id == 0:
+                theirs = pw.decode_ext_handshake(event.payload).m["ut_metadata"]
+            elif isinstance(event, pw.Extended) and event.ext_id == 3:
+                req = pw.decode_metadata(event.payload)
+                piece = raw_info[req.piece * pw.METADATA_PIECE:(req.piece + 1) * pw.METADATA_PIECE]
+                reply = pw.MetadataData(req.piece, len(raw_info), piece)
+                await stream.send_all(conn.send(pw.Extended(theirs, pw.encode_metadata(reply))))
+
+    await trio.serve_listeners(handle, listeners)
+
+
+async def test_a_peer_serving_the_wrong_metadata_is_banned(lab, tmp_path, nursery):
+    from shoal.daemons.peer.metadata import _try_peer, fetch_metadata
+    from shoal.protocol.metainfo import Magnet
+
+    with trio.fail_after(30):
+        shared, meta = await swarm(lab, tmp_path)
+        other = make_shared_file(tmp_path / "other", "other.bin", 1 << 20, "http://127.0.0.1:1/announce")
+        wrong = parse_metainfo(other.torrent.read_bytes()).raw_info
+        hostile = await nursery.start(serve_fake_metadata, wrong, meta.info_hash)
+        leecher = await lab.peer()
+        limiter = trio.CapacityLimiter(1)
+        await limiter.acquire_on_behalf_of(hostile)
+        await _try_peer(leecher, meta.info_hash, hostile, limiter, None)
+        assert leecher.is_banned(hostile[0])
+        assert count(leecher.metrics.bans, "bad_metadata") == 1
+
+        # With the liar and an honest seeder both named, the right dictionary wins.
+        seeder = await lab.peer()
+        await seeder.add(meta, shared.path.parent)
+        fresh = await lab.peer()
+        honest = (seeder.listen_addr.host, seeder.listen_addr.port)
+        fetched = await fetch_metadata(fresh, Magnet(meta.info_hash, peers=(hostile, honest)))
+        assert fetched.meta.info_hash == meta.info_hash and fetched.meta.raw_info == meta.raw_info

@@ -40,6 +40,41 @@ async def test_shoal_downloads_from_libtorrent(lab, tmp_path):
         client.close()
 
 
+async def test_shoal_fetches_a_magnet_link_from_libtorrent(lab, tmp_path):
+    """The info dictionary comes from libtorrent over BEP 9 (its x.pe address
+    and the tracker both name it), then the pieces do."""
+    from shoal.daemons.peer.metadata import fetch_metadata
+    from shoal.protocol.metainfo import Magnet
+
+    shared, meta = await shared_file(lab, tmp_path)
+    client = LibtorrentClient(next_client_ip())
+    try:
+        client.add(shared.torrent, shared.path.parent, seed=True)
+        magnet = Magnet(meta.info_hash, "data.bin", meta.trackers, peers=((client.ip, client.port),))
+        session = await lab.peer()
+        with trio.fail_after(60):
+            fetched = await fetch_metadata(session, magnet)
+            assert fetched.meta.raw_info == meta.raw_info and fetched.meta.trackers == meta.trackers
+            t = await session.add(fetched.meta)
+            await t.completed.wait()
+        assert sha1(t.save_dir / "data.bin") == sha1(shared.path)
+    finally:
+        client.close()
+
+
+async def test_libtorrent_fetches_a_magnet_link_from_shoal(lab, tmp_path):
+    shared, meta = await shared_file(lab, tmp_path)
+    await (await lab.peer()).add(meta, shared.path.parent)
+    client = LibtorrentClient(next_client_ip())
+    try:
+        client.add_magnet(meta.magnet().uri(), tmp_path / "lt")
+        ok = await trio.to_thread.run_sync(client.wait_until, lambda: meta.info_hash in client.finished, 60)
+        assert ok, client.errors[-5:]
+        assert sha1(tmp_path / "lt" / "data.bin") == sha1(shared.path)
+    finally:
+        client.close()
+
+
 async def test_libtorrent_downloads_from_shoal(lab, tmp_path):
     shared, meta = await shared_file(lab, tmp_path, scheme="udp")
     seed = await (await lab.peer()).add(meta, shared.path.parent)

@@ -586,3 +586,23 @@ def test_fuzz_parse_magnet(text):
 def test_magnet_rejects_non_str():
     with pytest.raises(LocalProtocolError):
         parse_magnet(b"magnet:?")  # type: ignore[arg-type]
+
+
+def test_metainfo_file_wraps_fetched_metadata_byte_for_byte():
+    """A dictionary another client encoded (here: keys it might order its own
+    way inside nested values are kept) is spliced in unchanged, so the
+    info-hash of the file is the magnet's."""
+    from shoal.protocol.metainfo import metainfo_file
+
+    data, info_hash = create_metainfo("set", [(("a",), 5), (("b",), 40000)], 16384, b"\x01" * 60,
+                                      [["http://t.example/announce"]])
+    raw_info = parse_metainfo(data).raw_info
+    wrapped = metainfo_file(raw_info, [["http://t1.example/a"], ["udp://t2.example:80"]], ["http://ws.example/"])
+    m = parse_metainfo(wrapped)
+    assert m.info_hash == info_hash and m.raw_info == raw_info
+    assert m.trackers == ("http://t1.example/a", "udp://t2.example:80")
+    assert m.url_list == ("http://ws.example/",)
+    bare = parse_metainfo(metainfo_file(raw_info))
+    assert bare.info_hash == info_hash and bare.trackers == ()
+    with pytest.raises(LocalProtocolError):
+        metainfo_file(raw_info, [["not a url"]])
