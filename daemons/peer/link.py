@@ -71,6 +71,7 @@ class PeerLink:
         self.peer_choking = True
         self.peer_interested = False
         self.ext: pw.ExtHandshake | None = None
+        self.pex_sent: set[tuple[str, int]] = set()  # addresses this peer has heard of from us
         self.requests: collections.deque[pw.Request] = collections.deque()
         self.requests_ready = trio.Event()
         self.sent_at: dict[tuple[int, int], float] = {}

@@ -10,7 +10,9 @@ its peers. Its tasks:
 * **connector**: dials known addresses up to the soft connection limit;
 * **choker loop**: applies the choker's decisions every second (the choker
   itself recomputes every 10 s and rotates the optimistic unchoke every 30 s);
-* **timeouts**: requests unanswered for ``request_timeout`` go to other peers.
+* **timeouts**: requests unanswered for ``request_timeout`` go to other peers;
+* **pex**: every ``pex_interval`` each peer that speaks ut_pex (BEP 11) hears
+  which listening addresses we connected to and lost since its last message.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0
 # A failed address is retried no sooner than this.
 RETRY_AFTER = 30.0
+# BEP 11: at most 50 added and 50 dropped peers in one message.
+PEX_MAX = 50
 
 
 class Torrent:
@@ -86,6 +90,7 @@ class Torrent:
         self.state = "checking"
         self.completed = trio.Event()
         self.piece_verified = trio.Event()  # set and replaced at every verified piece
+        self.peers_changed = trio.Event()  # set and replaced whenever a link joins or leaves
         self.wake_connector = trio.Event()
         self.wake_choker = trio.Event()
         self._reannounce = trio.Event()
@@ -110,6 +115,8 @@ class Torrent:
                     nursery.start_soon(self._choke_loop)
                     nursery.start_soon(self._timeouts)
                     nursery.start_soon(self._saver)
+                    if self.session.config.peer.pex_interval > 0:
+                        nursery.start_soon(self._pex)
             finally:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.storage.close)
@@ -291,6 +298,7 @@ class Torrent:
         self._greet(link)
         self.links.add(link)
         self.choker.add_peer(link, now)
+        self._peers_changed()
         try:
             await link.run()
         except* Banned as group:
@@ -307,6 +315,7 @@ class Torrent:
         finally:
             link.closed = True
             self.links.discard(link)
+            self._peers_changed()
             self.choker.remove_peer(link)
             self.picker.peer_gone(link)
             if outgoing and addr in self.known:
@@ -333,6 +342,39 @@ class Torrent:
             link.send_nowait(pw.HaveNone())
         elif n:
             link.send_nowait(pw.Bitfield(self.storage.bitfield()))
+
+    def _peers_changed(self) -> None:
+        self.peers_changed.set()
+        self.peers_changed = trio.Event()
+
+    def listen_addresses(self) -> set[tuple[str, int]]:
+        """Where our connected peers accept connections (IPv4, as ut_pex "added" carries)."""
+        found = set()
+        for link in self.links:
+            if ":" in link.addr[0]:
+                continue
+            if link.outgoing:
+                found.add(link.addr)
+            elif link.ext is not None and link.ext.p:
+                found.add((link.addr[0], link.ext.p))  # an incoming link's port is ephemeral
+        return found
+
+    async def _pex(self) -> None:
+        while True:
+            await trio.sleep(self.session.config.peer.pex_interval)  # BEP 11's pace, not synchronisation
+            current = self.listen_addresses()
+            for link in list(self.links):
+                their_id = link.ext.m.get("ut_pex") if link.ext else None
+                if not their_id or link.closed:
+                    continue
+                added = sorted(current - link.pex_sent - {link.addr})[:PEX_MAX]
+                dropped = sorted(link.pex_sent - current)[:PEX_MAX]
+                if not added and not dropped:
+                    continue
+                pex = pw.Pex(added=tuple(added), added_flags=bytes([pw.PEX_CONNECTABLE]) * len(added),
+                             dropped=tuple(dropped))
+                link.send_nowait(pw.Extended(their_id, pw.encode_pex(pex)))
+                link.pex_sent = (link.pex_sent | set(added)) - set(dropped)
 
     async def _connector(self) -> None:
         limit = self.session.config.peer.max_connections_soft
