@@ -31,7 +31,10 @@ A round ranks the interested peers that are not the current optimistic one:
   first (libtorrent's default when seeding), so every interested peer gets
   turns.
 
-Ties go to the current holders (no churn), then to chance. The optimistic
+Ties go, when downloading, to the peer that has sent us more bytes in all
+(so a free-rider loses every tie among zero rates to a peer that ever
+reciprocated), then to the current holders (no churn) if they ever gave us
+anything, then to chance. The optimistic
 slot goes to a random interested peer outside the regular set, preferably not
 the previous one; a peer that connected less than ``newcomer_age`` seconds
 ago weighs ``newcomer_weight`` (3) times as much, as in the mainline client.
@@ -72,7 +75,7 @@ class ChokeDecision:
 
 class _PeerState:
     __slots__ = ("joined", "seq", "interested", "we_interested", "last_block", "down", "up",
-                 "last_slot")
+                 "last_slot", "received")
 
     def __init__(self, now: float, seq: int, rate_window: float) -> None:
         self.joined = now
@@ -83,6 +86,7 @@ class _PeerState:
         self.down = RateMeter(rate_window)  # them -> us
         self.up = RateMeter(rate_window)  # us -> them
         self.last_slot = -1  # grant number of the last regular slot (round robin)
+        self.received = 0  # bytes of piece data they ever sent us
 
 
 class Choker:
@@ -150,6 +154,7 @@ class Choker:
         """The peer sent us ``nbytes`` of piece data."""
         st = self._peers[peer]
         st.down.add(nbytes, now)
+        st.received += nbytes
         if nbytes > 0:
             st.last_block = now
 
@@ -236,8 +241,16 @@ class Choker:
         else:
             def rate(p: Peer) -> float:
                 return peers[p].down.rate(now)
-        keyed = [(-rate(p), p not in self._regular, rnd(), peers[p].seq, p) for p in cands]
-        keyed.sort(key=lambda k: k[:4])
+        # Equal rates (most often: zero, in the rate window) go first to the
+        # peer that has given us more in all (downloading only), so a peer
+        # that never uploads loses every tie to one that ever did; and a
+        # holder keeps its slot on a tie only if it ever gave us anything.
+        if self.seeding:
+            keyed = [(-rate(p), 0, p not in self._regular, rnd(), peers[p].seq, p) for p in cands]
+        else:
+            keyed = [(-rate(p), -peers[p].received, not (p in self._regular and peers[p].received), rnd(),
+                      peers[p].seq, p) for p in cands]
+        keyed.sort(key=lambda k: k[:5])
         return [k[-1] for k in keyed]
 
     def _grant(self, peers: list[Peer]) -> None:

@@ -46,11 +46,14 @@ class ChokerSection:
     # The seeds: 4 regular unchoke slots recomputed every 10 s, an optimistic
     # unchoke every 30 s.
     slots: int = setting(4, min=0, max=100)
+    optimistic_slots: int = setting(1, min=0, max=10)
     interval: float = setting(10.0, min=0.1, max=3600.0)
     optimistic_interval: float = setting(30.0, min=0.1, max=3600.0)
     # A peer that sends nothing for this long while unchoked loses its regular slot.
     snub_after: float = setting(60.0, min=1.0, max=3600.0)
     seeding_policy: Literal["upload_rate", "round_robin"] = "upload_rate"
+    # Rates used for ranking are averaged over this many seconds.
+    rate_window: float = setting(20.0, min=1.0, max=600.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,7 +75,8 @@ class Torrent:
                                   random_first=cfg.picker.random_first, mode=cfg.picker.mode, rng=rng)
         c = cfg.choker
         self.choker = Choker(slots=c.slots, interval=c.interval, optimistic_interval=c.optimistic_interval,
-                             snub_after=c.snub_after, seeding_policy=c.seeding_policy, rng=rng)
+                             snub_after=c.snub_after, seeding_policy=c.seeding_policy,
+                             optimistic_slots=c.optimistic_slots, rate_window=c.rate_window, rng=rng)
         self.links: set[PeerLink] = set()
         self.writing: dict[int, int] = {}  # piece -> batch writes in progress
         self.pending: dict[int, list[tuple[int, bytes]]] = {}  # piece -> blocks not yet written

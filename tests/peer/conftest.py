@@ -14,7 +14,7 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
-from shoal.daemons.peer.config import LimitsSection, PeerConfig, PeerSection
+from shoal.daemons.peer.config import ChokerSection, LimitsSection, PeerConfig, PeerSection
 from shoal.daemons.peer.session import Session
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr
 from shoal.daemons.runtime.daemon import serve
@@ -52,10 +52,10 @@ class Lab:
         ctx = await self.nursery.start(partial(serve, "tracker", cfg, None, TrackerApp, handle_signals=False))
         return ctx.addresses
 
-    async def peer(self, *, upload_rate: int = 0, **peer_kw) -> Session:
+    async def peer(self, *, upload_rate: int = 0, choker: ChokerSection = ChokerSection(), **peer_kw) -> Session:
         ip = next(_peer_ips)
         cfg = PeerConfig(peer=replace(PeerSection(), listen=ListenAddr(ip, 0), **peer_kw),
-                         limits=LimitsSection(upload_rate=upload_rate))
+                         limits=LimitsSection(upload_rate=upload_rate), choker=choker)
         session = Session(cfg, CollectorRegistry(), self.tmp / ip / "downloads", self.tmp / ip / "resume")
         await self.nursery.start(session.run)
         self.sessions.append(session)

@@ -245,3 +245,14 @@ def test_no_peers_no_trouble():
     c.remove_peer("ghost")
     with pytest.raises(ValueError):
         c.add_peer("x", 0.0) or c.add_peer("x", 1.0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_free_rider_loses_zero_rate_ties_to_peers_that_ever_gave(seed):
+    """Rates in the window are all zero, but peers 0-3 sent data long ago and
+    peer 9 never did: 9 gets no regular slot, whatever the dice say."""
+    c = choker(seed, slots=4, optimistic_slots=0, rate_window=20.0, snub_after=1000.0)
+    join(c, [9, 0, 1, 2, 3, 4, 5])
+    feed(c, {0: 1000, 1: 1000, 2: 1000, 3: 1000}, 0, 1)
+    d = c.tick(100.0)  # the window has long forgotten them
+    assert d.unchoke == {0, 1, 2, 3}
