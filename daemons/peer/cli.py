@@ -30,6 +30,12 @@ def add_commands(peer: argparse._SubParsersAction, top: argparse._SubParsersActi
     r.add_argument("which", help="info-hash (hex) or name")
     r.set_defaults(func=cmd_remove)
 
+    st = with_socket(peer.add_parser("stream", help="deadline mode: fetch in reading order for a reader at RATE"))
+    st.add_argument("which", help="info-hash (hex) or name")
+    st.add_argument("--rate", type=int, required=True, help="the reader's speed, bytes/s")
+    st.add_argument("--offset", type=int, default=0, help="where the reader starts, bytes (default 0)")
+    st.set_defaults(func=cmd_stream)
+
     c = peer.add_parser("create", help="make a .torrent from a file or directory")
     c.add_argument("path")
     c.add_argument("--tracker", action="append", required=True, help="announce URL (repeat for tiers)")
@@ -128,12 +134,22 @@ def cmd_status(args) -> int:
             return 0
 
 
-def cmd_remove(args) -> int:
+def _which(args) -> str:
     rows = _rpc(args, "status")
     match = [t for t in rows if args.which in (t["info_hash"], t["name"])]
     if len(match) != 1:
-        return _fail(f"{args.which!r} matches {len(match)} torrents")
-    reply = _rpc(args, "remove", {"info_hash": match[0]["info_hash"]})
+        raise SystemExit(_fail(f"{args.which!r} matches {len(match)} torrents"))
+    return match[0]["info_hash"]
+
+
+def cmd_stream(args) -> int:
+    reply = _rpc(args, "stream", {"info_hash": _which(args), "rate": args.rate, "offset": args.offset})
+    print(f"streaming: {reply['pieces']} pieces now have deadlines")
+    return 0
+
+
+def cmd_remove(args) -> int:
+    reply = _rpc(args, "remove", {"info_hash": _which(args)})
     print("removed" if reply["removed"] else "not running")
     return 0
 

@@ -13,6 +13,8 @@ Control RPC (the runtime's transport on a Unix socket, mode 0600):
   as ``<info-hash>.magnet`` until then, so a restart goes on fetching
 * ``status {}`` -> ``[{...per-torrent status...}]``
 * ``remove {"info_hash": hex}`` -> ``{"removed": bool}``
+* ``stream {"info_hash": hex, "rate": bytes/s, "offset": n?}`` -> ``{"pieces": n}``:
+  deadline mode from byte ``offset`` (default 0) for a reader at ``rate``
 * ``wait {"info_hash": hex, "pieces": n?}`` -> status once the torrent is
   complete, or has n verified pieces (bounded by the RPC request timeout;
   call again to keep waiting)
@@ -64,7 +66,7 @@ class PeerApp:
             await self._restore()
             server = RpcServer(
                 {"add": self.rpc_add, "status": self.rpc_status, "remove": self.rpc_remove,
-                 "wait": self.rpc_wait},
+                 "wait": self.rpc_wait, "stream": self.rpc_stream},
                 metrics=ctx.metrics, name="peer",
             )
             await nursery.start(partial(server.serve_unix, str(self.control_path)))
@@ -198,6 +200,18 @@ class PeerApp:
             while torrent.storage.num_verified < pieces and not torrent.completed.is_set():
                 await torrent.piece_verified.wait()
         return torrent.status()
+
+    async def rpc_stream(self, params) -> dict:
+        torrent = self.session.torrents.get(_info_hash(params))
+        if torrent is None:
+            raise RpcError("not_found", "no such torrent")
+        rate, offset = params.get("rate"), params.get("offset", 0)
+        if not isinstance(rate, (int, float)) or not isinstance(offset, int):
+            raise RpcError("bad_params", "expected {info_hash, rate: bytes/s, offset: int}")
+        try:
+            return {"pieces": torrent.stream(offset, float(rate))}
+        except ValueError as exc:
+            raise RpcError("bad_params", str(exc)) from None
 
     async def rpc_remove(self, params) -> dict:
         info_hash = _info_hash(params)

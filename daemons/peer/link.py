@@ -313,10 +313,14 @@ class PeerLink:
         want = depth - len(self.sent_at)
         if want <= 0:
             return
-        for b in t.picker.pick(self, None, want, now):
+        self.send_requests(t.picker.pick(self, None, want, now), now)
+
+    def send_requests(self, blocks, now: float) -> None:
+        """Send Requests for blocks the picker just assigned to this peer."""
+        for b in blocks:
             self.sent_at[(b.index, b.begin)] = now
             if not self.send_nowait(pw.Request(b.index, b.begin, b.length)):
                 # Our own queue to this peer is full: hand the block back.
                 del self.sent_at[(b.index, b.begin)]
-                t.picker.request_failed(self, b.index, b.begin)
+                self.torrent.picker.request_failed(self, b.index, b.begin)
 

@@ -574,6 +574,10 @@ class PiecePicker:
 
     # ------------------------------------------------------------ deadlines
 
+    @property
+    def has_deadlines(self) -> bool:
+        return bool(self._deadline_order)
+
     def set_deadline(self, index: int, deadline: float | None) -> None:
         """Piece ``index`` is needed by ``deadline`` (None: no longer). Deadlines come first."""
         self._check_index(index)

@@ -34,7 +34,7 @@ from shoal.protocol.tracker import Announce, Event, Failure
 from ..tracker.client import TrackerError, open_tracker
 from .choker import Choker
 from .link import Banned, PeerLink
-from .picker import PiecePicker
+from .picker import BLOCK_SIZE, PiecePicker
 from .storage import MAX_BLOCK_LENGTH, Storage
 
 if TYPE_CHECKING:
@@ -242,7 +242,34 @@ class Torrent:
         step = MAX_BLOCK_LENGTH
         return b"".join(self.storage.read_block(index, off, min(step, size - off)) for off in range(0, size, step))
 
+    def stream(self, offset: int, rate: float) -> int:
+        """Streaming (deadline) mode, as in the seeds' Spotify design.
+
+        A reader starts at byte ``offset`` now and goes on at ``rate``
+        bytes/s: piece i is due when the reader reaches its first byte.
+        Deadlined pieces are picked before any other, in deadline order, and
+        each urgent block goes to the peer expected to deliver it first (its
+        queued bytes over its measured rate). Returns the pieces deadlined.
+        """
+        if not 0 <= offset < self.meta.total_length or not rate > 0:
+            raise ValueError("offset must be inside the torrent and rate > 0")
+        now = trio.current_time()
+        plen = self.meta.piece_length
+        first = offset // plen
+        for i in range(first, self.meta.num_pieces):
+            self.picker.set_deadline(i, now + max(0, i * plen - offset) / rate)
+        self.nursery.start_soon(self.wake_requesters)
+        return sum(1 for i in range(first, self.meta.num_pieces) if not self.storage.is_verified(i))
+
     async def wake_requesters(self) -> None:
+        if self.picker.has_deadlines:
+            now = trio.current_time()
+            # A peer with no rate measured yet is assumed to do one block a
+            # second, so new links get urgent work too.
+            rates = {link: max(self.choker.download_rate(link, now), float(BLOCK_SIZE))
+                     for link in self.links if not link.peer_choking and not link.closed}
+            for link, blocks in self.picker.assign_urgent(rates, now).items():
+                link.send_requests(blocks, now)
         for link in list(self.links):
             link.fill_requests()
 

@@ -77,6 +77,10 @@ async def test_daemon_downloads_what_the_cli_adds_and_seeds_again_after_restart(
             async with await connect_unix(sock) as rpc:
                 (row,) = await rpc.call("status")
             assert row["state"] == "seeding" and row["downloaded"] == 0
+            streamed = await shoal("peer", "stream", "dataset", "--rate", "1000000", "--socket", sock)
+            assert streamed.returncode == 0 and "0 pieces now have deadlines" in streamed.stdout
+            bad = await shoal("peer", "stream", "dataset", "--rate", "1000", "--offset", "99999999", "--socket", sock)
+            assert bad.returncode == 2 and "offset must be inside the torrent" in bad.stderr
             removed = await shoal("peer", "remove", "dataset", "--socket", sock)
             assert removed.returncode == 0 and "removed" in removed.stdout
             async with await connect_unix(sock) as rpc:
