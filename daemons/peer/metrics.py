@@ -26,6 +26,11 @@ class PeerMetrics:
                               ["result"], registry=registry)
         self.verified = self.pieces.labels("verified")
         self.failed = self.pieces.labels("failed")
+        self.webseed_bytes = Counter("shoal_peer_webseed_bytes_total",
+                                     "Payload bytes downloaded from web seeds (BEP 19); also in bytes_total.",
+                                     registry=registry)
+        self.webseed_errors = Counter("shoal_peer_webseed_errors_total",
+                                      "Failed web seed requests (HTTP status, size, connection).", registry=registry)
         self.choke_rounds = Counter("shoal_peer_choke_rounds_total", "Choke rounds run.", registry=registry)
         self.bans = Counter("shoal_peer_bans_total", "Peers disconnected and banned, by reason.",
                             ["reason"], registry=registry)

@@ -422,6 +422,10 @@ class Storage:
             length -= n
             k += 1
 
+    def file_ranges(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """``(file index, offset in file, byte count)`` covering bytes [offset, offset+length) of the torrent."""
+        return self._segments(offset, length)
+
     def _piece_segments(self, index: int) -> Iterator[tuple[int, int, int]]:
         return self._segments(index * self.metainfo.piece_length, self.metainfo.piece_size(index))
 

@@ -36,6 +36,7 @@ from .choker import Choker
 from .link import Banned, PeerLink
 from .picker import BLOCK_SIZE, PiecePicker
 from .storage import MAX_BLOCK_LENGTH, Storage
+from .webseed import WebSeed
 
 if TYPE_CHECKING:
     from .session import Session
@@ -118,6 +119,12 @@ class Torrent:
                     nursery.start_soon(self._saver)
                     if self.session.config.peer.pex_interval > 0:
                         nursery.start_soon(self._pex)
+                    if self.session.config.peer.web_seeds and not self.picker.complete:
+                        for url in self.meta.url_list:
+                            try:
+                                nursery.start_soon(WebSeed(self, url).run)
+                            except ValueError as exc:
+                                log.warning("%s: %s", self.meta.name, exc)
             finally:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.storage.close)
