@@ -258,14 +258,16 @@ def run_pair(tmp: Path, shared, seed_impl: str, leech_impl: str, timeout: float,
 # -- 2. swarms ---------------------------------------------------------------------------
 
 
-def run_swarm(tmp: Path, shared, n: int, cap: int, per_process: int, timeout: float) -> dict:
-    work = tmp / f"swarm{n}"
+def run_swarm(tmp: Path, shared, n: int, cap: int, per_process: int, timeout: float,
+              super_seed: bool = False) -> dict:
+    work = tmp / f"swarm{n}{'-super' if super_seed else ''}"
     work.mkdir()
     tracker = Tracker(work / "tracker")
     nodes: list[Node] = []
     try:
         torrent = shared.torrent_for(tracker.url, work / "swarm.torrent")
         seed = Node({"impl": "shoal", "role": "seed", "torrent": str(torrent), "upload_rate": cap,
+                     "super_seed": super_seed,
                      "nodes": [{"ip": "127.0.0.10", "dir": str(shared.path.parent),
                                 "resume": str(work / "seed.resume")}]}, work / "seed.log")
         nodes.append(seed)
@@ -298,7 +300,7 @@ def run_swarm(tmp: Path, shared, n: int, cap: int, per_process: int, timeout: fl
         uploaded_by_leechers = sum(s["uploaded"] for gs in group_stats if gs for s in gs["nodes"])
         seed_up = seed_stats["nodes"][0]["uploaded"] if seed_stats else None
         return {
-            "n": n, "file_bytes": F, "upload_cap_bytes_per_s": cap, "processes": 1 + len(groups),
+            "n": n, "super_seed": super_seed, "file_bytes": F, "upload_cap_bytes_per_s": cap, "processes": 1 + len(groups),
             "per_process": per_process,
             "last_done_s": makespan, "first_done_s": min(done_t), "median_done_s": sorted(done_t)[len(done_t) // 2],
             "first_byte_s": min(first_t), "last_first_byte_s": max(first_t),
@@ -427,6 +429,8 @@ def main() -> int:
     ap.add_argument("--upload-cap", type=float, default=1.0, help="per-node upload cap, MiB/s (seed too)")
     ap.add_argument("--n", default="8,16,32", help="comma-separated swarm sizes (leechers), or 'none'")
     ap.add_argument("--per-process", type=int, default=4, help="shoal leecher Sessions per process in swarms")
+    ap.add_argument("--super-seed", choices=["off", "on", "both"], default="both",
+                    help="swarm seed with BEP 16 super-seeding: off, on, or both, one after the other (default)")
     ap.add_argument("--profile", action="store_true", help="profile the shoal leecher in an extra shoal->shoal pair")
     ap.add_argument("--py-spy", default=shutil.which("py-spy"), help="py-spy binary (else cProfile)")
     ap.add_argument("--top", type=int, default=15)
@@ -470,8 +474,9 @@ def main() -> int:
             shared_s = make_shared_file(tmp / "swarmfile", "swarm.bin", args.swarm_size * MiB,
                                         "http://127.0.0.1:1/announce", seed=2)
             for n in ns:
-                print(f"swarm n={n} ...", file=sys.stderr, flush=True)
-                swarms.append(run_swarm(tmp, shared_s, n, cap, args.per_process, args.timeout))
+                for sup in (False, True) if args.super_seed == "both" else (args.super_seed == "on",):
+                    print(f"swarm n={n}{' super-seed' if sup else ''} ...", file=sys.stderr, flush=True)
+                    swarms.append(run_swarm(tmp, shared_s, n, cap, args.per_process, args.timeout, sup))
             result["swarms"] = swarms
         if args.profile:
             print("profiling the shoal leecher ...", file=sys.stderr, flush=True)
@@ -491,10 +496,10 @@ def main() -> int:
     if swarms:
         print(f"\nSwarms, shoal only: 1 seed + N leechers, F = {args.swarm_size} MiB, "
               f"every node's upload capped at {args.upload_cap:g} MiB/s")
-        print(f"{'N':>3} {'procs':>5} {'last done s':>11} {'min s':>6} {'x min':>6} {'client-server s':>15} "
+        print(f"{'N':>3} {'super':>5} {'procs':>5} {'last done s':>11} {'min s':>6} {'x min':>6} {'client-server s':>15} "
               f"{'x c-s':>6} {'first byte s':>12} {'seed copies':>11} {'cores busy':>10}")
         for w in swarms:
-            print(f"{w['n']:>3} {w['processes']:>5} {w['last_done_s']:>11.2f} {w['theoretical_min_s']:>6.2f} "
+            print(f"{w['n']:>3} {'yes' if w['super_seed'] else 'no':>5} {w['processes']:>5} {w['last_done_s']:>11.2f} {w['theoretical_min_s']:>6.2f} "
                   f"{w['ratio_to_min']:>6.2f} {w['client_server_s']:>15.1f} {w['ratio_to_client_server']:>6.2f} "
                   f"{w['first_byte_s']:>12.2f} {w['seed_uploaded_copies'] or 0:>11.2f} {w['cores_busy']:>10.2f}")
     if "profile" in result:

@@ -63,7 +63,8 @@ def run_shoal(spec: dict) -> None:
             for node in spec["nodes"]:
                 cfg = PeerConfig(
                     daemon=DaemonSection(metrics_listen=None),
-                    peer=replace(PeerSection(), listen=ListenAddr(node["ip"], 0)),
+                    peer=replace(PeerSection(), listen=ListenAddr(node["ip"], 0),
+                                 super_seed=spec.get("super_seed", False)),
                     limits=LimitsSection(upload_rate=spec.get("upload_rate", 0),
                                          download_rate=spec.get("download_rate", 0)),
                 )

@@ -27,6 +27,8 @@ class PeerSection:
     reannounce_below: int = setting(20, min=0, max=1000)
     numwant: int = setting(50, min=0, max=1000)
     max_torrents: int = setting(100, min=1, max=100_000)
+    # BEP 16: a torrent that starts complete is seeded by announcing pieces one by one.
+    super_seed: bool = False
     # BEP 19: fetch from the torrent's url-list (HTTP fallback) while downloading.
     web_seeds: bool = True
     # BEP 11: how often connected peers are told of our other peers (0: never).

@@ -166,6 +166,7 @@ class PeerLink:
             self._on_request(ev)
         elif kind is pw.Have:
             t.picker.peer_have(self, ev.index)
+            t.on_peer_pieces(self, ev.index)
             if not t.picker.have(ev.index):
                 await self._set_interested(True)
         elif kind is pw.Unchoke:
@@ -184,9 +185,11 @@ class PeerLink:
             t.choker.set_interested(self, False)
         elif kind is pw.Bitfield:
             t.picker.peer_bitfield(self, ev.bits)
+            t.on_peer_pieces(self, None)
             await self._set_interested(not t.picker.complete)
         elif kind is pw.HaveAll:
             t.picker.peer_have_all(self)
+            t.on_peer_pieces(self, None)
             await self._set_interested(not t.picker.complete)
         elif kind is pw.HaveNone:  # a later one replaces what the peer had (aria2 sends it twice)
             t.picker.peer_bitfield(self, ())
@@ -255,7 +258,8 @@ class PeerLink:
 
     def _on_request(self, ev: pw.Request) -> None:
         t = self.torrent
-        if self.am_choking or not t.storage.is_verified(ev.index):
+        if self.am_choking or not t.storage.is_verified(ev.index) or (
+                t.super is not None and not t.super.may_serve(self, ev.index)):
             if self.conn.fast:
                 self.send_nowait(pw.RejectRequest(ev.index, ev.begin, ev.length))
             return

@@ -574,6 +574,11 @@ class PiecePicker:
 
     # ------------------------------------------------------------ deadlines
 
+    def peer_has(self, peer: Peer, index: int) -> bool:
+        """What the peer told us it has (bitfield, Have, Have All)."""
+        info = self._peers.get(peer)
+        return info is not None and (info.bits is None or bool(info.bits[index]))
+
     @property
     def has_deadlines(self) -> bool:
         return bool(self._deadline_order)

@@ -36,6 +36,7 @@ from .choker import Choker
 from .link import Banned, PeerLink
 from .picker import BLOCK_SIZE, PiecePicker
 from .storage import MAX_BLOCK_LENGTH, Storage
+from .superseed import SuperSeeder
 from .webseed import WebSeed
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ class Torrent:
         self._reannounce = trio.Event()
         self._rounds_seen = 0
         self._cancel = trio.CancelScope()
+        self.super: SuperSeeder | None = None  # set while super-seeding (BEP 16)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -108,6 +110,8 @@ class Torrent:
                 if self.storage.is_verified(i):
                     self.picker.we_have(i)
             self._update_state()
+            if self.session.config.peer.super_seed and self.picker.complete:
+                self.super = SuperSeeder(self.meta.num_pieces, self.picker.peer_has, rng=random.Random())
             task_status.started()
             try:
                 async with trio.open_nursery() as nursery:
@@ -334,6 +338,9 @@ class Torrent:
         self.links.add(link)
         self.choker.add_peer(link, now)
         self._peers_changed()
+        if self.super is not None:
+            for i in self.super.add_peer(link):
+                link.send_nowait(pw.Have(i))
         try:
             await link.run()
         except* Banned as group:
@@ -351,6 +358,8 @@ class Torrent:
             link.closed = True
             self.links.discard(link)
             self._peers_changed()
+            if self.super is not None:
+                self.super.remove_peer(link)
             self.choker.remove_peer(link)
             self.picker.peer_gone(link)
             if outgoing and addr in self.known:
@@ -371,12 +380,30 @@ class Torrent:
                                  yourip=None)
             link.send_nowait(pw.Extended(0, pw.encode_ext_handshake(hs)))
         n = self.storage.num_verified
+        if self.super is not None:
+            if conn.fast:
+                link.send_nowait(pw.HaveNone())
+            return  # pieces are announced one by one (on_peer_pieces)
         if conn.fast and n == self.meta.num_pieces:
             link.send_nowait(pw.HaveAll())
         elif conn.fast and n == 0:
             link.send_nowait(pw.HaveNone())
         elif n:
             link.send_nowait(pw.Bitfield(self.storage.bitfield()))
+
+    def on_peer_pieces(self, link: PeerLink, index: int | None) -> None:
+        """A peer announced piece ``index`` (None: a bitfield): super-seeding offers more."""
+        if self.super is None:
+            return
+        for peer, pieces in self.super.peer_has(link, index).items():
+            for i in pieces:
+                peer.send_nowait(pw.Have(i))
+        if not self.super.unsent:
+            for peer, pieces in self.super.finish().items():
+                for i in pieces:
+                    peer.send_nowait(pw.Have(i))
+            log.info("%s: every piece is out in the swarm; seeding normally", self.meta.name)
+            self.super = None
 
     def _peers_changed(self) -> None:
         self.peers_changed.set()

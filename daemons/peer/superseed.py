@@ -1,0 +1,100 @@
+"""Super-seeding (BEP 16): an initial seed that uploads each piece about once.
+
+A plain seed advertises every piece, and leechers that pick the same rare
+pieces all fetch them from the seed, so a seed typically uploads 1.5-2
+copies before the swarm can finish without it. A super-seed instead poses
+as a peer with nothing and announces (Have) only ``per_peer`` pieces to each
+leecher at a time, choosing the pieces it has sent least often. A piece's
+offer to a peer is settled -- and the peer is offered another -- when the
+piece shows up at any peer (a Have from the peer itself or from another: the
+piece is out in the swarm). The seed serves only pieces it offered to that
+peer. Once every piece has been sent at least once, the swarm holds a whole
+copy; the seed announces everything and seeds normally from then on.
+
+:class:`SuperSeeder` is the bookkeeping only, with no I/O: the torrent asks
+it what to announce and whether a request may be served, and tells it which
+pieces peers announce. ``has(peer, index)`` is the caller's view of a peer's
+pieces (the picker's).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Hashable
+
+Peer = Hashable
+
+
+class SuperSeeder:
+    def __init__(self, num_pieces: int, has: Callable[[Peer, int], bool], *, per_peer: int = 2,
+                 rng: random.Random) -> None:
+        if num_pieces < 1 or per_peer < 1:
+            raise ValueError("num_pieces and per_peer must be >= 1")
+        self.num_pieces = num_pieces
+        self.has = has
+        self.per_peer = per_peer
+        self.rng = rng
+        self.sent = [0] * num_pieces  # offers made of each piece (each costs about one upload)
+        self.offered: dict[Peer, set[int]] = {}
+        self.announced: dict[Peer, set[int]] = {}
+        self.unsent = num_pieces  # pieces never offered yet
+        self.done = False
+
+    def add_peer(self, peer: Peer) -> list[int]:
+        self.offered[peer] = set()
+        self.announced[peer] = set()
+        return self._top_up(peer)
+
+    def remove_peer(self, peer: Peer) -> None:
+        self.offered.pop(peer, None)
+        self.announced.pop(peer, None)
+
+    def may_serve(self, peer: Peer, index: int) -> bool:
+        return self.done or index in self.offered.get(peer, ())
+
+    def peer_has(self, peer: Peer, index: int | None) -> dict[Peer, list[int]]:
+        """``peer`` announced piece ``index`` (None: a whole bitfield). Returns new Haves to send."""
+        out: dict[Peer, list[int]] = {}
+        for q, offers in self.offered.items():
+            if index is None:
+                settled = {i for i in offers if self.has(q, i)} if q == peer else set()
+            else:
+                settled = {index} & offers
+            if settled:
+                offers -= settled
+                new = self._top_up(q)
+                if new:
+                    out[q] = new
+        if index is None and peer in self.offered and peer not in out:
+            new = self._top_up(peer)
+            if new:
+                out[peer] = new
+        return out
+
+    def finish(self) -> dict[Peer, list[int]]:
+        """Every piece has been offered: announce the rest to everyone and stop."""
+        self.done = True
+        out = {}
+        for q, seen in self.announced.items():
+            rest = [i for i in range(self.num_pieces) if i not in seen and not self.has(q, i)]
+            if rest:
+                out[q] = rest
+        return out
+
+    def _top_up(self, peer: Peer) -> list[int]:
+        offers, seen = self.offered[peer], self.announced[peer]
+        want = self.per_peer - len(offers)
+        if want <= 0 or self.done:
+            return []
+        cands = [i for i in range(self.num_pieces) if i not in offers and not self.has(peer, i)]
+        # least sent first; ties at random so peers spread over the pieces
+        self.rng.shuffle(cands)
+        cands.sort(key=self.sent.__getitem__)
+        new = cands[:want]
+        for i in new:
+            if self.sent[i] == 0:
+                self.unsent -= 1
+            self.sent[i] += 1
+            offers.add(i)
+            seen.add(i)
+        return new
