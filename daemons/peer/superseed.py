@@ -8,8 +8,9 @@ leecher at a time, choosing the pieces it has sent least often. A piece's
 offer to a peer is settled -- and the peer is offered another -- when the
 piece shows up at any peer (a Have from the peer itself or from another: the
 piece is out in the swarm). The seed serves only pieces it offered to that
-peer. Once every piece has been sent at least once, the swarm holds a whole
-copy; the seed announces everything and seeds normally from then on.
+peer. Once every piece has been announced by some peer, the swarm holds a
+whole copy without us; the seed announces everything and seeds normally
+from then on.
 
 :class:`SuperSeeder` is the bookkeeping only, with no I/O: the torrent asks
 it what to announce and whether a request may be served, and tells it which
@@ -27,7 +28,7 @@ Peer = Hashable
 
 class SuperSeeder:
     def __init__(self, num_pieces: int, has: Callable[[Peer, int], bool], *, per_peer: int = 2,
-                 rng: random.Random) -> None:
+                 copies: int = 1, rng: random.Random) -> None:
         if num_pieces < 1 or per_peer < 1:
             raise ValueError("num_pieces and per_peer must be >= 1")
         self.num_pieces = num_pieces
@@ -37,7 +38,9 @@ class SuperSeeder:
         self.sent = [0] * num_pieces  # offers made of each piece (each costs about one upload)
         self.offered: dict[Peer, set[int]] = {}
         self.announced: dict[Peer, set[int]] = {}
-        self.unsent = num_pieces  # pieces never offered yet
+        self.copies = copies  # super-seeding ends when every piece is at this many peers
+        self.out = bytearray(num_pieces)  # peers that announced each piece, up to ``copies``
+        self.missing = num_pieces  # pieces at fewer than ``copies`` peers
         self.done = False
 
     def add_peer(self, peer: Peer) -> list[int]:
@@ -54,6 +57,11 @@ class SuperSeeder:
 
     def peer_has(self, peer: Peer, index: int | None) -> dict[Peer, list[int]]:
         """``peer`` announced piece ``index`` (None: a whole bitfield). Returns new Haves to send."""
+        for i in range(self.num_pieces) if index is None else (index,):
+            if self.out[i] < self.copies and (index is not None or self.has(peer, i)):
+                self.out[i] += 1
+                if self.out[i] == self.copies:
+                    self.missing -= 1
         out: dict[Peer, list[int]] = {}
         for q, offers in self.offered.items():
             if index is None:
@@ -72,7 +80,7 @@ class SuperSeeder:
         return out
 
     def finish(self) -> dict[Peer, list[int]]:
-        """Every piece has been offered: announce the rest to everyone and stop."""
+        """Every piece is out in the swarm: announce the rest to everyone and stop."""
         self.done = True
         out = {}
         for q, seen in self.announced.items():
@@ -92,8 +100,6 @@ class SuperSeeder:
         cands.sort(key=self.sent.__getitem__)
         new = cands[:want]
         for i in new:
-            if self.sent[i] == 0:
-                self.unsent -= 1
             self.sent[i] += 1
             offers.add(i)
             seen.add(i)

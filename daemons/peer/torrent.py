@@ -398,7 +398,7 @@ class Torrent:
         for peer, pieces in self.super.peer_has(link, index).items():
             for i in pieces:
                 peer.send_nowait(pw.Have(i))
-        if not self.super.unsent:
+        if not self.super.missing:
             for peer, pieces in self.super.finish().items():
                 for i in pieces:
                     peer.send_nowait(pw.Have(i))

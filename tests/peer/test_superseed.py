@@ -48,9 +48,17 @@ def test_once_every_piece_is_out_everything_is_announced():
     s, have = seeder(n=4, per_peer=2)
     s.add_peer("a")
     s.add_peer("b")
-    assert s.unsent == 0
+    have["a"] = {0, 1}
+    s.peer_has("a", None)
+    assert s.missing == 2
+    have["b"] = {2}
+    s.peer_has("b", 2)
+    have["b"].add(3)
+    s.peer_has("b", 3)
+    assert s.missing == 0
     rest = s.finish()
-    assert sorted(rest["a"] + sorted(s.announced["a"])) == [0, 1, 2, 3]
+    for peer in ("a", "b"):  # everything it lacks is now announced to it
+        assert set(rest.get(peer, [])) | s.announced[peer] | have[peer] == {0, 1, 2, 3}
     assert s.may_serve("a", 0) and s.may_serve("b", 3)
 
 
