@@ -20,7 +20,15 @@ def add_commands(peer: argparse._SubParsersAction, top: argparse._SubParsersActi
     a = with_socket(peer.add_parser("add", help="add a .torrent to the running peer daemon"))
     a.add_argument("torrent", help="a .torrent file or a magnet link")
     a.add_argument("--dest", help="download directory (default: the daemon's download_dir)")
+    a.add_argument("--upload-rate", type=int, default=0, help="this torrent's upload limit, bytes/s (0: none)")
+    a.add_argument("--download-rate", type=int, default=0, help="this torrent's download limit, bytes/s (0: none)")
     a.set_defaults(func=cmd_add)
+
+    lim = with_socket(peer.add_parser("limit", help="set a torrent's own upload and download limits"))
+    lim.add_argument("which", help="info-hash (hex) or name")
+    lim.add_argument("--upload-rate", type=int, default=0, help="bytes/s (0: none)")
+    lim.add_argument("--download-rate", type=int, default=0, help="bytes/s (0: none)")
+    lim.set_defaults(func=cmd_limit)
 
     s = with_socket(peer.add_parser("status", help="progress, rates, peers and ETA of every torrent"))
     s.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
@@ -81,14 +89,15 @@ def _rpc(args, method: str, params=None):
 
 def cmd_add(args) -> int:
     dest = str(Path(args.dest).resolve()) if args.dest else None
+    rates = {"upload_rate": args.upload_rate, "download_rate": args.download_rate}
     if args.torrent.startswith("magnet:"):
-        reply = _rpc(args, "add", {"magnet": args.torrent, "dest": dest})
+        reply = _rpc(args, "add", {"magnet": args.torrent, "dest": dest, **rates})
     else:
         try:
             raw = Path(args.torrent).read_bytes()
         except OSError as exc:
             return _fail(f"{args.torrent}: {exc.strerror}")
-        reply = _rpc(args, "add", {"torrent": raw, "dest": dest})
+        reply = _rpc(args, "add", {"torrent": raw, "dest": dest, **rates})
     print(f"added {reply['name']} ({reply['info_hash']}), {reply['state']}")
     return 0
 
@@ -140,6 +149,14 @@ def _which(args) -> str:
     if len(match) != 1:
         raise SystemExit(_fail(f"{args.which!r} matches {len(match)} torrents"))
     return match[0]["info_hash"]
+
+
+def cmd_limit(args) -> int:
+    row = _rpc(args, "limits", {"info_hash": _which(args), "upload_rate": args.upload_rate,
+                                "download_rate": args.download_rate})
+    print(f"{row['name']}: upload limit {row['upload_limit'] or 'none'}, "
+          f"download limit {row['download_limit'] or 'none'} (bytes/s)")
+    return 0
 
 
 def cmd_stream(args) -> int:

@@ -13,6 +13,9 @@ Control RPC (the runtime's transport on a Unix socket, mode 0600):
   as ``<info-hash>.magnet`` until then, so a restart goes on fetching
 * ``status {}`` -> ``[{...per-torrent status...}]``
 * ``remove {"info_hash": hex}`` -> ``{"removed": bool}``
+* ``limits {"info_hash": hex, "upload_rate": n, "download_rate": n}`` -> status:
+  the torrent's own limits, bytes/s, 0 = none (``add`` takes the same two keys);
+  kept as ``<info-hash>.limits`` in the library
 * ``stream {"info_hash": hex, "rate": bytes/s, "offset": n?}`` -> ``{"pieces": n}``:
   deadline mode from byte ``offset`` (default 0) for a reader at ``rate``
 * ``wait {"info_hash": hex, "pieces": n?}`` -> status once the torrent is
@@ -66,7 +69,7 @@ class PeerApp:
             await self._restore()
             server = RpcServer(
                 {"add": self.rpc_add, "status": self.rpc_status, "remove": self.rpc_remove,
-                 "wait": self.rpc_wait, "stream": self.rpc_stream},
+                 "wait": self.rpc_wait, "stream": self.rpc_stream, "limits": self.rpc_limits},
                 metrics=ctx.metrics, name="peer",
             )
             await nursery.start(partial(server.serve_unix, str(self.control_path)))
@@ -88,9 +91,8 @@ class PeerApp:
             except (OSError, RemoteProtocolError) as exc:
                 log.error("skipping %s: %s", path, exc)
                 continue
-            dest_file = path.with_suffix(".dest")
-            dest = Path(dest_file.read_text()) if dest_file.exists() else None
-            await self.session.add(meta, dest)
+            dest, up, down = self._options(path)
+            await self.session.add(meta, dest, upload_rate=up, download_rate=down)
             log.info("resumed %s", meta.name)
         for path in sorted(self.library.glob("*.magnet")):
             try:
@@ -98,15 +100,37 @@ class PeerApp:
             except (OSError, UnicodeDecodeError, RemoteProtocolError) as exc:
                 log.error("skipping %s: %s", path, exc)
                 continue
-            dest_file = path.with_suffix(".dest")
-            self._start_fetch(magnet, Path(dest_file.read_text()) if dest_file.exists() else None)
+            self._start_fetch(magnet, *self._options(path))
 
-    def _start_fetch(self, magnet: Magnet, dest: Path | None) -> None:
+    def _options(self, path: Path) -> tuple[Path | None, int, int]:
+        """A library entry's destination and own rate limits (up, down)."""
+        dest_file, limits_file = path.with_suffix(".dest"), path.with_suffix(".limits")
+        dest = Path(dest_file.read_text()) if dest_file.exists() else None
+        try:
+            up, down = (int(x) for x in limits_file.read_text().split()) if limits_file.exists() else (0, 0)
+        except ValueError:
+            log.error("%s: not two integers; no per-torrent limits", limits_file)
+            up, down = 0, 0
+        return dest, up, down
+
+    def _save_options(self, stem: Path, dest: str | None, up: int, down: int) -> None:
+        if dest is not None:
+            atomic_write(stem.with_suffix(".dest"), dest.encode())
+        if up or down:
+            atomic_write(stem.with_suffix(".limits"), f"{up} {down}\n".encode())
+        else:
+            stem.with_suffix(".limits").unlink(missing_ok=True)
+
+    def _forget(self, stem: Path) -> None:
+        for suffix in (".torrent", ".magnet", ".dest", ".limits"):
+            stem.with_suffix(suffix).unlink(missing_ok=True)
+
+    def _start_fetch(self, magnet: Magnet, dest: Path | None, up: int = 0, down: int = 0) -> None:
         done, scope = trio.Event(), trio.CancelScope()
         self.fetching[magnet.info_hash] = (magnet, done, scope)
-        self.nursery.start_soon(self._fetch_then_add, magnet, dest, done, scope)
+        self.nursery.start_soon(self._fetch_then_add, magnet, dest, up, down, done, scope)
 
-    async def _fetch_then_add(self, magnet: Magnet, dest: Path | None, done: trio.Event,
+    async def _fetch_then_add(self, magnet: Magnet, dest: Path | None, up: int, down: int, done: trio.Event,
                               scope: trio.CancelScope) -> None:
         stem = self.library / magnet.info_hash.hex()
         try:
@@ -116,7 +140,7 @@ class PeerApp:
                 stem.with_suffix(".magnet").unlink(missing_ok=True)
                 log.info("fetched the metadata of %s (%d bytes)", fetched.meta.name, len(fetched.meta.raw_info))
                 try:
-                    await self.session.add(fetched.meta, dest)
+                    await self.session.add(fetched.meta, dest, upload_rate=up, download_rate=down)
                 except (ValueError, OSError) as exc:
                     log.error("cannot start %s: %s", fetched.meta.name, exc)
         finally:
@@ -131,8 +155,9 @@ class PeerApp:
         dest = params.get("dest")
         if dest is not None and (not isinstance(dest, str) or not Path(dest).is_absolute()):
             raise RpcError("bad_params", "dest must be an absolute path")
+        up, down = _rates(params)
         if "magnet" in params:
-            return self._add_magnet(params["magnet"], dest)
+            return self._add_magnet(params["magnet"], dest, up, down)
         raw = params.get("torrent")
         if not isinstance(raw, bytes) or len(raw) > MAX_TORRENT_BYTES:
             raise RpcError("bad_params", "torrent must be the bytes of a .torrent file")
@@ -142,17 +167,15 @@ class PeerApp:
             raise RpcError("bad_torrent", str(exc)) from None
         stem = self.library / meta.info_hash.hex()
         atomic_write(stem.with_suffix(".torrent"), raw)
-        if dest is not None:
-            atomic_write(stem.with_suffix(".dest"), dest.encode())
+        self._save_options(stem, dest, up, down)
         try:
-            torrent = await self.session.add(meta, Path(dest) if dest else None)
+            torrent = await self.session.add(meta, Path(dest) if dest else None, upload_rate=up, download_rate=down)
         except (ValueError, OSError) as exc:
-            stem.with_suffix(".torrent").unlink(missing_ok=True)
-            stem.with_suffix(".dest").unlink(missing_ok=True)
+            self._forget(stem)
             raise RpcError("refused", str(exc)) from None
         return {"info_hash": meta.info_hash.hex(), "name": meta.name, "state": torrent.state}
 
-    def _add_magnet(self, uri, dest: str | None) -> dict:
+    def _add_magnet(self, uri, dest: str | None, up: int, down: int) -> dict:
         if not isinstance(uri, str) or len(uri) > MAX_TORRENT_BYTES:
             raise RpcError("bad_params", "magnet must be a magnet: URI")
         try:
@@ -168,9 +191,8 @@ class PeerApp:
                 raise RpcError("refused", f"already {self.ctx.config.peer.max_torrents} torrents (peer.max_torrents)")
             stem = self.library / magnet.info_hash.hex()
             atomic_write(stem.with_suffix(".magnet"), uri.encode())
-            if dest is not None:
-                atomic_write(stem.with_suffix(".dest"), dest.encode())
-            self._start_fetch(magnet, Path(dest) if dest else None)
+            self._save_options(stem, dest, up, down)
+            self._start_fetch(magnet, Path(dest) if dest else None, up, down)
         return {"info_hash": magnet.info_hash.hex(), "name": name, "state": "metadata"}
 
     async def rpc_status(self, params) -> list:
@@ -180,6 +202,7 @@ class PeerApp:
                 "info_hash": info_hash.hex(), "name": magnet.display_name or info_hash.hex(), "state": "metadata",
                 "size": 0, "pieces": 0, "have": 0, "peers": 0, "uploaded": 0, "downloaded": 0,
                 "down_rate": 0.0, "up_rate": 0.0, "left": 0, "path": "", "eta": None,
+                "upload_limit": 0, "download_limit": 0,
             })
         return rows
 
@@ -213,17 +236,35 @@ class PeerApp:
         except ValueError as exc:
             raise RpcError("bad_params", str(exc)) from None
 
+    async def rpc_limits(self, params) -> dict:
+        info_hash = _info_hash(params)
+        torrent = self.session.torrents.get(info_hash)
+        if torrent is None:
+            raise RpcError("not_found", "no such torrent")
+        up, down = _rates(params)
+        torrent.set_limits(up, down)
+        self._save_options(self.library / info_hash.hex(), None, up, down)
+        return torrent.status()
+
     async def rpc_remove(self, params) -> dict:
         info_hash = _info_hash(params)
         removed = self.session.remove(info_hash)
         if info_hash in self.fetching:
             self.fetching[info_hash][2].cancel()
             removed = True
-        stem = self.library / info_hash.hex()
-        stem.with_suffix(".magnet").unlink(missing_ok=True)
-        stem.with_suffix(".torrent").unlink(missing_ok=True)
-        stem.with_suffix(".dest").unlink(missing_ok=True)
+        self._forget(self.library / info_hash.hex())
         return {"removed": removed}
+
+
+MAX_RATE = 1 << 40  # bytes/s; a bound on what a client may set, far above any link
+
+
+def _rates(params) -> tuple[int, int]:
+    up, down = params.get("upload_rate", 0), params.get("download_rate", 0)
+    for name, v in (("upload_rate", up), ("download_rate", down)):
+        if type(v) is not int or not 0 <= v <= MAX_RATE:
+            raise RpcError("bad_params", f"{name} must be an integer number of bytes/s, 0 to {MAX_RATE}")
+    return up, down
 
 
 def _info_hash(params) -> bytes:

@@ -250,7 +250,7 @@ class PeerLink:
         t.downloaded += n
         t.metrics.down.inc(n)
         t.choker.record_download(self, n, now)
-        await t.session.download_throttle.take(n)
+        await t.take_download(n)
         for other in t.picker.block_received(self, ev.index, ev.begin):
             other.cancel(ev.index, ev.begin, n)
         await t.store_block(self, ev.index, ev.begin, ev.block)
@@ -278,7 +278,7 @@ class PeerLink:
                 await self.requests_ready.wait()
                 continue
             r = self.requests.popleft()
-            await t.session.upload_throttle.take(r.length)
+            await t.take_upload(r.length)
             if self.am_choking:
                 # Choked while this one waited for tokens: set_choking rejected
                 # the queue, but not the request already taken from it.

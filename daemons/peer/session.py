@@ -24,9 +24,9 @@ from shoal.protocol.errors import RemoteProtocolError
 from shoal.protocol.metainfo import Metainfo
 
 from ..runtime.config import ListenAddr
-from ..runtime.ratelimit import TokenBucket
 from .config import PeerConfig
 from .metrics import PeerMetrics
+from .throttle import Throttle
 from .torrent import HANDSHAKE_TIMEOUT, Torrent
 
 log = logging.getLogger("shoal.peer")
@@ -35,26 +35,6 @@ log = logging.getLogger("shoal.peer")
 MAX_BANS = 10_000
 # One peer may not hold more half-open incoming handshakes than the hard limit.
 RECEIVE_SIZE = 65536
-
-
-class Throttle:
-    """A shared byte-rate limit; ``rate`` 0 means unlimited."""
-
-    def __init__(self, rate: int) -> None:
-        self.set_rate(rate)
-
-    def set_rate(self, rate: int) -> None:
-        self.rate = rate
-        # A burst of a quarter second, but never less than two blocks, so a
-        # 16 KiB request can always eventually be paid for.
-        self.bucket = TokenBucket(rate, max(rate / 4, 2 * 16384), trio.current_time()) if rate else None
-
-    async def take(self, nbytes: int) -> None:
-        while self.bucket is not None:
-            now = trio.current_time()
-            if self.bucket.take(now, nbytes):
-                return
-            await trio.sleep((nbytes - self.bucket.tokens) / self.rate)
 
 
 def make_peer_id(prefix: str) -> bytes:
@@ -96,12 +76,15 @@ class Session:
         task_status.started(ListenAddr(sockname[0], sockname[1]))
         await trio.serve_listeners(self._accept, listeners)
 
-    async def add(self, meta: Metainfo, save_dir: Path | None = None) -> Torrent:
+    async def add(self, meta: Metainfo, save_dir: Path | None = None, *, upload_rate: int = 0,
+                  download_rate: int = 0) -> Torrent:
+        """Start a torrent; its own rate limits (bytes/s, 0 = none) apply within the global ones."""
         if meta.info_hash in self.torrents:
             return self.torrents[meta.info_hash]
         if len(self.torrents) >= self.config.peer.max_torrents:
             raise ValueError(f"already {len(self.torrents)} torrents (peer.max_torrents)")
         torrent = Torrent(self, meta, save_dir or self.download_dir)
+        torrent.set_limits(upload_rate, download_rate)
         self.torrents[meta.info_hash] = torrent
         try:
             await self._nursery.start(self._run_torrent, torrent)

@@ -37,6 +37,7 @@ from .link import Banned, PeerLink
 from .picker import BLOCK_SIZE, PiecePicker
 from .storage import MAX_BLOCK_LENGTH, Storage
 from .superseed import SuperSeeder
+from .throttle import Throttle
 from .webseed import WebSeed
 
 if TYPE_CHECKING:
@@ -100,6 +101,8 @@ class Torrent:
         self._rounds_seen = 0
         self._cancel = trio.CancelScope()
         self.super: SuperSeeder | None = None  # set while super-seeding (BEP 16)
+        self.upload_throttle = Throttle(0)  # this torrent's own limits, within the session's
+        self.download_throttle = Throttle(0)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -136,6 +139,21 @@ class Torrent:
     def stop(self) -> None:
         self._cancel.cancel()
 
+    def set_limits(self, upload_rate: int, download_rate: int) -> None:
+        """This torrent's own rate limits, bytes/s (0: only the session's apply)."""
+        if upload_rate < 0 or download_rate < 0:
+            raise ValueError("rates must be >= 0")
+        self.upload_throttle.set_rate(upload_rate)
+        self.download_throttle.set_rate(download_rate)
+
+    async def take_upload(self, nbytes: int) -> None:
+        await self.upload_throttle.take(nbytes)
+        await self.session.upload_throttle.take(nbytes)
+
+    async def take_download(self, nbytes: int) -> None:
+        await self.download_throttle.take(nbytes)
+        await self.session.download_throttle.take(nbytes)
+
     def _update_state(self) -> None:
         if self.picker.complete:
             if self.state != "seeding":
@@ -156,6 +174,7 @@ class Torrent:
             "peers": len(self.links), "uploaded": self.uploaded, "downloaded": self.downloaded,
             "down_rate": down, "up_rate": up, "left": left, "path": str(self.save_dir),
             "eta": left / down if down > 0 else None,
+            "upload_limit": self.upload_throttle.rate, "download_limit": self.download_throttle.rate,
         }
 
     def left(self) -> int:

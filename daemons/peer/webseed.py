@@ -131,7 +131,7 @@ class WebSeed:
                 pos += b.length
                 if not t.picker.is_requested(self, b.index, b.begin):
                     continue  # someone else delivered it meanwhile (end-game)
-                await t.session.download_throttle.take(b.length)
+                await t.take_download(b.length)
                 for other in t.picker.block_received(self, b.index, b.begin):
                     other.cancel(b.index, b.begin, b.length)
                 self.downloaded += b.length

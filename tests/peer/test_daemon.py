@@ -77,6 +77,11 @@ async def test_daemon_downloads_what_the_cli_adds_and_seeds_again_after_restart(
             async with await connect_unix(sock) as rpc:
                 (row,) = await rpc.call("status")
             assert row["state"] == "seeding" and row["downloaded"] == 0
+            limited = await shoal("peer", "limit", "dataset", "--upload-rate", "65536", "--socket", sock)
+            assert limited.returncode == 0 and "upload limit 65536" in limited.stdout, limited.stderr
+            assert (state / "torrents" / f"{meta.info_hash.hex()}.limits").read_text().split() == ["65536", "0"]
+            bad = await shoal("peer", "limit", "dataset", "--upload-rate", "-5", "--socket", sock)
+            assert bad.returncode == 2 and "upload_rate must be an integer" in bad.stderr
             streamed = await shoal("peer", "stream", "dataset", "--rate", "1000000", "--socket", sock)
             assert streamed.returncode == 0 and "0 pieces now have deadlines" in streamed.stdout
             bad = await shoal("peer", "stream", "dataset", "--rate", "1000", "--offset", "99999999", "--socket", sock)
