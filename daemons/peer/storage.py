@@ -248,6 +248,44 @@ class Storage:
                 pos += n
             return True
 
+    def write_piece(self, index: int, blocks: list[tuple[int, bytes]]) -> bool:
+        """Hash a whole piece from memory and, if it matches, write it and mark it verified.
+
+        ``blocks`` are ``(begin, data)`` covering the piece exactly. This is
+        :meth:`write_block` for each block then :meth:`verify_piece`, without
+        reading the piece back from the page cache to hash it. Data that
+        fails its hash is not written. Returns whether it matched.
+        """
+        with self._lock:
+            self._check_started()
+            self._check_index(index)
+            blocks = sorted(blocks, key=lambda b: b[0])
+            size = self.metainfo.piece_size(index)
+            pos = 0
+            for begin, data in blocks:
+                if begin != pos:
+                    raise ValueError(f"piece {index}: blocks do not cover it (gap or overlap at {pos})")
+                pos += len(data)
+            if pos != size:
+                raise ValueError(f"piece {index}: blocks cover {pos} of {size} bytes")
+            if self._bit(index):
+                return True
+            data = b"".join(b for _, b in blocks)
+            self.hashes_computed += 1
+            if hashlib.sha1(data).digest() != self.metainfo.piece_hash(index):
+                return False
+            view = memoryview(data)
+            pos = 0
+            for fi, within, n in self._piece_segments(index):
+                if not self.metainfo.files[fi].pad:
+                    _pwrite_all(self._fd(fi, write=True), view[pos:pos + n], within)
+                    self._dirty.add(fi)
+                pos += n
+            self._set(index)
+            if self.complete:
+                self._create_empty_files()
+            return True
+
     def read_block(self, index: int, begin: int, length: int) -> bytes:
         """The bytes of a verified piece; :class:`NotVerified` otherwise."""
         with self._lock:

@@ -190,9 +190,12 @@ class Torrent:
         Handing each 16 KiB block to a worker thread cost more CPU than the
         transfer itself, so blocks wait in memory until their piece is
         complete (or WRITE_BATCH bytes of it, or WRITE_BUFFER overall) and go
-        to disk in one thread hop. The picker counts a block as received
-        before it is on disk, so a piece is verified by whichever write of it
-        finishes last, never while another batch is still on its way.
+        to disk in one thread hop. Usually the batch is the whole piece: it
+        is hashed from memory and written only if it matches. Otherwise (a
+        piece larger than WRITE_BATCH, or memory pressure) the picker counts a
+        block as received before it is on disk, so a piece is verified from
+        disk by whichever write of it finishes last, never while another
+        batch is still on its way.
         """
         pending = self.pending.setdefault(index, [])
         pending.append((begin, block))
@@ -203,18 +206,25 @@ class Torrent:
             return
         batch = self.pending.pop(index)
         self.pending_bytes -= piece_bytes
+        # The usual case: the whole piece is in this one batch. It is hashed
+        # from memory and written only if it matches, in one thread hop.
+        whole = complete and index not in self.writing and piece_bytes == self.meta.piece_size(index)
         self.writing[index] = self.writing.get(index, 0) + 1
         try:
-            await trio.to_thread.run_sync(self._write_batch, index, batch)
+            if whole:
+                ok = await trio.to_thread.run_sync(self.storage.write_piece, index, batch)
+            else:
+                await trio.to_thread.run_sync(self._write_batch, index, batch)
         finally:
             self.writing[index] -= 1
             last = self.writing[index] == 0
             if last:
                 del self.writing[index]
-        if not last or index in self.pending or not self.picker.all_blocks_received(index) \
-                or self.picker.have(index):
-            return
-        ok = await trio.to_thread.run_sync(self.storage.verify_piece, index)
+        if not whole:
+            if not last or index in self.pending or not self.picker.all_blocks_received(index) \
+                    or self.picker.have(index):
+                return
+            ok = await trio.to_thread.run_sync(self.storage.verify_piece, index)
         if not ok:
             self.metrics.failed.inc()
             culprits = self.picker.piece_failed(index)

@@ -449,3 +449,24 @@ def test_sigkill_at_random_moments_never_leaves_a_false_claim(tmp_path: Path):
     assert st.load_resume() is True and st.complete and st.hashes_computed == 0
     assert disk_stream(meta, root) == stream
     st.close()
+
+
+def test_write_piece_hashes_from_memory_and_writes_only_a_match(tmp_path):
+    """The whole-piece path: the same bytes on disk as block writes + verify, across files."""
+    meta, stream, _ = make("multi", MULTI, piece_length=2 * K16)
+    st = opened(meta, tmp_path / "dl", state_dir=tmp_path / "state")
+    before = st.hashes_computed
+    for i in range(meta.num_pieces):
+        off, size = i * meta.piece_length, meta.piece_size(i)
+        blocks = [(b, stream[off + b:off + min(b + K16, size)]) for b in range(0, size, K16)]
+        if i == 0:
+            bad = [(b, bytes(len(d))) for b, d in blocks]
+            assert not st.write_piece(0, bad) and not st.is_verified(0)
+        assert st.write_piece(i, blocks[::-1]) and st.is_verified(i)  # any order
+    assert st.complete and st.hashes_computed - before == meta.num_pieces + 1
+    st.close()
+    fresh = opened(meta, tmp_path / "dl", state_dir=tmp_path / "other")  # no resume data: re-hash from disk
+    assert fresh.complete
+    fresh.close()
+    with pytest.raises(ValueError):
+        opened(meta, tmp_path / "x", state_dir=tmp_path / "s2").write_piece(0, [(0, stream[:K16])])
