@@ -58,6 +58,33 @@ DAEMONS: dict[str, DaemonSpec] = {
         "shoal.daemons.peer.daemon:make_app",
         commands="shoal.daemons.peer.cli:add_commands",
     ),
+    "checkpoint": DaemonSpec(
+        "shoal.daemons.checkpoint.config:CheckpointConfig",
+        "shoal.daemons.checkpoint.daemon:make_app",
+        "shoal.daemons.checkpoint.config:check_config",
+        commands="shoal.daemons.checkpoint.cli:add_commands",
+    ),
+    "telemetry": DaemonSpec(
+        "shoal.daemons.telemetry.config:TelemetryConfig",
+        "shoal.daemons.telemetry.daemon:make_app",
+        commands="shoal.daemons.telemetry.cli:add_commands",
+    ),
+    "fedserver": DaemonSpec(
+        "shoal.daemons.fedserver.config:FedserverConfig",
+        "shoal.daemons.fedserver.daemon:make_app",
+        commands="shoal.daemons.fedserver.cli:add_commands",
+    ),
+    "dispatcher": DaemonSpec(
+        "shoal.daemons.dispatcher.config:DispatcherConfig",
+        "shoal.daemons.dispatcher.daemon:make_app",
+        "shoal.daemons.dispatcher.daemon:check_config",
+        commands="shoal.daemons.dispatcher.cli:add_commands",
+    ),
+    "worker": DaemonSpec(
+        "shoal.daemons.worker.config:WorkerConfig",
+        "shoal.daemons.worker.daemon:make_app",
+        "shoal.daemons.worker.daemon:check_config",
+    ),
 }
 
 

@@ -208,6 +208,9 @@ async def _scrape_metrics(addr: ListenAddr) -> str:
 #: itself; a part that fails does not stop the later ones.
 PARTS: dict[str, str] = {
     "swarm": "shoal.daemons.demo:swarm_tour",
+    "dispatch": "shoal.daemons.dispatcher.demo:tour",
+    "telemetry": "shoal.daemons.telemetry.demo:tour",
+    "checkpoint": "shoal.daemons.checkpoint.demo:tour",
 }
 
 

@@ -399,7 +399,66 @@ def _peer_registry() -> CollectorRegistry:
 
 
 #: Daemon -> its metrics registry, as the daemon builds it (own + runtime metrics).
+def _dispatcher_registry() -> CollectorRegistry:
+    from shoal.daemons.dispatcher.core import Core
+    from shoal.daemons.dispatcher.metrics import DispatcherMetrics
+    from shoal.daemons.dispatcher.store import Store
+
+    registry = CollectorRegistry()
+    metrics = DispatcherMetrics(registry)
+    metrics.watch(registry, Core(Store(Path(":memory:")), lambda name: None))
+    rt = runtime_metrics(registry, "dispatcher")
+    rt.rpc_errors.labels(reason="bad_frame")
+    return registry
+
+
+def _worker_registry() -> CollectorRegistry:
+    from shoal.daemons.worker.metrics import WorkerMetrics
+
+    registry = CollectorRegistry()
+    WorkerMetrics(registry, lambda: (0, 0, 0, 0))
+    runtime_metrics(registry, "worker")
+    return registry
+
+
 REGISTRIES = {"tracker": _tracker_registry, "peer": _peer_registry}
+REGISTRIES.update(dispatcher=_dispatcher_registry, worker=_worker_registry)
+
+
+def _telemetry_registry() -> CollectorRegistry:
+    from shoal.daemons.telemetry.metrics import TelemetryMetrics
+
+    registry = CollectorRegistry()
+    TelemetryMetrics(registry)
+    runtime_metrics(registry, "telemetry").rpc_errors.labels(reason="bad_frame")
+    return registry
+
+
+def _fedserver_registry() -> CollectorRegistry:
+    from shoal.daemons.fedserver.metrics import FedserverMetrics
+
+    registry = CollectorRegistry()
+    FedserverMetrics(registry).run_seconds.observe(1.0)
+    runtime_metrics(registry, "fedserver").rpc_errors.labels(reason="bad_frame")
+    return registry
+
+
+REGISTRIES.update(telemetry=_telemetry_registry, fedserver=_fedserver_registry)
+
+
+def _checkpoint_registry() -> CollectorRegistry:
+    from shoal.daemons.checkpoint.metrics import CheckpointMetrics
+
+    registry = CollectorRegistry()
+    metrics = CheckpointMetrics(registry, lambda: {})
+    metrics.overhead.observe(0.01)
+    metrics.latency.observe(0.01)
+    metrics.recovery.observe(0.1)
+    runtime_metrics(registry, "checkpoint").rpc_errors.labels(reason="bad_frame")
+    return registry
+
+
+REGISTRIES.update(checkpoint=_checkpoint_registry)
 
 
 def known_metrics(daemon: str | None = None) -> dict[str, set[str]]:
@@ -544,6 +603,60 @@ DASHBOARD_METRICS = {
         "shoal_peer_config_reloads_total",
     ),
 }
+DASHBOARD_METRICS.update(
+    dispatcher=(
+        "shoal_dispatcher_tasks_submitted_total",
+        "shoal_dispatcher_tasks_started_total",
+        "shoal_dispatcher_tasks_finished_total",
+        "shoal_dispatcher_tasks_failed_total",
+        "shoal_dispatcher_queue_depth",
+        "shoal_dispatcher_response_time_seconds_bucket",
+        "shoal_dispatcher_deadline_misses_total",
+        "shoal_dispatcher_dispatch_decision_seconds_bucket",
+        "shoal_dispatcher_specs_rejected_total",
+        "shoal_dispatcher_workers",
+    ),
+    worker=(
+        "shoal_worker_running_tasks",
+        "shoal_worker_slots",
+        "shoal_worker_tasks_finished_total",
+        "shoal_worker_task_duration_seconds_bucket",
+    ),
+)
+DASHBOARD_METRICS.update(
+    telemetry=(
+        "shoal_telemetry_window_score",
+        "shoal_telemetry_threshold",
+        "shoal_telemetry_window_anomalous",
+        "shoal_telemetry_windows_total",
+        "shoal_telemetry_model_installs_total",
+        "shoal_telemetry_source_errors_total",
+        "shoal_telemetry_sample_duration_seconds_bucket",
+    ),
+    fedserver=(
+        "shoal_fedserver_runs_total",
+        "shoal_fedserver_run_duration_seconds_bucket",
+        "shoal_fedserver_last_success_timestamp_seconds",
+        "shoal_fedserver_catch_ups_total",
+    ),
+)
+DASHBOARD_METRICS.update(
+    checkpoint=(
+        "shoal_checkpoint_overhead_seconds_bucket",
+        "shoal_checkpoint_latency_seconds_bucket",
+        "shoal_checkpoint_recovery_seconds_bucket",
+        "shoal_checkpoint_checkpoints_total",
+        "shoal_checkpoint_grants_total",
+        "shoal_checkpoint_rank_failures_total",
+        "shoal_checkpoint_recoveries_total",
+        "shoal_checkpoint_refused_total",
+        "shoal_checkpoint_parity_bytes",
+        "shoal_checkpoint_msglog_bytes",
+        "shoal_checkpoint_optimal_interval_seconds",
+        "shoal_checkpoint_overhead_ratio",
+        "shoal_checkpoint_backup_in_sync",
+    ),
+)
 
 
 @pytest.mark.parametrize("name", sorted(systemd.DAEMONS))

@@ -94,6 +94,47 @@ DAEMONS: dict[str, DaemonUnit] = {
                 ("LimitNOFILE", "65536", "one descriptor per peer connection and per open torrent file"),
             ),
         ),
+        DaemonUnit(
+            "checkpoint",
+            "Shoal checkpoint coordinator or backup (in-memory N+1 parity of application checkpoints)",
+            service=(
+                ("LimitNOFILE", "65536", "three RPC connections per rank of every group"),
+            ),
+        ),
+        DaemonUnit(
+            "dispatcher",
+            "Shoal dispatcher (DAG jobs of dependent tasks, pulled by workers)",
+            service=(
+                ("LimitNOFILE", "65536", "one descriptor per worker and client connection"),
+            ),
+        ),
+        DaemonUnit(
+            "worker",
+            "Shoal worker (runs the dispatcher's tasks, each in its own process)",
+            service=(
+                ("MemoryDenyWriteExecute", "no",
+                 "tasks may be JIT runtimes (Java, Node.js, PyPy) that need writable+executable memory"),
+                ("LimitNOFILE", "65536", "two pipes per running task and the dispatcher connection"),
+            ),
+        ),
+        DaemonUnit(
+            "telemetry",
+            "Shoal node telemetry (collector, ONNX anomaly detector, Flower SuperNode)",
+            service=(
+                ("ProcSubset", "all",
+                 "the collector reads /proc/stat, /proc/meminfo, /proc/diskstats and /proc/net/dev"),
+                ("TimeoutStopSec", "20",
+                 "the graceful stop also stops the SuperNode (stop_timeout 10 s plus its own 5 s grace)"),
+            ),
+        ),
+        DaemonUnit(
+            "fedserver",
+            "Shoal federated averaging server (Flower SuperLink, FedAvg runs)",
+            service=(
+                ("TimeoutStopSec", "20",
+                 "the graceful stop also stops the SuperLink (stop_timeout 10 s plus its own 5 s grace)"),
+            ),
+        ),
     )
 }
 

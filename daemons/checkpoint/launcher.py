@@ -1,0 +1,228 @@
+"""Run a checkpointed app as real processes, kill ranks, and check the result.
+
+``run_app`` serves a coordinator (and a backup) in this process on loopback,
+starts one process per rank (``python -m shoal.daemons.checkpoint.launcher
+rank ...``), sends SIGKILL to the ranks named in ``kills`` at their times and
+starts a replacement process for each, which joins under the dead rank's id
+and receives its state. When every rank has exited, each rank's result file is
+compared with the app's sequential reference, bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import trio
+
+from ..runtime.config import DaemonSection, ListenAddr
+from ..runtime.daemon import serve
+from ..runtime.rpc import connect_tcp
+from ..runtime.state import atomic_write
+from .apps import load
+from .config import CheckpointConfig, CheckpointSection
+
+LOOPBACK = ListenAddr("127.0.0.1", 0)
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    elapsed: float
+    results_equal: list[bool]
+    status: dict
+    rank_stats: dict[int, dict] = field(default_factory=dict)
+    kills: list[tuple[int, float]] = field(default_factory=list)
+
+
+def parse_kill(text: str) -> tuple[int, float]:
+    """``RANK@SECONDS`` -> (rank, seconds)."""
+    rank, sep, when = text.partition("@")
+    try:
+        if not sep:
+            raise ValueError
+        return int(rank), float(when)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RANK@SECONDS, got {text!r}") from None
+
+
+async def serve_role(nursery: trio.Nursery, role: str, tmp: Path, *, backup: ListenAddr | None = None,
+                     heartbeat: float = 0.5) -> tuple[object, trio.CancelScope]:
+    """A coordinator or backup daemon served in-process on loopback; (ctx, scope)."""
+    from .daemon import CheckpointApp
+
+    section = replace(CheckpointSection(), role=role, listen=LOOPBACK, backup=backup,
+                      heartbeat_interval=heartbeat, heartbeat_timeout=heartbeat * 6)
+    cfg = CheckpointConfig(daemon=DaemonSection(metrics_listen=LOOPBACK, state_directory=str(tmp / role)),
+                           checkpoint=section)
+    scope = trio.CancelScope()
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        with scope:
+            await serve("checkpoint", cfg, None, CheckpointApp, handle_signals=False, task_status=task_status)
+
+    ctx = await nursery.start(run)
+    return ctx, scope
+
+
+async def run_app(app: str, ranks: int, *, size: int, kills: list[tuple[int, float]] = (), mode: str = "enhanced",
+                  interval: float = 0.2, block_size: int = 65536, shards: int = 1, out=sys.stdout,
+                  timeout: float = 120.0, group: str = "demo") -> Outcome:
+    from ..runtime.logs import setup_logging
+
+    setup_logging("warning", "checkpoint")
+    module = load(app)
+    start = began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="shoal-ckpt-") as tmpname:
+        tmp = Path(tmpname)
+        async with trio.open_nursery() as nursery:
+            bctx, bscope = await serve_role(nursery, "backup", tmp)
+            cctx, cscope = await serve_role(nursery, "coordinator", tmp, backup=bctx.addresses["rpc"])
+            coord = cctx.addresses["rpc"]
+            print(f"coordinator rpc={coord} metrics=http://{cctx.addresses['metrics']}/metrics, "
+                  f"backup rpc={bctx.addresses['rpc']}", file=out)
+
+            def argv(i: int) -> list[str]:
+                return [sys.executable, "-m", "shoal.daemons.checkpoint.launcher", "rank", "--app", app,
+                        "--rank", str(i), "--n", str(ranks), "--coordinator", str(coord), "--group", group,
+                        "--mode", mode, "--interval", str(interval), "--size", str(size),
+                        "--block-size", str(block_size), "--shards", str(shards),
+                        "--out", str(tmp / f"rank{i}")]
+
+            procs: dict[int, trio.Process] = {}
+            exits: dict[int, int] = {}
+            all_done = trio.Event()
+
+            async def spawn(i: int) -> None:
+                proc = await trio.lowlevel.open_process(argv(i), stdin=subprocess.DEVNULL)
+                procs[i] = proc
+                code = await proc.wait()
+                if procs.get(i) is proc and code != -signal.SIGKILL:
+                    exits[i] = code
+                    if len(exits) == ranks:
+                        all_done.set()
+
+            async with trio.open_nursery() as ranks_nursery:
+                for i in range(ranks):
+                    ranks_nursery.start_soon(spawn, i)
+                print(f"{app}: {ranks} rank processes, mode {mode}, checkpoint every {interval}s", file=out)
+                with trio.move_on_after(timeout) as deadline:
+                    # Kill times count from the moment every rank has joined and
+                    # taken checkpoint 0 (process start-up varies a lot).
+                    async with await connect_tcp(coord) as client:
+                        while not all_done.is_set():
+                            groups = (await client.call("status"))["groups"]
+                            if groups and groups[0]["phase"] != "starting":
+                                break
+                            await trio.sleep(0.05)  # polling the coordinator's status
+                    start = time.monotonic()
+                    print(f"  [ 0.00s] all {ranks} ranks joined and hold checkpoint 0", file=out)
+                    for victim, when in sorted(kills, key=lambda k: k[1]):
+                        with trio.move_on_after(max(0.0, start + when - time.monotonic())):
+                            await all_done.wait()
+                        if all_done.is_set():
+                            print(f"  [{time.monotonic() - start:5.2f}s] finished before the kill of rank {victim}",
+                                  file=out)
+                            break
+                        async with await connect_tcp(coord) as client:
+                            groups = (await client.call("status"))["groups"]
+                        if not groups or groups[0]["phase"] == "finished":
+                            print(f"  [{time.monotonic() - start:5.2f}s] the app finished before the kill of "
+                                  f"rank {victim}", file=out)
+                            break
+                        proc = procs.get(victim)
+                        if proc is not None and proc.returncode is None:
+                            proc.send_signal(signal.SIGKILL)
+                            await proc.wait()
+                            print(f"  [{time.monotonic() - start:5.2f}s] SIGKILL rank {victim} "
+                                  f"(pid {proc.pid}); starting a replacement", file=out)
+                            ranks_nursery.start_soon(spawn, victim)
+                    await all_done.wait()
+                if deadline.cancelled_caught:
+                    print(f"timed out after {timeout}s", file=out)
+                    for p in procs.values():
+                        if p.returncode is None:
+                            p.kill()
+                    ranks_nursery.cancel_scope.cancel()
+            async with await connect_tcp(coord) as client:
+                status = await client.call("status")
+            cscope.cancel()
+            bscope.cancel()
+        elapsed = time.monotonic() - began
+        reference = module.reference(ranks, size)
+        equal, stats = [], {}
+        for i in range(ranks):
+            path = tmp / f"rank{i}"
+            equal.append(path.exists() and path.read_bytes() == reference[i])
+            if (tmp / f"rank{i}.json").exists():
+                stats[i] = json.loads((tmp / f"rank{i}.json").read_text())
+    ok = all(equal) and all(code == 0 for code in exits.values()) and len(exits) == ranks
+    return Outcome(ok, elapsed, equal, status, stats, list(kills))
+
+
+def describe(outcome: Outcome, out=sys.stdout) -> None:
+    for g in outcome.status["groups"]:
+        print(f"  group {g['group']}: n={g['n']} mode={g['mode']} epoch={g['epoch']} checkpoints={g['numbers']}",
+              file=out)
+        print(f"  O={g['O'] * 1e3:.2f} ms  L={g['L'] * 1e3:.2f} ms  R={g['R'] * 1e3:.2f} ms  "
+              f"T_opt={g['T_opt']:.1f} s  r={g['r']:.5f}", file=out)
+    for i, s in sorted(outcome.rank_stats.items()):
+        extra = f", recovered {s['recovered_bytes']} bytes in {s['recovery_seconds']:.3f}s" \
+            if s.get("recovery_seconds") is not None else ""
+        print(f"  rank {i}: {s['checkpoints']} checkpoints, {s['rollbacks']} rollbacks, {s['replayed']} "
+              f"messages replayed, {s['dropped']} orphans dropped{extra}", file=out)
+    verdict = "bit-identical to the failure-free reference" if outcome.ok else "DIFFERENT from the reference"
+    print(f"result: {verdict} ({sum(outcome.results_equal)}/{len(outcome.results_equal)} ranks) "
+          f"in {outcome.elapsed:.2f}s", file=out)
+
+
+# -- one rank process --------------------------------------------------------------
+
+
+async def _rank(args: argparse.Namespace) -> int:
+    from .client import Rank
+
+    module = load(args.app)
+    rank = Rank(ListenAddr.parse(args.coordinator), args.group, args.rank, args.n, mode=args.mode,
+                interval=args.interval, block_size=args.block_size, parity_shards=args.shards)
+    module.setup(rank, args.size)
+    result = await rank.run(module.main)
+    out = Path(args.out)
+    atomic_write(out, result)
+    stats = {k: v for k, v in rank.stats.items() if k != "overhead"}
+    atomic_write(out.with_suffix(".json"), json.dumps(stats).encode())
+    return 0
+
+
+def rank_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="shoal-ckpt-rank")
+    p.add_argument("--app", required=True)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--coordinator", required=True)
+    p.add_argument("--group", default="demo")
+    p.add_argument("--mode", default="enhanced", choices=["enhanced", "blocking"])
+    p.add_argument("--interval", type=float, default=0.2)
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--block-size", type=int, default=65536)
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    from ..runtime.logs import setup_logging
+
+    setup_logging("warning", f"rank{args.rank}")
+    return trio.run(_rank, args)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["rank"]:
+        sys.exit(rank_main(sys.argv[2:]))
+    print("usage: python -m shoal.daemons.checkpoint.launcher rank ...", file=sys.stderr)
+    sys.exit(2)

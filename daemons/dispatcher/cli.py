@@ -1,0 +1,176 @@
+"""``shoal submit JOB``, ``shoal jobs``, ``shoal job ID [--logs]``, ``shoal dispatch simulate``,
+and ``shoal dispatcher workers|exclude``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DISPATCHER = "127.0.0.1:7460"
+MAX_SPEC_BYTES = 900 * 1024  # the dispatcher's own limit may be lower (max_spec_bytes)
+
+
+def add_commands(dispatcher: argparse._SubParsersAction, top: argparse._SubParsersAction) -> None:
+    def conn(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--dispatcher", default=os.environ.get("SHOAL_DISPATCHER", DEFAULT_DISPATCHER),
+                       help=f"host:port of the dispatcher (default $SHOAL_DISPATCHER or {DEFAULT_DISPATCHER})")
+        p.add_argument("--token-file", default=os.environ.get("SHOAL_TOKEN_FILE"),
+                       help="file with the dispatcher's RPC token (default $SHOAL_TOKEN_FILE; none on loopback)")
+        return p
+
+    s = conn(top.add_parser("submit", help="submit a job (a DAG of tasks, TOML or JSON)"))
+    s.add_argument("job", help="the job spec file ('-' reads stdin)")
+    s.add_argument("--policy", help="dispatch policy for this job (default: the spec's, else the dispatcher's)")
+    s.add_argument("--wait", action="store_true", help="show progress until the job finishes; exit 1 if it fails")
+    s.set_defaults(func=cmd_submit)
+
+    j = conn(top.add_parser("jobs", help="list recent jobs"))
+    j.add_argument("--limit", type=int, default=20)
+    j.set_defaults(func=cmd_jobs)
+
+    one = conn(top.add_parser("job", help="one job's tasks, states and outputs"))
+    one.add_argument("id", type=int)
+    one.add_argument("--logs", action="store_true", help="also print each task's captured stdout and stderr")
+    one.set_defaults(func=cmd_job)
+
+    w = conn(dispatcher.add_parser("workers", help="the live workers and their queues"))
+    w.set_defaults(func=cmd_workers)
+    x = conn(dispatcher.add_parser("exclude", help="exclude workers from dispatch (the anomaly hook); none clears"))
+    x.add_argument("workers", nargs="*")
+    x.set_defaults(func=cmd_exclude)
+
+    from .simulate import add_arguments, run
+
+    d = top.add_parser("dispatch", help="dispatch policies offline")
+    dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sim = dsub.add_parser("simulate", help="seed 004's experiments in the discrete-event simulator")
+    add_arguments(sim)
+    sim.set_defaults(func=run)
+
+
+def _fail(message: str) -> int:
+    print(f"shoal: {message}", file=sys.stderr)
+    return 2
+
+
+async def _call(args, method: str, params=None):
+    from ..runtime.config import ListenAddr
+    from ..runtime.rpc import connect_tcp
+    from .wire import read_token
+
+    token = read_token(Path(args.token_file)) if args.token_file else None
+    async with await connect_tcp(ListenAddr.parse(args.dispatcher), token=token) as client:
+        return await client.call(method, params)
+
+
+def rpc(args, method: str, params=None):
+    import trio
+
+    from ..runtime.config import ConfigError
+    from ..runtime.rpc import RpcError
+
+    try:
+        return trio.run(_call, args, method, params)
+    except RpcError as exc:
+        raise SystemExit(_fail(exc.message if exc.code == "bad_spec" else f"{exc.code}: {exc.message}")) from None
+    except (ValueError, ConfigError) as exc:
+        raise SystemExit(_fail(str(exc))) from None
+    except OSError as exc:
+        raise SystemExit(_fail(f"cannot reach the dispatcher at {args.dispatcher}: {exc.strerror or exc}")) from None
+
+
+def cmd_submit(args) -> int:
+    try:
+        spec = sys.stdin.buffer.read() if args.job == "-" else Path(args.job).read_bytes()
+    except OSError as exc:
+        return _fail(f"{args.job}: {exc.strerror}")
+    if len(spec) > MAX_SPEC_BYTES:
+        return _fail(f"{args.job}: {len(spec)} bytes; a spec must fit one RPC frame ({MAX_SPEC_BYTES} bytes): "
+                     "use replicas = N for many alike tasks")
+    params = {"spec": spec}
+    if args.policy:
+        params["policy"] = args.policy
+    reply = rpc(args, "submit", params)
+    print(f"job {reply['job']} accepted: {reply['tasks']} tasks in {reply['units']} units")
+    if not args.wait:
+        return 0
+    while True:
+        view = rpc(args, "job", {"id": reply["job"]})
+        print("\r" + progress_line(view), end="", flush=True)
+        if view["state"] != "running":
+            print()
+            return 0 if view["state"] == "done" else 1
+        time.sleep(0.5)  # a display refresh
+
+
+def progress_line(view: dict) -> str:
+    counts = view["counts"]
+    done, total = counts.get("done", 0), view["total"]
+    bar = "#" * int(24 * done / total) if total else ""
+    rest = " ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "done")
+    return f"job {view['id']} {view['name']:<16} [{bar:<24}] {done}/{total} {view['state']}  {rest}"
+
+
+def _when(t) -> str:
+    return "-" if t is None else time.strftime("%H:%M:%S", time.localtime(t))
+
+
+def cmd_jobs(args) -> int:
+    rows = rpc(args, "jobs", {"limit": args.limit})
+    if not rows:
+        print("no jobs")
+        return 0
+    print(f"{'ID':>6} {'NAME':<20} {'STATE':<8} {'DONE':>11} {'FAILED':>6} {'POLICY':<10} SUBMITTED")
+    for r in rows:
+        print(f"{r['id']:>6} {r['name'][:20]:<20} {r['state']:<8} {r['done']:>5}/{r['tasks']:<5} {r['failed']:>6} "
+              f"{r['policy']:<10} {_when(r['submitted'])}")
+    return 0
+
+
+def _all_tasks(args, view: dict):
+    """The tasks of every page of the job (a page is what fits one RPC frame)."""
+    while True:
+        yield from view["tasks"]
+        offset = view["offset"] + len(view["tasks"])
+        if not view["tasks"] or offset >= view["total"]:
+            return
+        view = rpc(args, "job", {"id": args.id, "logs": args.logs, "offset": offset})
+
+
+def cmd_job(args) -> int:
+    view = rpc(args, "job", {"id": args.id, "logs": args.logs})
+    print(progress_line(view))
+    for t in _all_tasks(args, view):
+        took = f"{t['finished'] - t['started']:.3f}s" if t["finished"] is not None else "-"
+        line = (f"  {t['task']:<24} {t['state']:<9} exit {t['exit_code'] if t['exit_code'] is not None else '-':<4} "
+                f"{took:>9} attempts {t['attempts']} {t['worker'] or ''}")
+        if t["error"]:
+            line += f"  ({t['error']})"
+        print(line)
+        for path, size, digest in t["outputs"]:
+            print(f"      output {path} {size} bytes sha256 {digest[:16]}")
+        if args.logs:
+            for stream in ("stdout", "stderr"):
+                if t.get(stream):
+                    text = t[stream].decode("utf-8", "replace").rstrip("\n")
+                    print(f"    --- {stream}\n" + "\n".join("    " + ln for ln in text.splitlines()))
+    return 0
+
+
+def cmd_workers(args) -> int:
+    rows = rpc(args, "workers")
+    for w in rows:
+        print(f"{w['id']:<24} cpus {w['cpus']:g} mem {w['memory'] / 2**30:.1f} GiB rtt {w['rtt'] * 1000:.2f} ms "
+              f"queued {w['queued']} leased {w['leased']} running {w['running']}"
+              f"{'' if w.get('verdict') is None else ' node ' + w['verdict']}"
+              f"{' EXCLUDED' if w['excluded'] else ''}")
+    return 0 if rows else 1
+
+
+def cmd_exclude(args) -> int:
+    reply = rpc(args, "exclude", {"workers": args.workers})
+    print(f"excluding {reply['excluded']} workers")
+    return 0

@@ -1,0 +1,280 @@
+"""The dispatcher's durable job store: SQLite in WAL mode.
+
+Theory of operation
+-------------------
+What must survive ``kill -9`` is written here before the dispatcher answers:
+
+* a submission is one transaction (the job row with its normalised spec, one
+  row per unit and per task); the job id is only returned after the commit,
+  so an acknowledged job is never lost;
+* a unit's completion is one conditional update,
+  ``UPDATE units SET state='done' WHERE ... AND state='pending'``; only when
+  it changes a row are the task results written and a row appended to the
+  ``completions`` log. A second report of the same unit (at-least-once
+  execution: the lease expired and the unit ran again elsewhere, or the
+  dispatcher restarted and re-dispatched it) changes nothing. So each unit is
+  recorded done exactly once, and the log lets anyone check that;
+* failed attempts and final failures are counted in ``units.attempts``.
+
+Leases and per-worker queues are soft state in memory (:mod:`.core`): after a
+restart every unit that is not done is pending again and is dispatched anew.
+Completions arrive in batches from workers and are written in one transaction
+per batch, which is what makes thousands of tiny tasks per second possible.
+
+``synchronous=NORMAL`` in WAL mode: a commit is in the WAL (the OS page cache)
+before we answer, so killing the process loses nothing; a power cut may lose
+the last transactions. ``durability = "full"`` in the config fsyncs every
+commit instead.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from .jobs import Job, job_from_dict
+
+__all__ = ["Store", "StoredJob", "TaskResult"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    spec BLOB NOT NULL,           -- msgpack of Job.to_dict()
+    policy TEXT NOT NULL,
+    submitted REAL NOT NULL,      -- wall-clock seconds
+    state TEXT NOT NULL,          -- running, done, failed
+    finished REAL
+);
+CREATE TABLE IF NOT EXISTS units (
+    job INTEGER NOT NULL,
+    unit TEXT NOT NULL,
+    state TEXT NOT NULL,          -- pending, done, failed, cancelled
+    attempts INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job, unit)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tasks (
+    job INTEGER NOT NULL,
+    task TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    state TEXT NOT NULL,          -- pending, done, failed, cancelled
+    exit_code INTEGER,
+    worker TEXT,
+    started REAL,
+    finished REAL,
+    error TEXT,
+    stdout BLOB,
+    stderr BLOB,
+    outputs BLOB,                 -- msgpack [[path, size, sha256hex], ...]
+    PRIMARY KEY (job, task)       -- rowid order is the job's topological order
+);
+CREATE TABLE IF NOT EXISTS completions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job INTEGER NOT NULL,
+    unit TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+"""
+
+
+@dataclass(slots=True)
+class TaskResult:
+    """One task's outcome, as a worker reports it."""
+
+    task: str
+    exit_code: int | None  # None: not run (timeout, input failure...)
+    started: float
+    finished: float
+    error: str = ""
+    stdout: bytes = b""
+    stderr: bytes = b""
+    outputs: list[list[Any]] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.error
+
+
+@dataclass(slots=True)
+class StoredJob:
+    id: int
+    job: Job
+    policy: str
+    submitted: float
+    state: str
+    unit_state: dict[str, str]
+    attempts: dict[str, int]
+
+
+class Store:
+    def __init__(self, path: Path, *, durability: str = "normal") -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        self.db.execute("PRAGMA foreign_keys=OFF")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writes ----------------------------------------------------------------
+
+    def add_job(self, job: Job, policy: str, submitted: float) -> int:
+        spec = msgpack.packb(job.to_dict(), use_bin_type=True)
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO jobs (name, spec, policy, submitted, state) VALUES (?, ?, ?, ?, 'running')",
+                (job.name, spec, policy, submitted),
+            )
+            job_id = int(cur.lastrowid)
+            db.executemany("INSERT INTO units (job, unit, state) VALUES (?, ?, 'pending')",
+                           [(job_id, u) for u in job.units])
+            db.executemany(
+                "INSERT INTO tasks (job, task, unit, state) VALUES (?, ?, ?, 'pending')",
+                [(job_id, t, u.id) for u in job.units.values() for t in u.tasks],
+            )
+        return job_id
+
+    def record(self, outcomes: Sequence[tuple[int, str, str, str, Sequence[TaskResult]]], now: float) -> list[bool]:
+        """Write a batch of unit outcomes ``(job, unit, worker, state, results)``.
+
+        ``state`` is ``done``, ``failed`` (final) or ``retry`` (attempts + 1,
+        still pending). Returns, per outcome, whether it changed anything: a
+        unit already done or failed is left alone (idempotent completion).
+        """
+        changed: list[bool] = []
+        with self._tx() as db:
+            for job, unit, worker, state, results in outcomes:
+                if state == "retry":
+                    cur = db.execute(
+                        "UPDATE units SET attempts = attempts + 1 WHERE job=? AND unit=? AND state='pending'",
+                        (job, unit))
+                    changed.append(cur.rowcount == 1)
+                    continue
+                cur = db.execute(
+                    "UPDATE units SET state=?, attempts = attempts + 1 WHERE job=? AND unit=? AND state='pending'",
+                    (state, job, unit),
+                )
+                if cur.rowcount != 1:
+                    changed.append(False)
+                    continue
+                changed.append(True)
+                if state == "done":
+                    db.execute("INSERT INTO completions (job, unit, worker, at) VALUES (?, ?, ?, ?)",
+                               (job, unit, worker, now))
+                for r in results:
+                    db.execute(
+                        "UPDATE tasks SET state=?, exit_code=?, worker=?, started=?, finished=?, error=?, "
+                        "stdout=?, stderr=?, outputs=? WHERE job=? AND task=?",
+                        ("done" if r.ok else "failed", r.exit_code, worker, r.started, r.finished, r.error,
+                         r.stdout, r.stderr, msgpack.packb(r.outputs or [], use_bin_type=True), job, r.task),
+                    )
+        return changed
+
+    def finish_job(self, job: int, state: str, now: float, cancel_units: Iterable[str] = ()) -> None:
+        units = list(cancel_units)
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state=?, finished=? WHERE id=?", (state, now, job))
+            if units:
+                db.executemany("UPDATE units SET state='cancelled' WHERE job=? AND unit=? AND state='pending'",
+                               [(job, u) for u in units])
+                db.execute("UPDATE tasks SET state='cancelled' WHERE job=? AND state='pending'", (job,))
+
+    # -- reads -----------------------------------------------------------------
+
+    def unfinished_jobs(self) -> list[StoredJob]:
+        """Every job still running, with its units' states (for a restart)."""
+        out = []
+        for job_id, spec, policy, submitted, state in self.db.execute(
+            "SELECT id, spec, policy, submitted, state FROM jobs WHERE state='running' ORDER BY id"
+        ).fetchall():
+            job = job_from_dict(msgpack.unpackb(spec, raw=False), _NO_LIMITS)
+            rows = self.db.execute("SELECT unit, state, attempts FROM units WHERE job=?", (job_id,)).fetchall()
+            out.append(StoredJob(job_id, job, policy, submitted, state,
+                                 {u: s for u, s, _a in rows}, {u: a for u, _s, a in rows}))
+        return out
+
+    def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT j.id, j.name, j.policy, j.state, j.submitted, j.finished, "
+            "(SELECT count(*) FROM tasks t WHERE t.job=j.id), "
+            "(SELECT count(*) FROM tasks t WHERE t.job=j.id AND t.state='done'), "
+            "(SELECT count(*) FROM tasks t WHERE t.job=j.id AND t.state='failed') "
+            "FROM jobs j ORDER BY j.id DESC LIMIT ?", (limit,)).fetchall()
+        keys = ("id", "name", "policy", "state", "submitted", "finished", "tasks", "done", "failed")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def job(self, job_id: int, *, logs: bool = False, offset: int = 0, limit: int = 1000,
+            budget: int = 1 << 62) -> dict[str, Any] | None:
+        """One job: its row, task counts by state, and up to ``limit`` tasks from ``offset`` in
+        topological order, fewer if their logs would pass ``budget`` bytes (at least one)."""
+        row = self.db.execute("SELECT id, name, policy, state, submitted, finished FROM jobs WHERE id=?",
+                              (job_id,)).fetchone()
+        if row is None:
+            return None
+        out = dict(zip(("id", "name", "policy", "state", "submitted", "finished"), row))
+        out["counts"] = dict(self.db.execute("SELECT state, count(*) FROM tasks WHERE job=? GROUP BY state",
+                                             (job_id,)).fetchall())
+        out["total"] = sum(out["counts"].values())
+        out["offset"] = offset
+        cols = "task, unit, state, exit_code, worker, started, finished, error, outputs"
+        if logs:
+            cols += ", stdout, stderr"
+        tasks = []
+        size = 0
+        for r in self.db.execute(f"SELECT {cols} FROM tasks WHERE job=? ORDER BY rowid LIMIT ? OFFSET ?",
+                                 (job_id, limit, offset)):
+            d = dict(zip(("task", "unit", "state", "exit_code", "worker", "started", "finished", "error",
+                          "outputs", "stdout", "stderr"), r))
+            size += len(d.get("stdout") or b"") + len(d.get("stderr") or b"") + len(d["outputs"] or b"")
+            if tasks and size > budget:
+                break
+            d["outputs"] = msgpack.unpackb(d["outputs"], raw=False) if d["outputs"] else []
+            tasks.append(d)
+        units = {d["unit"] for d in tasks}
+        attempts = {u: a for u, a in self.db.execute("SELECT unit, attempts FROM units WHERE job=?", (job_id,))
+                    if u in units}
+        for d in tasks:
+            d["attempts"] = attempts.get(d["unit"], 0)
+        out["tasks"] = tasks
+        return out
+
+    def completion_counts(self, job_id: int) -> dict[str, int]:
+        """How many times each unit of a job was recorded done (each must be 1)."""
+        return dict(self.db.execute("SELECT unit, count(*) FROM completions WHERE job=? GROUP BY unit",
+                                    (job_id,)).fetchall())
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+class _Unlimited:
+    max_spec_bytes = 1 << 62
+    max_tasks = 1 << 62
+
+
+# A stored spec was validated when it was accepted; limits lowered since must
+# not make it unreadable.
+_NO_LIMITS: Any = _Unlimited()

@@ -1,0 +1,1 @@
+"""Federated averaging of the telemetry autoencoders over Flower (SuperLink supervisor)."""

@@ -1,0 +1,432 @@
+"""The fedserver daemon: a supervised Flower SuperLink and FedAvg runs over the nodes.
+
+Theory of operation
+-------------------
+At start the daemon writes, under its state directory:
+
+* ``app/``: the Flower app (pyproject.toml and a shim module importing
+  ``shoal.daemons.fedserver.flowerapp``), submitted for every run;
+* ``flwr-home/config.toml``: the ``flwr`` CLI's connection profile for its own
+  SuperLink (insecure on loopback, ``root-certificates`` with TLS);
+
+then runs ``flower-superlink`` as a child (restarted if it exits) with its
+state in ``superlink.db`` (without it a SuperLink restart makes every
+SuperNode exit with 401) and runtime dependency installation disabled (no
+``uv sync`` against the package index per run).
+
+A **run** (``shoal fed run --rounds R``, the RPC ``run``, or every
+``[federation] interval`` seconds) is ``flwr run app shoal --run-config ...
+--format json``, which returns the run id at once. The daemon then waits for
+the ServerApp to write ``global/latest.npz`` carrying that run id (success),
+checking ``flwr ls`` every ``LS_INTERVAL`` seconds for a run that finished
+any other way (failure). One run at a time: a second request while one is in
+progress is answered ``busy``. The ServerApp's log is in ``superlink.log``.
+
+The RPC ``latest`` serves ``latest.npz`` to telemetry daemons that were down
+during a run, so they catch up. RPC off loopback requires a token (the
+runtime refuses to start otherwise), and Flower off loopback requires TLS
+and SuperNode authentication (config validation refuses to start otherwise).
+
+**SuperNode authentication.** With ``[superlink] supernode_auth`` the
+SuperLink runs with TLS and ``--enable-supernode-auth``: a SuperNode may only
+activate with a private key whose public key was registered through the
+Control API (``flwr supernode register``). The daemon registers every key
+listed in ``[superlink] authorized_keys`` at start, before it reports ready,
+through the same ``flwr`` CLI profile it submits runs with. A node with an
+unknown key is refused at activation (its ``flower-supernode`` exits with
+code 305) and never receives a message. Flower 1.41's open-source Control
+API itself has no account authentication (that is in Flower's enterprise
+edition): docs/telemetry.md says how to fence it off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from ..runtime.config import ListenAddr
+from ..runtime.daemon import DaemonContext
+from ..runtime.rpc import RpcError, RpcServer
+from ..runtime.state import atomic_write
+from .config import FedserverConfig
+from .metrics import FedserverMetrics
+from .supervise import flower_env, flower_exe, free_port, supervise, wait_listening
+
+log = logging.getLogger("shoal.fedserver")
+
+CONNECTION = "shoal"
+LS_INTERVAL = 30.0  # seconds between `flwr ls` checks while a run is in progress (each costs ~1-3 s of CPU)
+SUBMIT_TIMEOUT = 120.0
+STARTUP_TIMEOUT = 120.0  # flower-superlink imports a lot; on a loaded 2-core node it takes ~10 s
+MAX_ROUNDS = 1000
+MAX_KEYS = 100_000  # authorized_keys lines read
+REGISTER_PARALLEL = 4  # `flwr supernode register` processes at once
+
+APP_PYPROJECT = """\
+# Written by the shoal fedserver at start; see shoal/daemons/fedserver/flowerapp.py.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "shoalfed"
+version = "1.0.0"
+description = "Shoal telemetry: federated averaging of the per-node anomaly autoencoders"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "shoal"
+
+[tool.flwr.app.components]
+serverapp = "shoalfed.app:server_app"
+clientapp = "shoalfed.app:client_app"
+
+[tool.flwr.app.config]
+rounds = 1
+epochs = 1
+lr = 0.001
+batch-size = 32
+min-nodes = 1
+wait-nodes = 60.0
+timeout = 600.0
+seed = 0
+out = ""
+"""
+
+APP_MODULE = """\
+from shoal.daemons.fedserver import flowerapp
+
+server_app = flowerapp.server_app
+client_app = flowerapp.client_app
+"""
+
+
+class FedRunError(Exception):
+    pass
+
+
+class FedserverApp:
+    def __init__(self, ctx: DaemonContext) -> None:
+        cfg: FedserverConfig = ctx.config
+        self.ctx = ctx
+        self.config = cfg
+        self.metrics = FedserverMetrics(ctx.registry)
+        state = ctx.state_dir
+        self.app_dir = state / "app"
+        self.home = state / "flwr-home"
+        self.out_dir = state / "global"
+        self.latest = self.out_dir / "latest.npz"
+        self.run_lock = trio.Lock()
+        self.superlink_addr: ListenAddr | None = None
+        self.last_run: dict | None = None
+        self._write_app()
+        meta = self._latest_meta()
+        if meta:
+            self.metrics.features.set(len(meta["features"]))
+
+    def _write_app(self) -> None:
+        (self.app_dir / "shoalfed").mkdir(parents=True, exist_ok=True)
+        self.out_dir.mkdir(mode=0o700, exist_ok=True)
+        self.home.mkdir(mode=0o700, exist_ok=True)
+        atomic_write(self.app_dir / "pyproject.toml", APP_PYPROJECT.encode(), mode=0o644)
+        atomic_write(self.app_dir / "shoalfed" / "__init__.py", b"", mode=0o644)
+        atomic_write(self.app_dir / "shoalfed" / "app.py", APP_MODULE.encode(), mode=0o644)
+
+    def _write_connection(self, addr: ListenAddr) -> None:
+        s = self.config.superlink
+        tls = f'root-certificates = "{s.ssl_ca_certfile}"' if s.ssl_certfile else "insecure = true"
+        if addr.host in ("0.0.0.0", "::"):  # listening everywhere: the CLI dials loopback
+            addr = ListenAddr("::1" if addr.host == "::" else "127.0.0.1", addr.port)
+        text = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{addr}"\n{tls}\n'
+        atomic_write(self.home / "config.toml", text.encode())
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def run(self, ctx: DaemonContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        async with trio.open_nursery() as nursery:
+            listen = cfg.superlink.listen
+            port = listen.port or free_port(listen.host)
+            fresh_db = not (ctx.state_dir / "superlink.db").exists()
+            self.superlink_addr = ListenAddr(listen.host, port)
+            self._write_connection(self.superlink_addr)
+            await nursery.start(partial(
+                supervise, "flower-superlink", self._superlink_argv, env=flower_env({"FLWR_HOME": str(self.home)}),
+                log_path=ctx.state_dir / "superlink.log", on_restart=self.metrics.superlink_restarts.inc))
+            try:
+                await wait_listening(self.superlink_addr, STARTUP_TIMEOUT)
+            except trio.TooSlowError:
+                raise RuntimeError(f"flower-superlink did not listen on {self.superlink_addr} within "
+                                   f"{STARTUP_TIMEOUT:.0f} s; see {ctx.state_dir / 'superlink.log'}") from None
+            if cfg.superlink.authorized_keys:
+                await self.register_keys(cfg.superlink.authorized_keys, fresh_db)
+            token = Path(cfg.rpc.token_file).read_bytes().strip() if cfg.rpc.token_file else None
+            server = RpcServer({"run": self.rpc_run, "latest": self.rpc_latest, "status": self.rpc_status},
+                               metrics=ctx.metrics, token=token, name="fedserver", request_timeout=86400.0)
+            rpc_addr = await nursery.start(partial(server.serve_tcp, cfg.rpc.listen))
+            ctx.announce(rpc=rpc_addr, superlink=self.superlink_addr)
+            if cfg.federation.interval > 0:
+                nursery.start_soon(self._schedule)
+            log.info("SuperLink on %s, RPC on %s", self.superlink_addr, rpc_addr)
+            task_status.started()
+
+    def reload(self, new: FedserverConfig) -> None:
+        """[federation] applies to the next run; listeners and TLS at restart."""
+        if (new.superlink, new.rpc) != (self.config.superlink, self.config.rpc):
+            log.warning("[superlink]/[rpc] changed; they take effect at the next restart")
+        self.config = new
+
+    def _superlink_argv(self) -> list[str]:
+        s = self.config.superlink
+        assert self.superlink_addr is not None
+        argv = [flower_exe("flower-superlink"), "--database", str(self.ctx.state_dir / "superlink.db"),
+                "--disable-runtime-dependency-installation",
+                "--host", self.superlink_addr.host, "--port", str(self.superlink_addr.port)]
+        if s.ssl_certfile:
+            argv += ["--ssl-certfile", s.ssl_certfile, "--ssl-keyfile", s.ssl_keyfile,
+                     "--ssl-ca-certfile", s.ssl_ca_certfile]
+        else:
+            argv.append("--insecure")
+        if s.supernode_auth:
+            argv.append("--enable-supernode-auth")
+        return argv
+
+    # -- SuperNode authentication --------------------------------------------------------
+
+    async def register_keys(self, path: str, fresh_db: bool) -> int:
+        """Register every public key in ``path`` with the SuperLink (``flwr supernode
+        register``, at most ``REGISTER_PARALLEL`` at once: each is a CLI process of a
+        CPU-second or two). Keys registered at an earlier start (``node-keys/registered``,
+        forgotten when ``superlink.db`` was new) or already known to the SuperLink count
+        as registered. A bad key or an unreadable file is logged, counted, and does not
+        stop the daemon. -> keys registered."""
+        try:
+            lines = Path(path).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            self.metrics.key_errors.inc()
+            log.error("authorized_keys: cannot read %s: %s", path, exc)
+            return 0
+        keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")][:MAX_KEYS]
+        key_dir = self.ctx.state_dir / "node-keys"
+        key_dir.mkdir(mode=0o700, exist_ok=True)
+        record = key_dir / "registered"
+        if fresh_db:
+            record.unlink(missing_ok=True)
+        done = set(record.read_text().split()) if record.exists() else set()
+        limiter = trio.CapacityLimiter(REGISTER_PARALLEL)
+        registered = 0
+
+        async def register(i: int, key: str) -> None:
+            nonlocal registered
+            blob = key.split()[1] if len(key.split()) > 1 else key  # the key itself, without its comment
+            if blob not in done:
+                key_file = key_dir / f"{i}.pub"
+                atomic_write(key_file, key.encode() + b"\n", mode=0o600)
+                try:
+                    async with limiter:
+                        await self._flwr("supernode", "register", str(key_file), CONNECTION)
+                except FedRunError as exc:
+                    if "already in use" not in str(exc):
+                        self.metrics.key_errors.inc()
+                        log.error("authorized_keys: key %d in %s (%s...) not registered: %s",
+                                  i + 1, path, key[:40], exc)
+                        return
+                finally:
+                    key_file.unlink(missing_ok=True)
+                done.add(blob)
+            registered += 1
+
+        async with trio.open_nursery() as nursery:
+            for i, key in enumerate(keys):
+                nursery.start_soon(register, i, key)
+        atomic_write(record, "".join(f"{b}\n" for b in sorted(done)).encode(), mode=0o600)
+        self.metrics.authorized_nodes.set(registered)
+        log.info("SuperNode authentication: %d of %d keys in %s registered", registered, len(keys), path)
+        return registered
+
+    async def _schedule(self) -> None:
+        while True:
+            await trio.sleep(self.config.federation.interval)
+            try:
+                await self.federate(self.config.federation.rounds, "schedule")
+            except FedRunError:
+                pass  # logged and counted in federate()
+
+    # -- runs ------------------------------------------------------------------------
+
+    async def federate(self, rounds: int, trigger: str) -> dict:
+        if self.run_lock.locked():
+            raise FedRunError("busy: a run is already in progress")
+        async with self.run_lock:
+            self.metrics.running.set(1)
+            start = time.monotonic()
+            try:
+                result = await self._run(rounds)
+            except FedRunError as exc:
+                self.metrics.runs.labels(trigger, "error").inc()
+                log.error("federated run failed: %s", exc)
+                self.last_run = {"ok": False, "error": str(exc), "time": time.time()}
+                raise
+            finally:
+                self.metrics.running.set(0)
+            took = time.monotonic() - start
+            self.metrics.run_seconds.observe(took)
+            self.metrics.runs.labels(trigger, "ok").inc()
+            self.metrics.last_success.set(time.time())
+            self.metrics.features.set(result["features"])
+            result["seconds"] = round(took, 1)
+            self.last_run = {"ok": True, **result, "time": time.time()}
+            log.info("federated run %s done: %d rounds, %d features, %.1f s",
+                     result["run_id"], rounds, result["features"], took)
+            return result
+
+    def _run_config(self, rounds: int) -> str:
+        f = self.config.federation
+        return (f"rounds={rounds} epochs={f.local_epochs} lr={f.lr!r} batch-size={f.batch_size} "
+                f"min-nodes={f.min_nodes} wait-nodes={f.wait_nodes!r} timeout={f.round_timeout!r} "
+                f'seed={f.seed} out="{self.out_dir}"')
+
+    async def _flwr(self, *args: str) -> dict:
+        env = flower_env({"FLWR_HOME": str(self.home)})
+        try:
+            with trio.fail_after(SUBMIT_TIMEOUT):
+                proc = await trio.run_process([flower_exe("flwr"), *args, "--format", "json"], env=env,
+                                              capture_stdout=True, capture_stderr=True, check=False)
+        except trio.TooSlowError:
+            raise FedRunError(f"flwr {args[0]} did not answer in {SUBMIT_TIMEOUT:.0f} s") from None
+        try:
+            out = json.loads(proc.stdout.decode("utf-8", "replace"))
+        except ValueError:
+            lines = (proc.stderr or proc.stdout).decode("utf-8", "replace").splitlines()
+            text = [" ".join(ln.strip(" │╭╮╰╯─").split()) for ln in lines]  # rich's error box
+            tail = [t for t in text if any(c.isalnum() for c in t) and t != "Error"][-1:] or [""]
+            raise FedRunError(f"flwr {args[0]} failed (exit {proc.returncode}): {tail[0]}") from None
+        if not out.get("success", False):
+            msg = " ".join(str(out.get("error-message", "unknown error")).split())
+            raise FedRunError(f"flwr {args[0]}: {msg}")
+        return out
+
+    def _latest_meta(self) -> dict | None:
+        from .flowerapp import load_model_npz
+
+        try:
+            return load_model_npz(self.latest)[1]
+        except ValueError:
+            return None
+
+    def _log_error_since(self, offset: int) -> str:
+        """The last error line the ServerApp (or SuperLink) logged since ``offset``."""
+        path = self.ctx.state_dir / "superlink.log"
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                text = f.read(4 << 20).decode("utf-8", "replace")
+        except OSError:
+            return ""
+        lines = [ln.strip() for ln in text.splitlines()
+                 if ("Error" in ln or "Exception" in ln) and "retrying" not in ln and ln.strip()]
+        return lines[-1][:300] if lines else ""
+
+    async def _run(self, rounds: int) -> dict:
+        log_path = self.ctx.state_dir / "superlink.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        try:
+            return await self._run_and_wait(rounds)
+        except FedRunError as exc:
+            detail = self._log_error_since(offset)
+            raise FedRunError(f"{exc}" + (f" ({detail})" if detail else "")) from None
+
+    async def _run_and_wait(self, rounds: int) -> dict:
+        submitted = await self._flwr("run", str(self.app_dir), CONNECTION, "--run-config", self._run_config(rounds))
+        run_id = int(submitted["run-id"])
+        log.info("federated run %s submitted (%d rounds)", run_id, rounds)
+        f = self.config.federation
+        deadline = trio.current_time() + f.wait_nodes + 2 * rounds * f.round_timeout + 60
+        ended: list[str] = []  # set by the `flwr ls` watcher when the run finished without a model
+
+        async def watch_status() -> None:
+            # Each `flwr ls` is a 1-3 s process: run it beside the fast file check, not in its way.
+            while True:
+                await trio.sleep(LS_INTERVAL)
+                status = await self._run_status(run_id)
+                if status.startswith("finished"):
+                    ended.append(status)
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_status)
+            outcome = await self._wait_model(run_id, rounds, ended, deadline)
+            nursery.cancel_scope.cancel()
+        if isinstance(outcome, str):
+            raise FedRunError(outcome)
+        return outcome
+
+    async def _wait_model(self, run_id: int, rounds: int, ended: list[str], deadline: float) -> dict | str:
+        """Poll for ``latest.npz`` of ``run_id`` -> the run's result, or an error message."""
+        while True:
+            meta = await trio.to_thread.run_sync(self._latest_meta)
+            if meta and int(meta["run_id"]) == run_id:
+                return {"run_id": run_id, "rounds": rounds, "features": len(meta["features"]),
+                        "nodes": int(meta.get("nodes", 0))}
+            if ended:
+                if "completed" not in ended[0]:
+                    return f"run {run_id} ended {ended[0]}; see superlink.log"
+                # finished:completed: the model file is written before that; look once more.
+                meta = await trio.to_thread.run_sync(self._latest_meta)
+                if not (meta and int(meta["run_id"]) == run_id):
+                    return f"run {run_id} completed without writing a model; see superlink.log"
+                continue
+            if trio.current_time() > deadline:
+                return f"run {run_id} did not finish in time"
+            await trio.sleep(0.5)
+
+    async def _run_status(self, run_id: int) -> str:
+        try:
+            out = await self._flwr("ls", CONNECTION, "--run-id", str(run_id))
+        except FedRunError as exc:
+            log.warning("flwr ls: %s", exc)
+            return ""
+        for r in out.get("runs", []):
+            if str(r.get("run-id")) == str(run_id):
+                return str(r.get("status", ""))
+        return ""
+
+    # -- RPC ---------------------------------------------------------------------------
+
+    async def rpc_run(self, params) -> dict:
+        rounds = params.get("rounds", self.config.federation.rounds) if isinstance(params, dict) else None
+        if not isinstance(rounds, int) or not 1 <= rounds <= MAX_ROUNDS:
+            raise RpcError("bad_params", f"rounds must be an integer 1..{MAX_ROUNDS}")
+        try:
+            return await self.federate(rounds, "rpc")
+        except FedRunError as exc:
+            code = "busy" if str(exc).startswith("busy") else "run_failed"
+            raise RpcError(code, str(exc)) from None
+
+    async def rpc_latest(self, params) -> dict | None:
+        meta = await trio.to_thread.run_sync(self._latest_meta)
+        if meta is None:
+            return None
+        self.metrics.catch_ups.inc()
+        data = await trio.to_thread.run_sync(self.latest.read_bytes)
+        return {"run_id": int(meta["run_id"]), "round": int(meta["round"]), "model": data}
+
+    async def rpc_status(self, params) -> dict:
+        meta = await trio.to_thread.run_sync(self._latest_meta)
+        return {
+            "superlink": str(self.superlink_addr),
+            "running": self.run_lock.locked(),
+            "last_run": self.last_run,
+            "latest": None if meta is None else {k: meta[k] for k in ("run_id", "round", "time")}
+            | {"features": len(meta["features"])},
+        }
+
+
+def make_app(ctx: DaemonContext) -> FedserverApp:
+    return FedserverApp(ctx)

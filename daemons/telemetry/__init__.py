@@ -1,0 +1,1 @@
+"""Node telemetry: collector, ONNX autoencoder detector, trainer and the federated experiment."""

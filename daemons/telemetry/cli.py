@@ -1,0 +1,173 @@
+"""``shoal telemetry label|status|train|install|inject|experiment``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_SOCKET = "/var/lib/shoal-telemetry/control.sock"
+
+
+def add_commands(tel: argparse._SubParsersAction, top: argparse._SubParsersAction) -> None:
+    def with_socket(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--socket", default=os.environ.get("SHOAL_TELEMETRY_SOCKET", DEFAULT_SOCKET),
+                       help=f"the daemon's control socket (default $SHOAL_TELEMETRY_SOCKET or {DEFAULT_SOCKET})")
+        return p
+
+    s = with_socket(tel.add_parser("status", help="the node's recent windows, scores and model"))
+    s.add_argument("-n", "--windows", type=int, default=20, help="how many recent windows (default 20)")
+    s.set_defaults(func=cmd_status)
+
+    lab = with_socket(tel.add_parser("label", help="label a time range (like the seed's Nagios annotations)"))
+    lab.add_argument("label", help="e.g. normal, cpu-hog, maintenance; '' clears")
+    lab.add_argument("--from", dest="start", default="now",
+                     help="start: Unix time, ISO time (UTC), 'now' or 'now-SECONDS' (default now)")
+    lab.add_argument("--to", dest="end", default="now+900",
+                     help="end: same forms, or 'now+SECONDS' (default now+900)")
+    lab.set_defaults(func=cmd_label)
+
+    t = with_socket(tel.add_parser("train", help="train this node's autoencoder on its normal windows"))
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--batch-size", type=int)
+    t.set_defaults(func=cmd_train)
+
+    i = with_socket(tel.add_parser("install", help="install an ONNX model (refused if corrupt or mismatched)"))
+    i.add_argument("model", help="an .onnx file with shoal metadata")
+    i.set_defaults(func=cmd_install)
+
+    inj = with_socket(tel.add_parser("inject", help="make this node anomalous for a while (fault injector)"))
+    inj.add_argument("kind", choices=["cpu", "mem", "io", "net"])
+    inj.add_argument("--duration", type=float, required=True, help="seconds")
+    inj.add_argument("--workers", type=int, default=0, help="cpu: busy processes (default: every core)")
+    inj.add_argument("--mib", type=int, default=512, help="mem: MiB to leak; io: scratch file MiB (<= 256)")
+    inj.add_argument("--dir", default=None, help="io: scratch directory (default $TMPDIR)")
+    inj.add_argument("--label", default="", help="label the range in the telemetry daemon first (e.g. cpu-hog)")
+    inj.set_defaults(func=cmd_inject)
+
+    from . import experiment
+
+    e = tel.add_parser("experiment", help="the seed's experiment on a synthetic cluster (per-node vs FedAvg)")
+    experiment.add_arguments(e)
+    e.set_defaults(func=experiment.run)
+
+
+def _fail(message: str) -> int:
+    print(f"shoal: {message}", file=sys.stderr)
+    return 2
+
+
+def _rpc(args, method: str, params=None):
+    import trio
+
+    from ..runtime.rpc import RpcError, connect_unix
+
+    async def call():
+        async with await connect_unix(args.socket) as client:
+            return await client.call(method, params, timeout=600.0)
+
+    try:
+        return trio.run(call)
+    except RpcError as exc:
+        raise SystemExit(_fail(f"{exc.code}: {exc.message}")) from None
+    except OSError as exc:
+        raise SystemExit(_fail(f"cannot reach the telemetry daemon at {args.socket}: {exc.strerror or exc}")) from None
+
+
+def parse_time(text: str, now: float) -> float:
+    """Unix seconds, ISO 8601 UTC, 'now', 'now+S' or 'now-S'."""
+    from datetime import datetime, timezone
+
+    text = text.strip()
+    if text.startswith("now"):
+        rest = text[3:]
+        return now + (float(rest) if rest else 0.0)
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a time (Unix seconds, ISO 8601, now, now+S)") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+
+def format_status(st: dict) -> str:
+    m = st["model"]
+    lines = []
+    if m:
+        lines.append(f"model: {m['origin']}" + (f" (run {m['run_id']})" if m.get("run_id") else "")
+                     + f", {m['features']} features, threshold {m['threshold']:.6g}, installed {_iso(m['installed'])}Z")
+    else:
+        lines.append("model: none (windows are stored unscored; run `shoal telemetry train`)")
+    lines.append(f"sources: {', '.join(st['sources']) or '-'}; absent: {', '.join(st['absent']) or '-'}")
+    ow = st["open_window"]
+    lines.append(f"windows: {st['stored']} stored, {st['window']:g} s long"
+                 + (f"; open since {_iso(ow['start'])}Z with {ow['samples']} samples" if ow["start"] else ""))
+    lines.append(f"{'window start (UTC)':<20} {'samples':>7} {'features':>8} {'score':>12}  verdict    label")
+    for w in st["windows"]:
+        score = "-" if w["score"] is None else f"{w['score']:.6g}"
+        verdict = "-" if w["anomalous"] is None else ("ANOMALOUS" if w["anomalous"] else "normal")
+        lines.append(f"{_iso(w['start']):<20} {w['samples']:>7} {w['features']:>8} {score:>12}  {verdict:<10} "
+                     f"{w['label'] or ''}")
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    print(format_status(_rpc(args, "status", {"windows": args.windows})))
+    return 0
+
+
+def cmd_label(args) -> int:
+    now = time.time()
+    try:
+        start, end = parse_time(args.start, now), parse_time(args.end, now)
+    except ValueError as exc:
+        return _fail(str(exc))
+    r = _rpc(args, "label", {"start": start, "end": end, "label": args.label or None})
+    print(f"labelled {_iso(start)}Z .. {_iso(end)}Z as {args.label or '(none)'}: {r['windows']} stored windows now")
+    return 0
+
+
+def cmd_train(args) -> int:
+    params = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
+              if v is not None}
+    r = _rpc(args, "train", params)
+    print(f"trained on {r['windows']} windows, {r['features']} features; threshold {r['threshold']:.6g}"
+          f"; installed")
+    return 0
+
+
+def cmd_install(args) -> int:
+    try:
+        data = Path(args.model).read_bytes()
+    except OSError as exc:
+        return _fail(f"{args.model}: {exc.strerror}")
+    r = _rpc(args, "install", {"model": data})
+    print(f"installed {args.model}: {r['features']} features, threshold {r['threshold']:.6g}")
+    return 0
+
+
+def cmd_inject(args) -> int:
+    from .inject import inject
+
+    if args.label:
+        now = time.time()
+        _rpc(args, "label", {"start": now, "end": now + args.duration, "label": args.label})
+    print(f"injecting {args.kind} for {args.duration:g} s ...", flush=True)
+    try:
+        result = inject(args.kind, args.duration, workers=args.workers, mib=args.mib, directory=args.dir)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
+    print("done: " + ", ".join(f"{k} {v}" for k, v in result.items()))
+    return 0

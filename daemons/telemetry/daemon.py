@@ -1,0 +1,457 @@
+"""The telemetry daemon: collector, window store, detector, and a Flower SuperNode.
+
+Theory of operation
+-------------------
+One trio task samples the node every ``collector.interval`` seconds (sources
+that may block, nvidia-smi and node_exporter, are read in a worker thread)
+and feeds a :class:`WindowAccumulator`, using wall-clock time so windows line
+up across the cluster. Each window that closes is, in this order:
+
+1. committed to SQLite (``windows.db``, WAL, synchronous=FULL): from here on it
+   survives ``kill -9``; the open window is lost on a crash, by design;
+2. scored by the installed model, if any (onnxruntime, one thread): the score
+   is the mean squared reconstruction error; above the model's threshold the
+   window is anomalous. The verdict goes into the store and the metrics,
+   and ``on_change_command`` runs when the verdict flips;
+3. with federation on, the node's training windows are re-exported to
+   ``fed/train.npz`` for the ClientApp.
+
+**Models.** The running model is ``model.onnx`` in the state directory. A new
+model, from ``shoal telemetry train`` (local), ``install`` (RPC), or a
+federated run, is first written to a candidate file and loaded with
+:meth:`Detector.load`; it is refused with a one-line reason if it is corrupt,
+lacks its metadata, or names features this node does not have (more than
+``max_missing_features`` of them); the previous model keeps running, and the
+refusal is counted. Only an accepted model replaces ``model.onnx``.
+
+**Federation.** With ``[federation] enabled`` the daemon supervises a
+``flower-supernode`` whose ClientApp reads ``fed/train.npz`` and writes each
+global model it receives to ``fed/global.npz``. The daemon checks that file
+every second and installs a new one with its own scaler and threshold
+(trainer.model_from_global). A node that was down during a run catches up:
+every ``catch_up_interval`` it asks the fedserver (``[federation] fedserver``)
+for the latest global model and installs it if it has not yet. With
+``root_certificates`` the SuperNode talks TLS to the SuperLink, and with
+``auth_private_key`` it authenticates with this node's key (registered on
+the fedserver through ``[superlink] authorized_keys``); a refused SuperNode
+is restarted with back-off (fedserver/supervise.py).
+
+Control RPC (runtime transport, Unix socket, mode 0600): ``status``,
+``label``, ``train``, ``install``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import time
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from ..runtime.config import ListenAddr
+from ..runtime.daemon import DaemonContext
+from ..runtime.rpc import RpcError, RpcServer, connect_tcp
+from ..runtime.state import atomic_write
+from .config import TelemetryConfig
+from .metrics import TelemetryMetrics
+from .model import Detector, ModelError
+from .sources import Collector, default_sources
+from .store import WindowStore
+from .trainer import feature_row, model_from_global, train_local
+from .windows import Window, WindowAccumulator
+
+log = logging.getLogger("shoal.telemetry")
+
+# `install` carries a model in one RPC frame (1 MiB); a 460-feature seed model is ~370 KB.
+MAX_MODEL_RPC_BYTES = 1 << 20
+MAX_STATUS_WINDOWS = 1000
+HOOK_TIMEOUT = 30.0
+BLOCKING_SOURCES = {"gpu", "node_exporter"}
+
+
+class TelemetryApp:
+    def __init__(self, ctx: DaemonContext) -> None:
+        cfg: TelemetryConfig = ctx.config
+        self.ctx = ctx
+        self.config = cfg
+        state = ctx.state_dir
+        self.metrics = TelemetryMetrics(ctx.registry)
+        self.store = WindowStore(state / "windows.db", cfg.store.max_windows)
+        c = cfg.collector
+        self.collector = Collector(
+            default_sources(Path(c.root), gpu=c.gpu, node_exporter_url=c.node_exporter_url,
+                            node_exporter_prefixes=c.node_exporter_prefixes),
+            on_error=lambda name: self.metrics.source_errors.labels(name).inc(),
+        )
+        self.metrics.sources_absent.set(len(self.collector.absent))
+        self.blocking = any(s.name in BLOCKING_SOURCES for s in self.collector.sources)
+        self.acc = WindowAccumulator(c.window, c.min_samples)
+        self.model_path = state / "model.onnx"
+        self.candidate_path = state / "candidate.onnx"
+        self.fed_dir = state / "fed"
+        self.fed_dir.mkdir(mode=0o700, exist_ok=True)
+        self.train_npz = self.fed_dir / "train.npz"
+        self.global_npz = self.fed_dir / "global.npz"
+        self.installed_file = self.fed_dir / "installed.json"
+        self.control_path = Path(cfg.control.socket) if cfg.control.socket else state / "control.sock"
+        self.detector: Detector | None = None
+        self.model_info: dict = {}
+        self.last_verdict: bool | None = None
+        self.model_lock = trio.Lock()
+        self._global_seen: tuple[int, int] | None = None
+        self._nursery: trio.Nursery | None = None
+        self.metrics.stored.set(self.store.count())
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def run(self, ctx: DaemonContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._load_startup_model()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                server = RpcServer(
+                    {"status": self.rpc_status, "label": self.rpc_label, "train": self.rpc_train,
+                     "install": self.rpc_install},
+                    metrics=ctx.metrics, name="telemetry", request_timeout=600.0,
+                )
+                await nursery.start(partial(server.serve_unix, str(self.control_path)))
+                if self.config.federation.enabled:
+                    await self._write_training_data()
+                    await nursery.start(self._run_supernode)
+                nursery.start_soon(self._sample_loop)
+                nursery.start_soon(self._watch_global)
+                if self.config.federation.fedserver:
+                    nursery.start_soon(self._catch_up_loop)
+                log.info("collecting every %.3g s into %.0f s windows; sources %s; absent %s; control %s",
+                         self.config.collector.interval, self.config.collector.window,
+                         ",".join(s.name for s in self.collector.sources) or "-",
+                         ",".join(self.collector.absent) or "-", self.control_path)
+                task_status.started()
+        finally:
+            self.store.close()
+
+    def reload(self, new: TelemetryConfig) -> None:
+        """Detector and training settings apply at once; collector, store and federation at restart."""
+        for section in ("collector", "store", "federation", "control"):
+            if getattr(new, section) != getattr(self.config, section):
+                log.warning("[%s] changed; it takes effect at the next restart", section)
+        self.config = new
+
+    # -- sampling and windows ----------------------------------------------------------
+
+    def _sample(self, now: float) -> dict[str, float]:
+        start = time.perf_counter()
+        sample = self.collector.sample(now)
+        self.metrics.sample_seconds.observe(time.perf_counter() - start)
+        self.metrics.samples.inc()
+        return sample
+
+    async def _sample_loop(self) -> None:
+        interval = self.config.collector.interval
+        next_tick = trio.current_time()
+        while True:
+            now = time.time()
+            if self.blocking:
+                sample = await trio.to_thread.run_sync(self._sample, now)
+            else:
+                sample = self._sample(now)
+            for w in self.acc.add(now, sample):
+                await self._close_window(w)
+            next_tick += interval
+            behind = trio.current_time() - next_tick
+            if behind > interval:  # suspended or overloaded: skip missed ticks, do not burst
+                next_tick = trio.current_time() + interval
+            await trio.sleep_until(next_tick)
+
+    async def _close_window(self, w: Window) -> None:
+        label = await trio.to_thread.run_sync(self.store.add, w)
+        self.metrics.stored.set(self.store.count())
+        await self._score(w, label)
+        if self.config.federation.enabled:
+            await self._write_training_data()
+
+    async def _score(self, w: Window, label: str | None) -> None:
+        det = self.detector
+        if det is None:
+            self.metrics.windows.labels("unscored").inc()
+            log.info("window %s closed (%d samples, label %s); no model yet", _iso(w.start), w.n_samples, label)
+            return
+        row, missing = feature_row(w.features, det.feature_names)
+        if missing > self.config.detector.max_missing_features * det.n_features:
+            self.metrics.windows.labels("unscored").inc()
+            log.warning("window %s lacks %d of the model's %d features; not scored",
+                        _iso(w.start), missing, det.n_features)
+            return
+        start = time.perf_counter()
+        score = float(det.score(row)[0])
+        self.metrics.score_seconds.observe(time.perf_counter() - start)
+        anomalous = score > det.threshold
+        await trio.to_thread.run_sync(self.store.set_score, w.start, score, anomalous, self.model_info.get("id", ""))
+        self.metrics.score.set(score)
+        self.metrics.anomalous.set(int(anomalous))
+        self.metrics.windows.labels("anomalous" if anomalous else "normal").inc()
+        log.info("window %s: score %.6g, threshold %.6g: %s%s", _iso(w.start), score, det.threshold,
+                 "ANOMALOUS" if anomalous else "normal", f" (label {label})" if label else "")
+        if self.last_verdict is not None and anomalous != self.last_verdict and self.config.detector.on_change_command:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_hook, anomalous, score, det.threshold, w.start)
+        self.last_verdict = anomalous
+
+    async def _run_hook(self, anomalous: bool, score: float, threshold: float, start: float) -> None:
+        argv = shlex.split(self.config.detector.on_change_command)
+        env = {**os.environ, "SHOAL_ANOMALOUS": str(int(anomalous)), "SHOAL_SCORE": repr(score),
+               "SHOAL_THRESHOLD": repr(threshold), "SHOAL_WINDOW_START": repr(start)}
+        try:
+            with trio.fail_after(HOOK_TIMEOUT):
+                proc = await trio.run_process(argv, env=env, check=False)
+            if proc.returncode != 0:
+                raise OSError(f"exit status {proc.returncode}")
+        except (OSError, trio.TooSlowError) as exc:
+            self.metrics.hook_failures.inc()
+            log.error("on_change_command %r failed: %s", argv[0] if argv else "", exc or "timed out")
+
+    async def _write_training_data(self) -> None:
+        from ..fedserver.flowerapp import save_training_npz
+        from .trainer import training_matrix
+
+        def write() -> None:
+            X, names = training_matrix(self.store.training(self.config.training.max_windows))
+            save_training_npz(self.train_npz, X, names)
+
+        await trio.to_thread.run_sync(write)
+
+    # -- models ----------------------------------------------------------------------
+
+    def _load_startup_model(self) -> None:
+        if not self.model_path.exists():
+            log.info("no model yet (%s); windows are stored unscored until one is trained or federated",
+                     self.model_path)
+            return
+        try:
+            self._accept(Detector.load(self.model_path), "startup")
+        except ModelError as exc:
+            self.metrics.model_installs.labels("startup", "refused").inc()
+            log.error("not using the stored model: %s", exc)
+
+    def _check_fit(self, det: Detector) -> None:
+        """Refuse a model whose features this node does not have."""
+        recent = self.store.recent(1)
+        if not recent:
+            return
+        have = recent[0].features
+        missing = [n for n in det.feature_names if n not in have]
+        if len(missing) > self.config.detector.max_missing_features * det.n_features:
+            raise ModelError(f"model mismatch: it expects {det.n_features} features and this node lacks "
+                             f"{len(missing)} of them (e.g. {missing[0]!r})")
+
+    def _accept(self, det: Detector, origin: str) -> None:
+        self.detector = det
+        meta = det.metadata
+        self.model_info = {
+            "id": f"{meta.get('shoal.origin', origin)}:{int(time.time())}",
+            "origin": meta.get("shoal.origin", origin), "run_id": meta.get("shoal.run_id"),
+            "features": det.n_features, "threshold": det.threshold, "installed": time.time(),
+        }
+        self.metrics.threshold.set(det.threshold)
+        self.metrics.model_features.set(det.n_features)
+        self.metrics.model_installed.set(self.model_info["installed"])
+        self.metrics.model_installs.labels(origin, "ok").inc()
+        self.last_verdict = None
+        log.info("model installed (%s): %d features, threshold %.6g", origin, det.n_features, det.threshold)
+
+    async def _install_candidate(self, origin: str) -> Detector:
+        """Load candidate.onnx; if it fits, make it model.onnx and run it. Raises ModelError."""
+        try:
+            det = await trio.to_thread.run_sync(Detector.load, self.candidate_path)
+            self._check_fit(det)
+        except ModelError as exc:
+            self.metrics.model_installs.labels(origin, "refused").inc()
+            log.error("model refused (%s); the previous model keeps running: %s", origin, exc)
+            self.candidate_path.unlink(missing_ok=True)
+            raise
+        os.replace(self.candidate_path, self.model_path)
+        self._accept(det, origin)
+        return det
+
+    async def _install_global(self, data: bytes) -> None:
+        from ..fedserver.flowerapp import load_model_npz
+
+        async with self.model_lock:
+            try:
+                weights, meta = load_model_npz(data)
+            except ValueError as exc:
+                self.metrics.model_installs.labels("federated", "refused").inc()
+                log.error("federated model refused: %s", exc)
+                return
+            t = self.config.training
+            try:
+                windows = await trio.to_thread.run_sync(self.store.training, t.max_windows)
+                res = await trio.to_thread.run_sync(partial(
+                    model_from_global, weights, [str(f) for f in meta["features"]], windows, self.candidate_path,
+                    percentile=t.percentile, run_id=int(meta.get("run_id", 0))))
+            except (ModelError, ValueError) as exc:
+                self.metrics.model_installs.labels("federated", "refused").inc()
+                log.error("federated model of run %s refused: %s", meta.get("run_id"), exc)
+                return
+            try:
+                await self._install_candidate("federated")
+            except ModelError:
+                return
+            atomic_write(self.installed_file, json.dumps(
+                {"run_id": int(meta.get("run_id", 0)), "round": int(meta.get("round", 0))}).encode())
+            log.info("federated run %s round %s installed: own threshold %.6g from %d windows",
+                     meta.get("run_id"), meta.get("round"), res.threshold, res.windows)
+
+    def installed_run(self) -> tuple[int, int] | None:
+        try:
+            d = json.loads(self.installed_file.read_bytes())
+            return int(d["run_id"]), int(d["round"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    async def _watch_global(self) -> None:
+        """Install fed/global.npz whenever the ClientApp (or catch-up) writes a new one."""
+        while True:
+            try:
+                st = self.global_npz.stat()
+                key = (st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:
+                key = None
+            if key is not None and key != self._global_seen:
+                self._global_seen = key
+                data = await trio.to_thread.run_sync(self.global_npz.read_bytes)
+                from ..fedserver.flowerapp import load_model_npz
+
+                try:
+                    _, meta = load_model_npz(data)
+                    run = (int(meta.get("run_id", 0)), int(meta.get("round", 0)))
+                except ValueError:
+                    run = None
+                if run is None or run != self.installed_run():
+                    await self._install_global(data)
+            await trio.sleep(1.0)
+
+    async def _catch_up_loop(self) -> None:
+        fed = self.config.federation
+        addr = ListenAddr.parse(fed.fedserver)
+        token = Path(fed.token_file).read_bytes().strip() if fed.token_file else None
+        failing = False
+        while True:
+            try:
+                async with await connect_tcp(addr, token=token, timeout=10.0) as client:
+                    latest = await client.call("latest", {}, timeout=30.0)
+                failing = False
+                if latest:
+                    installed = self.installed_run()
+                    if installed is None or installed[0] != int(latest["run_id"]):
+                        log.info("catching up with federated run %s", latest["run_id"])
+                        await trio.to_thread.run_sync(atomic_write, self.global_npz, latest["model"])
+            except (OSError, RpcError, KeyError, TypeError, ValueError) as exc:
+                if not failing:
+                    log.warning("cannot reach the fedserver at %s for catch-up: %s", addr, exc)
+                failing = True
+            await trio.sleep(fed.catch_up_interval)
+
+    async def _run_supernode(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from ..fedserver.supervise import flower_env, flower_exe, free_port, supervise
+
+        fed = self.config.federation
+        exe = flower_exe("flower-supernode")
+
+        def argv() -> list[str]:
+            port = fed.supernode_port or free_port("127.0.0.1")
+            a = [exe, "--superlink", str(fed.superlink), "--host", "127.0.0.1", "--port", str(port),
+                 "--node-config", f'data="{self.train_npz}" model-out="{self.global_npz}"']
+            if fed.root_certificates:
+                a += ["--root-certificates", fed.root_certificates]
+            else:
+                a.append("--insecure")
+            if fed.auth_private_key:
+                a += ["--auth-supernode-private-key", fed.auth_private_key]
+            return a
+
+        home = self.ctx.state_dir / "flwr-home"  # Flower caches apps here; never the (read-only) $HOME
+        home.mkdir(mode=0o700, exist_ok=True)
+        await supervise("flower-supernode", argv, env=flower_env({"FLWR_HOME": str(home)}), log_path=self.ctx.state_dir / "supernode.log",
+                        on_restart=self.metrics.supernode_restarts.inc, task_status=task_status)
+
+    # -- control RPC ---------------------------------------------------------------------
+
+    async def rpc_status(self, params) -> dict:
+        n = params.get("windows", 20) if isinstance(params, dict) else 20
+        if not isinstance(n, int) or not 0 <= n <= MAX_STATUS_WINDOWS:
+            raise RpcError("bad_params", f"windows must be an integer 0..{MAX_STATUS_WINDOWS}")
+        rows = await trio.to_thread.run_sync(self.store.recent, n)
+        return {
+            "model": self.model_info or None,
+            "federated_run": self.installed_run(),
+            "stored": self.store.count(),
+            "sources": [s.name for s in self.collector.sources],
+            "absent": self.collector.absent,
+            "window": self.config.collector.window,
+            "open_window": {"start": self.acc.open_start, "samples": self.acc.open_samples},
+            "windows": [{"start": w.start, "end": w.end, "samples": w.n_samples, "features": len(w.features),
+                         "label": w.label, "score": w.score, "anomalous": w.anomalous} for w in rows],
+        }
+
+    async def rpc_label(self, params) -> dict:
+        try:
+            start, end, label = float(params["start"]), float(params["end"]), params.get("label")
+            if label is not None and not isinstance(label, str):
+                raise TypeError
+        except (TypeError, KeyError, ValueError):
+            raise RpcError("bad_params", "expected {start: time, end: time, label: str|null}") from None
+        try:
+            n = await trio.to_thread.run_sync(self.store.label, start, end, label)
+        except ValueError as exc:
+            raise RpcError("bad_label", str(exc)) from None
+        return {"windows": n}
+
+    async def rpc_train(self, params) -> dict:
+        t = self.config.training
+        p = params if isinstance(params, dict) else {}
+        try:
+            epochs = int(p.get("epochs", t.epochs))
+            lr = float(p.get("lr", t.lr))
+            batch = int(p.get("batch_size", t.batch_size))
+        except (TypeError, ValueError):
+            raise RpcError("bad_params", "epochs, batch_size: integers; lr: a number") from None
+        if not (1 <= epochs <= 10_000 and 1 <= batch <= 65536 and 0 < lr <= 1):
+            raise RpcError("bad_params", "epochs 1..10000, batch_size 1..65536, 0 < lr <= 1")
+        async with self.model_lock:
+            windows = await trio.to_thread.run_sync(self.store.training, t.max_windows)
+            try:
+                res = await trio.to_thread.run_sync(partial(
+                    train_local, windows, self.candidate_path, epochs=epochs, batch_size=batch, lr=lr,
+                    percentile=t.percentile, min_windows=t.min_windows))
+                await self._install_candidate("local")
+            except ModelError as exc:
+                raise RpcError("train_failed", str(exc)) from None
+        return {"windows": res.windows, "features": res.features, "threshold": res.threshold, "loss": res.loss}
+
+    async def rpc_install(self, params) -> dict:
+        data = params.get("model") if isinstance(params, dict) else None
+        if not isinstance(data, bytes) or len(data) > MAX_MODEL_RPC_BYTES:
+            raise RpcError("bad_params", f"expected {{model: bytes}} of at most {MAX_MODEL_RPC_BYTES} bytes")
+        async with self.model_lock:
+            await trio.to_thread.run_sync(partial(atomic_write, self.candidate_path, data))
+            try:
+                det = await self._install_candidate("rpc")
+            except ModelError as exc:
+                raise RpcError("model_refused", str(exc)) from None
+        return {"features": det.n_features, "threshold": det.threshold}
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def make_app(ctx: DaemonContext) -> TelemetryApp:
+    return TelemetryApp(ctx)
+
+
+__all__ = ["TelemetryApp", "make_app"]

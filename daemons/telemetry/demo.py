@@ -1,0 +1,169 @@
+"""``shoal demo`` part "telemetry": make this machine anomalous and watch the detector flag it.
+
+A telemetry daemon starts on this node (state in a temporary directory,
+control socket there, metrics on 127.0.0.1 with a kernel-chosen port) with
+2-second windows sampled at 10 Hz instead of the seed's 15 minutes. It
+collects normal windows, trains the node's autoencoder on them (``train``),
+then a CPU hog (``shoal telemetry inject cpu``) runs on every core while the
+tour prints each window's score against the threshold. It passes if a window
+inside the fault is flagged anomalous, and the fault's windows score higher on
+average than the normal ones shown just before it. Federation is left out
+here: Flower's processes take about a minute for one round (tests/fedserver
+runs that).
+
+On a shared, loaded machine the "normal" windows already swing widely (other
+people's processes come and go), so the fault has to stand out from that: the
+memory leak is large (a quarter of MemAvailable, at most 4 GiB: far beyond
+what the machine's own churn moves in a minute), and the CPU hog, the leak and
+the disk contention run together. Scores are the detector's own, against its
+own threshold (30 epochs on the normal windows: more overfits a minute of
+data and flags the normal windows too); nothing is tuned to pass.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from ..runtime.rpc import connect_unix
+
+WINDOW = 1.5
+NORMAL_WINDOWS = 14
+FAULT_SECONDS = 6.0
+MAX_LEAK_MIB = 4096
+
+
+def leak_mib(meminfo: str = "/proc/meminfo") -> int:
+    """A quarter of MemAvailable, at most MAX_LEAK_MIB (256 MiB when it cannot be read)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return max(64, min(MAX_LEAK_MIB, int(line.split()[1]) // 1024 // 4))
+    except (OSError, ValueError, IndexError):
+        pass
+    return 256
+
+CONFIG = """
+[daemon]
+metrics_listen = "127.0.0.1:0"
+state_directory = "{state}"
+[collector]
+interval = 0.1
+window = {window}
+gpu = false
+[training]
+epochs = 30
+batch_size = 4
+lr = 0.001
+min_windows = 5
+[control]
+socket = "{socket}"
+"""
+
+
+async def _rpc(sock: Path, method: str, params=None):
+    async with await connect_unix(str(sock)) as client:
+        return await client.call(method, params, timeout=120.0)
+
+
+def _row(w: dict, threshold: float | None) -> str:
+    score = "-" if w["score"] is None else f"{w['score']:.5f}"
+    verdict = "-" if w["anomalous"] is None else ("ANOMALOUS" if w["anomalous"] else "normal")
+    t = time.strftime("%H:%M:%S", time.gmtime(w["start"]))
+    return f"    window {t}  score {score:>8}  threshold {threshold or 0:.5f}  {verdict}{'  [' + w['label'] + ']' if w['label'] else ''}"
+
+
+async def tour(size_mib: int, timeout: float, out) -> int:
+    with tempfile.TemporaryDirectory(prefix="shoal-demo-tel-") as tmpname:
+        tmp = Path(tmpname)
+        sock = tmp / "control.sock"
+        (tmp / "telemetry.toml").write_text(CONFIG.format(state=tmp / "state", window=WINDOW, socket=sock))
+        log = open(tmp / "daemon.log", "wb")
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "shoal.daemons.cli", "telemetry", "run", "--config", str(tmp / "telemetry.toml")],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            with trio.fail_after(min(timeout, 90.0)):
+                return await _tour(sock, out)
+        except trio.TooSlowError:
+            print("telemetry tour: timed out; daemon log:\n" + (tmp / "daemon.log").read_text()[-2000:], file=out)
+            return 1
+        finally:
+            with trio.CancelScope(shield=True):
+                proc.terminate()
+                with trio.move_on_after(15):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+                log.close()
+
+
+async def _tour(sock: Path, out) -> int:
+    while True:
+        try:
+            st = await _rpc(sock, "status", {"windows": 0})
+            break
+        except OSError:
+            await trio.sleep(0.2)
+    print(f"telemetry daemon up: sources {', '.join(st['sources'])}; absent here: {', '.join(st['absent']) or '-'}",
+          file=out, flush=True)
+    print(f"collecting {NORMAL_WINDOWS} normal windows of {WINDOW:g} s (mean and std of every metric) ...",
+          file=out, flush=True)
+    while (st := await _rpc(sock, "status", {"windows": 1}))["stored"] < NORMAL_WINDOWS:
+        await trio.sleep(0.5)
+    w = st["windows"][0]
+    print(f"  {st['stored']} windows stored, {w['features']} features each", file=out, flush=True)
+    trained = await _rpc(sock, "train", {})
+    threshold = trained["threshold"]
+    print(f"trained the node's autoencoder on {trained['windows']} windows: threshold (98th percentile) "
+          f"{threshold:.5f}", file=out, flush=True)
+    last = (await _rpc(sock, "status", {"windows": 1}))["windows"][0]["start"]
+
+    async def show_windows(until: float) -> list[dict]:
+        nonlocal last
+        seen = []
+        while time.time() < until:
+            for w in reversed((await _rpc(sock, "status", {"windows": 5}))["windows"]):
+                if w["start"] > last and w["score"] is not None:
+                    last = w["start"]
+                    seen.append(w)
+                    print(_row(w, threshold), file=out, flush=True)
+            await trio.sleep(0.3)
+        return seen
+
+    print("normal operation:", file=out, flush=True)
+    normal = await show_windows(time.time() + 3 * WINDOW + 0.5)
+    start = time.time()
+    leak = leak_mib()
+    await _rpc(sock, "label", {"start": start, "end": start + FAULT_SECONDS, "label": "fault"})
+    print(f"injecting a CPU hog on {os.cpu_count()} cores, a {leak} MiB memory leak and disk contention "
+          f"for {FAULT_SECONDS:g} s (shoal telemetry inject cpu|mem|io --label fault):", file=out, flush=True)
+    code = "from shoal.daemons.telemetry.inject import inject; inject({!r}, %r, mib=%d, directory=%r)" % (
+        FAULT_SECONDS, leak, str(sock.parent))
+    hogs = [await trio.lowlevel.open_process([sys.executable, "-c", code.format(kind)]) for kind in ("cpu", "mem", "io")]
+    try:
+        seen = await show_windows(start + FAULT_SECONDS + 2 * WINDOW + 0.5)
+    finally:
+        with trio.CancelScope(shield=True):
+            for hog in hogs:
+                await hog.wait()
+    flagged = [w for w in seen if w["label"] == "fault" and w["anomalous"]]
+    in_fault = [w for w in seen if w["label"] == "fault"]
+    false_alarms = [w for w in normal if w["anomalous"]]
+    mean = lambda ws: sum(w["score"] for w in ws) / len(ws) if ws else 0.0  # noqa: E731
+    print(f"detector flagged {len(flagged)} of {len(in_fault)} windows inside the fault "
+          f"(mean score {mean(in_fault):.5f}) and {len(false_alarms)} of {len(normal)} normal windows "
+          f"(mean score {mean(normal):.5f})", file=out, flush=True)
+    if false_alarms:
+        print("  (a model trained on a minute of a busy shared machine is rough: the seed trains on months)",
+              file=out, flush=True)
+    # Passing means the fault stands out: flagged, and scoring above the normal windows.
+    return 0 if flagged and mean(in_fault) > mean(normal) else 1

@@ -1,0 +1,469 @@
+"""Metric sources: what one node sample is made of.
+
+Theory of operation
+-------------------
+A *source* reads one family of node metrics and returns a
+:class:`Reading`: ``gauges`` (values that mean something on their own:
+memory in use, a temperature) and ``counters`` (monotonic totals: bytes
+received, RAPL energy, CPU jiffies). Sources do not know about time; the
+:class:`Collector` turns counters into per-second rates from two consecutive
+readings and the time between them, which the caller passes in, so tests
+drive it with fake clocks. CPU utilisation is a ratio of two counters (busy
+jiffies over all jiffies), so the CPU source emits both and the collector
+divides the deltas (``cpuN_util``, 0..1).
+
+Every source reads files under a ``root`` (``/`` in production), so tests
+point it at a fake ``/proc`` and ``/sys`` tree. A source whose files do not
+exist at start is *absent*: it is skipped and logged once. A sensor that
+vanishes later (a hot-unplugged disk, a hwmon driver unloaded) just stops
+appearing in readings; the failure is logged once per source and counted by
+the caller through ``on_error``. Windows then have fewer samples for that
+metric, and the detector sees the feature missing.
+
+Metric names are flat strings, ``<family>_<instance>_<field>``, made only of
+``[a-z0-9_.]``: they become feature names in windows and models.
+
+Sources: ``cpu`` (/proc/stat), ``cpufreq``, ``load`` (/proc/loadavg),
+``memory`` (/proc/meminfo), ``disk`` (/proc/diskstats), ``net``
+(/proc/net/dev), ``hwmon`` (temperatures and fans), ``rapl``
+(/sys/class/powercap energy counters -> watts), ``gpu`` (nvidia-smi, where
+installed) and ``node_exporter`` (scrape an existing endpoint, optional).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("shoal.telemetry")
+
+_SAFE = re.compile(r"[^a-z0-9_.]+")
+
+# A node_exporter page is a few hundred kilobytes; cap what we read.
+MAX_SCRAPE_BYTES = 4 << 20
+# Bound on metrics one source may add to a sample (a node_exporter with
+# thousands of series would otherwise blow up the feature vector).
+MAX_METRICS_PER_SOURCE = 2000
+
+
+def clean(name: str) -> str:
+    return _SAFE.sub("_", name.lower()).strip("_")
+
+
+@dataclass
+class Reading:
+    gauges: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+class Source:
+    """Base class: ``name``, ``available()`` at start, ``read()`` per sample."""
+
+    name = "source"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel.lstrip("/")
+
+    def available(self) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def read(self) -> Reading:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def _read_text(path: Path) -> str:
+    with open(path, encoding="ascii", errors="replace") as f:
+        return f.read(1 << 20)
+
+
+class CpuSource(Source):
+    """/proc/stat: per-CPU busy and total jiffies, context switches, procs."""
+
+    name = "cpu"
+
+    def available(self) -> bool:
+        return self.path("proc/stat").is_file()
+
+    def read(self) -> Reading:
+        r = Reading()
+        for line in _read_text(self.path("proc/stat")).splitlines():
+            parts = line.split()
+            if not parts:
+                continue
+            key = parts[0]
+            if key.startswith("cpu"):
+                vals = [float(v) for v in parts[1:9]]
+                if len(vals) < 4:
+                    continue
+                idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)  # idle + iowait
+                total = sum(vals)
+                cpu = "all" if key == "cpu" else key[3:]
+                r.counters[f"cpu_{cpu}_busy.jiffies"] = total - idle
+                r.counters[f"cpu_{cpu}_total.jiffies"] = total
+                if len(vals) > 4:
+                    r.counters[f"cpu_{cpu}_iowait.jiffies"] = vals[4]
+            elif key == "ctxt":
+                r.counters["cpu_ctxt"] = float(parts[1])
+            elif key == "processes":
+                r.counters["proc_forks"] = float(parts[1])
+            elif key == "procs_running":
+                r.gauges["proc_running"] = float(parts[1])
+            elif key == "procs_blocked":
+                r.gauges["proc_blocked"] = float(parts[1])
+        return r
+
+
+class CpuFreqSource(Source):
+    """/sys/devices/system/cpu/cpuN/cpufreq/scaling_cur_freq, in MHz."""
+
+    name = "cpufreq"
+
+    def _files(self) -> list[Path]:
+        return sorted(self.path("sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq/scaling_cur_freq"))
+
+    def available(self) -> bool:
+        return bool(self._files())
+
+    def read(self) -> Reading:
+        r = Reading()
+        for f in self._files():
+            cpu = f.parent.parent.name[3:]
+            try:
+                r.gauges[f"cpufreq_{cpu}_mhz"] = float(_read_text(f)) / 1000.0
+            except (OSError, ValueError):
+                continue  # a CPU went offline between glob and read
+        return r
+
+
+class LoadSource(Source):
+    """/proc/loadavg: load averages and process counts."""
+
+    name = "load"
+
+    def available(self) -> bool:
+        return self.path("proc/loadavg").is_file()
+
+    def read(self) -> Reading:
+        parts = _read_text(self.path("proc/loadavg")).split()
+        running, _, total = parts[3].partition("/")
+        return Reading(gauges={
+            "load_1": float(parts[0]), "load_5": float(parts[1]), "load_15": float(parts[2]),
+            "proc_runnable": float(running), "proc_total": float(total),
+        })
+
+
+MEMINFO_FIELDS = {
+    "MemTotal": "mem_total.bytes", "MemFree": "mem_free.bytes", "MemAvailable": "mem_available.bytes",
+    "Buffers": "mem_buffers.bytes", "Cached": "mem_cached.bytes", "Dirty": "mem_dirty.bytes",
+    "Shmem": "mem_shmem.bytes", "SwapTotal": "swap_total.bytes", "SwapFree": "swap_free.bytes",
+}
+
+
+class MemorySource(Source):
+    """/proc/meminfo (kB) -> bytes, plus used = total - available."""
+
+    name = "memory"
+
+    def available(self) -> bool:
+        return self.path("proc/meminfo").is_file()
+
+    def read(self) -> Reading:
+        g: dict[str, float] = {}
+        for line in _read_text(self.path("proc/meminfo")).splitlines():
+            key, _, rest = line.partition(":")
+            if key in MEMINFO_FIELDS:
+                g[MEMINFO_FIELDS[key]] = float(rest.split()[0]) * 1024
+        if "mem_total.bytes" in g and "mem_available.bytes" in g:
+            g["mem_used.bytes"] = g["mem_total.bytes"] - g["mem_available.bytes"]
+        if "swap_total.bytes" in g and "swap_free.bytes" in g:
+            g["swap_used.bytes"] = g["swap_total.bytes"] - g["swap_free.bytes"]
+        return Reading(gauges=g)
+
+
+_SKIP_DISKS = re.compile(r"^(loop|ram|zram|fd|sr)\d*")
+
+
+class DiskSource(Source):
+    """/proc/diskstats: reads, writes, sectors and busy time per device."""
+
+    name = "disk"
+
+    def available(self) -> bool:
+        return self.path("proc/diskstats").is_file()
+
+    def read(self) -> Reading:
+        c: dict[str, float] = {}
+        for line in _read_text(self.path("proc/diskstats")).splitlines():
+            p = line.split()
+            if len(p) < 14 or _SKIP_DISKS.match(p[2]):
+                continue
+            dev = clean(p[2])
+            c[f"disk_{dev}_reads"] = float(p[3])
+            c[f"disk_{dev}_read.bytes"] = float(p[5]) * 512
+            c[f"disk_{dev}_writes"] = float(p[7])
+            c[f"disk_{dev}_written.bytes"] = float(p[9]) * 512
+            c[f"disk_{dev}_busy.ms"] = float(p[12])
+        return Reading(counters=c)
+
+
+class NetSource(Source):
+    """/proc/net/dev: bytes, packets, errors and drops per interface (not lo)."""
+
+    name = "net"
+
+    def available(self) -> bool:
+        return self.path("proc/net/dev").is_file()
+
+    def read(self) -> Reading:
+        c: dict[str, float] = {}
+        for line in _read_text(self.path("proc/net/dev")).splitlines()[2:]:
+            name, sep, rest = line.partition(":")
+            p = rest.split()
+            name = name.strip()
+            if not sep or name == "lo" or len(p) < 16:
+                continue
+            dev = clean(name)
+            for i, what in ((0, "rx.bytes"), (1, "rx_packets"), (2, "rx_errors"), (3, "rx_drops"),
+                            (8, "tx.bytes"), (9, "tx_packets"), (10, "tx_errors"), (11, "tx_drops")):
+                c[f"net_{dev}_{what}"] = float(p[i])
+        return Reading(counters=c)
+
+
+class HwmonSource(Source):
+    """/sys/class/hwmon/hwmonN/{temp,fan}*_input: degrees C and RPM."""
+
+    name = "hwmon"
+
+    def _files(self) -> list[Path]:
+        base = self.path("sys/class/hwmon")
+        return sorted(base.glob("hwmon*/temp*_input")) + sorted(base.glob("hwmon*/fan*_input"))
+
+    def available(self) -> bool:
+        return bool(self._files())
+
+    def read(self) -> Reading:
+        g: dict[str, float] = {}
+        failed = 0
+        for f in self._files():
+            try:
+                raw = float(_read_text(f))
+            except (OSError, ValueError):
+                failed += 1  # the sensor vanished or returned garbage this time
+                continue
+            chip = f.parent.name
+            try:
+                chip = f"{chip}.{clean(_read_text(f.parent / 'name'))}"
+            except OSError:
+                pass
+            sensor = f.name.removesuffix("_input")
+            if sensor.startswith("temp"):
+                g[f"hwmon_{chip}_{sensor}.celsius"] = raw / 1000.0
+            else:
+                g[f"hwmon_{chip}_{sensor}.rpm"] = raw
+        if failed and not g:
+            raise OSError(f"all {failed} hwmon sensors failed to read")
+        return Reading(gauges=g)
+
+
+class RaplSource(Source):
+    """/sys/class/powercap/intel-rapl:*/energy_uj: energy counters -> watts.
+
+    The counter wraps at max_energy_range_uj; the collector treats a decrease
+    as a reset and skips that one rate.
+    """
+
+    name = "rapl"
+
+    def _files(self) -> list[Path]:
+        return sorted(self.path("sys/class/powercap").glob("intel-rapl:*/energy_uj"))
+
+    def available(self) -> bool:
+        return bool(self._files())
+
+    def read(self) -> Reading:
+        c: dict[str, float] = {}
+        for f in self._files():
+            try:
+                zone = clean(_read_text(f.parent / "name")) or f.parent.name
+            except OSError:
+                zone = clean(f.parent.name)
+            try:
+                # microjoules per second -> watts via the rate: store joules.
+                c[f"rapl_{clean(f.parent.name)}.{zone}_power.watts"] = float(_read_text(f)) / 1e6
+            except (OSError, ValueError):
+                continue
+        return Reading(counters=c)
+
+
+GPU_QUERY = "index,utilization.gpu,utilization.memory,memory.used,temperature.gpu,power.draw,clocks.sm,fan.speed"
+
+
+class GpuSource(Source):
+    """NVIDIA GPUs through ``nvidia-smi`` (NVML's command-line face), where installed."""
+
+    name = "gpu"
+
+    def __init__(self, root: Path, exe: str | None = None) -> None:
+        super().__init__(root)
+        self.exe = exe or shutil.which("nvidia-smi")
+
+    def available(self) -> bool:
+        return self.exe is not None
+
+    def read(self) -> Reading:
+        out = subprocess.run(
+            [self.exe, f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout
+        return parse_nvidia_smi(out)
+
+
+def parse_nvidia_smi(text: str) -> Reading:
+    g: dict[str, float] = {}
+    names = GPU_QUERY.split(",")[1:]
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) != len(names) + 1:
+            continue
+        for name, cell in zip(names, cells[1:]):
+            try:
+                g[f"gpu_{clean(cells[0])}_{clean(name)}"] = float(cell)
+            except ValueError:
+                continue  # "[N/A]" for a field this GPU lacks
+    return Reading(gauges=g)
+
+
+class NodeExporterSource(Source):
+    """Scrape an existing node_exporter endpoint (sites that run it reuse it).
+
+    Only series whose name starts with one of ``prefixes`` are kept, at most
+    MAX_METRICS_PER_SOURCE of them; counters (``*_total`` or TYPE counter)
+    become rates.
+    """
+
+    name = "node_exporter"
+
+    def __init__(self, root: Path, url: str, prefixes: Iterable[str], timeout: float = 2.0) -> None:
+        super().__init__(root)
+        self.url = url
+        self.prefixes = tuple(prefixes)
+        self.timeout = timeout
+
+    def available(self) -> bool:
+        return bool(self.url)
+
+    def read(self) -> Reading:
+        with urllib.request.urlopen(self.url, timeout=self.timeout) as resp:  # noqa: S310 - operator's URL
+            body = resp.read(MAX_SCRAPE_BYTES + 1)
+        if len(body) > MAX_SCRAPE_BYTES:
+            raise OSError(f"{self.url}: more than {MAX_SCRAPE_BYTES} bytes")
+        return parse_prometheus_text(body.decode("utf-8", "replace"), self.prefixes)
+
+
+def parse_prometheus_text(text: str, prefixes: tuple[str, ...]) -> Reading:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = Reading()
+    n = 0
+    try:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if not s.name.startswith(prefixes) or n >= MAX_METRICS_PER_SOURCE:
+                    continue
+                labels = ".".join(clean(v) for _, v in sorted(s.labels.items()))
+                key = "ne_" + clean(s.name) + (f"_{labels}" if labels else "")
+                target = r.counters if family.type == "counter" or s.name.endswith("_total") else r.gauges
+                target[key] = float(s.value)
+                n += 1
+    except ValueError as exc:
+        raise OSError(f"bad exposition format: {exc}") from None
+    return r
+
+
+def default_sources(root: Path, *, gpu: bool = True, node_exporter_url: str = "",
+                    node_exporter_prefixes: Iterable[str] = ()) -> list[Source]:
+    sources: list[Source] = [
+        CpuSource(root), CpuFreqSource(root), LoadSource(root), MemorySource(root),
+        DiskSource(root), NetSource(root), HwmonSource(root), RaplSource(root),
+    ]
+    if gpu:
+        sources.append(GpuSource(root))
+    if node_exporter_url:
+        sources.append(NodeExporterSource(root, node_exporter_url, node_exporter_prefixes))
+    return sources
+
+
+class Collector:
+    """Reads every present source and turns counters into rates.
+
+    ``sample(now)`` returns one flat ``{metric: value}`` dict. Rates need two
+    readings, so the first sample has only gauges (and CPU utilisation needs
+    two as well). A counter that went down (reboot of a device, RAPL wrap)
+    gives no rate for that sample.
+    """
+
+    def __init__(self, sources: list[Source], on_error: Callable[[str], None] | None = None) -> None:
+        self.sources: list[Source] = []
+        self.absent: list[str] = []
+        for s in sources:
+            try:
+                present = s.available()
+            except OSError:
+                present = False
+            if present:
+                self.sources.append(s)
+            else:
+                self.absent.append(s.name)
+                log.info("telemetry source %s is absent on this node; skipping it", s.name)
+        self.on_error = on_error or (lambda name: None)
+        self._failing: set[str] = set()
+        self._prev: dict[str, float] = {}
+        self._prev_time: float | None = None
+
+    def sample(self, now: float) -> dict[str, float]:
+        gauges: dict[str, float] = {}
+        counters: dict[str, float] = {}
+        for s in self.sources:
+            try:
+                r = s.read()
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError) as exc:
+                self.on_error(s.name)
+                if s.name not in self._failing:
+                    self._failing.add(s.name)
+                    log.warning("telemetry source %s failed: %s (logged once until it recovers)", s.name, exc)
+                continue
+            if s.name in self._failing:
+                self._failing.discard(s.name)
+                log.info("telemetry source %s recovered", s.name)
+            gauges.update(r.gauges)
+            counters.update(r.counters)
+        out = dict(gauges)
+        prev, dt = self._prev, (now - self._prev_time) if self._prev_time is not None else 0.0
+        if dt > 0:
+            deltas: dict[str, float] = {}
+            for k, v in counters.items():
+                if k in prev and v >= prev[k]:
+                    deltas[k] = v - prev[k]
+            for k, d in deltas.items():
+                if k.endswith("_total.jiffies"):
+                    continue
+                if k.endswith("_busy.jiffies") or k.endswith("_iowait.jiffies"):
+                    base = k.rsplit("_", 1)[0]
+                    total = deltas.get(base + "_total.jiffies")
+                    if total:
+                        what = "util" if k.endswith("_busy.jiffies") else "iowait"
+                        out[f"{base}_{what}"] = d / total
+                    continue
+                out[k + "_per_s" if not k.endswith(".watts") else k] = d / dt
+        self._prev = counters
+        self._prev_time = now
+        return out

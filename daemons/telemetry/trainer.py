@@ -1,0 +1,83 @@
+"""Turning stored windows into models: local training and installing a federated model.
+
+Theory of operation
+-------------------
+Plain synchronous functions (the daemon runs them in a worker thread):
+
+* :func:`training_matrix` picks the features of the node *now* (those of the
+  newest training window) and keeps the windows that have all of them, so a
+  sensor that appeared or vanished months ago does not shrink the model to
+  the features every window ever had.
+* :func:`train_local` is the seed's per-node baseline: min-max scaler fitted
+  on the node's own windows, the autoencoder trained on them, threshold =
+  the n-th percentile of its training errors, exported to ONNX.
+* :func:`model_from_global` is what a node does after a federated run (the
+  seed: "each of them performs semi-supervised anomaly detection again"):
+  the global weights, but the node's *own* scaler and its *own* threshold,
+  both computed from its own training windows.
+* :func:`feature_row` lays a window out in a model's feature order; a
+  missing feature becomes NaN, which the detector's scaler maps to 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .model import Autoencoder, MinMaxScaler, ModelError, export_onnx, threshold_from_errors
+from .store import StoredWindow
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    windows: int
+    features: int
+    threshold: float
+    loss: float | None
+
+
+def training_matrix(windows: list[StoredWindow], features: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    if not windows:
+        return np.zeros((0, 0), np.float32), []
+    names = sorted(windows[-1].features) if features is None else list(features)
+    rows = [[w.features[n] for n in names] for w in windows if all(n in w.features for n in names)]
+    X = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(names))
+    return X, names
+
+
+def train_local(windows: list[StoredWindow], out: Path, *, epochs: int, batch_size: int, lr: float,
+                percentile: float, min_windows: int, seed: int = 0) -> TrainResult:
+    X, names = training_matrix(windows)
+    if X.shape[0] < min_windows:
+        raise ModelError(f"only {X.shape[0]} training windows with the node's current features; "
+                         f"at least {min_windows} are needed")
+    scaler = MinMaxScaler().fit(X)
+    Xs = scaler.transform(X)
+    ae = Autoencoder(len(names), seed=seed)
+    losses = ae.fit(Xs, epochs=epochs, batch_size=batch_size, lr=lr)
+    threshold = threshold_from_errors(ae.reconstruction_error(Xs), percentile)
+    export_onnx(ae, scaler, names, threshold, out, extra_metadata={"shoal.origin": "local"})
+    return TrainResult(X.shape[0], len(names), threshold, losses[-1])
+
+
+def model_from_global(weights: list[np.ndarray], features: list[str], windows: list[StoredWindow], out: Path,
+                      *, percentile: float, run_id: int) -> TrainResult:
+    X, names = training_matrix(windows, features)
+    if X.shape[0] == 0:
+        raise ModelError(f"none of this node's training windows has all {len(features)} federated features")
+    ae = Autoencoder.from_weights(weights)  # ModelError on bad shapes / NaN
+    if ae.n_features != len(names):
+        raise ModelError(f"federated model takes {ae.n_features} features but names {len(names)}")
+    scaler = MinMaxScaler().fit(X)
+    threshold = threshold_from_errors(ae.reconstruction_error(scaler.transform(X)), percentile)
+    export_onnx(ae, scaler, names, threshold, out,
+                extra_metadata={"shoal.origin": "federated", "shoal.run_id": str(run_id)})
+    return TrainResult(X.shape[0], len(names), threshold, None)
+
+
+def feature_row(features: dict[str, float], names: list[str]) -> tuple[np.ndarray, int]:
+    """-> (1 x F row in ``names`` order with NaN for missing, number missing)."""
+    row = np.array([features.get(n, np.nan) for n in names], dtype=np.float32).reshape(1, -1)
+    return row, int(np.isnan(row).sum())

@@ -1,0 +1,115 @@
+"""Fixed-length windows over node samples: the mean and std of every metric.
+
+Theory of operation
+-------------------
+The seed aggregates node metrics over 15-minute windows (Nagios labels a
+node every 15 minutes) and describes each window by the average and the
+standard deviation of every metric. :class:`WindowAccumulator` does exactly
+that, sans-IO: ``add(t, sample)`` with the time passed in, and it returns the
+windows that ``t`` closed.
+
+Windows are aligned to multiples of their length since the epoch (a 15 min
+window starts at :00, :15, ...), so the windows of every node in a cluster
+line up and a label given for a time range maps to the same windows
+everywhere. A sample belongs to the window ``[start, start + length)`` that
+holds its time. A window closes when a sample arrives at or after its end,
+or by :meth:`flush` (called with the current time by a timer, so a quiet
+collector still closes windows). A window with fewer than ``min_samples``
+samples is dropped, not emitted: a daemon that started in the last seconds
+of a window would otherwise produce a window of statistics over one or two
+samples.
+
+Statistics use Welford's running mean and M2 per metric (numerically stable
+for long windows of large values like byte counters), with the population
+standard deviation (``ddof = 0``). A metric missing from some samples (a
+sensor that vanished) is summarised over the samples that had it. Feature
+names are ``<metric>:mean`` and ``<metric>:std``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    start: float
+    end: float
+    n_samples: int
+    features: dict[str, float]
+
+
+@dataclass(slots=True)
+class _Stat:
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        d = x - self.mean
+        self.mean += d / self.n
+        self.m2 += d * (x - self.mean)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.m2, 0.0) / self.n) if self.n else 0.0
+
+
+@dataclass
+class WindowAccumulator:
+    length: float
+    min_samples: int = 1
+    _start: float | None = None
+    _count: int = 0
+    _stats: dict[str, _Stat] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.length > 0:
+            raise ValueError("window length must be positive")
+
+    def window_start(self, t: float) -> float:
+        return math.floor(t / self.length) * self.length
+
+    @property
+    def open_start(self) -> float | None:
+        return self._start
+
+    @property
+    def open_samples(self) -> int:
+        return self._count
+
+    def add(self, t: float, sample: dict[str, float]) -> list[Window]:
+        """Add one sample taken at ``t``; return the window it closed, if any."""
+        closed = self.flush(t)
+        if self._start is None:
+            self._start = self.window_start(t)
+        self._count += 1
+        for k, v in sample.items():
+            if v != v or v in (math.inf, -math.inf):  # NaN/inf from a broken sensor
+                continue
+            st = self._stats.get(k)
+            if st is None:
+                st = self._stats[k] = _Stat()
+            st.add(float(v))
+        return closed
+
+    def flush(self, now: float) -> list[Window]:
+        """Close the open window if ``now`` is at or past its end."""
+        if self._start is None or now < self._start + self.length:
+            return []
+        w = self._close()
+        return [w] if w is not None else []
+
+    def _close(self) -> Window | None:
+        assert self._start is not None
+        start, count, stats = self._start, self._count, self._stats
+        self._start, self._count, self._stats = None, 0, {}
+        if count < self.min_samples:
+            return None
+        features: dict[str, float] = {}
+        for k in sorted(stats):
+            features[f"{k}:mean"] = stats[k].mean
+            features[f"{k}:std"] = stats[k].std
+        return Window(start, start + self.length, count, features)

@@ -1,0 +1,349 @@
+"""The worker daemon: register, pull, run up to K tasks at once, report, heartbeat.
+
+Theory of operation
+-------------------
+Seed 002's engines pull invocations from one queue; seed 004's servers order
+their own queue. A worker here does both:
+
+* a *session* with the dispatcher (the runtime RPC, HMAC token when not on
+  loopback): measure the RTT (best of a few pings), ``register`` the capacity,
+  then three loops share one connection —
+  **pull** (long poll for up to ``slots + prefetch`` units held locally),
+  **report** (finished units, in batches) and **heartbeat** (every
+  ``heartbeat_interval``; keeps the leases alive). Any connection failure ends
+  the session; a new one starts after ``reconnect_interval``. ``unknown_worker``
+  (the dispatcher restarted, or declared us dead) also re-registers, and the
+  units we had pulled but not started are dropped: the dispatcher has
+  requeued them.
+* *slots*: ``K`` (``slots``, default the core count) units run at once. When a
+  slot is free the queue policy (FCFS, SJF, EDF or seed 004's multi-agent
+  scheduler ``marl``, see :mod:`~shoal.daemons.dispatcher.schedulers`) picks
+  which queued unit runs next. A unit's tasks run one after another in that
+  slot (a fused chain is one invocation), each in its own process
+  (:mod:`.runner`). Running tasks do not depend on the session: results wait
+  in ``unreported`` until a report goes through, so a dispatcher restart loses
+  nothing that finished.
+
+The marl scheduler learns from every unit's response time (one shared reward,
+seed 004): its own units as they finish, and the units of every other worker,
+which the dispatcher returns in pull and heartbeat replies when asked
+(``rewards: true``; :func:`.telemetry.feed_team_rewards`). Its weights are
+saved to ``queue-policy.msgpack`` in the state directory periodically and at
+stop.
+
+With ``telemetry_metrics`` set, a loop reads the node's anomaly verdict from
+the telemetry daemon's /metrics every ``heartbeat_interval``
+(:mod:`.telemetry`); every heartbeat carries it, and a change is sent at once
+(the heartbeat loop wakes up), so the dispatcher can stop dispatching to an
+anomalous node (its ``exclude_anomalous``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import msgpack
+import trio
+
+from ..dispatcher.policy import ServerState, TaskInfo, make_queue_policy
+from ..dispatcher.store import TaskResult
+from ..dispatcher.wire import encode_result, read_token
+from ..runtime.daemon import DaemonContext
+from ..runtime.rpc import RpcConnectionError, RpcError, connect_tcp
+from ..runtime.state import atomic_write
+from .config import WorkerConfig
+from .metrics import WorkerMetrics
+from .runner import RunLimits, SwarmHook, run_task
+from .telemetry import feed_team_rewards, read_verdict
+
+log = logging.getLogger("shoal.worker")
+
+POLICY_FILE = "queue-policy.msgpack"
+PULL_WAIT = 5.0  # seconds one long poll waits for work
+RTT_PINGS = 3
+MAX_REPORT = 512  # units per report call
+REPORT_BYTES = 512 * 1024  # logs per report call, well inside the 1 MiB RPC frame
+UNIT_LOG_BYTES = 384 * 1024  # logs kept per unit (a fused chain of chatty tasks is trimmed to this)
+
+
+def _entry_size(entry: list[Any]) -> int:
+    return 256 + sum(len(r[5]) + len(r[6]) + 100 * len(r[7]) for r in entry[1])
+
+
+def _trim_logs(results: list[TaskResult], budget: int) -> None:
+    """Cut each task's stdout/stderr so that one unit's logs fit ``budget`` bytes."""
+    total = sum(len(r.stdout) + len(r.stderr) for r in results)
+    if total <= budget:
+        return
+    share = budget // (2 * len(results))
+    for r in results:
+        r.stdout, r.stderr = r.stdout[:share], r.stderr[:share]
+
+
+def mem_total() -> int:
+    """Physical memory in bytes (sysconf: works without /proc, which the unit hides)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 30
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+class _Restart(Exception):
+    """End this session and register again."""
+
+
+class WorkerApp:
+    def __init__(self, ctx: DaemonContext) -> None:
+        cfg: WorkerConfig = ctx.config
+        w = cfg.worker
+        self.ctx = ctx
+        self.section = w
+        self.id = w.id or socket.gethostname()
+        self.slots = w.slots or os.cpu_count() or 1
+        self.prefetch = w.prefetch or self.slots
+        self.token = read_token(w.token_file)
+        self.limits = RunLimits(w.work_dir or ctx.state_dir / "work", w.max_log_bytes, w.max_input_bytes)
+        self.limits.work_dir.mkdir(parents=True, exist_ok=True)
+        self.swarm = SwarmHook(w.peer_socket)
+        self.policy = make_queue_policy(w.queue_policy)
+        self.policy_file = ctx.state_dir / POLICY_FILE
+        self._load_policy()
+        self.capacity = {
+            "cpus": w.cpus or float(self.slots), "memory": w.memory or mem_total(),
+            "cpu_speed": w.cpu_speed, "bandwidth": w.bandwidth, "rtt": 0.0,
+        }
+        self.queue: list[tuple[dict[str, Any], TaskInfo]] = []
+        self.running: dict[str, TaskInfo] = {}
+        self.unreported: list[list[Any]] = []
+        self.changed = trio.Event()  # queue, slots or unreported changed
+        self.team_reward = self.policy.name == "marl"  # ask the dispatcher for the others' results
+        # the node's telemetry verdict (None: not reading telemetry)
+        self.verdict: str | None = "unknown" if w.telemetry_metrics else None
+        self.verdict_changed = trio.Event()
+        self.metrics = WorkerMetrics(ctx.registry, lambda: (
+            len(self.running), self.slots, len(self.queue), len(self.unreported)))
+        self.metrics.set_verdict(self.verdict)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def run(self, ctx: DaemonContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._slots)
+                nursery.start_soon(self._sessions)
+                nursery.start_soon(self._saver)
+                if self.section.telemetry_metrics:
+                    nursery.start_soon(self._telemetry_loop)
+                log.info("worker %s: %d slots, queue policy %s, dispatcher %s", self.id, self.slots,
+                         self.policy.name, self.section.dispatcher)
+                task_status.started()
+        finally:
+            self._save_policy()
+
+    def reload(self, new: WorkerConfig) -> None:
+        log.warning("worker settings take effect at the next restart")
+
+    def _poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    # -- the session with the dispatcher ------------------------------------------------
+
+    async def _sessions(self) -> None:
+        while True:
+            try:
+                async with await connect_tcp(self.section.dispatcher, token=self.token) as rpc:
+                    await self._session(rpc)
+            except (OSError, RpcError, _Restart) as exc:
+                self.metrics.dispatcher_errors.inc()
+                log.info("dispatcher session ended: %s", exc)
+            await trio.sleep(self.section.reconnect_interval)
+
+    async def _session(self, rpc) -> None:
+        rtts = []
+        for _ in range(RTT_PINGS):
+            start = time.perf_counter()
+            await rpc.call("ping")
+            rtts.append(time.perf_counter() - start)
+        self.capacity["rtt"] = min(rtts)
+        await rpc.call("register", {"worker": self.id, **self.capacity, **self._verdict_param()})
+        self.queue.clear()  # the dispatcher requeued whatever we had pulled
+        self._poke()
+        log.info("registered with %s (rtt %.2f ms)", self.section.dispatcher, self.capacity["rtt"] * 1000)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pull_loop, rpc)
+                nursery.start_soon(self._report_loop, rpc)
+                nursery.start_soon(self._heartbeat_loop, rpc)
+        except BaseExceptionGroup as group:
+            # One loop's RPC failed (the others were cancelled): end the session with it.
+            lost, rest = group.split((OSError, RpcError))
+            if lost is None or rest is not None:
+                raise
+            first = _leaves(lost)[0]
+            if isinstance(first, RpcError) and first.code == "unknown_worker":
+                raise _Restart("the dispatcher does not know us; registering again") from None
+            raise first from None
+
+    async def _pull_loop(self, rpc) -> None:
+        window = self.slots + self.prefetch
+        batch = max(1, window // 4)  # pull in chunks: one round trip per several units
+        while True:
+            want = window - len(self.queue) - len(self.running)
+            if want < batch and (self.queue or want <= 0):
+                await self.changed.wait()
+                continue
+            reply = await rpc.call("pull", {"worker": self.id, "max": want, "wait": PULL_WAIT,
+                                            "rewards": self.team_reward}, timeout=PULL_WAIT + 15)
+            self._team_rewards(reply.get("rewards"))
+            units = reply["units"]
+            for p in units:
+                work, data, mem, cpus, deadline, submitted, depth = p["info"]
+                self.queue.append((p, TaskInfo(p["key"], p["key"].partition("/")[0], work, data, mem, cpus,
+                                               deadline, submitted, depth)))
+            if units:
+                self._poke()
+
+    async def _report_loop(self, rpc) -> None:
+        while True:
+            if not self.unreported:
+                await self.changed.wait()
+                continue
+            batch, size = [], 0
+            for entry in self.unreported[:MAX_REPORT]:  # a report must fit one RPC frame
+                size += _entry_size(entry)
+                if batch and size > REPORT_BYTES:
+                    break
+                batch.append(entry)
+            await rpc.call("report", {"worker": self.id, "results": batch})
+            del self.unreported[:len(batch)]
+            self._poke()
+
+    async def _heartbeat_loop(self, rpc) -> None:
+        while True:
+            changed = self.verdict_changed
+            reply = await rpc.call("heartbeat", {"worker": self.id, "running": len(self.running),
+                                                 "rewards": self.team_reward, **self._verdict_param()})
+            self._team_rewards(reply.get("rewards"))
+            with trio.move_on_after(self.section.heartbeat_interval):
+                await changed.wait()  # a new verdict goes out at once
+
+    def _verdict_param(self) -> dict[str, str]:
+        return {} if self.verdict is None else {"verdict": self.verdict}
+
+    def _team_rewards(self, rows: Any) -> None:
+        if self.team_reward and rows:
+            self.metrics.team_rewards.inc(feed_team_rewards(self.policy, rows, time.time()))
+
+    # -- the node's telemetry verdict --------------------------------------------------
+
+    async def _telemetry_loop(self) -> None:
+        url = self.section.telemetry_metrics
+        interval = self.section.heartbeat_interval
+        while True:
+            try:
+                verdict = await read_verdict(url, timeout=max(interval, 1.0))
+                failure = None
+            except (OSError, ValueError) as exc:
+                verdict, failure = "unknown", str(exc)
+                self.metrics.telemetry_errors.inc()
+            if verdict != self.verdict:
+                if failure is not None:
+                    log.warning("cannot read the node's telemetry verdict from %s: %s", url, failure)
+                log.log(logging.WARNING if verdict == "anomalous" else logging.INFO,
+                        "node telemetry verdict: %s (was %s)", verdict, self.verdict)
+                self.verdict = verdict
+                self.metrics.set_verdict(verdict)
+                self.verdict_changed.set()
+                self.verdict_changed = trio.Event()
+            await trio.sleep(interval)
+
+    # -- running -------------------------------------------------------------------
+
+    def server_state(self) -> ServerState:
+        return ServerState(
+            id=self.id, cpus=self.capacity["cpus"], cpu_speed=self.capacity["cpu_speed"],
+            mem_total=self.capacity["memory"], mem_free=self.capacity["memory"], bandwidth=self.capacity["bandwidth"],
+            rtt=self.capacity["rtt"], queue_len=len(self.queue), running=len(self.running),
+            queued_work=sum(i.work for _p, i in self.queue) + sum(i.work for i in self.running.values()),
+        )
+
+    async def _slots(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                if not self.queue or len(self.running) >= self.slots:
+                    await self.changed.wait()
+                    continue
+                idx = self.policy.pick([i for _p, i in self.queue], self.server_state(), time.time())
+                payload, info = self.queue.pop(idx)
+                self.running[payload["key"]] = info
+                nursery.start_soon(self._run_unit, payload, info)
+                self._poke()
+
+    async def _run_unit(self, payload: dict[str, Any], info: TaskInfo) -> None:
+        key = payload["key"]
+        results: list[TaskResult] = []
+        try:
+            for task in payload["tasks"]:
+                self.metrics.started.inc()
+                r = await run_task(task, key, payload["attempt"], self.limits, self.swarm, self.metrics)
+                self.metrics.duration.observe(r.finished - r.started)
+                outcome = "ok" if r.ok else "timeout" if r.error.startswith("timeout") else (
+                    "failed" if r.exit_code is not None else "error")
+                self.metrics.finished_by[outcome].inc()
+                if not r.ok:
+                    log.info("%s: task %s %s (exit %s) %s", key, r.task, outcome, r.exit_code, r.error)
+                results.append(r)
+                if not r.ok:
+                    break
+        finally:
+            del self.running[key]
+            now = time.time()
+            self.policy.observe(info, self.id, now - info.submitted, now)
+            _trim_logs(results, UNIT_LOG_BYTES)
+            self.unreported.append([key, [encode_result(r) for r in results]])
+            self._poke()
+
+    # -- learned scheduler state ------------------------------------------------------
+
+    def _load_policy(self) -> None:
+        try:
+            self.policy.load_state_dict(msgpack.unpackb(self.policy_file.read_bytes(), raw=False))
+            log.info("restored the %s scheduler from %s", self.policy.name, self.policy_file)
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+            log.error("cannot restore %s (%s); the scheduler starts fresh", self.policy_file, exc)
+
+    def _save_policy(self) -> None:
+        try:
+            atomic_write(self.policy_file, msgpack.packb(self.policy.state_dict(), use_bin_type=True))
+        except OSError as exc:
+            log.error("cannot save %s: %s", self.policy_file, exc)
+
+    async def _saver(self) -> None:
+        while True:
+            await trio.sleep(self.section.policy_save_interval)
+            self._save_policy()
+
+
+def make_app(ctx: DaemonContext) -> WorkerApp:
+    return WorkerApp(ctx)
+
+
+def check_config(cfg: WorkerConfig) -> None:
+    read_token(cfg.worker.token_file)
+
+
+__all__ = ["WorkerApp", "make_app", "check_config", "RpcConnectionError"]

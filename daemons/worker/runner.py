@@ -1,0 +1,250 @@
+"""Running one task: inputs in, a process (or a builtin), bounded output, outputs checked.
+
+Theory of operation
+-------------------
+Each command task runs in its own process (seed 002 runs each invocation in
+its own engine thread; a process isolates crashes and memory), in a new session
+so a timeout can kill the whole process group. stdout and stderr are read
+concurrently into buffers that keep the first ``max_log_bytes`` and count the
+rest, so a chatty task cannot exhaust the worker's memory.
+
+A task with inputs or outputs gets its own directory ``<work_dir>/<job>/<task>``
+(emptied first: an earlier attempt's leftovers must not pass for outputs).
+Inputs are staged into it: an absolute path is copied, an http(s) URL
+downloaded, ``swarm:FILE.torrent`` fetched by the swarm peer through
+:class:`SwarmHook`; each is bounded by ``max_input_bytes``. After a zero exit
+every declared output must exist and fit its ``max_bytes``; its size and
+SHA-256 go into the result. Tasks without files run in ``work_dir``.
+
+The builtin ``sleep N`` runs inside the worker, for invocation-rate and RPE
+benchmarks (seed 002's "sleep 0" workflows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..dispatcher.store import TaskResult
+
+__all__ = ["InputError", "RunLimits", "SwarmHook", "run_task"]
+
+READ_CHUNK = 65536
+
+
+class InputError(Exception):
+    """An input could not be staged; the task is not run."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunLimits:
+    work_dir: Path
+    max_log_bytes: int = 65536
+    max_input_bytes: int = 1 << 30
+
+
+class SwarmHook:
+    """Fetch ``swarm:FILE.torrent`` inputs through the local swarm peer daemon.
+
+    The peer's control socket takes the .torrent (``add``, downloading into
+    ``dest_dir``) and answers ``wait`` once the torrent is complete; the
+    caller bounds the whole fetch with the task's timeout. The peer keeps
+    seeding the file for the other workers that need it.
+    """
+
+    WAIT_STEP = 20.0  # one `wait` call, below the peer's RPC request timeout
+
+    def __init__(self, socket_path: Path | None) -> None:
+        self.socket_path = socket_path
+
+    async def fetch(self, torrent: Path, dest_dir: Path, limit: int) -> Path:
+        if self.socket_path is None:
+            raise InputError(f"swarm:{torrent}: no swarm peer configured ([worker] peer_socket)")
+        from shoal.protocol.errors import RemoteProtocolError
+        from shoal.protocol.metainfo import parse_metainfo
+
+        from ..runtime.rpc import RpcError, connect_unix
+
+        try:
+            raw = torrent.read_bytes()
+            meta = parse_metainfo(raw)
+        except OSError as exc:
+            raise InputError(f"swarm:{torrent}: {exc.strerror or exc}") from None
+        except RemoteProtocolError as exc:
+            raise InputError(f"swarm:{torrent}: not a valid .torrent ({exc})") from None
+        if meta.total_length > limit:
+            raise InputError(f"swarm:{torrent}: {meta.total_length} bytes, above max_input_bytes")
+        try:
+            async with await connect_unix(self.socket_path) as peer:
+                await peer.call("add", {"torrent": raw, "dest": str(dest_dir)})
+                while True:
+                    try:
+                        row = await peer.call("wait", {"info_hash": meta.info_hash.hex()}, timeout=self.WAIT_STEP)
+                    except RpcError as exc:
+                        if exc.code == "timeout":
+                            continue  # still downloading: wait again
+                        raise
+                    if row["left"] == 0:
+                        return dest_dir / meta.name
+        except (OSError, RpcError) as exc:
+            raise InputError(f"swarm:{torrent}: the swarm peer failed: {exc}") from None
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dest, copy_function=_link_or_copy_file)
+    else:
+        _link_or_copy_file(src, dest)
+
+
+def _link_or_copy_file(src, dest) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def _bounded_copy(src: Path, dest: Path, limit: int) -> None:
+    size = src.stat().st_size
+    if size > limit:
+        raise InputError(f"{src}: {size} bytes, above max_input_bytes ({limit})")
+    shutil.copyfile(src, dest)
+
+
+def _download(url: str, dest: Path, limit: int, timeout: float) -> None:
+    with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as out:  # noqa: S310 - http(s) only
+        got = 0
+        while chunk := resp.read(READ_CHUNK):
+            got += len(chunk)
+            if got > limit:
+                raise InputError(f"{url}: larger than max_input_bytes ({limit})")
+            out.write(chunk)
+
+
+async def stage_inputs(inputs: list[str], cwd: Path, limits: RunLimits, swarm: SwarmHook, timeout: float) -> None:
+    for src in inputs:
+        try:
+            if src.startswith("swarm:"):
+                with trio.fail_after(timeout):
+                    got = await swarm.fetch(Path(src[6:]), cwd / ".swarm", limits.max_input_bytes)
+                # A hard link (or a copy across file systems): the peer keeps seeding its path.
+                await trio.to_thread.run_sync(_link_or_copy, got, cwd / got.name)
+            elif src.startswith(("http://", "https://")):
+                name = src.rstrip("/").rsplit("/", 1)[-1].split("?")[0] or "download"
+                await trio.to_thread.run_sync(_download, src, cwd / name, limits.max_input_bytes, timeout)
+            else:
+                await trio.to_thread.run_sync(_bounded_copy, Path(src), cwd / Path(src).name, limits.max_input_bytes)
+        except InputError:
+            raise
+        except trio.TooSlowError:
+            raise InputError(f"{src}: not fetched within the task's timeout") from None
+        except OSError as exc:  # urllib's URLError is an OSError
+            raise InputError(f"{src}: {getattr(exc, 'reason', None) or exc.strerror or exc}") from None
+
+
+class _Capture:
+    """Keep the first ``limit`` bytes of a stream; count the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.kept = 0
+        self.dropped = 0
+
+    async def drain(self, stream: trio.abc.ReceiveStream) -> None:
+        while chunk := await stream.receive_some(READ_CHUNK):
+            room = self.limit - self.kept
+            if room > 0:
+                self.chunks.append(chunk[:room])
+                self.kept += min(room, len(chunk))
+            self.dropped += max(0, len(chunk) - max(room, 0))
+
+    def value(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+async def run_task(task: dict[str, Any], key: str, attempt: int, limits: RunLimits, swarm: SwarmHook,
+                   metrics: Any = None) -> TaskResult:
+    """Run one task to completion; never raises for the task's own failures."""
+    name = task["name"]
+    started = time.time()
+    if task["builtin"]:
+        _, secs = task["builtin"].split()
+        await trio.sleep(float(secs))
+        return TaskResult(name, 0, started, time.time())
+    job = key.partition("/")[0]
+    cwd = limits.work_dir
+    if task["inputs"] or task["outputs"]:
+        cwd = limits.work_dir / job / name
+        if cwd.exists():
+            await trio.to_thread.run_sync(shutil.rmtree, cwd)
+        cwd.mkdir(parents=True)
+        try:
+            await stage_inputs(task["inputs"], cwd, limits, swarm, task["timeout"])
+        except InputError as exc:
+            if metrics is not None:
+                metrics.input_errors.inc()
+            return TaskResult(name, None, started, time.time(), error=f"input: {exc}")
+    env = dict(os.environ, SHOAL_JOB=job, SHOAL_TASK=name, SHOAL_ATTEMPT=str(attempt))
+    out, err = _Capture(limits.max_log_bytes), _Capture(limits.max_log_bytes)
+    try:
+        proc = await trio.lowlevel.open_process(
+            task["command"], cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as exc:
+        return TaskResult(name, None, started, time.time(), error=f"cannot start {task['command'][0]!r}: {exc.strerror or exc}")
+    error = ""
+    try:
+        with trio.move_on_after(task["timeout"]) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(out.drain, proc.stdout)
+                nursery.start_soon(err.drain, proc.stderr)
+                await proc.wait()
+        if scope.cancelled_caught:
+            error = f"timeout after {task['timeout']:g}s"
+    finally:
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+        for s in (proc.stdout, proc.stderr):
+            await trio.aclose_forcefully(s)
+    code = proc.returncode
+    if metrics is not None and (out.dropped or err.dropped):
+        metrics.truncated.inc(out.dropped + err.dropped)
+    outputs: list[list[Any]] = []
+    if code == 0 and not error:
+        error, outputs = await trio.to_thread.run_sync(_check_outputs, cwd, task["outputs"])
+    return TaskResult(name, None if error.startswith("timeout") else code, started, time.time(), error=error,
+                      stdout=out.value(), stderr=err.value(), outputs=outputs)
+
+
+def _check_outputs(cwd: Path, declared: list[list[Any]]) -> tuple[str, list[list[Any]]]:
+    found = []
+    for rel, limit in declared:
+        path = cwd / rel
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"output {rel!r} is missing", []
+        if size > limit:
+            return f"output {rel!r} is {size} bytes, above its max_bytes ({limit})", []
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        found.append([rel, size, h.hexdigest()])
+    return "", found

@@ -1,0 +1,102 @@
+"""Start real dispatcher and worker daemons (subprocesses) on 127.0.0.1 port 0 for tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import trio
+
+from shoal.daemons.runtime.config import ListenAddr
+from shoal.daemons.runtime.rpc import RpcClient, connect_tcp
+from tests.harness import RunningDaemon, start_daemon
+
+SHOAL = [sys.executable, "-m", "shoal.daemons.cli"]
+
+
+def dispatcher_config(path: Path, *, lease: float = 1.0, extra: str = "") -> Path:
+    path.write_text(f"""
+[daemon]
+log_level = "debug"
+metrics_listen = "127.0.0.1:0"
+stop_timeout = 5.0
+
+[dispatcher]
+rpc_listen = "127.0.0.1:0"
+lease_seconds = {lease}
+{extra}
+""")
+    return path
+
+
+def worker_config(path: Path, dispatcher: ListenAddr, worker_id: str, *, slots: int = 2, extra: str = "") -> Path:
+    path.write_text(f"""
+[daemon]
+log_level = "debug"
+metrics_listen = "127.0.0.1:0"
+stop_timeout = 5.0
+
+[worker]
+dispatcher = "{dispatcher}"
+id = "{worker_id}"
+slots = {slots}
+heartbeat_interval = 0.2
+reconnect_interval = 0.1
+{extra}
+""")
+    return path
+
+
+async def start_dispatcher(tmp: Path, *, state_dir: Path | None = None, lease: float = 1.0,
+                           extra: str = "") -> RunningDaemon:
+    cfg = dispatcher_config(tmp / "dispatcher.toml", lease=lease, extra=extra)
+    return await start_daemon([*SHOAL, "dispatcher", "run", "--config", str(cfg)],
+                              state_dir=state_dir or tmp / "dispatcher-state")
+
+
+async def start_worker(tmp: Path, dispatcher: ListenAddr, worker_id: str, *, slots: int = 2,
+                       extra: str = "") -> RunningDaemon:
+    cfg = worker_config(tmp / f"{worker_id}.toml", dispatcher, worker_id, slots=slots, extra=extra)
+    return await start_daemon([*SHOAL, "worker", "run", "--config", str(cfg)], state_dir=tmp / f"{worker_id}-state")
+
+
+async def wait_workers(client: RpcClient, n: int, timeout: float = 20.0) -> list[dict]:
+    """Poll the dispatcher until ``n`` workers are registered (a real condition)."""
+    with trio.fail_after(timeout):
+        while True:
+            rows = await client.call("workers")
+            if len(rows) >= n:
+                return rows
+            await trio.sleep(0.05)
+
+
+async def wait_job(client: RpcClient, job_id: int, timeout: float = 30.0) -> dict:
+    """Poll the dispatcher until the job is no longer running."""
+    with trio.fail_after(timeout):
+        while True:
+            view = await client.call("job", {"id": job_id})
+            if view["state"] != "running":
+                return view
+            await trio.sleep(0.05)
+
+
+async def connect(d: RunningDaemon) -> RpcClient:
+    return await connect_tcp(d.addresses["rpc"])
+
+
+async def scrape(addr: ListenAddr) -> str:
+    stream = await trio.open_tcp_stream(addr.host, addr.port)
+    async with stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        chunks = []
+        while chunk := await stream.receive_some(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).split(b"\r\n\r\n", 1)[-1].decode()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line (``name`` includes its labels)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no sample {name} in /metrics")

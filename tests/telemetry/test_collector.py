@@ -1,0 +1,145 @@
+"""The collector against a fake /proc and /sys tree, sensors missing and vanishing."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+
+from shoal.daemons.telemetry.sources import (
+    Collector,
+    GpuSource,
+    HwmonSource,
+    NodeExporterSource,
+    default_sources,
+    parse_nvidia_smi,
+    parse_prometheus_text,
+)
+
+from .fakeroot import FakeNode
+
+
+def make(tmp_path, **kw):
+    node = FakeNode(tmp_path)
+    errors: list[str] = []
+    col = Collector(default_sources(tmp_path, gpu=False, **kw), on_error=errors.append)
+    return node, col, errors
+
+
+def test_first_sample_has_gauges_then_rates_follow(tmp_path):
+    node, col, errors = make(tmp_path)
+    first = col.sample(100.0)
+    assert first["mem_total.bytes"] == 8000000 * 1024
+    assert first["mem_used.bytes"] == (8000000 - 6000000) * 1024
+    assert first["load_1"] == 0.5 and first["proc_total"] == 345
+    assert first["hwmon_hwmon0.coretemp_temp1.celsius"] == 45.0
+    assert first["hwmon_hwmon0.coretemp_fan1.rpm"] == 1200
+    assert first["cpufreq_0_mhz"] == 2400.0
+    assert "net_eth0_rx.bytes_per_s" not in first  # a rate needs two readings
+    node.tick(2.0, busy=0.25)
+    second = col.sample(102.0)
+    assert second["net_eth0_rx.bytes_per_s"] == pytest.approx(1000.0)
+    assert second["disk_sda_read.bytes_per_s"] == pytest.approx(8 * 512)
+    assert second["cpu_0_util"] == pytest.approx(0.25)
+    assert second["cpu_all_util"] == pytest.approx(0.25)
+    assert second["rapl_intel_rapl_0.package_0_power.watts"] == pytest.approx(30.0)
+    assert not any(k.startswith("net_lo") for k in second)
+    assert not any("loop0" in k for k in second)
+    assert errors == []
+
+
+def test_absent_sources_are_skipped_and_logged_once(tmp_path, caplog):
+    FakeNode(tmp_path)
+    shutil.rmtree(tmp_path / "sys")
+    caplog.set_level(logging.INFO, "shoal.telemetry")
+    col = Collector(default_sources(tmp_path, gpu=False))
+    assert {"hwmon", "rapl", "cpufreq"} <= set(col.absent)
+    assert "hwmon" not in [s.name for s in col.sources]
+    for t in range(3):
+        sample = col.sample(float(t))
+    assert not any(k.startswith(("hwmon", "rapl", "cpufreq")) for k in sample)
+    assert sum("hwmon is absent" in r.message for r in caplog.records) == 1
+
+
+def test_a_vanishing_sensor_drops_out_and_comes_back(tmp_path, caplog):
+    node, col, errors = make(tmp_path)
+    col.sample(0.0)
+    shutil.rmtree(tmp_path / "sys/class/hwmon/hwmon0")  # driver unloaded
+    node.tick()
+    s = col.sample(1.0)
+    assert not any(k.startswith("hwmon") for k in s)
+    assert "mem_total.bytes" in s  # the other sources keep going
+    # hwmon is now simply empty (no files), which is not an error; a source
+    # whose file vanished is: remove /proc/net/dev.
+    node.tick()
+    (tmp_path / "proc/net/dev").unlink()
+    caplog.set_level(logging.WARNING, "shoal.telemetry")
+    col.sample(2.0)
+    col.sample(3.0)
+    assert errors == ["net", "net"]
+    assert sum("net failed" in r.message for r in caplog.records) == 1  # logged once
+    (tmp_path / "sys/class/hwmon/hwmon0").mkdir()
+    (tmp_path / "sys/class/hwmon/hwmon0/name").write_text("coretemp\n")
+    node.tick()
+    s = col.sample(4.0)
+    assert s["hwmon_hwmon0.coretemp_temp1.celsius"] == 45.0
+    node.tick()
+    assert "net_eth0_rx.bytes_per_s" in col.sample(5.0)
+
+
+def test_sensor_file_unreadable_mid_read_is_counted(tmp_path):
+    node = FakeNode(tmp_path)
+    errors: list[str] = []
+    col = Collector([HwmonSource(tmp_path)], on_error=errors.append)
+    (tmp_path / "sys/class/hwmon/hwmon0/temp1_input").write_text("garbage\n")
+    s = col.sample(0.0)
+    assert "hwmon_hwmon0.coretemp_fan1.rpm" in s and not any("temp1" in k for k in s)
+    (tmp_path / "sys/class/hwmon/hwmon0/fan1_input").write_text("\n")
+    assert col.sample(1.0) == {}
+    assert errors == ["hwmon"]
+    node.write()
+    assert len(col.sample(2.0)) == 2
+
+
+def test_counter_reset_gives_no_rate(tmp_path):
+    node, col, _ = make(tmp_path)
+    col.sample(0.0)
+    node.net_rx = 10.0  # interface re-created
+    node.write()
+    assert "net_eth0_rx.bytes_per_s" not in col.sample(1.0)
+    node.tick()
+    assert col.sample(2.0)["net_eth0_rx.bytes_per_s"] == pytest.approx(1000.0)
+
+
+def test_nvidia_smi_parsing_and_missing_gpu(tmp_path):
+    r = parse_nvidia_smi("0, 87, 40, 10240, 71, 250.5, 1530, [N/A]\n1, 3, 0, 5, 40, 30.1, 300, 20\n")
+    assert r.gauges["gpu_0_utilization.gpu"] == 87.0
+    assert r.gauges["gpu_1_fan.speed"] == 20.0
+    assert "gpu_0_fan.speed" not in r.gauges
+    src = GpuSource(tmp_path)
+    src.exe = None  # no nvidia-smi on this node
+    assert not src.available()
+
+
+def test_node_exporter_text_is_filtered_and_typed():
+    text = (
+        "# TYPE node_network_receive_bytes_total counter\n"
+        'node_network_receive_bytes_total{device="eth0"} 1234\n'
+        "# TYPE node_load1 gauge\nnode_load1 0.7\n"
+        "# TYPE go_goroutines gauge\ngo_goroutines 9\n"
+    )
+    r = parse_prometheus_text(text, ("node_",))
+    assert r.counters == {"ne_node_network_receive_bytes_total_eth0": 1234.0}
+    assert r.gauges == {"ne_node_load1": 0.7}
+    with pytest.raises(OSError):
+        parse_prometheus_text("this is { not the format\n", ("node_",))
+
+
+def test_unreachable_node_exporter_is_an_error_not_a_crash(tmp_path):
+    FakeNode(tmp_path)
+    errors: list[str] = []
+    # Port 9 on loopback (discard) is closed on a test machine: connection refused.
+    src = NodeExporterSource(tmp_path, "http://127.0.0.1:9/metrics", ("node_",), timeout=1.0)
+    col = Collector([src], on_error=errors.append)
+    assert col.sample(0.0) == {} and errors == ["node_exporter"]

@@ -1,0 +1,129 @@
+"""The telemetry daemon as a real process: windows, kill -9, training, model refusal, hooks."""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import AsyncExitStack
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+import trio
+
+from shoal.daemons.runtime.rpc import RpcError
+from shoal.daemons.telemetry.model import Autoencoder, MinMaxScaler, export_onnx
+
+from .conftest import keep_ticking, rpc, start_telemetry, wait_status, write_config
+from .fakeroot import FakeNode
+
+
+def stored_starts(state_dir) -> set[float]:
+    db = sqlite3.connect(str(state_dir / "windows.db"))
+    try:
+        return {r[0] for r in db.execute("SELECT start FROM windows")}
+    finally:
+        db.close()
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+async def scrape(addr) -> str:
+    def get() -> str:
+        with urllib.request.urlopen(f"http://{addr.host}:{addr.port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    return await trio.to_thread.run_sync(get)
+
+
+async def test_kill_9_loses_no_closed_window(tmp_path):
+    root = tmp_path / "root"
+    node = FakeNode(root)
+    sock = tmp_path / "ctl.sock"
+    config = write_config(tmp_path / "t.toml", root, sock)
+    state = tmp_path / "state"
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            nursery.start_soon(keep_ticking, node)
+            d = await stack.enter_async_context(await start_telemetry(config, state_dir=state))
+            st = await wait_status(sock, lambda s: s["stored"] >= 3)
+            seen = {w["start"] for w in st["windows"]}
+            assert all(w["samples"] >= 2 and w["features"] > 20 for w in st["windows"])
+            assert await d.kill() == -9
+            await d.aclose()
+            assert seen <= stored_starts(state)  # every window the daemon reported is on disk
+            d = await stack.enter_async_context(await start_telemetry(config, state_dir=state))
+            st = await wait_status(sock, lambda s: s["stored"] >= len(seen) + 2)
+            assert seen <= {w["start"] for w in st["windows"]}
+            assert await d.terminate() == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_train_score_refuse_bad_models_and_flag_a_fault(tmp_path):
+    root = tmp_path / "root"
+    node = FakeNode(root)
+    sock = tmp_path / "ctl.sock"
+    flag = tmp_path / "flag"
+    script = tmp_path / "hook.py"
+    script.write_text("import os, sys\nopen(sys.argv[1], 'a').write(os.environ['SHOAL_ANOMALOUS'])\n")
+    hook = f"{sys.executable} {script} {flag}"
+    config = write_config(tmp_path / "t.toml", root, sock, extra=f'[detector]\non_change_command = "{hook}"\n')
+    with trio.fail_after(80):
+        async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            nursery.start_soon(keep_ticking, node)
+            d = await stack.enter_async_context(await start_telemetry(config))
+            await wait_status(sock, lambda s: s["stored"] >= 8)
+            with pytest.raises(RpcError) as e:
+                await rpc(sock, "label", {"start": 0, "end": 1, "label": "has space"})
+            assert e.value.code == "bad_label"
+
+            trained = await rpc(sock, "train", {})
+            assert trained["windows"] >= 7 and trained["features"] > 20 and trained["threshold"] > 0
+            st = await wait_status(sock, lambda s: any(w["score"] is not None for w in s["windows"]))
+            model = st["model"]
+            assert model["origin"] == "local" and model["features"] == trained["features"]
+
+            # A truncated file is refused with a clear message; the old model keeps scoring.
+            good = (d.state_dir / "model.onnx").read_bytes()
+            with pytest.raises(RpcError) as e:
+                await rpc(sock, "install", {"model": good[: len(good) // 2]})
+            assert e.value.code == "model_refused" and "truncated or corrupt" in e.value.message
+            # A valid model for other features is refused as mismatched.
+            names = [f"other_{i}:mean" for i in range(5)]
+            ae = Autoencoder(5, hidden=(3,), seed=1)
+            export_onnx(ae, MinMaxScaler().fit([[0] * 5, [1] * 5]), names, 0.1, tmp_path / "other.onnx")
+            with pytest.raises(RpcError) as e:
+                await rpc(sock, "install", {"model": (tmp_path / "other.onnx").read_bytes()})
+            assert e.value.code == "model_refused" and "mismatch" in e.value.message
+            st = await rpc(sock, "status", {"windows": 1})
+            assert st["model"] == model
+            last = st["windows"][0]["start"]
+            await wait_status(sock, lambda s: s["windows"][0]["start"] > last and s["windows"][0]["score"] is not None)
+            text = await scrape(d.addresses["metrics"])
+            assert 'shoal_telemetry_model_installs_total{origin="rpc",outcome="refused"} 2.0' in text
+            assert 'shoal_telemetry_model_installs_total{origin="local",outcome="ok"} 1.0' in text
+
+            # The CLI shows the same.
+            out = await trio.to_thread.run_sync(lambda: subprocess.run(
+                [sys.executable, "-m", "shoal.daemons.cli", "telemetry", "status", "--socket", str(sock), "-n", "3"],
+                capture_output=True, text=True, timeout=30))
+            assert out.returncode == 0 and "model: local" in out.stdout and "normal" in out.stdout
+
+            # A fault: the node overheats while idle (a failed fan). The detector
+            # flags it and the hook runs on the flip to anomalous.
+            node.fault = True
+            try:
+                st = await wait_status(sock, lambda s: s["windows"][0]["anomalous"] is True, timeout=20)
+            except trio.TooSlowError:
+                print(d.log[-6000:])
+                raise
+            with trio.fail_after(20):
+                while "1" not in (flag.read_text() if flag.exists() else ""):
+                    await trio.sleep(0.1)
+            assert await d.terminate() == 0
+            nursery.cancel_scope.cancel()
