@@ -112,12 +112,12 @@ async def federate(tmp_path: Path, state_dirs: list[Path], ca: Path, private_key
             async def start_node(i: int) -> None:
                 root = tmp_path / f"root{i}"
                 node = FakeNode(root, cpus=2 + (i == 1))  # node 1 has a third CPU: extra features
-                nursery.start_soon(keep_ticking, node, 0.05)
+                nursery.start_soon(keep_ticking, node, 0.1)  # 4 nodes on 2 cores: sample gently
                 extra = (f'[federation]\nenabled = true\nsuperlink = "{superlink}"\n'
                          f'root_certificates = "{ca}"\nauth_private_key = "{private_keys[i]}"\n'
                          f'fedserver = "{rpc_addr}"\ncatch_up_interval = 1.0\n')
                 sock = tmp_path / f"n{i}.sock"
-                config = write_config(tmp_path / f"n{i}.toml", root, sock, interval=0.1, window=0.6, extra=extra)
+                config = write_config(tmp_path / f"n{i}.toml", root, sock, interval=0.2, window=1.0, extra=extra)
                 nodes[i] = (sock, await stack.enter_async_context(await start_telemetry(config)))
                 state_dirs.append(nodes[i][1].state_dir)
 
