@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite-configs", action="store_true", help="replace existing config files")
     s.set_defaults(func=cmd_systemd)
 
-    demo = sub.add_parser("demo", help="a live tour: real BitTorrent clients swarm through a shoal tracker")
+    demo = sub.add_parser("demo", help="a live tour on loopback: swarm, telemetry, checkpointing, dispatch")
     demo.add_argument("--size-mib", type=int, default=32, help="size of the file to share (default 32)")
     demo.add_argument("--timeout", type=float, default=120.0, help="give up on a part after this many seconds")
     demo.add_argument("--only", action="append", metavar="PART",

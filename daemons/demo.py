@@ -1,12 +1,14 @@
-"""``shoal demo``: a live tour of the suite on loopback.
+"""``shoal demo``: a live tour of the suite on loopback, one part per capability.
 
-For now the tour is swarm distribution: a shoal tracker starts on 127.0.0.1
+The parts (``PARTS``, in order; ``--only`` picks some): swarm distribution,
+node telemetry, diskless checkpointing and dispatch. Each lives with its
+daemon; the swarm part is here. In it a shoal tracker starts on 127.0.0.1
 (HTTP and UDP, ports chosen by the kernel), and a shoal peer shares a file
 with real BitTorrent clients that Shoal did not write, libtorrent and aria2. Each client has its
 own 127.0.0.x address and learns of the others only from the tracker. The
 tracker's swarm view is printed as it changes; at the end every downloaded
 copy is checked against the original and the tracker's own /metrics endpoint
-is scraped. Later issues add their daemons to the tour.
+is scraped.
 """
 
 from __future__ import annotations
@@ -208,9 +210,9 @@ async def _scrape_metrics(addr: ListenAddr) -> str:
 #: itself; a part that fails does not stop the later ones.
 PARTS: dict[str, str] = {
     "swarm": "shoal.daemons.demo:swarm_tour",
-    "dispatch": "shoal.daemons.dispatcher.demo:tour",
     "telemetry": "shoal.daemons.telemetry.demo:tour",
     "checkpoint": "shoal.daemons.checkpoint.demo:tour",
+    "dispatch": "shoal.daemons.dispatcher.demo:tour",
 }
 
 
