@@ -31,7 +31,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mib", type=int, default=256)
     p.add_argument("--ranks", type=int, default=3)
-    p.add_argument("--kill-at", type=float, default=2.0, help="seconds after every rank holds checkpoint 0")
+    p.add_argument("--kill-at", type=float, default=1.0, help="seconds after every rank holds checkpoint 0")
     args = p.parse_args()
     log = io.StringIO()
     outcome = trio.run(lambda: run_app("bigstate", args.ranks, size=args.mib, kills=[(1, args.kill_at)],

@@ -371,6 +371,8 @@ class Rank:
             return await self._coord.call(method, params, timeout=timeout)
         except RpcError as exc:
             if exc.code == "stale_epoch" or self._need_rollback:
+                if exc.code != "stale_epoch":
+                    log.info("rank %d: %s refused during a rollback: %s", self.rank, method, exc)
                 raise _Rollback from None
             raise
 
@@ -447,8 +449,11 @@ class Rank:
             await self._call("ready", {"number": self.number, "consumed": self.consumed})
             await self._wait_resume(epoch)
         except _Rollback:
+            # A newer epoch, or ready refused: start over at the next change of the group.
             log.debug("rank %d: rollback interrupted", self.rank)
-            return  # a newer epoch: start over
+            with trio.move_on_after(1.0):
+                await self._view_changed.wait()
+            return
         finally:
             self._recovering = False
         if self.view["epoch"] != epoch:

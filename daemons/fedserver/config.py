@@ -11,11 +11,12 @@ METRICS_PORT = 9744
 
 @dataclass(frozen=True, slots=True)
 class SuperLinkSection:
-    # Flower's SuperLink serves its Fleet, Control and Runtime APIs on this one HTTP port
-    # (port 0 = any free port, for tests).
+    # Where the SuperNodes dial (port 0 = any free port, for tests). Without TLS Flower's
+    # SuperLink serves all its APIs here; with TLS the fedserver's Fleet-only proxy
+    # (proxy.py) serves it and the SuperLink listens on a free loopback port.
     listen: ListenAddr = setting(ListenAddr("127.0.0.1", 9093))
-    # TLS certificate, key and CA for the SuperLink. Required unless listen is loopback;
-    # on loopback "" runs Flower in --insecure mode.
+    # TLS certificate (naming 127.0.0.1 too), key and CA for the SuperLink and the proxy.
+    # Required unless listen is loopback; on loopback "" runs Flower in --insecure mode.
     ssl_certfile: str = setting("")
     ssl_keyfile: str = setting("")
     ssl_ca_certfile: str = setting("")

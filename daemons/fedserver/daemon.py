@@ -34,9 +34,15 @@ Control API (``flwr supernode register``). The daemon registers every key
 listed in ``[superlink] authorized_keys`` at start, before it reports ready,
 through the same ``flwr`` CLI profile it submits runs with. A node with an
 unknown key is refused at activation (its ``flower-supernode`` exits with
-code 305) and never receives a message. Flower 1.41's open-source Control
-API itself has no account authentication (that is in Flower's enterprise
-edition): docs/telemetry.md says how to fence it off.
+code 305) and never receives a message.
+
+**The Control API stays on loopback.** Flower 1.41 serves Fleet, Control and
+Runtime APIs on one port, and its open-source Control API has no
+authentication. So with TLS the SuperLink listens on a free 127.0.0.1 port
+(``superlink_internal`` in the ready STATUS) and ``[superlink] listen`` is
+served by :mod:`.proxy`, which forwards only the SuperNodes' Fleet API paths
+and refuses everything else with 403. The daemon's own ``flwr`` CLI dials the
+loopback SuperLink directly.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from ..runtime.rpc import RpcError, RpcServer
 from ..runtime.state import atomic_write
 from .config import FedserverConfig
 from .metrics import FedserverMetrics
+from .proxy import FleetProxy, client_context, server_context
 from .supervise import flower_env, flower_exe, free_port, supervise, wait_listening
 
 log = logging.getLogger("shoal.fedserver")
@@ -111,6 +118,28 @@ class FedRunError(Exception):
     pass
 
 
+def check_names_loopback(certfile: str) -> None:
+    """Refuse to start unless the SuperLink certificate names 127.0.0.1 (an IP SAN): the
+    proxy, the fedserver's `flwr` CLI and Flower's SuperExec all dial the SuperLink there
+    over TLS and verify its name."""
+    import ipaddress
+
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(certfile).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"ssl_certfile: cannot read {certfile}: {exc}") from None
+    try:
+        ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.IPAddress)
+    except x509.ExtensionNotFound:
+        ips = []
+    if ipaddress.ip_address("127.0.0.1") not in ips:
+        raise RuntimeError(f"ssl_certfile: {certfile} must name 127.0.0.1 (subjectAltName IP:127.0.0.1): the "
+                           "SuperLink runs on loopback behind the fedserver's proxy and is dialled there over TLS")
+
+
 class FedserverApp:
     def __init__(self, ctx: DaemonContext) -> None:
         cfg: FedserverConfig = ctx.config
@@ -123,7 +152,8 @@ class FedserverApp:
         self.out_dir = state / "global"
         self.latest = self.out_dir / "latest.npz"
         self.run_lock = trio.Lock()
-        self.superlink_addr: ListenAddr | None = None
+        self.superlink_addr: ListenAddr | None = None  # where flower-superlink listens
+        self.public_addr: ListenAddr | None = None  # where the SuperNodes dial (the proxy, with TLS)
         self.last_run: dict | None = None
         self._write_app()
         meta = self._latest_meta()
@@ -150,11 +180,15 @@ class FedserverApp:
 
     async def run(self, ctx: DaemonContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
+        s = cfg.superlink
         async with trio.open_nursery() as nursery:
-            listen = cfg.superlink.listen
-            port = listen.port or free_port(listen.host)
+            listen = s.listen
+            if s.ssl_certfile:  # the SuperLink goes behind the Fleet-only proxy, on loopback
+                check_names_loopback(s.ssl_certfile)
+                self.superlink_addr = ListenAddr("127.0.0.1", free_port("127.0.0.1"))
+            else:  # loopback without TLS (config validation allows nothing else): no proxy
+                self.superlink_addr = ListenAddr(listen.host, listen.port or free_port(listen.host))
             fresh_db = not (ctx.state_dir / "superlink.db").exists()
-            self.superlink_addr = ListenAddr(listen.host, port)
             self._write_connection(self.superlink_addr)
             await nursery.start(partial(
                 supervise, "flower-superlink", self._superlink_argv, env=flower_env({"FLWR_HOME": str(self.home)}),
@@ -164,16 +198,28 @@ class FedserverApp:
             except trio.TooSlowError:
                 raise RuntimeError(f"flower-superlink did not listen on {self.superlink_addr} within "
                                    f"{STARTUP_TIMEOUT:.0f} s; see {ctx.state_dir / 'superlink.log'}") from None
-            if cfg.superlink.authorized_keys:
-                await self.register_keys(cfg.superlink.authorized_keys, fresh_db)
+            if s.authorized_keys:
+                await self.register_keys(s.authorized_keys, fresh_db)
+            if s.ssl_certfile:
+                m = self.metrics
+                proxy = FleetProxy(self.superlink_addr, upstream_tls=client_context(s.ssl_ca_certfile),
+                                   on_forwarded=lambda path: m.proxy_forwarded.labels(path).inc(),
+                                   on_refused=m.proxy_refused.inc, on_upstream_error=m.proxy_upstream_errors.inc,
+                                   on_http_error=ctx.metrics.count_http_error)
+                self.public_addr = await nursery.start(partial(
+                    proxy.serve, listen, server_context(s.ssl_certfile, s.ssl_keyfile)))
+            else:
+                self.public_addr = self.superlink_addr
             token = Path(cfg.rpc.token_file).read_bytes().strip() if cfg.rpc.token_file else None
             server = RpcServer({"run": self.rpc_run, "latest": self.rpc_latest, "status": self.rpc_status},
                                metrics=ctx.metrics, token=token, name="fedserver", request_timeout=86400.0)
             rpc_addr = await nursery.start(partial(server.serve_tcp, cfg.rpc.listen))
-            ctx.announce(rpc=rpc_addr, superlink=self.superlink_addr)
+            ctx.announce(rpc=rpc_addr, superlink=self.public_addr)
+            if self.public_addr != self.superlink_addr:
+                ctx.announce(superlink_internal=self.superlink_addr)
             if cfg.federation.interval > 0:
                 nursery.start_soon(self._schedule)
-            log.info("SuperLink on %s, RPC on %s", self.superlink_addr, rpc_addr)
+            log.info("SuperLink on %s (nodes dial %s), RPC on %s", self.superlink_addr, self.public_addr, rpc_addr)
             task_status.started()
 
     def reload(self, new: FedserverConfig) -> None:
@@ -420,7 +466,7 @@ class FedserverApp:
     async def rpc_status(self, params) -> dict:
         meta = await trio.to_thread.run_sync(self._latest_meta)
         return {
-            "superlink": str(self.superlink_addr),
+            "superlink": str(self.public_addr),
             "running": self.run_lock.locked(),
             "last_run": self.last_run,
             "latest": None if meta is None else {k: meta[k] for k in ("run_id", "round", "time")}

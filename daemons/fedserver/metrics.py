@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .proxy import FLEET_PATHS
+
 RESULTS = ("ok", "error")
 TRIGGERS = ("schedule", "rpc")
 
@@ -29,6 +31,17 @@ class FedserverMetrics:
         self.key_errors = Counter("shoal_fedserver_key_errors_total",
                                   "authorized_keys entries (or files) that could not be registered.",
                                   registry=registry)
+        self.proxy_refused = Counter("shoal_fedserver_proxy_refused_total",
+                                     "Requests the SuperLink proxy refused with 403 (not a Fleet API path).",
+                                     registry=registry)
+        self.proxy_forwarded = Counter("shoal_fedserver_proxy_forwarded_total",
+                                       "Fleet API requests the proxy forwarded to the SuperLink, by path.",
+                                       ["path"], registry=registry)
+        self.proxy_upstream_errors = Counter("shoal_fedserver_proxy_upstream_errors_total",
+                                             "Forwarded requests the SuperLink did not answer (502).",
+                                             registry=registry)
+        for path in FLEET_PATHS:
+            self.proxy_forwarded.labels(path.decode())
         for t in TRIGGERS:
             for r in RESULTS:
                 self.runs.labels(t, r)

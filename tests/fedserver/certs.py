@@ -33,8 +33,8 @@ def _write_key(path: Path, key) -> None:
     path.chmod(0o600)
 
 
-def make_tls(directory: Path) -> dict[str, Path]:
-    """-> {"ca": ca.pem, "cert": server.pem, "key": server.key} for a SuperLink on 127.0.0.1."""
+def make_tls(directory: Path, ip: str = "127.0.0.1") -> dict[str, Path]:
+    """-> {"ca": ca.pem, "cert": server.pem, "key": server.key} for a SuperLink on ``ip``."""
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -48,10 +48,10 @@ def make_tls(directory: Path) -> dict[str, Path]:
           .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
           .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(_name("127.0.0.1")).issuer_name(ca.subject)
+    cert = (x509.CertificateBuilder().subject_name(_name(ip)).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)),
                                                         x509.DNSName("localhost")]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -1,7 +1,10 @@
 """On loopback, secured as off loopback: a fedserver and 3 telemetry daemons run
 Flower's real processes (SuperLink, SuperNodes, ServerApp and ClientApp
 processes) over TLS with SuperNode authentication, complete a FedAvg round,
-and every node installs the global model with its own threshold. A fourth
+and every node installs the global model with its own threshold. The nodes
+reach the SuperLink only through the fedserver's Fleet-only proxy (the
+SuperLink itself listens on another loopback port), which refuses the
+Control API with 403. A fourth
 node whose key the fedserver does not know is refused by the SuperLink and
 takes no part in the run; it still catches up afterwards through the
 fedserver's RPC (a separate channel, token-protected off loopback).
@@ -104,6 +107,7 @@ async def federate(tmp_path: Path, state_dirs: list[Path], ca: Path, private_key
                 [sys.executable, "-m", "shoal.daemons.cli", "fedserver", "run", "--config", str(tmp_path / "fed.toml")]))
             state_dirs.append(fed.state_dir)
             superlink, rpc_addr = fed.addresses["superlink"], fed.addresses["rpc"]
+            assert fed.addresses["superlink_internal"].port != superlink.port  # the nodes dial the proxy
             fed_metrics = await scrape(fed.addresses["metrics"])
             assert metric(fed_metrics, "shoal_fedserver_authorized_nodes") == 3
             assert metric(fed_metrics, "shoal_fedserver_key_errors_total") == 1
@@ -164,6 +168,23 @@ async def federate(tmp_path: Path, state_dirs: list[Path], ca: Path, private_key
                 assert all(np.array_equal(a, b) for a, b in zip(weights, node_w))
             assert len(set(thresholds)) > 1
 
+            # Every Fleet request went through the proxy; which paths the nodes used:
+            fed_metrics = await scrape(fed.addresses["metrics"])
+            used = {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in fed_metrics.splitlines()
+                    if line.startswith("shoal_fedserver_proxy_forwarded_total{")}
+            print("Fleet paths forwarded:", {p: n for p, n in used.items() if n})  # shown with -s
+            for path in ("activate-node", "pull-messages", "push-messages", "get-run", "pull-object"):
+                assert used[f"/v1/fleet/{path}"] > 0, path
+            assert metric(fed_metrics, "shoal_fedserver_proxy_upstream_errors_total") == 0
+            # The Control API is not reachable on the nodes' port: 403, counted.
+            refused_before = metric(fed_metrics, "shoal_fedserver_proxy_refused_total")
+            status, body = await https_post(superlink, "/v1/control/list-runs", ca)
+            assert status == 403 and b"Fleet API" in body
+            inner_status, _ = await https_post(fed.addresses["superlink_internal"], "/v1/control/list-runs", ca)
+            assert inner_status == 200  # the same request works on loopback: the proxy refused it
+            fed_metrics = await scrape(fed.addresses["metrics"])
+            assert metric(fed_metrics, "shoal_fedserver_proxy_refused_total") == refused_before + 1
+
             # The CLI reports on the same server.
             out = await trio.to_thread.run_sync(lambda: subprocess.run(
                 [sys.executable, "-m", "shoal.daemons.cli", "fed", "status", "--server", str(rpc_addr)],
@@ -176,10 +197,29 @@ async def federate(tmp_path: Path, state_dirs: list[Path], ca: Path, private_key
                 codes.append(await d.terminate())
 
             async with trio.open_nursery() as stopping:
-                for d in [fed] + [d for _, d in nodes]:
+                for _, d in nodes:
                     stopping.start_soon(stop, d)
+            # A stopping SuperNode deactivates itself, through the proxy too.
+            fed_metrics = await scrape(fed.addresses["metrics"])
+            assert metric(fed_metrics, 'shoal_fedserver_proxy_forwarded_total{path="/v1/fleet/deactivate-node"}') >= 3
+            await stop(fed)
             assert codes == [0] * 5
             nursery.cancel_scope.cancel()
+
+
+async def https_post(addr, path: str, ca: Path) -> tuple[int, bytes]:
+    import ssl
+
+    import httpx
+
+    def post() -> tuple[int, bytes]:
+        # An empty protobuf message is a valid request (e.g. ListRunsRequest: all runs).
+        r = httpx.post(f"https://{addr.host}:{addr.port}{path}", content=b"",
+                       headers={"content-type": "application/protobuf", "accept": "application/protobuf"},
+                       verify=ssl.create_default_context(cafile=str(ca)), timeout=30)
+        return r.status_code, r.content
+
+    return await trio.to_thread.run_sync(post)
 
 
 def test_restart_delay_backs_off_while_a_child_keeps_failing_and_resets_after_a_healthy_run():

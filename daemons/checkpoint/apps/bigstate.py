@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-STEPS = 12
+STEPS = 60
 MIB = 1 << 20
 
 
