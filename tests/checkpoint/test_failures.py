@@ -38,7 +38,8 @@ async def _run(app: str, n: int, size: int, victims: list[int], step: int, jitte
                                 mode=mode, parity_shards=shards)
             for i in range(n):
                 runner.start(i)
-            await _wait_step(runner.ranks[victims[0]], step, jitter)
+            with trio.fail_after(30):
+                await _wait_step(runner.ranks[victims[0]], step, jitter)
             # A rank that has returned its result is done with the library: a kill
             # then tests nothing (and a late "replacement" would wait for a group
             # that no longer exists).
@@ -63,14 +64,25 @@ async def _run(app: str, n: int, size: int, victims: list[int], step: int, jitte
     return runner.results, status
 
 
+def check(results: dict, status: dict, reference: list, victims: list[int]) -> None:
+    """Every rank ends with its failure-free result, bit for bit. The one exception: a
+    victim killed after it had left the library (no recovery ran, epoch 0) has no result
+    to give -- its replacement has no group to join -- and every other rank must still
+    match."""
+    assert all(results[i] == reference[i] for i in results)
+    missing = set(range(len(reference))) - set(results)
+    assert missing <= set(victims)
+    if missing:
+        (group,) = status["groups"]
+        assert group["epoch"] == 0 and group["phase"] != "recovering", group
+
+
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(victim=st.integers(0, 2), step=st.integers(0, STEPS - 1), jitter=st.integers(0, 30),
        mode=st.sampled_from(["enhanced", "blocking"]))
 def test_any_single_rank_killed_at_any_moment_gives_the_failure_free_result(victim, step, jitter, mode):
     results, status = trio.run(_run, "ring", 3, STEPS, [victim], step, jitter, mode)
-    reference = load("ring").reference(3, STEPS)
-    assert set(results) >= {0, 1, 2} - {victim}
-    assert all(results[i] == reference[i] for i in results)
+    check(results, status, load("ring").reference(3, STEPS), [victim])
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -78,9 +90,7 @@ def test_any_single_rank_killed_at_any_moment_gives_the_failure_free_result(vict
        jitter=st.integers(0, 40))
 def test_reed_solomon_m2_survives_any_two_ranks_killed_together(pair, step, jitter):
     results, status = trio.run(_run, "ring", 4, STEPS, list(pair), step, jitter, "enhanced", 2)
-    reference = load("ring").reference(4, STEPS)
-    assert set(results) >= {0, 1, 2, 3} - set(pair)
-    assert all(results[i] == reference[i] for i in results)
+    check(results, status, load("ring").reference(4, STEPS), list(pair))
     assert status["groups"][0]["m"] == 2
 
 
