@@ -272,3 +272,35 @@ async def _expect_lost(client):
     with pytest.raises(RpcConnectionError) as info:
         await client.call("never")
     assert info.value.code == "connection_lost"
+
+
+async def test_a_long_poll_does_not_hold_up_a_short_call_on_the_same_connection(tmp_path):
+    """The caller that holds the read lock reads the other caller's answer; the other
+    caller must return then, not when the long poll's own answer comes."""
+    release = trio.Event()
+
+    async def poll(params):
+        await release.wait()
+        return "polled"
+
+    async def quick(params):
+        return "quick"
+
+    server, _ = make_server(handlers={"poll": poll, "quick": quick})
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(server.serve_unix, tmp_path / "s"))
+            async with await connect_unix(tmp_path / "s") as client:
+                async with trio.open_nursery() as calls:
+                    got = {}
+
+                    async def long():
+                        got["poll"] = await client.call("poll")
+
+                    calls.start_soon(long)
+                    await trio.testing.wait_all_tasks_blocked()  # the poll is reading
+                    assert await client.call("quick") == "quick"
+                    assert "poll" not in got  # returned while the poll still waits
+                    release.set()
+                assert got == {"poll": "polled"}
+            nursery.cancel_scope.cancel()
