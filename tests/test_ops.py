@@ -364,6 +364,14 @@ def test_every_alert_is_tested_firing_and_quiet() -> None:
     assert names - quiet == set(), "alerts never tested staying quiet"
 
 
+def test_every_alert_has_a_runbook_entry() -> None:
+    """docs/operations.md says what to do when each alert fires."""
+    runbook = (ROOT / "docs" / "operations.md").read_text()
+    for rule in alert_rules():
+        heading = f"### {rule['alert']} ({rule['labels']['severity']})"
+        assert heading in runbook, f"docs/operations.md lacks {heading!r}"
+
+
 def test_scrape_config_covers_the_daemons_on_their_ports() -> None:
     doc = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in doc["scrape_configs"]}
