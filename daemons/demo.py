@@ -33,6 +33,7 @@ from .peer.torrent import Torrent
 from .realclients import Aria2Client, LibtorrentClient, aria2_available, make_shared_file
 from .runtime.config import DaemonSection, ListenAddr
 from .runtime.daemon import serve
+from .tracker.client import http_get
 from .tracker.config import AccessSection, TrackerConfig, TrackerSection
 from .tracker.daemon import TrackerApp
 
@@ -191,13 +192,8 @@ async def _swarm(app, ctx, peers: trio.Nursery, tmp: Path, size: int, http, udp,
 
 async def _scrape_metrics(addr: ListenAddr) -> str:
     """Fetch our own /metrics over HTTP, as Prometheus would, and keep the tracker lines."""
-    stream = await trio.open_tcp_stream(addr.host, addr.port)
-    async with stream:
-        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
-        chunks = []
-        while chunk := await stream.receive_some(65536):
-            chunks.append(chunk)
-    body = b"".join(chunks).split(b"\r\n\r\n", 1)[-1].decode()
+    _status, raw = await http_get(addr.host, addr.port, b"/metrics")
+    body = raw.decode()
     keep = [line for line in body.splitlines()
             if line.startswith(("shoal_tracker_announces_total", "shoal_tracker_scrapes", "shoal_tracker_swarms",
                                 "shoal_tracker_seeders", "shoal_tracker_leechers", "shoal_tracker_rejected"))

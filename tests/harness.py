@@ -202,3 +202,12 @@ async def start_daemon(
         sock.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+async def scrape(addr: ListenAddr) -> str:
+    """The body of a daemon's /metrics page, fetched as Prometheus does."""
+    from shoal.daemons.tracker.client import http_get
+
+    status, body = await http_get(addr.host, addr.port, b"/metrics")
+    assert status == 200, status
+    return body.decode()

@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 
 from shoal.daemons.runtime.rpc import RpcError, connect_tcp
-from tests.harness import start_daemon
+from tests.harness import scrape, start_daemon
 
 SHOAL = [sys.executable, "-m", "shoal.daemons.cli"]
 
@@ -19,16 +19,6 @@ def write(tmp: Path, text: str) -> Path:
     path = tmp / "checkpoint.toml"
     path.write_text(text)
     return path
-
-
-async def scrape(addr) -> str:
-    stream = await trio.open_tcp_stream(addr.host, addr.port)
-    async with stream:
-        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        chunks = []
-        while chunk := await stream.receive_some(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode()
 
 
 async def test_coordinator_serves_rpc_metrics_and_status_and_stops_cleanly(tmp_path: Path) -> None:

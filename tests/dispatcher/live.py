@@ -84,16 +84,6 @@ async def connect(d: RunningDaemon) -> RpcClient:
     return await connect_tcp(d.addresses["rpc"])
 
 
-async def scrape(addr: ListenAddr) -> str:
-    stream = await trio.open_tcp_stream(addr.host, addr.port)
-    async with stream:
-        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        chunks = []
-        while chunk := await stream.receive_some(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).split(b"\r\n\r\n", 1)[-1].decode()
-
-
 def metric(text: str, name: str) -> float:
     """The value of one sample line (``name`` includes its labels)."""
     for line in text.splitlines():

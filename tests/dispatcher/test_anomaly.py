@@ -20,7 +20,8 @@ import msgpack
 import trio
 
 from shoal.daemons.telemetry.model import Autoencoder, MinMaxScaler, export_onnx
-from tests.dispatcher.live import SHOAL, connect, metric, scrape, start_dispatcher, start_worker, wait_job, wait_workers
+from tests.dispatcher.live import SHOAL, connect, metric, start_dispatcher, start_worker, wait_job, wait_workers
+from tests.harness import scrape
 from tests.telemetry.conftest import keep_ticking, rpc, start_telemetry, wait_status, write_config
 from tests.telemetry.fakeroot import FakeNode
 

@@ -7,7 +7,8 @@ import sys
 import trio
 
 from shoal.daemons.runtime.rpc import RpcError
-from tests.dispatcher.live import SHOAL, connect, metric, scrape, start_dispatcher, start_worker, wait_job, wait_workers
+from tests.dispatcher.live import SHOAL, connect, metric, start_dispatcher, start_worker, wait_job, wait_workers
+from tests.harness import scrape
 
 
 def spec(tasks, **job):
