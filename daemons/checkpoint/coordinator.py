@@ -81,6 +81,8 @@ MAX_NAME = 64
 STATS_SAMPLES = 256
 
 
+
+
 class Refused(RpcError):
     """A request refused for a reason in metrics.REFUSALS."""
 
@@ -96,6 +98,17 @@ def _need(params: Any, key: str, kind: type | tuple[type, ...], *, lo: int | Non
     if hi is not None and value > hi:
         raise Refused("bad_params", f"{key!r} must be <= {hi}")
     return value
+
+
+def _counting_refusals(metrics, fn):
+    """An RPC handler that counts each refusal by its code before it goes back to the caller."""
+    async def handler(params):
+        try:
+            return await fn(params)
+        except Refused as exc:
+            metrics.refuse(exc.code)
+            raise
+    return handler
 
 
 @dataclass(eq=False)
@@ -208,13 +221,7 @@ class Coordinator:
         }
 
     def _guard(self, fn):
-        async def handler(params):
-            try:
-                return await fn(params)
-            except Refused as exc:
-                self.metrics.refuse(exc.code)
-                raise
-        return handler
+        return _counting_refusals(self.metrics, fn)
 
     async def _wrong_role(self, params):
         self.metrics.refuse("wrong_role")
@@ -824,13 +831,7 @@ class Backup:
         return wrapped
 
     def _guard(self, fn):
-        async def handler(params):
-            try:
-                return await fn(params)
-            except Refused as exc:
-                self.metrics.refuse(exc.code)
-                raise
-        return handler
+        return _counting_refusals(self.metrics, fn)
 
     async def _wrong_role(self, params):
         self.metrics.refuse("wrong_role")
