@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from .classic import _rng_state, _set_rng_state
-from .mlp import MLP
+from .mlp import MLP, linear_epsilon, td_targets
 from .policy import (
     ServerState,
     TaskInfo,
@@ -153,8 +153,7 @@ class DQNDispatch:
     def epsilon(self) -> float:
         if not self.learning:
             return 0.0
-        frac = min(self.decisions / max(self.eps_decay, 1), 1.0)
-        return self.eps_start + (self.eps_end - self.eps_start) * frac
+        return linear_epsilon(self.decisions, self.eps_start, self.eps_end, self.eps_decay)
 
     def q_values(self, task: TaskInfo, servers: Sequence[ServerState], now: float) -> np.ndarray:
         return self.net(features(task, servers, now, self.time_scale))[:, 0]
@@ -194,17 +193,8 @@ class DQNDispatch:
     # ------------------------------------------------------------------ learning
 
     def _train(self) -> None:
-        idx = self.rng.integers(self._size, size=self.batch)
-        x = self._x[idx]
-        y = self._r[idx].copy()
-        nexts = [self._next[i] for i in idx]
-        live = [j for j, n in enumerate(nexts) if n is not None]
-        if live and self.gamma > 0:
-            stacked = np.concatenate([nexts[j] for j in live])
-            q = self.target(stacked)[:, 0]
-            starts = np.cumsum([0] + [len(nexts[j]) for j in live[:-1]])
-            y[live] += self.gamma * np.maximum.reduceat(q, starts)
-        self.last_loss = self.net.train_batch(x, y[:, None])
+        idx, y = td_targets(self.rng, self._size, self.batch, self._r, self._next, self.target, self.gamma)
+        self.last_loss = self.net.train_batch(self._x[idx], y[:, None])
         self.train_steps += 1
         if self.train_steps % self.sync_every == 0:
             self.target.copy_from(self.net)

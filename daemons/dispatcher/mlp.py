@@ -202,3 +202,32 @@ class MLP:
         net = cls(d["sizes"], activation=d["activation"], optimizer=d["optimizer"], lr=d["lr"])
         net.load_state_dict(d)
         return net
+
+
+# -- what the two learned policies (dqn.py, schedulers.py) share ---------------------------
+
+
+def linear_epsilon(decisions: int, start: float, end: float, decay: int) -> float:
+    """Exploration rate: from ``start`` to ``end`` over the first ``decay`` decisions."""
+    frac = min(decisions / max(decay, 1), 1.0)
+    return start + (end - start) * frac
+
+
+def td_targets(rng: np.random.Generator, size: int, batch: int, rewards: np.ndarray, nexts: Sequence,
+               target: MLP, discount: float) -> tuple[np.ndarray, np.ndarray]:
+    """A minibatch from a replay memory of ``size`` entries, and its Q-learning targets.
+
+    Entry i holds reward ``rewards[i]`` and ``nexts[i]``, the feature rows of
+    the choices available at the next decision (None: none recorded). The
+    target is r + discount * max over those rows of the target network's Q.
+    Returns (indices, targets).
+    """
+    idx = rng.integers(size, size=batch)
+    y = rewards[idx].copy()
+    chosen = [nexts[i] for i in idx]
+    live = [j for j, n in enumerate(chosen) if n is not None]
+    if live and discount > 0:
+        q = target(np.concatenate([chosen[j] for j in live]))[:, 0]
+        starts = np.cumsum([0] + [len(chosen[j]) for j in live[:-1]])
+        y[live] += discount * np.maximum.reduceat(q, starts)
+    return idx, y

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .classic import _rng_state, _set_rng_state
-from .mlp import MLP
+from .mlp import MLP, linear_epsilon, td_targets
 from .policy import ServerState, TaskInfo, processing_time, reward
 
 N_TASK_FEATURES = 10
@@ -191,8 +191,7 @@ class MultiAgentScheduler:
     def epsilon(self) -> float:
         if not self.learning:
             return 0.0
-        frac = min(self.decisions / max(self.eps_decay, 1), 1.0)
-        return self.eps_start + (self.eps_end - self.eps_start) * frac
+        return linear_epsilon(self.decisions, self.eps_start, self.eps_end, self.eps_decay)
 
     def agent(self, server_id: str) -> _Agent:
         a = self.agents.get(server_id)
@@ -238,14 +237,7 @@ class MultiAgentScheduler:
     def _train(self, agent: _Agent) -> None:
         if agent.size < self.batch:
             return
-        idx = self.rng.integers(agent.size, size=self.batch)
-        y = agent.r[idx].copy()
-        nexts = [agent.next[i] for i in idx]
-        live = [j for j, n in enumerate(nexts) if n is not None]
-        if live and self.beta > 0:
-            q = agent.target(np.concatenate([nexts[j] for j in live]))[:, 0]
-            starts = np.cumsum([0] + [len(nexts[j]) for j in live[:-1]])
-            y[live] += self.beta * np.maximum.reduceat(q, starts)
+        idx, y = td_targets(self.rng, agent.size, self.batch, agent.r, agent.next, agent.target, self.beta)
         agent.net.train_batch(agent.x[idx], y[:, None])
         agent.steps += 1
         if agent.steps % self.sync_every == 0:
