@@ -23,7 +23,7 @@ def start_daemon(name: str, config: Path, notify_dir: Path, *, cpu: int | None =
     sock.settimeout(timeout)
     env = dict(os.environ, NOTIFY_SOCKET=str(notify))
     pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
-    proc = subprocess.Popen([sys.executable, "-m", "shoal.daemons.cli", name, "run", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "shoal.cli.main", name, "run", "--config", str(config)],
                             env=env, preexec_fn=pin)
     fields: dict[str, str] = {}
     try:

@@ -67,7 +67,7 @@ from __future__ import annotations
 import re
 from typing import Union
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "REASONS",

@@ -78,9 +78,9 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from . import bencode
-from .bencode import decode, decode_prefix, encode
-from .errors import LocalProtocolError, RemoteProtocolError
+from shoal.protocol import bencode
+from shoal.protocol.bencode import decode, decode_prefix, encode
+from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "REASONS",

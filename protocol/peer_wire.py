@@ -135,8 +135,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Union
 
-from . import bencode
-from .errors import LocalProtocolError, RemoteProtocolError
+from shoal.protocol import bencode
+from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "REASONS",
@@ -339,7 +339,7 @@ class Handshake:
     @classmethod
     def with_flags(
         cls, info_hash: bytes, peer_id: bytes, *, fast: bool = True, extensions: bool = True
-    ) -> "Handshake":
+    ) -> Handshake:
         """A handshake offering the fast extension and/or the extension protocol."""
         return cls(info_hash, peer_id, reserved_bytes(fast=fast, extensions=extensions))
 
@@ -432,7 +432,7 @@ class Bitfield:
         _check_bytes("bits", self.bits)
 
     @classmethod
-    def from_indices(cls, num_pieces: int, indices) -> "Bitfield":
+    def from_indices(cls, num_pieces: int, indices) -> Bitfield:
         """The bitfield of ``num_pieces`` pieces with ``indices`` set."""
         if type(num_pieces) is not int or not 0 <= num_pieces <= MAX_PIECES:
             raise LocalProtocolError("num_pieces out of range", reason="bad_number")
@@ -444,7 +444,7 @@ class Bitfield:
         return cls(bytes(bits))
 
     @classmethod
-    def full(cls, num_pieces: int) -> "Bitfield":
+    def full(cls, num_pieces: int) -> Bitfield:
         """The bitfield of a peer that has all ``num_pieces`` pieces."""
         return cls.from_indices(num_pieces, range(num_pieces))
 

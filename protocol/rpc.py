@@ -59,7 +59,7 @@ from typing import Any, Final
 
 import msgpack
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "VERSION",

@@ -69,11 +69,11 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
-from . import bencode
-from .errors import LocalProtocolError, RemoteProtocolError
+from shoal.protocol import bencode
+from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "REASONS",
@@ -166,7 +166,7 @@ class Event(enum.Enum):
         return _EVENT_TO_HTTP[self]
 
     @classmethod
-    def from_udp(cls, n: int) -> "Event":
+    def from_udp(cls, n: int) -> Event:
         """Map a BEP 15 event integer; raises RemoteProtocolError("bad_event")."""
         try:
             return _UDP_TO_EVENT[n]
@@ -174,7 +174,7 @@ class Event(enum.Enum):
             raise RemoteProtocolError(f"unknown UDP event {n!r}", reason="bad_event") from None
 
     @classmethod
-    def from_http(cls, value: bytes) -> "Event":
+    def from_http(cls, value: bytes) -> Event:
         """Map an HTTP ``event=`` value; raises RemoteProtocolError("bad_event")."""
         try:
             return _HTTP_TO_EVENT[value]
@@ -300,7 +300,7 @@ class Peer:
         return len(self.compact) == 18
 
     @classmethod
-    def from_compact(cls, entry: bytes) -> "Peer":
+    def from_compact(cls, entry: bytes) -> Peer:
         """Build from a 6-byte (IPv4) or 18-byte (IPv6) compact entry."""
         if len(entry) == 6:
             ip = "%d.%d.%d.%d" % (entry[0], entry[1], entry[2], entry[3])

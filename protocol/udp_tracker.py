@@ -68,8 +68,8 @@ import struct
 from dataclasses import dataclass
 from typing import Union
 
-from .errors import LocalProtocolError, RemoteProtocolError
-from .tracker import Announce, Event, Peer, ScrapeStats
+from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
+from shoal.protocol.tracker import Announce, Event, Peer, ScrapeStats
 
 __all__ = [
     "REASONS",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHOAL = [sys.executable, "-m", "shoal.daemons.cli"]
+SHOAL = [sys.executable, "-m", "shoal.cli.main"]
 
 
 def readme_commands() -> list[str]:

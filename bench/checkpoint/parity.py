@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shoal.daemons.checkpoint.erasure import ReedSolomon, RSParity
-from shoal.daemons.checkpoint.parity import BLOCK_SIZE, Parity, changed_blocks, xor_into
+from shoal.core.checkpoint.erasure import ReedSolomon, RSParity
+from shoal.core.checkpoint.parity import BLOCK_SIZE, Parity, changed_blocks, xor_into
 
 
 def interleaved(ops: list[tuple[str, object]], repeat: int) -> dict[str, list[float]]:

@@ -26,7 +26,6 @@ import os
 from pathlib import Path
 
 import trio
-
 from cluster import Cluster, save
 
 HERE = Path(__file__).resolve().parent

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shoal.daemons.dispatcher import simulate
+from shoal.lab import dispatch_simulate as simulate
 
 HERE = Path(__file__).resolve().parent
 

@@ -445,7 +445,7 @@ def main() -> int:
     ns = [] if args.n == "none" else [int(x) for x in args.n.split(",")]
     cap = int(args.upload_cap * MiB)
 
-    from shoal.daemons.realclients import make_shared_file
+    from shoal.demo.realclients import make_shared_file
 
     result: dict = {"command": " ".join(["bench/p2p/bench.py", *sys.argv[1:]]),
                     "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},

@@ -46,8 +46,8 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from shoal.daemons.peer.config import ChokerSection, LimitsSection, PeerConfig, PeerSection  # noqa: E402
 from shoal.daemons.peer.session import Session  # noqa: E402
-from shoal.daemons.realclients import make_shared_file  # noqa: E402
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr  # noqa: E402
+from shoal.demo.realclients import make_shared_file  # noqa: E402
 from shoal.protocol.metainfo import parse_metainfo  # noqa: E402
 
 PIECE = 16 << 10

@@ -115,7 +115,7 @@ def run_shoal(spec: dict) -> None:
 
 
 def run_libtorrent(spec: dict) -> None:
-    from shoal.daemons.realclients import LibtorrentClient
+    from shoal.demo.realclients import LibtorrentClient
 
     (node,) = spec["nodes"]
     settings = {}

@@ -29,8 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from shoal.core.telemetry.windows import WindowAccumulator
 from shoal.daemons.telemetry.sources import Collector, default_sources
-from shoal.daemons.telemetry.windows import WindowAccumulator
 
 HERE = Path(__file__).resolve().parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -64,7 +64,7 @@ def bench_daemon(seconds: float) -> dict:
         cfg = Path(tmp) / "t.toml"
         cfg.write_text(f'[daemon]\nmetrics_listen = "127.0.0.1:0"\nstate_directory = "{tmp}/state"\n'
                        f'[collector]\nwindow = 60.0\n[control]\nsocket = "{tmp}/c.sock"\n')
-        proc = subprocess.Popen([sys.executable, "-m", "shoal.daemons.cli", "telemetry", "run", "--config", str(cfg)],
+        proc = subprocess.Popen([sys.executable, "-m", "shoal.cli.main", "telemetry", "run", "--config", str(cfg)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.time() + 60

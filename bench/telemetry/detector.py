@@ -21,8 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from shoal.daemons.telemetry.model import (Autoencoder, Detector, MinMaxScaler, export_onnx,
-                                           single_blas_thread, threshold_from_errors)
+from shoal.core.telemetry.model import (
+    Autoencoder,
+    Detector,
+    MinMaxScaler,
+    export_onnx,
+    single_blas_thread,
+    threshold_from_errors,
+)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from shoal.daemons.telemetry.experiment import main
+from shoal.lab.telemetry_experiment import main
 
 if __name__ == "__main__":
     raise SystemExit(main(["--out", str(Path(__file__).parent), *sys.argv[1:]]))

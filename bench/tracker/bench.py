@@ -38,8 +38,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import start_daemon  # noqa: E402  (bench/common.py)
 from urllib.parse import quote_from_bytes
+
+from common import start_daemon  # noqa: E402  (bench/common.py)
 
 HERE = Path(__file__).resolve().parent
 TORRENTS = 100

@@ -12,7 +12,7 @@ DEMO_SIZES = {"ring": 3000, "mergesort": 4_000_000, "cannon": 800, "apsp": 200}
 
 
 def add_commands(daemon: argparse._SubParsersAction, top: argparse._SubParsersAction) -> None:
-    from .launcher import parse_kill
+    from shoal.daemons.checkpoint.launcher import parse_kill
 
     ck = top.add_parser("ckpt", help="diskless checkpointing: group status, the example apps")
     sub = ck.add_subparsers(dest="ckpt_action", required=True, metavar="ACTION")
@@ -59,9 +59,9 @@ def format_status(reply: dict) -> str:
 def cmd_status(args) -> int:
     import trio
 
-    from ..runtime.config import ListenAddr
-    from ..runtime.rpc import RpcError, connect_tcp
-    from .config import read_token
+    from shoal.daemons.checkpoint.config import read_token
+    from shoal.daemons.runtime.config import ListenAddr
+    from shoal.daemons.runtime.rpc import RpcError, connect_tcp
 
     try:
         addr = ListenAddr.parse(args.coordinator)
@@ -89,8 +89,8 @@ def cmd_status(args) -> int:
 def cmd_demo(args) -> int:
     import trio
 
-    from .apps import load
-    from .launcher import describe, run_app
+    from shoal.ckpt.apps import load
+    from shoal.daemons.checkpoint.launcher import describe, run_app
 
     if args.ranks < 2 or args.ranks > 64:
         return _fail("--ranks must be 2..64")

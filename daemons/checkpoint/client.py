@@ -65,10 +65,10 @@ import msgpack
 import numpy as np
 import trio
 
-from ..runtime.config import ListenAddr
-from ..runtime.rpc import RpcClient, RpcConnectionError, RpcError, RpcServer, connect_tcp
-from .msglog import SENT, MessageLog
-from .parity import changed_blocks, xor_into
+from shoal.core.checkpoint.msglog import SENT, MessageLog
+from shoal.core.checkpoint.parity import changed_blocks, xor_into
+from shoal.daemons.runtime.config import ListenAddr
+from shoal.daemons.runtime.rpc import RpcClient, RpcConnectionError, RpcError, RpcServer, connect_tcp
 
 log = logging.getLogger("shoal.checkpoint.rank")
 

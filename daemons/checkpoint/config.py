@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..runtime.config import ConfigError, DaemonSection, ListenAddr, setting
-from .parity import MAX_BLOCK_SIZE
+from shoal.core.checkpoint.parity import MAX_BLOCK_SIZE
+from shoal.daemons.runtime.config import ConfigError, DaemonSection, ListenAddr, setting
 
 METRICS_PORT = 9745
 RPC_PORT = 7745

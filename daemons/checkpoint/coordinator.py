@@ -67,12 +67,12 @@ from typing import Any
 import numpy as np
 import trio
 
-from ..runtime.config import ListenAddr
-from ..runtime.rpc import RpcClient, RpcError, connect_tcp
-from .code import GroupCode
-from .grant import BLOCKING, ENHANCED, GrantRule
-from .metrics import CheckpointMetrics
-from .overhead import model
+from shoal.core.checkpoint.grant import BLOCKING, ENHANCED, GrantRule
+from shoal.core.checkpoint.groupcode import GroupCode
+from shoal.core.checkpoint.overhead import model
+from shoal.daemons.checkpoint.metrics import CheckpointMetrics
+from shoal.daemons.runtime.config import ListenAddr
+from shoal.daemons.runtime.rpc import RpcClient, RpcError, connect_tcp
 
 log = logging.getLogger("shoal.checkpoint")
 

@@ -12,11 +12,11 @@ from functools import partial
 
 import trio
 
-from ..runtime.daemon import DaemonContext
-from ..runtime.rpc import RpcServer
-from .config import CheckpointConfig, check_config, read_token
-from .coordinator import Backup, Coordinator
-from .metrics import CheckpointMetrics
+from shoal.daemons.checkpoint.config import CheckpointConfig, check_config, read_token
+from shoal.daemons.checkpoint.coordinator import Backup, Coordinator
+from shoal.daemons.checkpoint.metrics import CheckpointMetrics
+from shoal.daemons.runtime.daemon import DaemonContext
+from shoal.daemons.runtime.rpc import RpcServer
 
 
 class CheckpointApp:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import trio
 
-from ..runtime.config import DaemonSection, ListenAddr
-from ..runtime.daemon import serve
-from ..runtime.rpc import connect_tcp
-from ..runtime.state import atomic_write
-from .apps import load
-from .config import CheckpointConfig, CheckpointSection
+from shoal.ckpt.apps import load
+from shoal.daemons.checkpoint.config import CheckpointConfig, CheckpointSection
+from shoal.daemons.runtime.config import DaemonSection, ListenAddr
+from shoal.daemons.runtime.daemon import serve
+from shoal.daemons.runtime.rpc import connect_tcp
+from shoal.daemons.runtime.state import atomic_write
 
 LOOPBACK = ListenAddr("127.0.0.1", 0)
 
@@ -56,7 +56,7 @@ def parse_kill(text: str) -> tuple[int, float]:
 async def serve_role(nursery: trio.Nursery, role: str, tmp: Path, *, backup: ListenAddr | None = None,
                      heartbeat: float = 0.5) -> tuple[object, trio.CancelScope]:
     """A coordinator or backup daemon served in-process on loopback; (ctx, scope)."""
-    from .daemon import CheckpointApp
+    from shoal.daemons.checkpoint.daemon import CheckpointApp
 
     section = replace(CheckpointSection(), role=role, listen=LOOPBACK, backup=backup,
                       heartbeat_interval=heartbeat, heartbeat_timeout=heartbeat * 6)
@@ -75,7 +75,7 @@ async def serve_role(nursery: trio.Nursery, role: str, tmp: Path, *, backup: Lis
 async def run_app(app: str, ranks: int, *, size: int, kills: list[tuple[int, float]] = (), mode: str = "enhanced",
                   interval: float = 0.2, block_size: int = 65536, shards: int = 1, out=sys.stdout,
                   timeout: float = 120.0, group: str = "demo") -> Outcome:
-    from ..runtime.logs import setup_logging
+    from shoal.daemons.runtime.logs import setup_logging
 
     setup_logging("warning", "checkpoint")
     module = load(app)
@@ -187,7 +187,7 @@ def describe(outcome: Outcome, out=sys.stdout) -> None:
 
 
 async def _rank(args: argparse.Namespace) -> int:
-    from .client import Rank
+    from shoal.daemons.checkpoint.client import Rank
 
     module = load(args.app)
     rank = Rank(ListenAddr.parse(args.coordinator), args.group, args.rank, args.n, mode=args.mode,
@@ -215,7 +215,7 @@ def rank_main(argv: list[str]) -> int:
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    from ..runtime.logs import setup_logging
+    from shoal.daemons.runtime.logs import setup_logging
 
     setup_logging("warning", f"rank{args.rank}")
     return trio.run(_rank, args)

@@ -42,13 +42,6 @@ def add_commands(dispatcher: argparse._SubParsersAction, top: argparse._SubParse
     x.add_argument("workers", nargs="*")
     x.set_defaults(func=cmd_exclude)
 
-    from .simulate import add_arguments, run
-
-    d = top.add_parser("dispatch", help="dispatch policies offline")
-    dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sim = dsub.add_parser("simulate", help="seed 004's experiments in the discrete-event simulator")
-    add_arguments(sim)
-    sim.set_defaults(func=run)
 
 
 def _fail(message: str) -> int:
@@ -57,9 +50,9 @@ def _fail(message: str) -> int:
 
 
 async def _call(args, method: str, params=None):
-    from ..runtime.config import ListenAddr
-    from ..runtime.rpc import connect_tcp
-    from .wire import read_token
+    from shoal.daemons.dispatcher.wire import read_token
+    from shoal.daemons.runtime.config import ListenAddr
+    from shoal.daemons.runtime.rpc import connect_tcp
 
     token = read_token(Path(args.token_file)) if args.token_file else None
     async with await connect_tcp(ListenAddr.parse(args.dispatcher), token=token) as client:
@@ -69,8 +62,8 @@ async def _call(args, method: str, params=None):
 def rpc(args, method: str, params=None):
     import trio
 
-    from ..runtime.config import ConfigError
-    from ..runtime.rpc import RpcError
+    from shoal.daemons.runtime.config import ConfigError
+    from shoal.daemons.runtime.rpc import RpcError
 
     try:
         return trio.run(_call, args, method, params)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..runtime.config import DaemonSection, ListenAddr, setting
-from .policy import DISPATCH_POLICIES
+from shoal.core.dispatch.policy import DISPATCH_POLICIES
+from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
 
 DEFAULT_PORT = 7460
 METRICS_PORT = 9746

@@ -60,9 +60,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .jobs import Job, Unit, task_payload
-from .policy import DispatchPolicy, ServerState, TaskInfo, admissible
-from .store import Store, TaskResult
+from shoal.core.dispatch.jobs import Job, Unit, task_payload
+from shoal.core.dispatch.policy import DispatchPolicy, ServerState, TaskInfo, admissible
+from shoal.daemons.dispatcher.store import Store, TaskResult
 
 __all__ = ["Core", "CoreError", "WorkerRec", "UnitRec", "VERDICTS"]
 

@@ -52,16 +52,16 @@ from typing import Any
 import msgpack
 import trio
 
-from ..runtime.daemon import DaemonContext
-from ..runtime.rpc import RpcError, RpcServer
-from ..runtime.state import atomic_write
-from .config import DispatcherConfig
-from .core import VERDICTS, Core, CoreError
-from .jobs import Limits, SpecError, parse_spec
-from .metrics import DispatcherMetrics
-from .policy import DISPATCH_POLICIES, DispatchPolicy, make_dispatch_policy
-from .store import Store
-from .wire import decode_results, read_token
+from shoal.core.dispatch.jobs import Limits, SpecError, parse_spec
+from shoal.core.dispatch.policy import DISPATCH_POLICIES, DispatchPolicy, make_dispatch_policy
+from shoal.daemons.dispatcher.config import DispatcherConfig
+from shoal.daemons.dispatcher.core import VERDICTS, Core, CoreError
+from shoal.daemons.dispatcher.metrics import DispatcherMetrics
+from shoal.daemons.dispatcher.store import Store
+from shoal.daemons.dispatcher.wire import decode_results, read_token
+from shoal.daemons.runtime.daemon import DaemonContext
+from shoal.daemons.runtime.rpc import RpcError, RpcServer
+from shoal.daemons.runtime.state import atomic_write
 
 log = logging.getLogger("shoal.dispatcher")
 

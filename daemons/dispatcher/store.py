@@ -37,7 +37,7 @@ from typing import Any
 
 import msgpack
 
-from .jobs import Job, job_from_dict
+from shoal.core.dispatch.jobs import Job, job_from_dict
 
 __all__ = ["Store", "StoredJob", "TaskResult"]
 

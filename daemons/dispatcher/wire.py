@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..runtime.config import ConfigError
-from .store import TaskResult
+from shoal.daemons.dispatcher.store import TaskResult
+from shoal.daemons.runtime.config import ConfigError
 
 __all__ = ["read_token", "encode_result", "decode_results"]
 

@@ -30,8 +30,8 @@ def add_commands(fed_daemon: argparse._SubParsersAction, top: argparse._SubParse
 def _rpc(args, method: str, params=None):
     import trio
 
-    from ..runtime.config import ListenAddr
-    from ..runtime.rpc import RpcError, connect_tcp
+    from shoal.daemons.runtime.config import ListenAddr
+    from shoal.daemons.runtime.rpc import RpcError, connect_tcp
 
     try:
         addr = ListenAddr.parse(args.server)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..runtime.config import DaemonSection, ListenAddr, setting
+from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
 
 METRICS_PORT = 9744
 

@@ -55,14 +55,14 @@ from pathlib import Path
 
 import trio
 
-from ..runtime.config import ListenAddr
-from ..runtime.daemon import DaemonContext
-from ..runtime.rpc import RpcError, RpcServer
-from ..runtime.state import atomic_write
-from .config import FedserverConfig
-from .metrics import FedserverMetrics
-from .proxy import FleetProxy, client_context, server_context
-from .supervise import flower_env, flower_exe, free_port, supervise, wait_listening
+from shoal.daemons.fedserver.config import FedserverConfig
+from shoal.daemons.fedserver.metrics import FedserverMetrics
+from shoal.daemons.fedserver.proxy import FleetProxy, client_context, server_context
+from shoal.daemons.fedserver.supervise import flower_env, flower_exe, free_port, supervise, wait_listening
+from shoal.daemons.runtime.config import ListenAddr
+from shoal.daemons.runtime.daemon import DaemonContext
+from shoal.daemons.runtime.rpc import RpcError, RpcServer
+from shoal.daemons.runtime.state import atomic_write
 
 log = logging.getLogger("shoal.fedserver")
 
@@ -359,7 +359,7 @@ class FedserverApp:
         return out
 
     def _latest_meta(self) -> dict | None:
-        from .flowerapp import load_model_npz
+        from shoal.daemons.fedserver.flowerapp import load_model_npz
 
         try:
             return load_model_npz(self.latest)[1]

@@ -45,18 +45,17 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from collections.abc import Iterable
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from shoal.core.telemetry.model import Autoencoder, MinMaxScaler
 from shoal.daemons.runtime.state import atomic_write
-from shoal.daemons.telemetry.model import Autoencoder, MinMaxScaler
 
 QUERY = "query"
 REPLY_POLL = 0.5  # seconds between checks for replies (Flower's grid: 3 s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .proxy import FLEET_PATHS
+from shoal.daemons.fedserver.proxy import FLEET_PATHS
 
 RESULTS = ("ok", "error")
 TRIGGERS = ("schedule", "rpc")

@@ -51,9 +51,9 @@ from collections.abc import Callable
 import h11
 import trio
 
-from ..runtime.config import ListenAddr
-from ..runtime.http import HttpConnectionHandler, HttpRequest, HttpResponse, bound_address, open_listeners
-from ..runtime.ratelimit import TokenBucket
+from shoal.daemons.runtime.config import ListenAddr
+from shoal.daemons.runtime.http import HttpConnectionHandler, HttpRequest, HttpResponse, bound_address, open_listeners
+from shoal.daemons.runtime.ratelimit import TokenBucket
 
 log = logging.getLogger("shoal.fedserver")
 

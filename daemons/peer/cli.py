@@ -68,7 +68,7 @@ def _fail(message: str) -> int:
 
 
 async def _call(socket: str, method: str, params=None):
-    from ..runtime.rpc import connect_unix
+    from shoal.daemons.runtime.rpc import connect_unix
 
     async with await connect_unix(socket) as client:
         return await client.call(method, params)
@@ -77,7 +77,7 @@ async def _call(socket: str, method: str, params=None):
 def _rpc(args, method: str, params=None):
     import trio
 
-    from ..runtime.rpc import RpcError
+    from shoal.daemons.runtime.rpc import RpcError
 
     try:
         return trio.run(_call, args.socket, method, params)
@@ -180,9 +180,8 @@ def _default_piece_length(total: int) -> int:
 
 
 def cmd_create(args) -> int:
+    from shoal.daemons.peer.storage import hash_files
     from shoal.protocol.metainfo import create_metainfo
-
-    from .storage import hash_files
 
     root = Path(args.path)
     if root.is_file():
@@ -211,9 +210,7 @@ def cmd_get(args) -> int:
     import trio
 
     from shoal.protocol.errors import RemoteProtocolError
-    from shoal.protocol.metainfo import parse_metainfo
-
-    from shoal.protocol.metainfo import parse_magnet
+    from shoal.protocol.metainfo import parse_magnet, parse_metainfo
 
     try:
         if args.torrent.startswith("magnet:"):
@@ -234,12 +231,11 @@ async def _get(meta, args) -> int:
     import trio
     from prometheus_client import CollectorRegistry
 
-    from ..runtime.config import ListenAddr
+    from shoal.daemons.peer.config import LimitsSection, PeerConfig, PeerSection
+    from shoal.daemons.peer.metadata import fetch_metadata
+    from shoal.daemons.peer.session import Session
+    from shoal.daemons.runtime.config import ListenAddr
     from shoal.protocol.metainfo import Magnet
-
-    from .config import LimitsSection, PeerConfig, PeerSection
-    from .metadata import fetch_metadata
-    from .session import Session
 
     try:
         listen = ListenAddr.parse(args.listen)

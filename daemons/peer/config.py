@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..runtime.config import DaemonSection, ListenAddr, setting
+from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
 
 METRICS_PORT = 9742
 

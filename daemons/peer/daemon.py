@@ -31,15 +31,14 @@ from pathlib import Path
 
 import trio
 
+from shoal.daemons.peer.config import PeerConfig
+from shoal.daemons.peer.metadata import fetch_metadata
+from shoal.daemons.peer.session import Session
+from shoal.daemons.runtime.daemon import DaemonContext
+from shoal.daemons.runtime.rpc import RpcError, RpcServer
+from shoal.daemons.runtime.state import atomic_write
 from shoal.protocol.errors import RemoteProtocolError
 from shoal.protocol.metainfo import Magnet, parse_magnet, parse_metainfo
-
-from ..runtime.daemon import DaemonContext
-from ..runtime.rpc import RpcError, RpcServer
-from ..runtime.state import atomic_write
-from .config import PeerConfig
-from .metadata import fetch_metadata
-from .session import Session
 
 log = logging.getLogger("shoal.peer")
 

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from shoal.core.swarm.picker import queue_depth
 from shoal.protocol import peer_wire as pw
-from .picker import queue_depth
 
 if TYPE_CHECKING:
-    from .torrent import Torrent
+    from shoal.daemons.peer.torrent import Torrent
 
 log = logging.getLogger("shoal.peer")
 

@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import logging
 import math
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
+from shoal.daemons.peer.session import RECEIVE_SIZE, Session
+from shoal.daemons.peer.torrent import CONNECT_TIMEOUT, EXT_IDS, HANDSHAKE_TIMEOUT
+from shoal.daemons.tracker.client import TrackerError, open_tracker
 from shoal.protocol import peer_wire as pw
 from shoal.protocol.errors import RemoteProtocolError
 from shoal.protocol.metainfo import Magnet, Metainfo, metainfo_file, parse_info, parse_metainfo
 from shoal.protocol.tracker import Announce, Event, Failure
-
-from ..tracker.client import TrackerError, open_tracker
-from .session import RECEIVE_SIZE, Session
-from .torrent import CONNECT_TIMEOUT, EXT_IDS, HANDSHAKE_TIMEOUT
 
 log = logging.getLogger("shoal.peer")
 

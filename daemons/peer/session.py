@@ -19,15 +19,14 @@ from pathlib import Path
 
 import trio
 
+from shoal.daemons.peer.config import PeerConfig
+from shoal.daemons.peer.metrics import PeerMetrics
+from shoal.daemons.peer.throttle import Throttle
+from shoal.daemons.peer.torrent import HANDSHAKE_TIMEOUT, Torrent
+from shoal.daemons.runtime.config import ListenAddr
 from shoal.protocol import peer_wire as pw
 from shoal.protocol.errors import RemoteProtocolError
 from shoal.protocol.metainfo import Metainfo
-
-from ..runtime.config import ListenAddr
-from .config import PeerConfig
-from .metrics import PeerMetrics
-from .throttle import Throttle
-from .torrent import HANDSHAKE_TIMEOUT, Torrent
 
 log = logging.getLogger("shoal.peer")
 

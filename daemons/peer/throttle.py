@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import trio
 
-from ..runtime.ratelimit import TokenBucket
+from shoal.daemons.runtime.ratelimit import TokenBucket
 
 
 class Throttle:

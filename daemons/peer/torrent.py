@@ -26,22 +26,21 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from shoal.core.swarm.choker import Choker
+from shoal.core.swarm.picker import BLOCK_SIZE, PiecePicker
+from shoal.core.swarm.superseed import SuperSeeder
+from shoal.daemons.peer.link import Banned, PeerLink
+from shoal.daemons.peer.storage import MAX_BLOCK_LENGTH, Storage
+from shoal.daemons.peer.throttle import Throttle
+from shoal.daemons.peer.webseed import WebSeed
+from shoal.daemons.tracker.client import TrackerError, open_tracker
 from shoal.protocol import peer_wire as pw
 from shoal.protocol.errors import RemoteProtocolError
 from shoal.protocol.metainfo import Metainfo
 from shoal.protocol.tracker import Announce, Event, Failure
 
-from ..tracker.client import TrackerError, open_tracker
-from .choker import Choker
-from .link import Banned, PeerLink
-from .picker import BLOCK_SIZE, PiecePicker
-from .storage import MAX_BLOCK_LENGTH, Storage
-from .superseed import SuperSeeder
-from .throttle import Throttle
-from .webseed import WebSeed
-
 if TYPE_CHECKING:
-    from .session import Session
+    from shoal.daemons.peer.session import Session
 
 log = logging.getLogger("shoal.peer")
 

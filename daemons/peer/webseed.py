@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
-from .link import Banned
+from shoal.daemons.peer.link import Banned
 
 if TYPE_CHECKING:
-    from .torrent import Torrent
+    from shoal.daemons.peer.torrent import Torrent
 
 log = logging.getLogger("shoal.peer")
 

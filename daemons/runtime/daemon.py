@@ -40,19 +40,19 @@ import os
 import signal
 import sys
 import threading
-from functools import partial
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 from prometheus_client import CollectorRegistry
 
-from .config import ConfigError, ListenAddr, load_config
-from .logs import set_level, setup_logging
-from .metrics import RuntimeMetrics, runtime_metrics, serve_metrics
-from .sdnotify import Notifier
+from shoal.daemons.runtime.config import ConfigError, ListenAddr, load_config
+from shoal.daemons.runtime.logs import set_level, setup_logging
+from shoal.daemons.runtime.metrics import RuntimeMetrics, runtime_metrics, serve_metrics
+from shoal.daemons.runtime.sdnotify import Notifier
 
 __all__ = [
     "App",

@@ -25,14 +25,14 @@ the server (and so the daemon) loudly, per the architecture.
 from __future__ import annotations
 
 import errno
-from http import HTTPStatus
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import h11
 import trio
 
-from .config import ListenAddr
+from shoal.daemons.runtime.config import ListenAddr
 
 __all__ = [
     "ERROR_REASONS",

@@ -13,16 +13,16 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 
-import trio
 import prometheus_client
+import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Info, generate_latest
 
 # Counters would otherwise export a `_created` timestamp series each, doubling
 # the series count for no use in Prometheus queries.
 prometheus_client.disable_created_metrics()
 
-from .config import ListenAddr
-from .http import ERROR_REASONS, HttpRequest, HttpResponse, serve_http
+from shoal.daemons.runtime.config import ListenAddr
+from shoal.daemons.runtime.http import ERROR_REASONS, HttpRequest, HttpResponse, serve_http
 
 __all__ = ["RuntimeMetrics", "runtime_metrics", "serve_metrics", "metrics_handler", "CONFIG_RELOAD_RESULTS", "RPC_RESULTS"]
 

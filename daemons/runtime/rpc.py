@@ -53,6 +53,9 @@ from typing import Any
 
 import trio
 
+from shoal.daemons.runtime.config import ListenAddr
+from shoal.daemons.runtime.http import bound_address, open_listeners
+from shoal.daemons.runtime.metrics import RuntimeMetrics
 from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
 from shoal.protocol.rpc import (
     CLIENT,
@@ -70,10 +73,6 @@ from shoal.protocol.rpc import (
     compute_mac,
     verify_mac,
 )
-
-from .config import ListenAddr
-from .http import bound_address, open_listeners
-from .metrics import RuntimeMetrics
 
 __all__ = [
     "RpcError",

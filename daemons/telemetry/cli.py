@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
 
 DEFAULT_SOCKET = "/var/lib/shoal-telemetry/control.sock"
@@ -48,11 +49,6 @@ def add_commands(tel: argparse._SubParsersAction, top: argparse._SubParsersActio
     inj.add_argument("--label", default="", help="label the range in the telemetry daemon first (e.g. cpu-hog)")
     inj.set_defaults(func=cmd_inject)
 
-    from . import experiment
-
-    e = tel.add_parser("experiment", help="the seed's experiment on a synthetic cluster (per-node vs FedAvg)")
-    experiment.add_arguments(e)
-    e.set_defaults(func=experiment.run)
 
 
 def _fail(message: str) -> int:
@@ -63,7 +59,7 @@ def _fail(message: str) -> int:
 def _rpc(args, method: str, params=None):
     import trio
 
-    from ..runtime.rpc import RpcError, connect_unix
+    from shoal.daemons.runtime.rpc import RpcError, connect_unix
 
     async def call():
         async with await connect_unix(args.socket) as client:
@@ -79,7 +75,7 @@ def _rpc(args, method: str, params=None):
 
 def parse_time(text: str, now: float) -> float:
     """Unix seconds, ISO 8601 UTC, 'now', 'now+S' or 'now-S'."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     text = text.strip()
     if text.startswith("now"):
@@ -94,7 +90,7 @@ def parse_time(text: str, now: float) -> float:
     except ValueError:
         raise ValueError(f"cannot read {text!r} as a time (Unix seconds, ISO 8601, now, now+S)") from None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
 
@@ -159,7 +155,7 @@ def cmd_install(args) -> int:
 
 
 def cmd_inject(args) -> int:
-    from .inject import inject
+    from shoal.daemons.telemetry.inject import inject
 
     if args.label:
         now = time.time()

@@ -52,17 +52,17 @@ from pathlib import Path
 
 import trio
 
-from ..runtime.config import ListenAddr
-from ..runtime.daemon import DaemonContext
-from ..runtime.rpc import RpcError, RpcServer, connect_tcp
-from ..runtime.state import atomic_write
-from .config import TelemetryConfig
-from .metrics import TelemetryMetrics
-from .model import Detector, ModelError
-from .sources import Collector, default_sources
-from .store import WindowStore
-from .trainer import feature_row, model_from_global, train_local
-from .windows import Window, WindowAccumulator
+from shoal.core.telemetry.model import Detector, ModelError
+from shoal.core.telemetry.windows import Window, WindowAccumulator
+from shoal.daemons.runtime.config import ListenAddr
+from shoal.daemons.runtime.daemon import DaemonContext
+from shoal.daemons.runtime.rpc import RpcError, RpcServer, connect_tcp
+from shoal.daemons.runtime.state import atomic_write
+from shoal.daemons.telemetry.config import TelemetryConfig
+from shoal.daemons.telemetry.metrics import TelemetryMetrics
+from shoal.daemons.telemetry.sources import Collector, default_sources
+from shoal.daemons.telemetry.store import WindowStore
+from shoal.daemons.telemetry.trainer import feature_row, model_from_global, train_local
 
 log = logging.getLogger("shoal.telemetry")
 
@@ -215,8 +215,8 @@ class TelemetryApp:
             log.error("on_change_command %r failed: %s", argv[0] if argv else "", exc or "timed out")
 
     async def _write_training_data(self) -> None:
-        from ..fedserver.flowerapp import save_training_npz
-        from .trainer import training_matrix
+        from shoal.daemons.fedserver.flowerapp import save_training_npz
+        from shoal.daemons.telemetry.trainer import training_matrix
 
         def write() -> None:
             X, names = training_matrix(self.store.training(self.config.training.max_windows))
@@ -278,7 +278,7 @@ class TelemetryApp:
         return det
 
     async def _install_global(self, data: bytes) -> None:
-        from ..fedserver.flowerapp import load_model_npz
+        from shoal.daemons.fedserver.flowerapp import load_model_npz
 
         async with self.model_lock:
             try:
@@ -324,7 +324,7 @@ class TelemetryApp:
             if key is not None and key != self._global_seen:
                 self._global_seen = key
                 data = await trio.to_thread.run_sync(self.global_npz.read_bytes)
-                from ..fedserver.flowerapp import load_model_npz
+                from shoal.daemons.fedserver.flowerapp import load_model_npz
 
                 try:
                     _, meta = load_model_npz(data)
@@ -357,7 +357,7 @@ class TelemetryApp:
             await trio.sleep(fed.catch_up_interval)
 
     async def _run_supernode(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        from ..fedserver.supervise import flower_env, flower_exe, free_port, supervise
+        from shoal.daemons.fedserver.supervise import flower_env, flower_exe, free_port, supervise
 
         fed = self.config.federation
         exe = flower_exe("flower-supernode")

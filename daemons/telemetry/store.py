@@ -32,7 +32,7 @@ from pathlib import Path
 
 import msgpack
 
-from .windows import Window
+from shoal.core.telemetry.windows import Window
 
 NORMAL = "normal"
 # A label is a short token: it ends up in `status` output and logs.

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import Autoencoder, MinMaxScaler, ModelError, export_onnx, threshold_from_errors
-from .store import StoredWindow
+from shoal.core.telemetry.model import Autoencoder, MinMaxScaler, ModelError, export_onnx, threshold_from_errors
+from shoal.daemons.telemetry.store import StoredWindow
 
 
 @dataclass(frozen=True)

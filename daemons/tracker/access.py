@@ -12,9 +12,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..runtime.config import ConfigError
-from ..runtime.ratelimit import KeyedRateLimiter
-from .config import AccessSection
+from shoal.daemons.runtime.config import ConfigError
+from shoal.daemons.runtime.ratelimit import KeyedRateLimiter
+from shoal.daemons.tracker.config import AccessSection
 
 # A whitelist or passkey file is read whole into memory at start and on
 # SIGHUP; one hash is 41 bytes, so 64 MiB holds over a million entries.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..runtime.config import DaemonSection, ListenAddr, setting
+from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
 
 DEFAULT_PORT = 6969
 METRICS_PORT = 9741

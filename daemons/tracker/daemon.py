@@ -11,15 +11,15 @@ from pathlib import Path
 
 import trio
 
-from ..runtime.config import ConfigError, ListenAddr
-from ..runtime.daemon import DaemonContext
-from ..runtime.http import HttpRequest, HttpResponse, serve_http
-from ..runtime.state import atomic_write
-from .access import ConnectionIds, load_policy
-from .config import TrackerConfig
-from .metrics import TrackerMetrics
-from .service import TrackerService
-from .swarm import SwarmTable
+from shoal.daemons.runtime.config import ConfigError, ListenAddr
+from shoal.daemons.runtime.daemon import DaemonContext
+from shoal.daemons.runtime.http import HttpRequest, HttpResponse, serve_http
+from shoal.daemons.runtime.state import atomic_write
+from shoal.daemons.tracker.access import ConnectionIds, load_policy
+from shoal.daemons.tracker.config import TrackerConfig
+from shoal.daemons.tracker.metrics import TrackerMetrics
+from shoal.daemons.tracker.service import TrackerService
+from shoal.daemons.tracker.swarm import SwarmTable
 
 log = logging.getLogger("shoal.tracker")
 

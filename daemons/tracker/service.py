@@ -22,7 +22,11 @@ Where bad input goes
 
 from __future__ import annotations
 
-from ..runtime.http import HttpRequest, HttpResponse
+from shoal.daemons.runtime.http import HttpRequest, HttpResponse
+from shoal.daemons.tracker.access import AccessPolicy, ConnectionIds, Route
+from shoal.daemons.tracker.config import TrackerSection
+from shoal.daemons.tracker.metrics import TrackerMetrics
+from shoal.daemons.tracker.swarm import SwarmTable, TableFull
 from shoal.protocol import udp_tracker as udp
 from shoal.protocol.errors import RemoteProtocolError
 from shoal.protocol.tracker import (
@@ -35,11 +39,6 @@ from shoal.protocol.tracker import (
     parse_scrape_query,
     split_target,
 )
-
-from .access import AccessPolicy, ConnectionIds, Route
-from .config import TrackerSection
-from .metrics import TrackerMetrics
-from .swarm import SwarmTable, TableFull
 
 _PLAIN = [(b"content-type", b"text/plain")]
 _BENCODE = [(b"content-type", b"text/plain")]  # what opentracker and most trackers send

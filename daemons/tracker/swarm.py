@@ -36,6 +36,7 @@ import msgpack
 from shoal.protocol.errors import ProtocolError
 from shoal.protocol.tracker import Announce, Event, Peer
 
+
 class TableFull(Exception):
     """A bound on torrents or peers was reached; ``reason`` is a metric label."""
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..dispatcher.policy import QUEUE_POLICIES
-from ..runtime.config import DaemonSection, ListenAddr, setting
+from shoal.core.dispatch.policy import QUEUE_POLICIES
+from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
 
 METRICS_PORT = 9747
 

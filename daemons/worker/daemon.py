@@ -17,7 +17,7 @@ their own queue. A worker here does both:
   requeued them.
 * *slots*: ``K`` (``slots``, default the core count) units run at once. When a
   slot is free the queue policy (FCFS, SJF, EDF or seed 004's multi-agent
-  scheduler ``marl``, see :mod:`~shoal.daemons.dispatcher.schedulers`) picks
+  scheduler ``marl``, see :mod:`~shoal.core.dispatch.schedulers`) picks
   which queued unit runs next. A unit's tasks run one after another in that
   slot (a fused chain is one invocation), each in its own process
   (:mod:`.runner`). Running tasks do not depend on the session: results wait
@@ -49,16 +49,16 @@ from typing import Any
 import msgpack
 import trio
 
-from ..dispatcher.policy import ServerState, TaskInfo, make_queue_policy
-from ..dispatcher.store import TaskResult
-from ..dispatcher.wire import encode_result, read_token
-from ..runtime.daemon import DaemonContext
-from ..runtime.rpc import RpcConnectionError, RpcError, connect_tcp
-from ..runtime.state import atomic_write
-from .config import WorkerConfig
-from .metrics import WorkerMetrics
-from .runner import RunLimits, SwarmHook, run_task
-from .telemetry import feed_team_rewards, read_verdict
+from shoal.core.dispatch.policy import ServerState, TaskInfo, make_queue_policy
+from shoal.daemons.dispatcher.store import TaskResult
+from shoal.daemons.dispatcher.wire import encode_result, read_token
+from shoal.daemons.runtime.daemon import DaemonContext
+from shoal.daemons.runtime.rpc import RpcConnectionError, RpcError, connect_tcp
+from shoal.daemons.runtime.state import atomic_write
+from shoal.daemons.worker.config import WorkerConfig
+from shoal.daemons.worker.metrics import WorkerMetrics
+from shoal.daemons.worker.runner import RunLimits, SwarmHook, run_task
+from shoal.daemons.worker.telemetry import feed_team_rewards, read_verdict
 
 log = logging.getLogger("shoal.worker")
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import trio
 
-from ..dispatcher.store import TaskResult
+from shoal.daemons.dispatcher.store import TaskResult
 
 __all__ = ["InputError", "RunLimits", "SwarmHook", "run_task"]
 
@@ -70,10 +70,9 @@ class SwarmHook:
     async def fetch(self, torrent: Path, dest_dir: Path, limit: int) -> Path:
         if self.socket_path is None:
             raise InputError(f"swarm:{torrent}: no swarm peer configured ([worker] peer_socket)")
+        from shoal.daemons.runtime.rpc import RpcError, connect_unix
         from shoal.protocol.errors import RemoteProtocolError
         from shoal.protocol.metainfo import parse_metainfo
-
-        from ..runtime.rpc import RpcError, connect_unix
 
         try:
             raw = torrent.read_bytes()

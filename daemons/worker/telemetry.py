@@ -34,7 +34,7 @@ from typing import Any
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..dispatcher.policy import QueuePolicy, TaskInfo
+from shoal.core.dispatch.policy import QueuePolicy, TaskInfo
 
 __all__ = ["verdict_from_metrics", "read_verdict", "feed_team_rewards", "MAX_METRICS_BYTES"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from shoal.daemons.checkpoint.apps import load
+from shoal.ckpt.apps import load
 from shoal.daemons.checkpoint.client import GroupFailed, Rank
 from shoal.daemons.checkpoint.config import CheckpointConfig, CheckpointSection
 from shoal.daemons.checkpoint.daemon import CheckpointApp

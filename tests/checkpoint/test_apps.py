@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from shoal.daemons.checkpoint.apps import APPS, load
+from shoal.ckpt.apps import APPS, load
 from tests.checkpoint.cluster import RankRunner, config, start_daemon
 
 CASES = [("mergesort", 4, 5000), ("cannon", 4, 24), ("apsp", 3, 6), ("ring", 2, 10), ("bigstate", 2, 1)]
@@ -37,7 +37,7 @@ def test_every_app_is_listed() -> None:
 
 
 def test_demo_kills_a_rank_process_and_recovers_bit_for_bit() -> None:
-    r = subprocess.run([sys.executable, "-m", "shoal.daemons.cli", "ckpt", "demo", "apsp", "--ranks", "3",
+    r = subprocess.run([sys.executable, "-m", "shoal.cli.main", "ckpt", "demo", "apsp", "--ranks", "3",
                         "--size", "120", "--kill", "1@0.3", "--interval", "0.1", "--timeout", "60"],
                        capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -47,6 +47,6 @@ def test_demo_kills_a_rank_process_and_recovers_bit_for_bit() -> None:
 
 def test_demo_refuses_bad_arguments_with_one_line() -> None:
     for args, expected in ((["cannon", "--ranks", "3"], "square number"), (["ring", "--kill", "7@1"], "outside")):
-        r = subprocess.run([sys.executable, "-m", "shoal.daemons.cli", "ckpt", "demo", *args], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "shoal.cli.main", "ckpt", "demo", *args], capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr

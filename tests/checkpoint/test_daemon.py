@@ -12,7 +12,7 @@ import trio
 from shoal.daemons.runtime.rpc import RpcError, connect_tcp
 from tests.harness import scrape, start_daemon
 
-SHOAL = [sys.executable, "-m", "shoal.daemons.cli"]
+SHOAL = [sys.executable, "-m", "shoal.cli.main"]
 
 
 def write(tmp: Path, text: str) -> Path:

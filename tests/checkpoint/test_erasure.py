@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.daemons.checkpoint.erasure import MUL, RSParity, ReedSolomon, gf_mul
-from shoal.daemons.checkpoint.parity import changed_blocks
+from shoal.core.checkpoint.erasure import MUL, ReedSolomon, RSParity, gf_mul
+from shoal.core.checkpoint.parity import changed_blocks
 
 
 def slow_gf_mul(a: int, b: int) -> int:

@@ -13,7 +13,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shoal.daemons.checkpoint.apps import load
+from shoal.ckpt.apps import load
 from tests.checkpoint.cluster import RankRunner, config, start_daemon
 from tests.harness import start_daemon as start_process
 
@@ -130,7 +130,7 @@ def _write_config(path: Path, role: str, listen: str, backup: str = "") -> Path:
 
 async def _daemon(tmp: Path, name: str, role: str, listen: str, backup: str = ""):
     cfg = _write_config(tmp / f"{name}.toml", role, listen, backup)
-    return await start_process([sys.executable, "-m", "shoal.daemons.cli", "checkpoint", "run", "--config", str(cfg)],
+    return await start_process([sys.executable, "-m", "shoal.cli.main", "checkpoint", "run", "--config", str(cfg)],
                                state_dir=tmp / name)
 
 

@@ -5,7 +5,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from shoal.daemons.checkpoint.grant import BLOCKING, ENHANCED, GrantRule
+from shoal.core.checkpoint.grant import BLOCKING, ENHANCED, GrantRule
 
 
 def test_grant_hold_release_with_a_fake_clock():

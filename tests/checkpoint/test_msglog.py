@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.daemons.checkpoint.msglog import ACKED, ARCHIVED, SENT, MessageLog
+from shoal.core.checkpoint.msglog import ACKED, ARCHIVED, SENT, MessageLog
 
 P1, P2 = 1, 2
 SLOT = {

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from shoal.daemons.checkpoint.overhead import gamma, model, optimal_interval, overhead_ratio
+from shoal.core.checkpoint.overhead import gamma, model, optimal_interval, overhead_ratio
 
 LAMBDA = 6.301e-6  # the seed's failure rate
 MTBF = 1 / LAMBDA
@@ -20,7 +20,7 @@ def test_hand_computed_example():
     = 1000 * 1.02327 * 0.10705 = 109.54 s. Equation 3: r = 109.54 / 96.7 - 1 = 0.1328.
     """
     T = optimal_interval(5, 8, 20, 1000)
-    assert T == pytest.approx(96.7, abs=0.05)
+    assert pytest.approx(96.7, abs=0.05) == T
     lam = 1 / 1000
     assert math.exp(lam * (T + 5)) * (1 - lam * T) == pytest.approx(1.0, abs=1e-12)  # eq. 1 holds
     assert gamma(5, 8, 20, 1000) == pytest.approx(109.54, abs=0.05)
@@ -49,7 +49,7 @@ def test_the_seeds_table_10_proposed_row_differs_by_a_quarter_percent():
 def test_youngs_approximation_for_small_overhead():
     for O in (1e-3, 0.5, 30.0):
         T = optimal_interval(O, 0, 0, 1e6)
-        assert T == pytest.approx(math.sqrt(2 * O * 1e6), rel=0.02)
+        assert pytest.approx(math.sqrt(2 * O * 1e6), rel=0.02) == T
 
 
 def test_gamma_at_a_given_interval_and_monotonicity():

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.daemons.checkpoint.parity import BLOCK_SIZE, Parity, changed_blocks, xor_into
+from shoal.core.checkpoint.parity import BLOCK_SIZE, Parity, changed_blocks, xor_into
 
 BS = 16  # small blocks so that random data crosses many block boundaries
 

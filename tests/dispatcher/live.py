@@ -11,7 +11,7 @@ from shoal.daemons.runtime.config import ListenAddr
 from shoal.daemons.runtime.rpc import RpcClient, connect_tcp
 from tests.harness import RunningDaemon, start_daemon
 
-SHOAL = [sys.executable, "-m", "shoal.daemons.cli"]
+SHOAL = [sys.executable, "-m", "shoal.cli.main"]
 
 
 def dispatcher_config(path: Path, *, lease: float = 1.0, extra: str = "") -> Path:

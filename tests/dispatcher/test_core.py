@@ -5,13 +5,12 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from prometheus_client import CollectorRegistry
 
+from shoal.core.dispatch.jobs import job_from_dict
+from shoal.core.dispatch.policy import make_dispatch_policy
 from shoal.daemons.dispatcher.core import MAX_SHARED_PER_REPLY, Core, CoreError
 from shoal.daemons.dispatcher.metrics import DispatcherMetrics
-from shoal.daemons.dispatcher.jobs import job_from_dict
-from shoal.daemons.dispatcher.policy import make_dispatch_policy
 from shoal.daemons.dispatcher.store import Store, TaskResult
 
 CAP = {"cpus": 2, "memory": 4e9, "cpu_speed": 1.0, "bandwidth": 1e8, "rtt": 0.001}

@@ -2,7 +2,7 @@
 
 import io
 
-from shoal.daemons.dispatcher.demo import tour
+from shoal.demo.dispatch import tour
 
 
 async def test_dispatch_tour_completes_and_spreads_the_fan():

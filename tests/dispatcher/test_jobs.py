@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.daemons.dispatcher.jobs import Limits, SpecError, job_from_dict, parse_memory, parse_spec
+from shoal.core.dispatch.jobs import Limits, SpecError, job_from_dict, parse_memory, parse_spec
 
 TOML = b"""
 name = "demo"

@@ -9,8 +9,8 @@ import sys
 
 import trio
 
-from shoal.daemons.dispatcher.wire import encode_result
 from shoal.daemons.dispatcher.store import TaskResult
+from shoal.daemons.dispatcher.wire import encode_result
 from shoal.daemons.runtime.rpc import RpcError, connect_tcp
 from tests.dispatcher.live import connect, start_dispatcher, start_worker, wait_job, wait_workers
 

@@ -6,7 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from shoal.daemons.dispatcher.mlp import MLP
+from shoal.core.dispatch.mlp import MLP
 
 
 def numeric_grads(net: MLP, x: np.ndarray, y: np.ndarray, eps: float = 1e-6) -> list[np.ndarray]:

@@ -7,7 +7,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from shoal.daemons.dispatcher.policy import (
+from shoal.core.dispatch.policy import (
     DISPATCH_POLICIES,
     QUEUE_POLICIES,
     DispatchPolicy,
@@ -19,7 +19,7 @@ from shoal.daemons.dispatcher.policy import (
     make_queue_policy,
     reward,
 )
-from shoal.daemons.dispatcher.sim import generate_workload, simulate
+from shoal.core.dispatch.sim import generate_workload, simulate
 
 EVAL_SEEDS = (1, 2, 3)
 

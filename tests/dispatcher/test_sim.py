@@ -11,9 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.daemons.dispatcher import simulate as sim_cli
-from shoal.daemons.dispatcher.policy import make_dispatch_policy, make_queue_policy
-from shoal.daemons.dispatcher.sim import (
+from shoal.core.dispatch.policy import make_dispatch_policy, make_queue_policy
+from shoal.core.dispatch.sim import (
     PAIRINGS,
     SimJob,
     SimResult,
@@ -23,6 +22,7 @@ from shoal.daemons.dispatcher.sim import (
     generate_workload,
     simulate,
 )
+from shoal.lab import dispatch_simulate as sim_cli
 
 EPS = 1e-9
 

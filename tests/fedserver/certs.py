@@ -36,7 +36,7 @@ def _write_key(path: Path, key) -> None:
 def make_tls(directory: Path, ip: str = "127.0.0.1") -> dict[str, Path]:
     """-> {"ca": ca.pem, "cert": server.pem, "key": server.key} for a SuperLink on ``ip``."""
     directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(_name("shoal test CA")).issuer_name(_name("shoal test CA"))
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())

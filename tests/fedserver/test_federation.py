@@ -20,26 +20,26 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from contextlib import AsyncExitStack
 import sys
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
 import trio
 
+from shoal.core.telemetry.model import Detector
 from shoal.daemons.fedserver.config import FedserverConfig
 from shoal.daemons.fedserver.flowerapp import common_features, load_model_npz
 from shoal.daemons.fedserver.supervise import STABLE, next_delay
 from shoal.daemons.runtime.config import ConfigError, parse_config
 from shoal.daemons.runtime.rpc import connect_tcp
 from shoal.daemons.telemetry.config import TelemetryConfig
-from shoal.daemons.telemetry.model import Detector
 from tests.fedserver.certs import make_node_key, make_tls
 from tests.harness import start_daemon
 from tests.telemetry.conftest import keep_ticking, start_telemetry, wait_status, write_config
-from tests.telemetry.test_daemon import metric, scrape
 from tests.telemetry.fakeroot import FakeNode
+from tests.telemetry.test_daemon import metric, scrape
 
 FEDSERVER = """
 [daemon]
@@ -104,7 +104,7 @@ async def federate(tmp_path: Path, state_dirs: list[Path], ca: Path, private_key
     with trio.fail_after(150):
         async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
             fed = await stack.enter_async_context(await start_daemon(
-                [sys.executable, "-m", "shoal.daemons.cli", "fedserver", "run", "--config", str(tmp_path / "fed.toml")]))
+                [sys.executable, "-m", "shoal.cli.main", "fedserver", "run", "--config", str(tmp_path / "fed.toml")]))
             state_dirs.append(fed.state_dir)
             superlink, rpc_addr = fed.addresses["superlink"], fed.addresses["rpc"]
             assert fed.addresses["superlink_internal"].port != superlink.port  # the nodes dial the proxy
@@ -187,7 +187,7 @@ async def federate(tmp_path: Path, state_dirs: list[Path], ca: Path, private_key
 
             # The CLI reports on the same server.
             out = await trio.to_thread.run_sync(lambda: subprocess.run(
-                [sys.executable, "-m", "shoal.daemons.cli", "fed", "status", "--server", str(rpc_addr)],
+                [sys.executable, "-m", "shoal.cli.main", "fed", "status", "--server", str(rpc_addr)],
                 capture_output=True, text=True, timeout=60))
             assert out.returncode == 0 and f'"run_id": {run_id}' in out.stdout
 

@@ -16,8 +16,14 @@ import pytest
 import trio
 
 from shoal.daemons.fedserver.daemon import check_names_loopback
-from shoal.daemons.fedserver.proxy import (FLEET_PATHS, FleetProxy, allowed, client_context, forward_headers,
-                                           server_context)
+from shoal.daemons.fedserver.proxy import (
+    FLEET_PATHS,
+    FleetProxy,
+    allowed,
+    client_context,
+    forward_headers,
+    server_context,
+)
 from shoal.daemons.runtime.config import ListenAddr
 from shoal.daemons.runtime.http import HttpConnectionHandler, HttpRequest, HttpResponse, bound_address, open_listeners
 from tests.fedserver.certs import make_tls

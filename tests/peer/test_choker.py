@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from shoal.daemons.peer.choker import Choker
+from shoal.core.swarm.choker import Choker
 
 
 def choker(seed=0, **kw) -> Choker:

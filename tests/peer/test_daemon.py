@@ -14,11 +14,11 @@ import trio
 
 from shoal.daemons.runtime.rpc import connect_unix
 from shoal.protocol.metainfo import parse_metainfo
-
 from tests.harness import start_daemon
+
 from .conftest import next_client_ip, sha1
 
-SHOAL = [sys.executable, "-m", "shoal.daemons.cli"]
+SHOAL = [sys.executable, "-m", "shoal.cli.main"]
 
 
 async def shoal(*args: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import struct
 import pytest
 import trio
 
-from shoal.daemons.realclients import make_shared_file
+from shoal.demo.realclients import make_shared_file
 from shoal.protocol import peer_wire as pw
 from shoal.protocol.metainfo import parse_metainfo
 

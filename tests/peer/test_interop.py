@@ -9,7 +9,7 @@ import shutil
 import pytest
 import trio
 
-from shoal.daemons.realclients import Aria2Client, LibtorrentClient, make_shared_file
+from shoal.demo.realclients import Aria2Client, LibtorrentClient, make_shared_file
 from shoal.protocol.metainfo import parse_metainfo
 
 from .conftest import next_client_ip, sha1

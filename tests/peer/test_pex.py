@@ -2,7 +2,7 @@
 
 import trio
 
-from shoal.daemons.realclients import make_shared_file
+from shoal.demo.realclients import make_shared_file
 from shoal.protocol.metainfo import parse_metainfo
 
 

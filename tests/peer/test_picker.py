@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from shoal.daemons.peer.picker import Block, PiecePicker, queue_depth
+from shoal.core.swarm.picker import Block, PiecePicker, queue_depth
 
 KB16 = 16384
 

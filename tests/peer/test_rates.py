@@ -2,7 +2,7 @@
 
 import pytest
 
-from shoal.daemons.peer.rates import RateMeter
+from shoal.core.swarm.rates import RateMeter
 
 
 def test_steady_rate_over_the_window():

@@ -4,9 +4,9 @@ import random
 
 import trio
 
+from shoal.core.swarm.superseed import SuperSeeder
 from shoal.daemons.peer.config import PeerSection
-from shoal.daemons.peer.superseed import SuperSeeder
-from shoal.daemons.realclients import LibtorrentClient, make_shared_file
+from shoal.demo.realclients import LibtorrentClient, make_shared_file
 from shoal.protocol.metainfo import parse_metainfo
 
 from .conftest import next_client_ip, sha1

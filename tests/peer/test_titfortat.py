@@ -23,7 +23,7 @@ import random
 import trio
 
 from shoal.daemons.peer.config import ChokerSection
-from shoal.daemons.realclients import make_shared_file
+from shoal.demo.realclients import make_shared_file
 from shoal.protocol.metainfo import parse_metainfo
 
 CHOKER = ChokerSection(slots=3, interval=1.0, optimistic_interval=2.0, rate_window=3.0)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import trio
 
-from shoal.daemons.realclients import make_shared_file
 from shoal.daemons.runtime.config import ListenAddr
 from shoal.daemons.runtime.http import HttpResponse, serve_http
+from shoal.demo.realclients import make_shared_file
 from shoal.protocol.metainfo import create_metainfo, hash_pieces, parse_metainfo
 
 from .conftest import next_client_ip, sha1

@@ -320,7 +320,7 @@ def test_oversize_length_prefix_is_rejected_after_four_bytes():
 
 def test_max_message_covers_the_largest_bitfield():
     n = pw.MAX_PIECES
-    assert pw.DEFAULT_MAX_MESSAGE == 1 + n // 8
+    assert 1 + n // 8 == pw.DEFAULT_MAX_MESSAGE
     conn = established(num_pieces=n)
     conn.receive_data(encode_message(Bitfield.full(n)))
     assert drain(conn) == [Bitfield.full(n)]
@@ -1026,7 +1026,7 @@ async def _next(stream: trio.SocketStream, conn: PeerConnection, *wanted: type):
 
 @pytest.mark.interop
 async def test_libtorrent_serves_blocks_to_our_connection(tmp_path):
-    from shoal.daemons.realclients import LibtorrentClient, make_shared_file
+    from shoal.demo.realclients import LibtorrentClient, make_shared_file
 
     piece_length = 256 * 1024
     shared = make_shared_file(tmp_path / "seed", "data.bin", 2 * piece_length,

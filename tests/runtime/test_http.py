@@ -7,6 +7,7 @@ from collections import Counter
 import h11
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from shoal.daemons.runtime.config import ListenAddr
@@ -149,7 +150,7 @@ async def test_max_connections_refuses_the_extra_connection_promptly():
                     if (await Client(stream).request(b"GET", b"/"))[0] == 200:
                         break
                 except (trio.BrokenResourceError, h11.RemoteProtocolError):
-                    await trio.sleep(0)  # checkpoint; the close is in flight
+                    await trio.lowlevel.checkpoint()  # checkpoint; the close is in flight
             nursery.cancel_scope.cancel()
 
 

@@ -106,14 +106,13 @@ async def test_concurrent_calls_on_one_connection_are_processed_concurrently(tmp
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(server.serve_unix, tmp_path / "s"))
             results = {}
-            async with await connect_unix(tmp_path / "s") as client:
-                async with trio.open_nursery() as calls:
-                    for i in range(n):
+            async with await connect_unix(tmp_path / "s") as client, trio.open_nursery() as calls:
+                for i in range(n):
 
-                        async def one(i=i):
-                            results[i] = await client.call("gather", i)
+                    async def one(i=i):
+                        results[i] = await client.call("gather", i)
 
-                        calls.start_soon(one)
+                    calls.start_soon(one)
             assert results == {i: 2 * i for i in range(n)}
             nursery.cancel_scope.cancel()
 

@@ -43,7 +43,7 @@ def write_config(path: Path, root: Path, socket: Path, *, interval: float = 0.05
 
 
 def telemetry_argv(config: Path) -> list[str]:
-    return [sys.executable, "-m", "shoal.daemons.cli", "telemetry", "run", "--config", str(config)]
+    return [sys.executable, "-m", "shoal.cli.main", "telemetry", "run", "--config", str(config)]
 
 
 async def start_telemetry(config: Path, state_dir: Path | None = None):

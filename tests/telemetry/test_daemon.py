@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
-from contextlib import AsyncExitStack
 import subprocess
 import sys
 import urllib.request
+from contextlib import AsyncExitStack
 
 import pytest
 import trio
 
+from shoal.core.telemetry.model import Autoencoder, MinMaxScaler, export_onnx
 from shoal.daemons.runtime.rpc import RpcError
-from shoal.daemons.telemetry.model import Autoencoder, MinMaxScaler, export_onnx
 
 from .conftest import keep_ticking, rpc, start_telemetry, wait_status, write_config
 from .fakeroot import FakeNode
@@ -110,7 +110,7 @@ async def test_train_score_refuse_bad_models_and_flag_a_fault(tmp_path):
 
             # The CLI shows the same.
             out = await trio.to_thread.run_sync(lambda: subprocess.run(
-                [sys.executable, "-m", "shoal.daemons.cli", "telemetry", "status", "--socket", str(sock), "-n", "3"],
+                [sys.executable, "-m", "shoal.cli.main", "telemetry", "status", "--socket", str(sock), "-n", "3"],
                 capture_output=True, text=True, timeout=30))
             assert out.returncode == 0 and "model: local" in out.stdout and "normal" in out.stdout
 

@@ -11,7 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from shoal.daemons.telemetry import experiment as ex
+from shoal.lab import telemetry_experiment as ex
 
 
 def test_split_moves_anomalies_from_train_to_test():

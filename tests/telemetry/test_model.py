@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from shoal.daemons.telemetry.model import (
+from shoal.core.telemetry.model import (
     FORMAT_VERSION,
     Autoencoder,
     Detector,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from shoal.core.telemetry.windows import Window
 from shoal.daemons.telemetry.store import WindowStore
-from shoal.daemons.telemetry.windows import Window
 
 
 def win(start, x=1.0):

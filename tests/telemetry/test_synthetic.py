@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shoal.daemons.telemetry.synthetic import FAULT_KINDS, ClusterSpec, catalogue, node_windows
+from shoal.lab.synthetic_cluster import FAULT_KINDS, ClusterSpec, catalogue, node_windows
 
 SPEC = ClusterSpec(nodes=10, features=120, windows=3000, seed=5)
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shoal.daemons.telemetry.windows import WindowAccumulator
+from shoal.core.telemetry.windows import WindowAccumulator
 
 
 def test_windows_are_aligned_and_hold_mean_and_std():

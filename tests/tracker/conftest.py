@@ -1,4 +1,4 @@
-"""Start the real tracker daemon (`python -m shoal.daemons.cli tracker run`) for a test."""
+"""Start the real tracker daemon (`python -m shoal.cli.main tracker run`) for a test."""
 
 import itertools
 import sys
@@ -43,7 +43,7 @@ def write_config(path: Path, tracker_extra: str = "", access_extra: str = "", ho
 
 
 def tracker_argv(config: Path) -> list[str]:
-    return [sys.executable, "-m", "shoal.daemons.cli", "tracker", "run", "--config", str(config)]
+    return [sys.executable, "-m", "shoal.cli.main", "tracker", "run", "--config", str(config)]
 
 
 async def start_tracker(config: Path, state_dir: Path | None = None):

@@ -12,8 +12,8 @@ import shutil
 import pytest
 import trio
 
-from shoal.daemons.realclients import Aria2Client, LibtorrentClient, make_shared_file
 from shoal.daemons.tracker.client import open_tracker
+from shoal.demo.realclients import Aria2Client, LibtorrentClient, make_shared_file
 
 from .conftest import start_tracker
 from .test_daemon import metrics

@@ -3,8 +3,8 @@
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from shoal.daemons.dispatcher.policy import ServerState, TaskInfo
-from shoal.daemons.dispatcher.schedulers import MultiAgentScheduler
+from shoal.core.dispatch.policy import ServerState, TaskInfo
+from shoal.core.dispatch.schedulers import MultiAgentScheduler
 from shoal.daemons.telemetry.metrics import TelemetryMetrics
 from shoal.daemons.worker.telemetry import feed_team_rewards, verdict_from_metrics
 

@@ -11,7 +11,7 @@ from shoal.protocol.metainfo import parse_metainfo
 from tests.harness import start_daemon
 from tests.peer.conftest import Lab, next_client_ip
 
-SHOAL = [sys.executable, "-m", "shoal.daemons.cli"]
+SHOAL = [sys.executable, "-m", "shoal.cli.main"]
 
 
 async def test_swarm_input_is_downloaded_by_the_peer_and_given_to_the_task(tmp_path):

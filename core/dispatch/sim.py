@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from .policy import DispatchPolicy, QueuePolicy, ServerState, TaskInfo, admissible
+from shoal.core.dispatch.policy import DispatchPolicy, QueuePolicy, ServerState, TaskInfo, admissible
 
 # ----------------------------------------------------------------------------- model
 

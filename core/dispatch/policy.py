@@ -192,7 +192,7 @@ def reward(response_time: float, time_scale: float = 1.0) -> float:
 
 def make_dispatch_policy(name: str, *, seed: int = 0, **options: Any) -> DispatchPolicy:
     """Build a dispatch policy by name (one of :data:`DISPATCH_POLICIES`)."""
-    from . import classic, dqn
+    from shoal.core.dispatch import classic, dqn
 
     factories = {
         "nearest": classic.Nearest,
@@ -215,7 +215,7 @@ def make_dispatch_policy(name: str, *, seed: int = 0, **options: Any) -> Dispatc
 
 def make_queue_policy(name: str, *, seed: int = 0, **options: Any) -> QueuePolicy:
     """Build a queue (scheduling) policy by name (one of :data:`QUEUE_POLICIES`)."""
-    from . import schedulers
+    from shoal.core.dispatch import schedulers
 
     factories = {
         "fcfs": schedulers.FCFS,

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import trio
 
-from ..runtime.config import DaemonSection, ListenAddr
-from ..runtime.daemon import serve
-from ..runtime.rpc import connect_tcp
-from ..worker.config import WorkerConfig, WorkerSection
-from ..worker.daemon import WorkerApp
-from .config import DispatcherConfig, DispatcherSection
-from .daemon import DispatcherApp
+from shoal.daemons.dispatcher.config import DispatcherConfig, DispatcherSection
+from shoal.daemons.dispatcher.daemon import DispatcherApp
+from shoal.daemons.runtime.config import DaemonSection, ListenAddr
+from shoal.daemons.runtime.daemon import serve
+from shoal.daemons.runtime.rpc import connect_tcp
+from shoal.daemons.worker.config import WorkerConfig, WorkerSection
+from shoal.daemons.worker.daemon import WorkerApp
 
 REFRESH = 0.5  # seconds between progress views
 WORKERS = ("node-a", "node-b", "node-c")

@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .policy import make_dispatch_policy, make_queue_policy
-from .sim import PAIRINGS, generate_workload, learned, simulate
+from shoal.core.dispatch.policy import make_dispatch_policy, make_queue_policy
+from shoal.core.dispatch.sim import PAIRINGS, generate_workload, learned, simulate
 
 SWEEPS: dict[str, list[float]] = {
     "tasks": [200, 400, 600, 800, 1000],

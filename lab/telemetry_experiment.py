@@ -48,15 +48,16 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Sequence, TextIO
+from typing import TextIO
 
 import numpy as np
 
-from .model import Autoencoder, MinMaxScaler, single_blas_thread, threshold_from_errors
-from .synthetic import ClusterSpec, catalogue, node_windows
+from shoal.core.telemetry.model import Autoencoder, MinMaxScaler, single_blas_thread, threshold_from_errors
+from shoal.lab.synthetic_cluster import ClusterSpec, catalogue, node_windows
 
 METRICS = ("precision", "recall", "f1", "tnr", "fpr")
 DEFAULT_FRACTIONS = ("1", "1/2", "1/4", "1/6", "1/8", "1/16")
@@ -453,7 +454,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shoal.daemons.telemetry.experiment",
+    parser = argparse.ArgumentParser(prog="python -m shoal.lab.telemetry_experiment",
                                      description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

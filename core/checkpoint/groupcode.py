@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .erasure import RSParity
-from .parity import Parity, as_u8, xor_into
+from shoal.core.checkpoint.erasure import RSParity
+from shoal.core.checkpoint.parity import Parity, as_u8, xor_into
 
 
 def _padded(buf, length: int) -> np.ndarray:

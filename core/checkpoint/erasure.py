@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import zfec
 
-from .parity import BLOCK_SIZE, _check_block_size, as_u8, xor_into
+from shoal.core.checkpoint.parity import BLOCK_SIZE, _check_block_size, as_u8, xor_into
 
 FIELD_POLY = 0x11D
 MAX_SHARDS = 256  # k + m <= 256 in GF(2^8)

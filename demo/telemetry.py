@@ -31,7 +31,7 @@ from pathlib import Path
 
 import trio
 
-from ..runtime.rpc import connect_unix
+from shoal.daemons.runtime.rpc import connect_unix
 
 WINDOW = 1.5
 NORMAL_WINDOWS = 14
@@ -87,7 +87,7 @@ async def tour(size_mib: int, timeout: float, out) -> int:
         (tmp / "telemetry.toml").write_text(CONFIG.format(state=tmp / "state", window=WINDOW, socket=sock))
         log = open(tmp / "daemon.log", "wb")
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "shoal.daemons.cli", "telemetry", "run", "--config", str(tmp / "telemetry.toml")],
+            [sys.executable, "-m", "shoal.cli.main", "telemetry", "run", "--config", str(tmp / "telemetry.toml")],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             with trio.fail_after(min(timeout, 90.0)):

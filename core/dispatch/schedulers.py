@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from .classic import _rng_state, _set_rng_state
-from .mlp import MLP, linear_epsilon, td_targets
-from .policy import ServerState, TaskInfo, processing_time, reward
+from shoal.core.dispatch.classic import _rng_state, _set_rng_state
+from shoal.core.dispatch.mlp import MLP, linear_epsilon, td_targets
+from shoal.core.dispatch.policy import ServerState, TaskInfo, processing_time, reward
 
 N_TASK_FEATURES = 10
 # A live dispatcher sees workers come and go; keep at most this many agents

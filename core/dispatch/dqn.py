@@ -43,16 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from .classic import _rng_state, _set_rng_state
-from .mlp import MLP, linear_epsilon, td_targets
-from .policy import (
-    ServerState,
-    TaskInfo,
-    estimated_wait,
-    processing_time,
-    reward,
-    transfer_delay,
-)
+from shoal.core.dispatch.classic import _rng_state, _set_rng_state
+from shoal.core.dispatch.mlp import MLP, linear_epsilon, td_targets
+from shoal.core.dispatch.policy import ServerState, TaskInfo, estimated_wait, processing_time, reward, transfer_delay
 
 N_FEATURES = 10
 # Decisions whose reward has not come back yet. A task that never reports (its

@@ -11,11 +11,11 @@ takes the same number of steps, which blocking mode's rounds rely on.
 """
 
 APPS = {
-    "ring": "shoal.daemons.checkpoint.apps.ring",
-    "mergesort": "shoal.daemons.checkpoint.apps.mergesort",
-    "cannon": "shoal.daemons.checkpoint.apps.cannon",
-    "apsp": "shoal.daemons.checkpoint.apps.apsp",
-    "bigstate": "shoal.daemons.checkpoint.apps.bigstate",
+    "ring": "shoal.ckpt.apps.ring",
+    "mergesort": "shoal.ckpt.apps.mergesort",
+    "cannon": "shoal.ckpt.apps.cannon",
+    "apsp": "shoal.ckpt.apps.apsp",
+    "bigstate": "shoal.ckpt.apps.bigstate",
 }
 
 

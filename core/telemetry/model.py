@@ -48,9 +48,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -112,7 +112,7 @@ class MinMaxScaler:
     lo: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     hi: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
-    def fit(self, X) -> "MinMaxScaler":
+    def fit(self, X) -> MinMaxScaler:
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[0] == 0:
             raise ValueError(f"scaler needs a non-empty 2-D array, got shape {X.shape}")
@@ -190,7 +190,7 @@ class Autoencoder:
             self.params += [W, np.zeros(fan_out, np.float32)]
 
     @classmethod
-    def from_weights(cls, weights: Sequence[np.ndarray]) -> "Autoencoder":
+    def from_weights(cls, weights: Sequence[np.ndarray]) -> Autoencoder:
         """An autoencoder with the architecture implied by ``weights``."""
         if len(weights) < 4 or len(weights) % 2:
             raise ModelError(f"expected an even number (>= 4) of weight arrays, got {len(weights)}")
@@ -425,7 +425,7 @@ class Detector:
         return len(self.feature_names)
 
     @classmethod
-    def load(cls, path) -> "Detector":
+    def load(cls, path) -> Detector:
         path = Path(path)
         try:
             size = path.stat().st_size
@@ -437,7 +437,7 @@ class Detector:
         return cls.from_bytes(data, source=str(path))
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "Detector":
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> Detector:
         import onnx
         import onnxruntime as ort
 
@@ -506,7 +506,7 @@ class Detector:
     def is_anomalous(self, scores) -> np.ndarray:
         return np.asarray(scores) > self.threshold
 
-    def with_threshold(self, t: float) -> "Detector":
+    def with_threshold(self, t: float) -> Detector:
         t = float(t)
         if not (math.isfinite(t) and t >= 0):
             raise ModelError(f"threshold must be finite and >= 0, got {t}")

@@ -22,20 +22,18 @@ from functools import partial
 from pathlib import Path
 
 import trio
-
 from prometheus_client import CollectorRegistry
 
+from shoal.daemons.peer.config import PeerConfig, PeerSection
+from shoal.daemons.peer.session import Session
+from shoal.daemons.peer.torrent import Torrent
+from shoal.daemons.runtime.config import DaemonSection, ListenAddr
+from shoal.daemons.runtime.daemon import serve
+from shoal.daemons.tracker.client import http_get
+from shoal.daemons.tracker.config import AccessSection, TrackerConfig, TrackerSection
+from shoal.daemons.tracker.daemon import TrackerApp
+from shoal.demo.realclients import Aria2Client, LibtorrentClient, aria2_available, make_shared_file
 from shoal.protocol.metainfo import parse_metainfo
-
-from .peer.config import PeerConfig, PeerSection
-from .peer.session import Session
-from .peer.torrent import Torrent
-from .realclients import Aria2Client, LibtorrentClient, aria2_available, make_shared_file
-from .runtime.config import DaemonSection, ListenAddr
-from .runtime.daemon import serve
-from .tracker.client import http_get
-from .tracker.config import AccessSection, TrackerConfig, TrackerSection
-from .tracker.daemon import TrackerApp
 
 REFRESH = 1.0  # seconds between swarm views
 
@@ -205,10 +203,10 @@ async def _scrape_metrics(addr: ListenAddr) -> str:
 #: is ``async (size_mib, timeout, out) -> exit code`` and cleans up after
 #: itself; a part that fails does not stop the later ones.
 PARTS: dict[str, str] = {
-    "swarm": "shoal.daemons.demo:swarm_tour",
-    "telemetry": "shoal.daemons.telemetry.demo:tour",
-    "checkpoint": "shoal.daemons.checkpoint.demo:tour",
-    "dispatch": "shoal.daemons.dispatcher.demo:tour",
+    "swarm": "shoal.demo.tour:swarm_tour",
+    "telemetry": "shoal.demo.telemetry:tour",
+    "checkpoint": "shoal.demo.checkpoint:tour",
+    "dispatch": "shoal.demo.dispatch:tour",
 }
 
 

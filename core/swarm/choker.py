@@ -56,7 +56,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Literal
 
-from .rates import RateMeter
+from shoal.core.swarm.rates import RateMeter
 
 __all__ = ["Choker", "ChokeDecision"]
 

@@ -107,14 +107,14 @@ def _shoal_exe() -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runtime.daemon import run_daemon
+    from shoal.daemons.runtime.daemon import run_daemon
 
     spec = DAEMONS[args.daemon]
     return run_daemon(args.daemon, Path(args.config), spec.load_schema(), spec.load_factory())
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from .runtime.config import ConfigError, load_config
+    from shoal.daemons.runtime.config import ConfigError, load_config
 
     name = args.daemon or Path(args.file).stem
     if name not in DAEMONS:
@@ -136,7 +136,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_systemd(args: argparse.Namespace) -> int:
-    from .runtime import systemd
+    from shoal.daemons.runtime import systemd
 
     exe = args.shoal_exe or _shoal_exe()
     if args.action == "render":
@@ -157,7 +157,7 @@ def cmd_systemd(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from shoal.demo.tour import run_demo
 
     return run_demo(size_mib=args.size_mib, timeout=args.timeout, only=args.only)
 

@@ -34,13 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .policy import (
-    ServerState,
-    TaskInfo,
-    estimated_wait,
-    processing_time,
-    transfer_delay,
-)
+from shoal.core.dispatch.policy import ServerState, TaskInfo, estimated_wait, processing_time, transfer_delay
 
 # HEFT remembers ranks, predecessors and placements of tasks of recent jobs. Bound
 # them so a long-running dispatcher does not grow without limit; a task forgotten

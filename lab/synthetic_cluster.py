@@ -140,7 +140,7 @@ def catalogue(spec: ClusterSpec) -> Catalogue:
     # Every kind at least once when there is room; the rest in proportion.
     M = spec.metrics
     counts = np.zeros(len(kinds), dtype=np.int64)
-    if M >= len(kinds):
+    if len(kinds) <= M:
         counts += 1
     rest = M - counts.sum()
     share = weights / weights.sum() * rest
