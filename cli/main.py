@@ -7,85 +7,13 @@ check does not pay for onnxruntime or Flower.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class DaemonSpec:
-    """Where a daemon's config schema and app factory live (``module:attr``)."""
-
-    schema: str
-    factory: str
-    check: str | None = None  # extra validation beyond the schema (files it names, ...)
-    #: ``module:function(daemon_subparsers, top_subparsers)`` adding the
-    #: daemon's own commands (``shoal peer add``, ``shoal get``, ...)
-    commands: str | None = None
-
-    @staticmethod
-    def _resolve(ref: str):
-        module, attr = ref.split(":")
-        return getattr(importlib.import_module(module), attr)
-
-    def load_schema(self):
-        return self._resolve(self.schema)
-
-    def load_factory(self):
-        return self._resolve(self.factory)
-
-    def add_commands(self, dsub, sub) -> None:
-        if self.commands:
-            self._resolve(self.commands)(dsub, sub)
-
-    def run_check(self, config) -> None:
-        if self.check:
-            self._resolve(self.check)(config)
-
-
-DAEMONS: dict[str, DaemonSpec] = {
-    "tracker": DaemonSpec(
-        "shoal.daemons.tracker.config:TrackerConfig",
-        "shoal.daemons.tracker.daemon:make_app",
-        "shoal.daemons.tracker.daemon:check_config",
-    ),
-    "peer": DaemonSpec(
-        "shoal.daemons.peer.config:PeerConfig",
-        "shoal.daemons.peer.daemon:make_app",
-        commands="shoal.daemons.peer.cli:add_commands",
-    ),
-    "checkpoint": DaemonSpec(
-        "shoal.daemons.checkpoint.config:CheckpointConfig",
-        "shoal.daemons.checkpoint.daemon:make_app",
-        "shoal.daemons.checkpoint.config:check_config",
-        commands="shoal.daemons.checkpoint.cli:add_commands",
-    ),
-    "telemetry": DaemonSpec(
-        "shoal.daemons.telemetry.config:TelemetryConfig",
-        "shoal.daemons.telemetry.daemon:make_app",
-        commands="shoal.daemons.telemetry.cli:add_commands",
-    ),
-    "fedserver": DaemonSpec(
-        "shoal.daemons.fedserver.config:FedserverConfig",
-        "shoal.daemons.fedserver.daemon:make_app",
-        commands="shoal.daemons.fedserver.cli:add_commands",
-    ),
-    "dispatcher": DaemonSpec(
-        "shoal.daemons.dispatcher.config:DispatcherConfig",
-        "shoal.daemons.dispatcher.daemon:make_app",
-        "shoal.daemons.dispatcher.daemon:check_config",
-        commands="shoal.daemons.dispatcher.cli:add_commands",
-    ),
-    "worker": DaemonSpec(
-        "shoal.daemons.worker.config:WorkerConfig",
-        "shoal.daemons.worker.daemon:make_app",
-        "shoal.daemons.worker.daemon:check_config",
-    ),
-}
+from shoal.daemons.runtime.registry import DAEMONS
 
 
 def _version() -> str:
@@ -167,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"shoal {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    daemon_parsers = {}
     for name in DAEMONS:
         d = sub.add_parser(name, help=f"the {name} daemon")
         dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -174,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--config", required=True, help="TOML config file")
         run.set_defaults(func=cmd_run, daemon=name)
         DAEMONS[name].add_commands(dsub, sub)
+        daemon_parsers[name] = dsub
+
+    from shoal.lab.commands import add_commands as add_lab_commands
+
+    add_lab_commands(sub, daemon_parsers)
 
     c = sub.add_parser("config", help="config files")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from shoal.cli.main import DAEMONS as CLI_DAEMONS
+from shoal.daemons.runtime.registry import DAEMONS as CLI_DAEMONS
 from shoal.cli.main import build_parser
 from shoal.daemons.peer.config import PeerConfig
 from shoal.daemons.peer.metrics import PeerMetrics
@@ -389,9 +389,9 @@ def _tracker_registry() -> CollectorRegistry:
     rt = runtime_metrics(registry, "tracker")
     # Children of labelled metrics appear at first use; create one of each.
     metrics.reject("http", "rate_limited")
-    metrics.saves.labels("ok")
     metrics.expired.inc(0)
     rt.rpc_errors.labels(reason="bad_frame")
+    rt.state_saves.labels(what="swarm", result="ok")  # StateSaver creates both results
     return registry
 
 
@@ -403,6 +403,7 @@ def _peer_registry() -> CollectorRegistry:
     metrics.announces.labels("ok")
     metrics.request_latency.observe(0.01)
     rt.rpc_errors.labels(reason="bad_frame")
+    rt.state_saves.labels(what="swarm", result="ok")  # StateSaver creates both results
     return registry
 
 
@@ -417,6 +418,7 @@ def _dispatcher_registry() -> CollectorRegistry:
     metrics.watch(registry, Core(Store(Path(":memory:")), lambda name: None))
     rt = runtime_metrics(registry, "dispatcher")
     rt.rpc_errors.labels(reason="bad_frame")
+    rt.state_saves.labels(what="swarm", result="ok")  # StateSaver creates both results
     return registry
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Literal
 
 from shoal.core.checkpoint.parity import MAX_BLOCK_SIZE
+from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 from shoal.daemons.runtime.config import ConfigError, DaemonSection, ListenAddr, setting
 
-METRICS_PORT = 9745
-RPC_PORT = 7745
-BACKUP_PORT = 7746
+METRICS_PORT = METRICS_PORTS["checkpoint"]
+RPC_PORT = PORTS["checkpoint", "rpc"]
+BACKUP_PORT = PORTS["checkpoint", "backup"]
 MIN_TOKEN_BYTES = 16
 
 

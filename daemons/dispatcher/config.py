@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Literal
 
 from shoal.core.dispatch.policy import DISPATCH_POLICIES
+from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
 
-DEFAULT_PORT = 7460
-METRICS_PORT = 9746
+DEFAULT_PORT = PORTS["dispatcher", "rpc"]
+METRICS_PORT = METRICS_PORTS["dispatcher"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,8 @@ def add_commands(fed_daemon: argparse._SubParsersAction, top: argparse._SubParse
     sub = fed.add_subparsers(dest="fed_action", required=True, metavar="ACTION")
 
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--server", default=os.environ.get("SHOAL_FEDSERVER", "127.0.0.1:9094"),
-                       help="the fedserver's RPC address (default $SHOAL_FEDSERVER or 127.0.0.1:9094)")
+        p.add_argument("--server", default=os.environ.get("SHOAL_FEDSERVER", "127.0.0.1:7444"),
+                       help="the fedserver's RPC address (default $SHOAL_FEDSERVER or 127.0.0.1:7444)")
         p.add_argument("--token-file", default=os.environ.get("SHOAL_FEDSERVER_TOKEN_FILE", ""),
                        help="file holding the RPC token (needed off loopback)")
         return p

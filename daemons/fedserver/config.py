@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
 
-METRICS_PORT = 9744
+METRICS_PORT = METRICS_PORTS["fedserver"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,7 +15,7 @@ class SuperLinkSection:
     # Where the SuperNodes dial (port 0 = any free port, for tests). Without TLS Flower's
     # SuperLink serves all its APIs here; with TLS the fedserver's Fleet-only proxy
     # (proxy.py) serves it and the SuperLink listens on a free loopback port.
-    listen: ListenAddr = setting(ListenAddr("127.0.0.1", 9093))
+    listen: ListenAddr = setting(ListenAddr("127.0.0.1", PORTS["fedserver", "fleet"]))
     # TLS certificate (naming 127.0.0.1 too), key and CA for the SuperLink and the proxy.
     # Required unless listen is loopback; on loopback "" runs Flower in --insecure mode.
     ssl_certfile: str = setting("")
@@ -47,7 +48,7 @@ class SuperLinkSection:
 @dataclass(frozen=True, slots=True)
 class RpcSection:
     # Control RPC (`shoal fed run`, node catch-up). Off loopback it needs token_file.
-    listen: ListenAddr = setting(ListenAddr("127.0.0.1", 9094))
+    listen: ListenAddr = setting(ListenAddr("127.0.0.1", PORTS["fedserver", "rpc"]))
     # A file holding the shared token (at least 16 bytes); "" = no token (loopback only).
     token_file: str = setting("")
 

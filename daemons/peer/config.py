@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
 
-METRICS_PORT = 9742
+METRICS_PORT = METRICS_PORTS["peer"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -252,3 +252,25 @@ def _check_bounds(value: Any, meta: typing.Mapping[str, Any], source: str, key: 
     if choices is not None and value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
         raise ConfigError(source, key, f"must be one of {allowed}, got {value!r}")
+
+
+#: The shortest RPC token accepted anywhere (an HMAC-SHA256 key; 16 bytes = 128 bits).
+MIN_TOKEN_BYTES = 16
+
+
+def read_token(path: str | Path | None, key: str) -> bytes | None:
+    """The one token reader: the RPC token in ``path``, surrounding whitespace stripped.
+
+    None (or "") means no token. An unreadable file or one shorter than
+    :data:`MIN_TOKEN_BYTES` is a :class:`ConfigError` naming the file and the
+    config key (or CLI option) ``key`` that named it: one line, never a traceback.
+    """
+    if path is None or str(path) == "":
+        return None
+    try:
+        token = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(str(path), key, f"cannot read the token: {exc.strerror or exc}") from None
+    if len(token) < MIN_TOKEN_BYTES:
+        raise ConfigError(str(path), key, f"the token must be at least {MIN_TOKEN_BYTES} bytes, got {len(token)}")
+    return token

@@ -52,6 +52,7 @@ class RuntimeMetrics:
     rpc_requests: Counter  # {result}
     rpc_errors: Counter  # {reason}
     rpc_in_flight: Gauge
+    state_saves: Counter  # {what, result}: runtime.state.StateSaver
 
     def count_http_error(self, reason: str) -> None:
         """Shaped for ``serve_http(on_error=...)``."""
@@ -78,6 +79,10 @@ def runtime_metrics(registry: CollectorRegistry, daemon_name: str) -> RuntimeMet
         f"{p}_rpc_errors_total", "RPC connection-level errors, by reason.", ["reason"], registry=registry
     )
     rpc_in_flight = Gauge(f"{p}_rpc_in_flight", "RPC requests being processed now.", registry=registry)
+    state_saves = Counter(
+        f"{p}_state_saves_total", "Periodic and final state saves, by what was saved and result.",
+        ["what", "result"], registry=registry,
+    )
     # Create the known series up front so dashboards see zeros, not gaps.
     for result in CONFIG_RELOAD_RESULTS:
         config_reloads.labels(result=result)
@@ -86,7 +91,8 @@ def runtime_metrics(registry: CollectorRegistry, daemon_name: str) -> RuntimeMet
     for result in RPC_RESULTS:
         rpc_requests.labels(result=result)
     return RuntimeMetrics(
-        daemon_name, build_info, start_time, config_reloads, http_errors, rpc_requests, rpc_errors, rpc_in_flight
+        daemon_name, build_info, start_time, config_reloads, http_errors, rpc_requests, rpc_errors, rpc_in_flight,
+        state_saves,
     )
 
 

@@ -29,6 +29,16 @@ traceback* at ERROR, counted as ``rpc_errors_total{reason="internal"}`` and
 ``rpc_requests_total{result="internal"}``, and answered ``internal``; the
 daemon keeps serving. It is never swallowed silently: alert on that counter.
 
+Handlers
+--------
+There is one way to give a server its methods: decorate each with
+:func:`rpc_method` (naming its :class:`~shoal.protocol.contract.Contract`) and
+pass ``handlers_of(obj)``. The server decodes the params with the contract
+before the handler runs, so a handler receives a validated, typed value and
+every client sees ``bad_params`` with the field named for bad input. A
+``BadParams`` raised inside a handler (a check that needs the daemon's state)
+is answered the same way.
+
 Client
 ------
 ``connect_tcp``/``connect_unix`` return an :class:`RpcClient` after the
@@ -56,6 +66,7 @@ import trio
 from shoal.daemons.runtime.config import ListenAddr
 from shoal.daemons.runtime.http import bound_address, open_listeners
 from shoal.daemons.runtime.metrics import RuntimeMetrics
+from shoal.protocol.contract import BadParams, Contract
 from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
 from shoal.protocol.rpc import (
     CLIENT,
@@ -75,6 +86,8 @@ from shoal.protocol.rpc import (
 )
 
 __all__ = [
+    "rpc_method",
+    "handlers_of",
     "RpcError",
     "RpcConnectionError",
     "InsecureListenerError",
@@ -89,6 +102,48 @@ log = logging.getLogger("shoal.rpc")
 
 _RECEIVE_SIZE = 65536
 Handler = Callable[[Any], Awaitable[Any]]
+
+
+def rpc_method(name: str, contract: type[Contract] | None = None):
+    """Mark a coroutine method as the RPC method ``name`` taking ``contract``.
+
+    With a contract, the handler is called with ``contract.decode(params)``;
+    without one it must take no parameters (anything but nil or {} is refused).
+    """
+
+    def mark(fn):
+        fn.__rpc__ = (name, contract)
+        return fn
+
+    return mark
+
+
+def handlers_of(*objs: object) -> dict[str, Handler]:
+    """The handlers of every :func:`rpc_method` of ``objs``, by method name."""
+    out: dict[str, Handler] = {}
+    for obj in objs:
+        for attr in dir(type(obj)):
+            fn = getattr(type(obj), attr, None)
+            mark = getattr(fn, "__rpc__", None)
+            if mark is None:
+                continue
+            name, contract = mark
+            if name in out:
+                raise ValueError(f"two handlers for RPC method {name!r}")
+            out[name] = _bind(getattr(obj, attr), contract)
+    return out
+
+
+def _bind(method, contract: type[Contract] | None) -> Handler:
+    async def handler(params: Any) -> Any:
+        if contract is None:
+            if params not in (None, {}):
+                raise BadParams("this method takes no parameters")
+            return await method()
+        return await method(contract.decode(params))
+
+    handler.__name__ = getattr(method, "__name__", "handler")
+    return handler
 
 
 class RpcError(Exception):
@@ -305,6 +360,9 @@ class RpcServer:
             except RpcError as exc:
                 self._count_request("error")
                 reply = Error(request.id, _token(exc.code), exc.message[:4096])
+            except BadParams as exc:
+                self._count_request("error")
+                reply = Error(request.id, "bad_params", str(exc)[:4096])
             except Exception:
                 # See the module docstring: logged loudly, counted, answered.
                 log.exception("RPC handler for %r failed", request.method)

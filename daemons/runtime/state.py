@@ -27,3 +27,70 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class StateSaver:
+    """The one periodic state saver: a snapshot on the event loop, the write off it.
+
+    ``snapshot()`` runs in the trio thread (it reads the daemon's live state,
+    so it must not race with handlers) and returns the bytes to keep, or None
+    when nothing changed. The write is :func:`atomic_write` in a worker
+    thread. Every outcome is counted in ``shoal_<daemon>_state_saves_total
+    {what, result}`` (both results exist at 0 from the start, so a first
+    failure shows in ``increase()``), and a failure is logged once per run of
+    failures with the path and reason. :meth:`save_now` is the same save,
+    synchronous, for the final save at stop; it returns whether it succeeded,
+    so the caller never logs "saved" after a failure.
+
+    The period is honoured exactly: :meth:`run` sleeps ``interval`` between
+    saves whatever else the daemon does on its housekeeping tick.
+    """
+
+    def __init__(self, what: str, path: Path, snapshot, interval: float, *, metrics=None, log=None) -> None:
+        import logging
+
+        self.what = what
+        self.path = path
+        self.snapshot = snapshot
+        self.interval = interval
+        self.log = log or logging.getLogger("shoal.state")
+        self.failing = False
+        self._counter = None
+        if metrics is not None:
+            self._counter = metrics.state_saves
+            for result in ("ok", "error"):
+                self._counter.labels(what=what, result=result)
+
+    def _write(self, blob: bytes) -> bool:
+        try:
+            atomic_write(self.path, blob)
+        except OSError as exc:
+            if not self.failing:
+                self.log.error("cannot save %s to %s: %s", self.what, self.path, exc.strerror or exc)
+            self.failing = True
+            self._count("error")
+            return False
+        if self.failing:
+            self.log.info("saving %s to %s works again", self.what, self.path)
+        self.failing = False
+        self._count("ok")
+        return True
+
+    def _count(self, result: str) -> None:
+        if self._counter is not None:
+            self._counter.labels(what=self.what, result=result).inc()
+
+    def save_now(self) -> bool:
+        """Snapshot and write now, in this thread; True if the state is on disk."""
+        blob = self.snapshot()
+        return True if blob is None else self._write(blob)
+
+    async def run(self) -> None:
+        """Save every ``interval`` seconds until cancelled."""
+        import trio
+
+        while True:
+            await trio.sleep(self.interval)
+            blob = self.snapshot()
+            if blob is not None:
+                await trio.to_thread.run_sync(self._write, blob)

@@ -5,14 +5,14 @@ Theory of operation
 Every daemon runs the same way (``shoal <name> run --config FILE``, Type=notify,
 a watchdog, SIGHUP to reload, state under ``StateDirectory=``) inside the same
 sandbox, so there is one unit template, :data:`SERVICE_TEMPLATE`, and a table,
-:data:`DAEMONS`, of what differs: the description, the config file name and
+:data:`~shoal.daemons.runtime.registry.DAEMONS`, of what differs: the description, the config file name and
 ``[Service]`` settings that one daemon needs changed or added (each with the
 reason, which lands in the unit as a comment).
 
 The files committed in ``systemd/`` are this module's output for
 ``/usr/local/bin/shoal`` and ``/etc/shoal``; ``tests/test_ops.py`` fails if
-they drift. To add a daemon: add a row, reserve its metrics port in
-:data:`METRICS_PORTS`, then regenerate the committed files with
+they drift. To add a daemon: add a row to the registry
+(:mod:`shoal.daemons.runtime.registry`), then regenerate the committed files with
 ``python -m shoal.daemons.runtime.systemd systemd/``.
 
 :func:`install` writes the units and copies the default configs (never over an
@@ -26,8 +26,10 @@ import importlib.resources
 import re
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+
+from shoal.daemons.runtime.registry import DAEMONS, METRICS_PORTS
+from shoal.daemons.runtime.registry import DaemonSpec as DaemonUnit
 
 __all__ = [
     "DAEMONS",
@@ -43,100 +45,8 @@ DEFAULT_CONFIG_DIR = "/etc/shoal"
 TARGET = "shoal.target"
 SYSUSERS_FILE = "shoal-sysusers.conf"
 
-#: Default ``[daemon] metrics_listen`` port of each daemon, reserved here so
-#: that two daemons on one node never collide and prometheus.yml can follow.
-METRICS_PORTS = {
-    "tracker": 9741,
-    "peer": 9742,
-    "telemetry": 9743,
-    "fedserver": 9744,
-    "checkpoint": 9745,
-    "dispatcher": 9746,
-    "worker": 9747,
-}
 
 
-@dataclass(frozen=True, slots=True)
-class DaemonUnit:
-    """What the unit of one daemon has that the template does not."""
-
-    name: str
-    description: str
-    config: str = ""  # file name under the config dir; default "<name>.toml"
-    #: ``(key, value, why)``: replaces every ``key=`` line of the template
-    #: (value None removes it), or is appended to ``[Service]`` if the
-    #: template has no such key. ``why`` becomes a comment in the unit.
-    service: tuple[tuple[str, str | None, str], ...] = ()
-
-    @property
-    def unit(self) -> str:
-        return f"shoal-{self.name}.service"
-
-    @property
-    def config_file(self) -> str:
-        return self.config or f"{self.name}.toml"
-
-
-DAEMONS: dict[str, DaemonUnit] = {
-    d.name: d
-    for d in (
-        DaemonUnit(
-            "tracker",
-            "Shoal BitTorrent tracker (HTTP and UDP announce/scrape)",
-            service=(
-                ("LimitNOFILE", "65536", "one descriptor per open HTTP announce connection"),
-            ),
-        ),
-        DaemonUnit(
-            "peer",
-            "Shoal BitTorrent peer (downloads and seeds torrents)",
-            service=(
-                ("LimitNOFILE", "65536", "one descriptor per peer connection and per open torrent file"),
-            ),
-        ),
-        DaemonUnit(
-            "checkpoint",
-            "Shoal checkpoint coordinator or backup (in-memory N+1 parity of application checkpoints)",
-            service=(
-                ("LimitNOFILE", "65536", "three RPC connections per rank of every group"),
-            ),
-        ),
-        DaemonUnit(
-            "dispatcher",
-            "Shoal dispatcher (DAG jobs of dependent tasks, pulled by workers)",
-            service=(
-                ("LimitNOFILE", "65536", "one descriptor per worker and client connection"),
-            ),
-        ),
-        DaemonUnit(
-            "worker",
-            "Shoal worker (runs the dispatcher's tasks, each in its own process)",
-            service=(
-                ("MemoryDenyWriteExecute", "no",
-                 "tasks may be JIT runtimes (Java, Node.js, PyPy) that need writable+executable memory"),
-                ("LimitNOFILE", "65536", "two pipes per running task and the dispatcher connection"),
-            ),
-        ),
-        DaemonUnit(
-            "telemetry",
-            "Shoal node telemetry (collector, ONNX anomaly detector, Flower SuperNode)",
-            service=(
-                ("ProcSubset", "all",
-                 "the collector reads /proc/stat, /proc/meminfo, /proc/diskstats and /proc/net/dev"),
-                ("TimeoutStopSec", "20",
-                 "the graceful stop also stops the SuperNode (stop_timeout 10 s plus its own 5 s grace)"),
-            ),
-        ),
-        DaemonUnit(
-            "fedserver",
-            "Shoal federated averaging server (Flower SuperLink, FedAvg runs)",
-            service=(
-                ("TimeoutStopSec", "20",
-                 "the graceful stop also stops the SuperLink (stop_timeout 10 s plus its own 5 s grace)"),
-            ),
-        ),
-    )
-}
 
 # Placeholders: {name} {description} {exe} {config}. Literal braces: none.
 SERVICE_TEMPLATE = """\

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
 
-METRICS_PORT = 9743
+METRICS_PORT = METRICS_PORTS["telemetry"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,7 @@ class FederationSection:
     # Run a Flower SuperNode so this node takes part in federated rounds.
     enabled: bool = setting(False)
     # The fedserver's SuperLink (Flower's Fleet API, host:port).
-    superlink: ListenAddr = setting(ListenAddr("127.0.0.1", 9093))
+    superlink: ListenAddr = setting(ListenAddr("127.0.0.1", PORTS["fedserver", "fleet"]))
     # The SuperNode's local runtime API port (0 = any free port).
     supernode_port: int = setting(0, min=0, max=65535)
     # TLS: the CA certificate that signed the SuperLink's certificate. Required unless

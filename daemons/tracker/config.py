@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
 
-DEFAULT_PORT = 6969
-METRICS_PORT = 9741
+DEFAULT_PORT = PORTS["tracker", "http"]
+METRICS_PORT = METRICS_PORTS["tracker"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import trio
 from shoal.daemons.runtime.config import ConfigError, ListenAddr
 from shoal.daemons.runtime.daemon import DaemonContext
 from shoal.daemons.runtime.http import HttpRequest, HttpResponse, serve_http
-from shoal.daemons.runtime.state import atomic_write
+from shoal.daemons.runtime.state import StateSaver, atomic_write
 from shoal.daemons.tracker.access import ConnectionIds, load_policy
 from shoal.daemons.tracker.config import TrackerConfig
 from shoal.daemons.tracker.metrics import TrackerMetrics
@@ -46,6 +46,8 @@ class TrackerApp:
         ids = ConnectionIds(self._secret(ctx.state_dir / SECRET_FILE))
         self.service = TrackerService(t, load_policy(cfg.access), self.table, self.metrics, ids)
         self.state_file: Path = ctx.state_dir / STATE_FILE
+        self.saver = StateSaver("swarm", self.state_file, lambda: self.table.snapshot(trio.current_time()),
+                                t.save_interval, metrics=ctx.metrics, log=log)
 
     @staticmethod
     def _secret(path: Path) -> bytes:
@@ -87,6 +89,7 @@ class TrackerApp:
                 if t.udp_listen is not None:
                     addresses["udp"] = await nursery.start(self._serve_udp, t.udp_listen)
                 nursery.start_soon(self._housekeeping)
+                nursery.start_soon(self.saver.run)
                 ctx.announce(**addresses)
                 log.info("tracking on %s", ", ".join(f"{k}={v}" for k, v in addresses.items()))
                 task_status.started()
@@ -105,6 +108,7 @@ class TrackerApp:
         self.table.max_peers = t.max_peers
         self.service.section = t
         self.service.access = policy
+        self.saver.interval = t.save_interval  # from the next save on
         self.config = new
 
     # -- listeners -------------------------------------------------------------
@@ -159,32 +163,17 @@ class TrackerApp:
     async def _housekeeping(self) -> None:
         t = self.config.tracker
         sweep = max(1.0, min(60.0, t.peer_timeout / 4))
-        next_save = trio.current_time() + t.save_interval
         while True:
             await trio.sleep(sweep)
-            now = trio.current_time()
-            dropped = self.table.expire(now, self.config.tracker.peer_timeout)
+            dropped = self.table.expire(trio.current_time(), self.config.tracker.peer_timeout)
             if dropped:
                 self.metrics.expired.inc(dropped)
-            if now >= next_save:
-                next_save = now + self.config.tracker.save_interval
-                blob = self.table.snapshot(now)
-                await trio.to_thread.run_sync(self._write_state, blob)
 
     # -- state -----------------------------------------------------------------
 
-    def _write_state(self, blob: bytes) -> None:
-        try:
-            atomic_write(self.state_file, blob)
-        except OSError as exc:
-            log.error("cannot save swarm view to %s: %s", self.state_file, exc)
-            self.metrics.saves.labels("error").inc()
-            return
-        self.metrics.saves.labels("ok").inc()
-
     def _save(self) -> None:
-        self._write_state(self.table.snapshot(trio.current_time()))
-        log.info("saved %d peers in %d swarms", self.table.peer_count, len(self.table.swarms))
+        if self.saver.save_now():
+            log.info("saved %d peers in %d swarms", self.table.peer_count, len(self.table.swarms))
 
     def _restore(self) -> None:
         try:

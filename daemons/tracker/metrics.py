@@ -53,9 +53,6 @@ class TrackerMetrics:
         self.expired = Counter(
             "shoal_tracker_peers_expired_total", "Peers dropped for not announcing.", registry=registry,
         )
-        self.saves = Counter(
-            "shoal_tracker_state_saves_total", "Swarm view saves, by result.", ["result"], registry=registry,
-        )
         self.latency = Histogram(
             "shoal_tracker_request_duration_seconds",
             "Time to handle one tracker request, by protocol.",

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.core.dispatch.policy import QUEUE_POLICIES
+from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
 
-METRICS_PORT = 9747
+METRICS_PORT = METRICS_PORTS["worker"]
 
 
 @dataclass(frozen=True, slots=True)
