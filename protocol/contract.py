@@ -143,9 +143,8 @@ def _check_declared(cls: type, fld: _Field, tp: Any) -> None:
         for arg in typing.get_args(tp):
             if arg is not type(None):
                 _check_declared(cls, fld, arg)
-    elif tp in (str, bytes) or origin in (list, tuple):
-        if fld.max_len is None:
-            raise LocalProtocolError(f"{cls.__name__}.{fld.name}: a str, bytes or list field needs max_len")
+    elif (tp in (str, bytes) or origin in (list, tuple)) and fld.max_len is None:
+        raise LocalProtocolError(f"{cls.__name__}.{fld.name}: a str, bytes or list field needs max_len")
 
 
 def _convert(f: _Field, tp: Any, value: Any, where: str) -> Any:

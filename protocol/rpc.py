@@ -159,7 +159,8 @@ def _check_id(value: object, *, handshake: bool = False) -> None:
 
 def _check_token(name: str, value: object, limit: int) -> None:
     if type(value) is not str or not 0 < len(value) <= limit:
-        raise LocalProtocolError(f"{name} must be a non-empty str of at most {limit} chars, got {value!r}", "bad_fields")
+        raise LocalProtocolError(
+            f"{name} must be a non-empty str of at most {limit} chars, got {value!r}", "bad_fields")
 
 
 @dataclass(frozen=True, slots=True)

@@ -183,7 +183,7 @@ async def start_daemon(
             state_dir = Path(full_env.get("STATE_DIRECTORY") or tmp / "state")
         full_env["STATE_DIRECTORY"] = str(state_dir)
         log_path = tmp / "daemon.log"
-        with open(log_path, "wb") as log_file:
+        with log_path.open("wb") as log_file:  # a local file, opened once per daemon start
             process = await trio.lowlevel.open_process(
                 list(argv), env=full_env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd
             )

@@ -20,13 +20,13 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from shoal.daemons.runtime.registry import DAEMONS as CLI_DAEMONS
 from shoal.cli.main import build_parser
 from shoal.daemons.peer.config import PeerConfig
 from shoal.daemons.peer.metrics import PeerMetrics
 from shoal.daemons.runtime import systemd
 from shoal.daemons.runtime.config import load_config
 from shoal.daemons.runtime.metrics import runtime_metrics
+from shoal.daemons.runtime.registry import DAEMONS as CLI_DAEMONS
 from shoal.daemons.tracker.config import TrackerConfig
 from shoal.daemons.tracker.metrics import TrackerMetrics
 

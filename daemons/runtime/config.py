@@ -153,7 +153,7 @@ def parse_config(text: str, schema: type[T], *, source: str = "<string>") -> T:
 
 
 def _build(schema: type[T], table: dict[str, Any], base: Any, source: str, prefix: str) -> T:
-    fields = {f.name: f for f in dataclasses.fields(schema)}
+    fields = {f.name: f for f in dataclasses.fields(schema)}  # type: ignore[arg-type]  # T is a dataclass
     hints = typing.get_type_hints(schema)
     for key in table:
         if key not in fields:
@@ -189,7 +189,7 @@ def _convert(tp: Any, value: Any, field: dataclasses.Field, source: str, key: st
         if len(args) != 1:
             raise TypeError(f"unsupported config type {tp!r} for {key}")
         tp, origin = args[0], typing.get_origin(args[0])
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(source, key, "expected a table")
         base = field.default if dataclasses.is_dataclass(field.default) else None

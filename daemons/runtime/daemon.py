@@ -362,5 +362,7 @@ def run_daemon(
         return load_config(p, schema_cls)
 
     return trio.run(
-        lambda: serve(name, config, path, make_app, load=load, handle_signals=True, env=env, hard_stop=_thread_hard_stop)
+        lambda: serve(
+            name, config, path, make_app, load=load, handle_signals=True, env=env, hard_stop=_thread_hard_stop
+        )
     )

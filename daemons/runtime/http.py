@@ -180,7 +180,7 @@ class HttpConnectionHandler:
             if event is not h11.NEED_DATA:
                 return event
             data = await stream.receive_some(_RECEIVE_SIZE)
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
 
     async def _read_request(
         self, stream: trio.abc.Stream, conn: h11.Connection, client: tuple[str, int]
@@ -222,7 +222,8 @@ class HttpConnectionHandler:
         body = response.body
         headers = [(k, v) for k, v in response.headers if k.lower() not in (b"content-length", b"transfer-encoding")]
         headers.append((b"content-length", str(len(body)).encode()))
-        parts = [conn.send(h11.Response(status_code=response.status, headers=headers, reason=_REASON.get(response.status, b"")))]
+        head = h11.Response(status_code=response.status, headers=headers, reason=_REASON.get(response.status, b""))
+        parts = [conn.send(head)]
         if body and request.method != b"HEAD":
             parts.append(conn.send(h11.Data(data=body)))
         parts.append(conn.send(h11.EndOfMessage()))

@@ -42,9 +42,8 @@ def _escape(text: str) -> str:
 
 def _extra_lines(formatter: logging.Formatter, record: logging.LogRecord) -> list[str]:
     out: list[str] = []
-    if record.exc_info:
-        if not record.exc_text:
-            record.exc_text = formatter.formatException(record.exc_info)
+    if record.exc_info and not record.exc_text:
+        record.exc_text = formatter.formatException(record.exc_info)
     if record.exc_text:
         out.extend(record.exc_text.splitlines())
     if record.stack_info:

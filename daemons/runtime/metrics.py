@@ -17,14 +17,17 @@ import prometheus_client
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Info, generate_latest
 
-# Counters would otherwise export a `_created` timestamp series each, doubling
-# the series count for no use in Prometheus queries.
-prometheus_client.disable_created_metrics()
-
 from shoal.daemons.runtime.config import ListenAddr
 from shoal.daemons.runtime.http import ERROR_REASONS, HttpRequest, HttpResponse, serve_http
 
-__all__ = ["RuntimeMetrics", "runtime_metrics", "serve_metrics", "metrics_handler", "CONFIG_RELOAD_RESULTS", "RPC_RESULTS"]
+# Counters would otherwise export a `_created` timestamp series each, doubling
+# the series count for no use in Prometheus queries. (Counters are created only
+# inside functions below, so calling this after the imports is early enough.)
+prometheus_client.disable_created_metrics()
+
+__all__ = [
+    "RuntimeMetrics", "runtime_metrics", "serve_metrics", "metrics_handler", "CONFIG_RELOAD_RESULTS", "RPC_RESULTS",
+]
 
 CONFIG_RELOAD_RESULTS = ("ok", "error")
 #: ``shoal_<name>_rpc_requests_total{result}``: how each request ended.
@@ -72,7 +75,8 @@ def runtime_metrics(registry: CollectorRegistry, daemon_name: str) -> RuntimeMet
         f"{p}_config_reloads_total", "Config reloads (SIGHUP) by result.", ["result"], registry=registry
     )
     http_errors = Counter(
-        f"{p}_http_errors_total", "HTTP connections refused or closed on error, by reason.", ["reason"], registry=registry
+        f"{p}_http_errors_total", "HTTP connections refused or closed on error, by reason.", ["reason"],
+        registry=registry,
     )
     rpc_requests = Counter(f"{p}_rpc_requests_total", "RPC requests served, by result.", ["result"], registry=registry)
     rpc_errors = Counter(

@@ -232,7 +232,11 @@ class RpcServer:
         await trio.serve_listeners(self.handle_stream, listeners)
 
     async def serve_unix(
-        self, path: str | os.PathLike[str], *, mode: int = 0o600, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mode: int = 0o600,
+        task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve on a unix socket at ``path`` (file mode ``mode``) until cancelled."""
         path = Path(path)
@@ -338,7 +342,8 @@ class RpcServer:
                 await self._reply(stream, conn, send_lock, Error(event.id, "no_such_method", event.method), nursery)
             elif self.in_flight >= self.max_in_flight:
                 self._count_request("busy")
-                await self._reply(stream, conn, send_lock, Error(event.id, "busy", "too many requests in flight"), nursery)
+                busy = Error(event.id, "busy", "too many requests in flight")
+                await self._reply(stream, conn, send_lock, busy, nursery)
             else:
                 self._set_in_flight(+1)
                 nursery.start_soon(self._run_request, handler, event, stream, conn, send_lock, nursery)
@@ -577,10 +582,15 @@ async def connect_tcp(
     listen: ListenAddr, *, token: bytes | None = None, timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME
 ) -> RpcClient:
     """Connect and authenticate; OSError if the connection is refused."""
-    return await _connect(lambda: trio.open_tcp_stream(listen.host, listen.port), token, timeout, max_frame, str(listen))
+    return await _connect(partial(trio.open_tcp_stream, listen.host, listen.port), token, timeout, max_frame,
+                          str(listen))
 
 
 async def connect_unix(
-    path: str | os.PathLike[str], *, token: bytes | None = None, timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME
+    path: str | os.PathLike[str],
+    *,
+    token: bytes | None = None,
+    timeout: float = 10.0,
+    max_frame: int = DEFAULT_MAX_FRAME,
 ) -> RpcClient:
-    return await _connect(lambda: trio.open_unix_socket(os.fspath(path)), token, timeout, max_frame, os.fspath(path))
+    return await _connect(partial(trio.open_unix_socket, os.fspath(path)), token, timeout, max_frame, os.fspath(path))

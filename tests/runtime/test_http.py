@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import h11
@@ -64,7 +65,11 @@ async def read_until_eof(stream: trio.abc.Stream) -> bytes:
 
 async def start(nursery, handler=echo, **kw):
     errors: Counter[str] = Counter()
-    addr = await nursery.start(lambda task_status: serve_http(handler, LOOPBACK, on_error=lambda r: errors.update([r]), task_status=task_status, **kw))
+    addr = await nursery.start(
+        lambda task_status: serve_http(
+            handler, LOOPBACK, on_error=lambda r: errors.update([r]), task_status=task_status, **kw
+        )
+    )
     return addr, errors
 
 
@@ -90,7 +95,9 @@ async def test_pipelined_requests_are_answered_in_order():
         async with trio.open_nursery() as nursery:
             addr, _ = await start(nursery)
             stream = await trio.open_tcp_stream(addr.host, addr.port)
-            await stream.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            await stream.send_all(
+                b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
             data = await read_until_eof(stream)
             assert data.count(b"HTTP/1.1 200") == 2
             assert data.index(b"GET /a") < data.index(b"GET /b")
@@ -133,14 +140,10 @@ async def test_max_connections_refuses_the_extra_connection_promptly():
                 assert (await Client(stream).request(b"GET", b"/"))[0] == 200  # accepted and counted
                 held.append(stream)
             extra = await trio.open_tcp_stream(addr.host, addr.port)
-            try:
+            with contextlib.suppress(trio.BrokenResourceError):
                 await extra.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            except trio.BrokenResourceError:
-                pass
-            try:
+            with contextlib.suppress(trio.BrokenResourceError):  # closed, or reset
                 assert await read_until_eof(extra) == b""  # closed without an answer
-            except trio.BrokenResourceError:
-                pass  # or reset
             assert errors == {"too_many_connections": 1}
             await held.pop().aclose()
             # a slot is free again (the server notices the close first)

@@ -32,7 +32,8 @@ def test_runtime_metric_names_and_labels():
     assert registry.get_sample_value("shoal_tracker_http_errors_total", {"reason": "bad_http"}) == 1
     assert registry.get_sample_value("shoal_tracker_config_reloads_total", {"result": "error"}) == 0
     assert registry.get_sample_value("shoal_tracker_rpc_in_flight") == 3
-    assert any(s.name == "shoal_tracker_build_info" and "version" in s.labels for s in m.build_info.collect()[0].samples)
+    samples = m.build_info.collect()[0].samples
+    assert any(s.name == "shoal_tracker_build_info" and "version" in s.labels for s in samples)
     with pytest.raises(ValueError):
         runtime_metrics(CollectorRegistry(), "Bad-Name")
 
@@ -50,12 +51,15 @@ async def test_metrics_endpoint_serves_parseable_text():
             assert b"content-type: " + CONTENT_TYPE_LATEST.encode() in head.lower()
             families = {f.name: f for f in text_string_to_metric_families(body.decode())}
             assert "shoal_peer_rpc_errors" in families
-            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in families["shoal_peer_rpc_errors"].samples}
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for s in families["shoal_peer_rpc_errors"].samples}
             assert samples[("shoal_peer_rpc_errors_total", (("reason", "bad_msgpack"),))] == 2
             assert "shoal_peer_build_info" in families
 
             data = await get(addr, b"GET /other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert data.startswith(b"HTTP/1.1 404")
-            data = await get(addr, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            data = await get(
+                addr, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
             assert data.startswith(b"HTTP/1.1 405")
             nursery.cancel_scope.cancel()
