@@ -72,12 +72,16 @@ def cmd_systemd(args: argparse.Namespace) -> int:
             print(f"# --- {name}")
             print(text)
         return 0
-    written = systemd.install(
-        Path(args.unit_dir),
-        shoal_exe=exe,
-        config_dir=Path(args.config_dir),
-        overwrite_configs=args.overwrite_configs,
-    )
+    try:
+        written = systemd.install(
+            Path(args.unit_dir),
+            shoal_exe=exe,
+            config_dir=Path(args.config_dir),
+            overwrite_configs=args.overwrite_configs,
+        )
+    except systemd.UnusableExecutable as exc:
+        print(f"shoal: {exc}", file=sys.stderr)
+        return 2
     for path in written:
         print(f"wrote {path}")
     print(f"now run: {systemd.next_steps()}")

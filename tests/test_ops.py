@@ -209,9 +209,27 @@ def test_sysusers_snippet_creates_the_shoal_user(tmp_path: Path) -> None:
     assert re.search(r"^shoal:x:\d+:\d+:Shoal cluster daemons:/:/usr/sbin/nologin$", passwd, re.M), passwd
 
 
+@pytest.mark.parametrize("where", ["tmp", "root", "home"])
+def test_install_refuses_an_executable_the_sandbox_hides(tmp_path: Path, where: str) -> None:
+    # Before: `shoal systemd install` wrote ExecStart=/tmp/.../shoal without a word, and every unit
+    # then failed with status=203/EXEC under ProtectHome=/PrivateTmp=.
+    script = tmp_path / "shoal"
+    interpreter = {"tmp": "/usr/bin/python3", "root": "/root/.venv/bin/python", "home": "/home/u/venv/bin/python"}
+    script.write_text(f"#!{interpreter[where]}\nprint('hi')\n")
+    with pytest.raises(systemd.UnusableExecutable, match="203/EXEC"):
+        systemd.check_executable(str(script))
+    r = subprocess.run([sys.executable, "-m", "shoal.cli.main", "systemd", "install", "--shoal-exe", str(script),
+                        "--unit-dir", str(tmp_path / "units"), "--config-dir", str(tmp_path / "etc")],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "ProtectHome=yes" in r.stderr or "PrivateTmp=yes" in r.stderr
+    assert not (tmp_path / "units").exists()
+    systemd.check_executable("/usr/bin/env")  # a binary outside the hidden trees is fine
+
+
 def test_install_writes_units_and_keeps_edited_configs(tmp_path: Path, shoal_exe: str) -> None:
     units, etc, sysusers = tmp_path / "system", tmp_path / "etc" / "shoal", tmp_path / "sysusers.d"
-    written = systemd.install(units, shoal_exe=shoal_exe, config_dir=etc, sysusers_dir=sysusers)
+    written = systemd.install(units, shoal_exe=shoal_exe, config_dir=etc, sysusers_dir=sysusers, check_exe=False)
     config = etc / "tracker.toml"
     configs = {etc / d.config_file for d in systemd.DAEMONS.values()}
     assert config in configs
@@ -228,11 +246,11 @@ def test_install_writes_units_and_keeps_edited_configs(tmp_path: Path, shoal_exe
     assert not list(tmp_path.rglob(".*.tmp"))
 
     config.write_text("# edited by the operator\n")
-    again = systemd.install(units, shoal_exe=shoal_exe, config_dir=etc)
+    again = systemd.install(units, shoal_exe=shoal_exe, config_dir=etc, check_exe=False)
     assert config not in again and config.read_text() == "# edited by the operator\n"
     assert set(again) == {units / n for n in expected_units}  # no config rewritten
 
-    forced = systemd.install(units, shoal_exe=shoal_exe, config_dir=etc, overwrite_configs=True)
+    forced = systemd.install(units, shoal_exe=shoal_exe, config_dir=etc, overwrite_configs=True, check_exe=False)
     assert config in forced and config.read_text() == (CONFIGS / "tracker.toml").read_text()
 
 

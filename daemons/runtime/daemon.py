@@ -35,6 +35,7 @@ should exceed ``stop_timeout`` + 1 s so that our exit, not SIGKILL, wins.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -64,12 +65,18 @@ __all__ = [
     "EXIT_FAILURE",
     "EXIT_CONFIG",
     "EXIT_STOP_TIMEOUT",
+    "EXIT_CANNOT_LISTEN",
 ]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # includes "the graceful stop overran stop_timeout"
 EXIT_CONFIG = 2  # bad config at start: a one-line message on stderr
 EXIT_STOP_TIMEOUT = 70  # EX_SOFTWARE: the hard deadline fired
+#: A listener could not be bound at start (port in use, address not on this host,
+#: a privileged port): restarting cannot help, so the units list it, with
+#: EXIT_CONFIG, in RestartPreventExitStatus= and systemd does not loop on it.
+EXIT_CANNOT_LISTEN = 73  # EX_CANTCREAT
+_BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 _HARD_DEADLINE_GRACE = 1.0
 
@@ -253,10 +260,26 @@ async def _serve(
                     if disarm is not None:
                         disarm()
             nursery.cancel_scope.cancel()
+    except* OSError as group:
+        if ctx.ready:
+            raise
+        # A failure to start (nearly always a listener that cannot bind) is one
+        # line, not the nursery's ExceptionGroup traceback.
+        first = _first_leaf(group)
+        log.error("cannot start: %s", first)
+        notifier.notify(STATUS=f"cannot start: {first}")
+        exit_code = EXIT_CANNOT_LISTEN if first.errno in _BIND_ERRNOS else EXIT_FAILURE
     finally:
         notifier.close()
     log.info("stopped")
     return exit_code
+
+
+def _first_leaf(group: BaseExceptionGroup) -> Any:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _reload_once(

@@ -81,6 +81,9 @@ ExecReload=/bin/kill -HUP $MAINPID
 WatchdogSec=30
 Restart=on-failure
 RestartSec=5
+# 2: a bad config; 73: a listener that cannot bind (port in use, address not
+# here). Both need an operator, so systemd does not restart into them.
+RestartPreventExitStatus=2 73
 # SIGTERM starts a graceful stop bounded by [daemon] stop_timeout (10 s by
 # default); this must stay a little larger, or state saves get cut short.
 TimeoutStopSec=15
@@ -255,6 +258,45 @@ def _write(path: Path, text: str, mode: int) -> None:
     tmp.replace(path)
 
 
+#: Directories the units' sandbox hides from the daemon (ProtectHome=yes,
+#: PrivateTmp=yes): an ExecStart, or its interpreter, below one of them fails
+#: with status=203/EXEC.
+HIDDEN_BY_SANDBOX = {
+    "/home": "ProtectHome=yes", "/root": "ProtectHome=yes", "/run/user": "ProtectHome=yes",
+    "/tmp": "PrivateTmp=yes", "/var/tmp": "PrivateTmp=yes",
+}
+
+
+class UnusableExecutable(ValueError):
+    """The shoal script (or the Python it runs under) is where the sandbox cannot see it."""
+
+
+def check_executable(shoal_exe: str) -> None:
+    """Raise :class:`UnusableExecutable` if the units could not run ``shoal_exe``.
+
+    Both the script and the interpreter on its ``#!`` line are resolved
+    (symlinks followed: a venv's python is a link) and checked against
+    :data:`HIDDEN_BY_SANDBOX`.
+    """
+    paths = [Path(shoal_exe)]
+    try:
+        first = Path(shoal_exe).read_bytes()[:512].split(b"\n", 1)[0]
+    except OSError as exc:
+        raise UnusableExecutable(f"{shoal_exe}: cannot read: {exc.strerror or exc}") from None
+    if first.startswith(b"#!"):
+        interpreter = first[2:].strip().split()[0].decode(errors="replace")
+        if interpreter != "/usr/bin/env":
+            paths.append(Path(interpreter))
+    for path in paths:
+        real = path.resolve()
+        for hidden, setting in HIDDEN_BY_SANDBOX.items():
+            if real == Path(hidden) or Path(hidden) in real.parents:
+                raise UnusableExecutable(
+                    f"{path} (really {real}) is under {hidden}, which the units hide ({setting}): systemd would "
+                    f"fail with status=203/EXEC. Install shoal elsewhere (e.g. a venv in /opt/shoal) and pass "
+                    f"--shoal-exe")
+
+
 def install(
     unit_dir: Path,
     *,
@@ -262,6 +304,7 @@ def install(
     config_dir: Path,
     overwrite_configs: bool = False,
     sysusers_dir: Path | None = None,
+    check_exe: bool = True,
 ) -> list[Path]:
     """Write the units to ``unit_dir`` and missing default configs to ``config_dir``.
 
@@ -270,7 +313,11 @@ def install(
     ``overwrite_configs``. With ``sysusers_dir`` (``/etc/sysusers.d``), also
     write the static ``shoal`` user; run ``systemd-sysusers`` afterwards.
     Returns the paths written. Runs no systemctl: print :func:`next_steps`.
+    ``shoal_exe`` is checked first (:func:`check_executable`); ``check_exe=False``
+    skips that, for a unit tree that is only rendered and verified, never run.
     """
+    if check_exe:
+        check_executable(shoal_exe)
     written: list[Path] = []
     unit_dir.mkdir(parents=True, exist_ok=True)
     for name, text in render_units(shoal_exe, config_dir=str(config_dir)).items():

@@ -16,8 +16,17 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from shoal.daemons.runtime import systemd
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, load_config
-from shoal.daemons.runtime.daemon import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_STOP_TIMEOUT, resolve_state_dir, serve
+from shoal.daemons.runtime.daemon import (
+    EXIT_CANNOT_LISTEN,
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_STOP_TIMEOUT,
+    resolve_state_dir,
+    serve,
+)
 from shoal.daemons.runtime.http import HttpResponse, serve_http
 from tests.harness import DaemonFailed, parse_notification, parse_status, start_daemon
 
@@ -291,6 +300,27 @@ async def test_subprocess_sigkill_and_a_stop_stuck_past_the_hard_deadline(tmp_pa
             assert await d.terminate() == EXIT_STOP_TIMEOUT
             assert "did not finish within 1.2s" in d.log
             assert not (d.state_dir / "stops").exists()
+
+
+async def test_subprocess_port_in_use_is_one_line_and_a_no_restart_status(tmp_path, script):
+    # Before: a 35-line ExceptionGroup traceback and exit 1, which Restart=on-failure loops on.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "d.toml", "hi")
+        config.write_text(config.read_text().replace('metrics_listen = "127.0.0.1:0"',
+                                                     f'metrics_listen = "127.0.0.1:{port}"'))
+        with trio.fail_after(30):
+            result = await trio.run_process([sys.executable, str(script), str(config)], capture_stdout=True,
+                                            capture_stderr=True, check=False)
+    assert result.returncode == EXIT_CANNOT_LISTEN
+    errors = [line for line in result.stderr.decode().splitlines() if "ERROR" in line or "Traceback" in line]
+    assert len(errors) == 1, result.stderr.decode()
+    assert "cannot start" in errors[0] and "address already in use" in errors[0].lower()
+    assert "Traceback" not in result.stderr.decode()
+    unit = systemd.render_units("/usr/local/bin/shoal")["shoal-tracker.service"]
+    assert f"RestartPreventExitStatus={EXIT_CONFIG} {EXIT_CANNOT_LISTEN}" in unit
 
 
 async def test_subprocess_bad_config_is_one_line_and_exit_code_2(tmp_path, script):
