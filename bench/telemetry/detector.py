@@ -25,10 +25,10 @@ from shoal.core.telemetry.model import (
     Autoencoder,
     Detector,
     MinMaxScaler,
-    export_onnx,
     single_blas_thread,
     threshold_from_errors,
 )
+from shoal.daemons.telemetry.trainer import export_onnx
 
 
 def main() -> None:

@@ -393,13 +393,12 @@ def metadata_dict(feature_names: Sequence[str], lo, hi, threshold: float) -> dic
     }
 
 
-def export_onnx(ae: Autoencoder, scaler: MinMaxScaler, feature_names: Sequence[str],
-                threshold: float, path, *, extra_metadata: dict[str, str] | None = None) -> None:
-    """Write the model atomically to ``path`` (temp file, fsync, rename)."""
-    from shoal.daemons.runtime.state import atomic_write
-
+def onnx_bytes(ae: Autoencoder, scaler: MinMaxScaler, feature_names: Sequence[str],
+               threshold: float, *, extra_metadata: dict[str, str] | None = None) -> bytes:
+    """The model file's bytes (:func:`build_onnx`, serialised); the caller writes them
+    (atomically: ``shoal.daemons.telemetry.trainer.export_onnx``)."""
     model = build_onnx(ae, scaler, feature_names, threshold, extra_metadata=extra_metadata)
-    atomic_write(Path(path), model.SerializeToString(), mode=0o644)
+    return bytes(model.SerializeToString())
 
 
 # ----------------------------------------------------------------------- detector

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from pathlib import Path
+from typing import Any
+
+from shoal.daemons.runtime.cli import call
+from shoal.protocol.contract import Contract
+from shoal.protocol.telemetry import Run
 
 
 def add_commands(fed_daemon: argparse._SubParsersAction, top: argparse._SubParsersAction) -> None:
@@ -27,43 +30,19 @@ def add_commands(fed_daemon: argparse._SubParsersAction, top: argparse._SubParse
     s.set_defaults(func=cmd_status)
 
 
-def _rpc(args, method: str, params=None):
-    import trio
-
-    from shoal.daemons.runtime.config import ListenAddr
-    from shoal.daemons.runtime.rpc import RpcError, connect_tcp
-
-    try:
-        addr = ListenAddr.parse(args.server)
-        token = Path(args.token_file).read_bytes().strip() if args.token_file else None
-    except (ValueError, OSError) as exc:
-        raise SystemExit(_fail(str(exc))) from None
-
-    async def call():
-        async with await connect_tcp(addr, token=token) as client:
-            return await client.call(method, params, timeout=86400.0)
-
-    try:
-        return trio.run(call)
-    except RpcError as exc:
-        raise SystemExit(_fail(f"{exc.code}: {exc.message}")) from None
-    except OSError as exc:
-        raise SystemExit(_fail(f"cannot reach the fedserver at {args.server}: {exc.strerror or exc}")) from None
-
-
-def _fail(message: str) -> int:
-    print(f"shoal: {message}", file=sys.stderr)
-    return 2
+def _rpc(args, method: str, params: Contract | None = None) -> Any:
+    """One call to the fedserver's RPC; any failure is one line and exit 2."""
+    return call(args.server, method, params, what="the fedserver", token_file=args.token_file or None,
+                timeout=86400.0)
 
 
 def cmd_run(args) -> int:
-    params = {} if args.rounds is None else {"rounds": args.rounds}
-    r = _rpc(args, "run", params)
+    r = _rpc(args, "run", Run(rounds=args.rounds))
     print(f"run {r['run_id']}: {r['rounds']} rounds, {r.get('nodes', '?')} nodes, {r['features']} features "
           f"in {r['seconds']} s")
     return 0
 
 
 def cmd_status(args) -> int:
-    print(json.dumps(_rpc(args, "status", {}), indent=2))
+    print(json.dumps(_rpc(args, "status"), indent=2))
     return 0

@@ -55,14 +55,16 @@ from pathlib import Path
 
 import trio
 
+from shoal.core.telemetry.formats import decode_model_npz
 from shoal.daemons.fedserver.config import FedserverConfig
 from shoal.daemons.fedserver.metrics import FedserverMetrics
 from shoal.daemons.fedserver.proxy import FleetProxy, client_context, server_context
-from shoal.daemons.fedserver.supervise import flower_env, flower_exe, free_port, supervise, wait_listening
-from shoal.daemons.runtime.config import ListenAddr
+from shoal.daemons.runtime.config import ListenAddr, read_token
 from shoal.daemons.runtime.daemon import DaemonContext
-from shoal.daemons.runtime.rpc import RpcError, RpcServer
+from shoal.daemons.runtime.rpc import RpcError, RpcServer, handlers_of, rpc_method
 from shoal.daemons.runtime.state import atomic_write
+from shoal.daemons.runtime.supervise import flower_env, flower_exe, free_port, supervise, wait_listening
+from shoal.protocol.telemetry import Run
 
 log = logging.getLogger("shoal.fedserver")
 
@@ -70,7 +72,6 @@ CONNECTION = "shoal"
 LS_INTERVAL = 30.0  # seconds between `flwr ls` checks while a run is in progress (each costs ~1-3 s of CPU)
 SUBMIT_TIMEOUT = 120.0
 STARTUP_TIMEOUT = 120.0  # flower-superlink imports a lot; on a loaded 2-core node it takes ~10 s
-MAX_ROUNDS = 1000
 MAX_KEYS = 100_000  # authorized_keys lines read
 REGISTER_PARALLEL = 4  # `flwr supernode register` processes at once
 
@@ -155,6 +156,7 @@ class FedserverApp:
         self.superlink_addr: ListenAddr | None = None  # where flower-superlink listens
         self.public_addr: ListenAddr | None = None  # where the SuperNodes dial (the proxy, with TLS)
         self.last_run: dict | None = None
+        self.token = read_token(cfg.rpc.token_file, "rpc.token_file")
         self._write_app()
         meta = self._latest_meta()
         if meta:
@@ -210,9 +212,8 @@ class FedserverApp:
                     proxy.serve, listen, server_context(s.ssl_certfile, s.ssl_keyfile)))
             else:
                 self.public_addr = self.superlink_addr
-            token = Path(cfg.rpc.token_file).read_bytes().strip() if cfg.rpc.token_file else None
-            server = RpcServer({"run": self.rpc_run, "latest": self.rpc_latest, "status": self.rpc_status},
-                               metrics=ctx.metrics, token=token, name="fedserver", request_timeout=86400.0)
+            server = RpcServer(handlers_of(self), metrics=ctx.metrics, token=self.token, name="fedserver",
+                               request_timeout=86400.0)
             rpc_addr = await nursery.start(partial(server.serve_tcp, cfg.rpc.listen))
             ctx.announce(rpc=rpc_addr, superlink=self.public_addr)
             if self.public_addr != self.superlink_addr:
@@ -359,11 +360,9 @@ class FedserverApp:
         return out
 
     def _latest_meta(self) -> dict | None:
-        from shoal.daemons.fedserver.flowerapp import load_model_npz
-
         try:
-            return load_model_npz(self.latest)[1]
-        except ValueError:
+            return decode_model_npz(self.latest.read_bytes())[1]
+        except (OSError, ValueError):
             return None
 
     def _log_error_since(self, offset: int) -> str:
@@ -445,17 +444,17 @@ class FedserverApp:
 
     # -- RPC ---------------------------------------------------------------------------
 
-    async def rpc_run(self, params) -> dict:
-        rounds = params.get("rounds", self.config.federation.rounds) if isinstance(params, dict) else None
-        if not isinstance(rounds, int) or not 1 <= rounds <= MAX_ROUNDS:
-            raise RpcError("bad_params", f"rounds must be an integer 1..{MAX_ROUNDS}")
+    @rpc_method("run", Run)
+    async def rpc_run(self, params: Run) -> dict:
+        rounds = self.config.federation.rounds if params.rounds is None else params.rounds
         try:
             return await self.federate(rounds, "rpc")
         except FedRunError as exc:
             code = "busy" if str(exc).startswith("busy") else "run_failed"
             raise RpcError(code, str(exc)) from None
 
-    async def rpc_latest(self, params) -> dict | None:
+    @rpc_method("latest")
+    async def rpc_latest(self) -> dict | None:
         meta = await trio.to_thread.run_sync(self._latest_meta)
         if meta is None:
             return None
@@ -463,7 +462,8 @@ class FedserverApp:
         data = await trio.to_thread.run_sync(self.latest.read_bytes)
         return {"run_id": int(meta["run_id"]), "round": int(meta["round"]), "model": data}
 
-    async def rpc_status(self, params) -> dict:
+    @rpc_method("status")
+    async def rpc_status(self) -> dict:
         meta = await trio.to_thread.run_sync(self._latest_meta)
         return {
             "superlink": str(self.public_addr),
@@ -476,3 +476,8 @@ class FedserverApp:
 
 def make_app(ctx: DaemonContext) -> FedserverApp:
     return FedserverApp(ctx)
+
+
+def check_config(cfg: FedserverConfig) -> None:
+    """What `shoal config check` checks beyond the schema: the RPC token file."""
+    read_token(cfg.rpc.token_file, "rpc.token_file")

@@ -42,8 +42,6 @@ not held up by up to 3 s three times over.
 
 from __future__ import annotations
 
-import io
-import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -54,6 +52,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from shoal.core.telemetry.formats import decode_model_npz, decode_training_npz, encode_model_npz
 from shoal.core.telemetry.model import Autoencoder, MinMaxScaler
 from shoal.daemons.runtime.state import atomic_write
 
@@ -62,44 +61,27 @@ REPLY_POLL = 0.5  # seconds between checks for replies (Flower's grid: 3 s)
 
 
 # -- files shared with the daemons -------------------------------------------------
+# The formats are shoal.core.telemetry.formats; here they are read and written.
 
 
 def save_model_npz(path: Path, weights: list[np.ndarray], features: list[str], run_id: int, rnd: int,
                    nodes: int | None = None) -> None:
-    buf = io.BytesIO()
-    arrays = {f"w{i}": np.asarray(w, np.float32) for i, w in enumerate(weights)}
-    meta = {"features": features, "run_id": int(run_id), "round": int(rnd), "time": time.time()}
-    if nodes is not None:
-        meta["nodes"] = int(nodes)  # how many nodes took part (the fedserver's copy only)
-    meta = json.dumps(meta)
-    np.savez(buf, meta=np.frombuffer(meta.encode(), np.uint8), **arrays)
-    atomic_write(Path(path), buf.getvalue(), mode=0o644)
+    data = encode_model_npz(weights, features, run_id, rnd, now=time.time(), nodes=nodes)
+    atomic_write(Path(path), data, mode=0o644)
 
 
 def load_model_npz(data: bytes | Path) -> tuple[list[np.ndarray], dict]:
-    """-> (weights, meta); raises ValueError on anything malformed."""
-    try:
-        raw = Path(data).read_bytes() if isinstance(data, Path) else data
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            n = len([k for k in z.files if k.startswith("w")])
-            weights = [z[f"w{i}"] for i in range(n)]
-    except (OSError, KeyError, ValueError, EOFError) as exc:
-        raise ValueError(f"not a global model file: {exc}") from None
-    if not isinstance(meta.get("features"), list) or not weights:
-        raise ValueError("global model file lacks features or weights")
-    return weights, meta
-
-
-def save_training_npz(path: Path, X: np.ndarray, features: list[str]) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, X=np.asarray(X, np.float32), features=np.array(features, dtype=str))
-    atomic_write(Path(path), buf.getvalue())
+    """-> (weights, meta) of a global model file (or its bytes); raises ValueError on anything malformed."""
+    if isinstance(data, Path):
+        try:
+            data = data.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"not a global model file: {exc}") from None
+    return decode_model_npz(data)
 
 
 def load_training_npz(path: Path) -> tuple[np.ndarray, list[str]]:
-    with np.load(path, allow_pickle=False) as z:
-        return z["X"], [str(f) for f in z["features"]]
+    return decode_training_npz(Path(path).read_bytes())
 
 
 def _local_data(context: Context, features: list[str]) -> np.ndarray:

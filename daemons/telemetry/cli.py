@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from datetime import UTC
 from pathlib import Path
+from typing import Any
+
+from shoal.daemons.runtime.cli import call, fail
+from shoal.protocol.contract import Contract
+from shoal.protocol.telemetry import Install, Label, Status, Train
 
 DEFAULT_SOCKET = "/var/lib/shoal-telemetry/control.sock"
 
@@ -50,27 +54,10 @@ def add_commands(tel: argparse._SubParsersAction, top: argparse._SubParsersActio
     inj.set_defaults(func=cmd_inject)
 
 
-
-def _fail(message: str) -> int:
-    print(f"shoal: {message}", file=sys.stderr)
-    return 2
-
-
-def _rpc(args, method: str, params=None):
-    import trio
-
-    from shoal.daemons.runtime.rpc import RpcError, connect_unix
-
-    async def call():
-        async with await connect_unix(args.socket) as client:
-            return await client.call(method, params, timeout=600.0)
-
-    try:
-        return trio.run(call)
-    except RpcError as exc:
-        raise SystemExit(_fail(f"{exc.code}: {exc.message}")) from None
-    except OSError as exc:
-        raise SystemExit(_fail(f"cannot reach the telemetry daemon at {args.socket}: {exc.strerror or exc}")) from None
+def _rpc(args, method: str, params: Contract | None = None) -> Any:
+    """One call on the daemon's control socket; any failure is one line and exit 2."""
+    socket = args.socket if "/" in args.socket else f"./{args.socket}"  # cli.call: a path has a "/"
+    return call(socket, method, params, what="the telemetry daemon", timeout=600.0)
 
 
 def parse_time(text: str, now: float) -> float:
@@ -120,7 +107,7 @@ def format_status(st: dict) -> str:
 
 
 def cmd_status(args) -> int:
-    print(format_status(_rpc(args, "status", {"windows": args.windows})))
+    print(format_status(_rpc(args, "status", Status(windows=args.windows))))
     return 0
 
 
@@ -129,16 +116,14 @@ def cmd_label(args) -> int:
     try:
         start, end = parse_time(args.start, now), parse_time(args.end, now)
     except ValueError as exc:
-        return _fail(str(exc))
-    r = _rpc(args, "label", {"start": start, "end": end, "label": args.label or None})
+        return fail(str(exc))
+    r = _rpc(args, "label", Label(start=start, end=end, label=args.label or None))
     print(f"labelled {_iso(start)}Z .. {_iso(end)}Z as {args.label or '(none)'}: {r['windows']} stored windows now")
     return 0
 
 
 def cmd_train(args) -> int:
-    params = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
-              if v is not None}
-    r = _rpc(args, "train", params)
+    r = _rpc(args, "train", Train(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size))
     print(f"trained on {r['windows']} windows, {r['features']} features; threshold {r['threshold']:.6g}"
           f"; installed")
     return 0
@@ -148,8 +133,8 @@ def cmd_install(args) -> int:
     try:
         data = Path(args.model).read_bytes()
     except OSError as exc:
-        return _fail(f"{args.model}: {exc.strerror}")
-    r = _rpc(args, "install", {"model": data})
+        return fail(f"{args.model}: {exc.strerror}")
+    r = _rpc(args, "install", Install(model=data))
     print(f"installed {args.model}: {r['features']} features, threshold {r['threshold']:.6g}")
     return 0
 
@@ -159,11 +144,11 @@ def cmd_inject(args) -> int:
 
     if args.label:
         now = time.time()
-        _rpc(args, "label", {"start": now, "end": now + args.duration, "label": args.label})
+        _rpc(args, "label", Label(start=now, end=now + args.duration, label=args.label))
     print(f"injecting {args.kind} for {args.duration:g} s ...", flush=True)
     try:
         result = inject(args.kind, args.duration, workers=args.workers, mib=args.mib, directory=args.dir)
     except (ValueError, OSError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print("done: " + ", ".join(f"{k} {v}" for k, v in result.items()))
     return 0

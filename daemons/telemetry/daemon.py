@@ -34,10 +34,12 @@ for the latest global model and installs it if it has not yet. With
 ``root_certificates`` the SuperNode talks TLS to the SuperLink, and with
 ``auth_private_key`` it authenticates with this node's key (registered on
 the fedserver through ``[superlink] authorized_keys``); a refused SuperNode
-is restarted with back-off (fedserver/supervise.py).
+is restarted with back-off (runtime/supervise.py). The files shared with
+the ClientApp are in the formats of ``shoal.core.telemetry.formats``.
 
 Control RPC (runtime transport, Unix socket, mode 0600): ``status``,
-``label``, ``train``, ``install``.
+``label``, ``train``, ``install``, their parameters the contracts of
+``shoal.protocol.telemetry``.
 """
 
 from __future__ import annotations
@@ -52,23 +54,23 @@ from pathlib import Path
 
 import trio
 
+from shoal.core.telemetry.formats import decode_model_npz, encode_training_npz
 from shoal.core.telemetry.model import Detector, ModelError
 from shoal.core.telemetry.windows import Window, WindowAccumulator
-from shoal.daemons.runtime.config import ListenAddr
+from shoal.daemons.runtime.config import ListenAddr, read_token
 from shoal.daemons.runtime.daemon import DaemonContext
-from shoal.daemons.runtime.rpc import RpcError, RpcServer, connect_tcp
+from shoal.daemons.runtime.rpc import RpcError, RpcServer, connect_tcp, handlers_of, rpc_method
 from shoal.daemons.runtime.state import atomic_write
+from shoal.daemons.runtime.supervise import flower_env, flower_exe, free_port, supervise
 from shoal.daemons.telemetry.config import TelemetryConfig
 from shoal.daemons.telemetry.metrics import TelemetryMetrics
 from shoal.daemons.telemetry.sources import Collector, default_sources
 from shoal.daemons.telemetry.store import WindowStore
-from shoal.daemons.telemetry.trainer import feature_row, model_from_global, train_local
+from shoal.daemons.telemetry.trainer import feature_row, model_from_global, train_local, training_matrix
+from shoal.protocol.telemetry import Install, Label, Status, Train
 
 log = logging.getLogger("shoal.telemetry")
 
-# `install` carries a model in one RPC frame (1 MiB); a 460-feature seed model is ~370 KB.
-MAX_MODEL_RPC_BYTES = 1 << 20
-MAX_STATUS_WINDOWS = 1000
 HOOK_TIMEOUT = 30.0
 BLOCKING_SOURCES = {"gpu", "node_exporter"}
 
@@ -104,6 +106,7 @@ class TelemetryApp:
         self.model_lock = trio.Lock()
         self._global_seen: tuple[int, int] | None = None
         self._nursery: trio.Nursery | None = None
+        self.fed_token = read_token(cfg.federation.token_file, "federation.token_file")
         self.metrics.stored.set(self.store.count())
 
     # -- lifecycle -----------------------------------------------------------------
@@ -113,11 +116,7 @@ class TelemetryApp:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                server = RpcServer(
-                    {"status": self.rpc_status, "label": self.rpc_label, "train": self.rpc_train,
-                     "install": self.rpc_install},
-                    metrics=ctx.metrics, name="telemetry", request_timeout=600.0,
-                )
+                server = RpcServer(handlers_of(self), metrics=ctx.metrics, name="telemetry", request_timeout=600.0)
                 await nursery.start(partial(server.serve_unix, str(self.control_path)))
                 if self.config.federation.enabled:
                     await self._write_training_data()
@@ -215,12 +214,9 @@ class TelemetryApp:
             log.error("on_change_command %r failed: %s", argv[0] if argv else "", exc or "timed out")
 
     async def _write_training_data(self) -> None:
-        from shoal.daemons.fedserver.flowerapp import save_training_npz
-        from shoal.daemons.telemetry.trainer import training_matrix
-
         def write() -> None:
             X, names = training_matrix(self.store.training(self.config.training.max_windows))
-            save_training_npz(self.train_npz, X, names)
+            atomic_write(self.train_npz, encode_training_npz(X, names))
 
         await trio.to_thread.run_sync(write)
 
@@ -278,11 +274,9 @@ class TelemetryApp:
         return det
 
     async def _install_global(self, data: bytes) -> None:
-        from shoal.daemons.fedserver.flowerapp import load_model_npz
-
         async with self.model_lock:
             try:
-                weights, meta = load_model_npz(data)
+                weights, meta = decode_model_npz(data)
             except ValueError as exc:
                 self.metrics.model_installs.labels("federated", "refused").inc()
                 log.error("federated model refused: %s", exc)
@@ -324,10 +318,8 @@ class TelemetryApp:
             if key is not None and key != self._global_seen:
                 self._global_seen = key
                 data = await trio.to_thread.run_sync(self.global_npz.read_bytes)
-                from shoal.daemons.fedserver.flowerapp import load_model_npz
-
                 try:
-                    _, meta = load_model_npz(data)
+                    _, meta = decode_model_npz(data)
                     run = (int(meta.get("run_id", 0)), int(meta.get("round", 0)))
                 except ValueError:
                     run = None
@@ -338,7 +330,7 @@ class TelemetryApp:
     async def _catch_up_loop(self) -> None:
         fed = self.config.federation
         addr = ListenAddr.parse(fed.fedserver)
-        token = Path(fed.token_file).read_bytes().strip() if fed.token_file else None
+        token = self.fed_token
         failing = False
         while True:
             try:
@@ -357,8 +349,6 @@ class TelemetryApp:
             await trio.sleep(fed.catch_up_interval)
 
     async def _run_supernode(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        from shoal.daemons.fedserver.supervise import flower_env, flower_exe, free_port, supervise
-
         fed = self.config.federation
         exe = flower_exe("flower-supernode")
 
@@ -376,16 +366,15 @@ class TelemetryApp:
 
         home = self.ctx.state_dir / "flwr-home"  # Flower caches apps here; never the (read-only) $HOME
         home.mkdir(mode=0o700, exist_ok=True)
-        await supervise("flower-supernode", argv, env=flower_env({"FLWR_HOME": str(home)}), log_path=self.ctx.state_dir / "supernode.log",
+        await supervise("flower-supernode", argv, env=flower_env({"FLWR_HOME": str(home)}),
+                        log_path=self.ctx.state_dir / "supernode.log",
                         on_restart=self.metrics.supernode_restarts.inc, task_status=task_status)
 
     # -- control RPC ---------------------------------------------------------------------
 
-    async def rpc_status(self, params) -> dict:
-        n = params.get("windows", 20) if isinstance(params, dict) else 20
-        if not isinstance(n, int) or not 0 <= n <= MAX_STATUS_WINDOWS:
-            raise RpcError("bad_params", f"windows must be an integer 0..{MAX_STATUS_WINDOWS}")
-        rows = await trio.to_thread.run_sync(self.store.recent, n)
+    @rpc_method("status", Status)
+    async def rpc_status(self, params: Status) -> dict:
+        rows = await trio.to_thread.run_sync(self.store.recent, params.windows)
         return {
             "model": self.model_info or None,
             "federated_run": self.installed_run(),
@@ -398,30 +387,20 @@ class TelemetryApp:
                          "label": w.label, "score": w.score, "anomalous": w.anomalous} for w in rows],
         }
 
-    async def rpc_label(self, params) -> dict:
+    @rpc_method("label", Label)
+    async def rpc_label(self, params: Label) -> dict:
         try:
-            start, end, label = float(params["start"]), float(params["end"]), params.get("label")
-            if label is not None and not isinstance(label, str):
-                raise TypeError
-        except (TypeError, KeyError, ValueError):
-            raise RpcError("bad_params", "expected {start: time, end: time, label: str|null}") from None
-        try:
-            n = await trio.to_thread.run_sync(self.store.label, start, end, label)
+            n = await trio.to_thread.run_sync(self.store.label, params.start, params.end, params.label)
         except ValueError as exc:
             raise RpcError("bad_label", str(exc)) from None
         return {"windows": n}
 
-    async def rpc_train(self, params) -> dict:
+    @rpc_method("train", Train)
+    async def rpc_train(self, params: Train) -> dict:
         t = self.config.training
-        p = params if isinstance(params, dict) else {}
-        try:
-            epochs = int(p.get("epochs", t.epochs))
-            lr = float(p.get("lr", t.lr))
-            batch = int(p.get("batch_size", t.batch_size))
-        except (TypeError, ValueError):
-            raise RpcError("bad_params", "epochs, batch_size: integers; lr: a number") from None
-        if not (1 <= epochs <= 10_000 and 1 <= batch <= 65536 and 0 < lr <= 1):
-            raise RpcError("bad_params", "epochs 1..10000, batch_size 1..65536, 0 < lr <= 1")
+        epochs = t.epochs if params.epochs is None else params.epochs
+        lr = t.lr if params.lr is None else params.lr
+        batch = t.batch_size if params.batch_size is None else params.batch_size
         async with self.model_lock:
             windows = await trio.to_thread.run_sync(self.store.training, t.max_windows)
             try:
@@ -433,12 +412,10 @@ class TelemetryApp:
                 raise RpcError("train_failed", str(exc)) from None
         return {"windows": res.windows, "features": res.features, "threshold": res.threshold, "loss": res.loss}
 
-    async def rpc_install(self, params) -> dict:
-        data = params.get("model") if isinstance(params, dict) else None
-        if not isinstance(data, bytes) or len(data) > MAX_MODEL_RPC_BYTES:
-            raise RpcError("bad_params", f"expected {{model: bytes}} of at most {MAX_MODEL_RPC_BYTES} bytes")
+    @rpc_method("install", Install)
+    async def rpc_install(self, params: Install) -> dict:
         async with self.model_lock:
-            await trio.to_thread.run_sync(partial(atomic_write, self.candidate_path, data))
+            await trio.to_thread.run_sync(partial(atomic_write, self.candidate_path, params.model))
             try:
                 det = await self._install_candidate("rpc")
             except ModelError as exc:
@@ -454,4 +431,9 @@ def make_app(ctx: DaemonContext) -> TelemetryApp:
     return TelemetryApp(ctx)
 
 
-__all__ = ["TelemetryApp", "make_app"]
+def check_config(cfg: TelemetryConfig) -> None:
+    """What `shoal config check` checks beyond the schema: the fedserver token file."""
+    read_token(cfg.federation.token_file, "federation.token_file")
+
+
+__all__ = ["TelemetryApp", "make_app", "check_config"]

@@ -15,18 +15,22 @@ Plain synchronous functions (the daemon runs them in a worker thread):
   seed: "each of them performs semi-supervised anomaly detection again"):
   the global weights, but the node's *own* scaler and its *own* threshold,
   both computed from its own training windows.
+* :func:`export_onnx` writes a model file atomically (the bytes are
+  ``shoal.core.telemetry.model.onnx_bytes``).
 * :func:`feature_row` lays a window out in a model's feature order; a
   missing feature becomes NaN, which the detector's scaler maps to 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from shoal.core.telemetry.model import Autoencoder, MinMaxScaler, ModelError, export_onnx, threshold_from_errors
+from shoal.core.telemetry.model import Autoencoder, MinMaxScaler, ModelError, onnx_bytes, threshold_from_errors
+from shoal.daemons.runtime.state import atomic_write
 from shoal.daemons.telemetry.store import StoredWindow
 
 
@@ -36,6 +40,13 @@ class TrainResult:
     features: int
     threshold: float
     loss: float | None
+
+
+def export_onnx(ae: Autoencoder, scaler: MinMaxScaler, feature_names: Sequence[str],
+                threshold: float, path: str | Path, *, extra_metadata: dict[str, str] | None = None) -> None:
+    """Write the model atomically to ``path`` (temp file, fsync, rename)."""
+    data = onnx_bytes(ae, scaler, feature_names, threshold, extra_metadata=extra_metadata)
+    atomic_write(Path(path), data, mode=0o644)
 
 
 def training_matrix(windows: list[StoredWindow], features: list[str] | None = None) -> tuple[np.ndarray, list[str]]:

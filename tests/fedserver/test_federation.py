@@ -31,7 +31,7 @@ import trio
 from shoal.core.telemetry.model import Detector
 from shoal.daemons.fedserver.config import FedserverConfig
 from shoal.daemons.fedserver.flowerapp import common_features, load_model_npz
-from shoal.daemons.fedserver.supervise import STABLE, next_delay
+from shoal.daemons.runtime.supervise import STABLE, next_delay
 from shoal.daemons.runtime.config import ConfigError, parse_config
 from shoal.daemons.runtime.rpc import connect_tcp
 from shoal.daemons.telemetry.config import TelemetryConfig

@@ -11,7 +11,8 @@ from contextlib import AsyncExitStack
 import pytest
 import trio
 
-from shoal.core.telemetry.model import Autoencoder, MinMaxScaler, export_onnx
+from shoal.core.telemetry.model import Autoencoder, MinMaxScaler
+from shoal.daemons.telemetry.trainer import export_onnx
 from shoal.daemons.runtime.rpc import RpcError
 
 from .conftest import keep_ticking, rpc, start_telemetry, wait_status, write_config

@@ -16,10 +16,10 @@ from shoal.core.telemetry.model import (
     MinMaxScaler,
     ModelError,
     build_onnx,
-    export_onnx,
     metadata_dict,
     threshold_from_errors,
 )
+from shoal.daemons.telemetry.trainer import export_onnx
 
 # ------------------------------------------------------------------ scaler
 

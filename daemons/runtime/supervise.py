@@ -1,4 +1,11 @@
-"""Running Flower's processes as children of a trio daemon.
+"""Child processes of a trio daemon, supervised: Flower's, in Shoal today.
+
+:func:`supervise` keeps a child running (restart with back-off), :func:`run_child`
+runs one in its own process group and kills the whole group on the way out;
+:func:`flower_env`/:func:`flower_exe` are how the fedserver (``flower-superlink``,
+``flwr``) and the telemetry daemon (``flower-supernode``) start Flower's
+programs: the same plumbing for two daemons, so it lives here and neither
+imports the other.
 
 Flower 1.41 has no supported in-process SuperLink or SuperNode, so the
 fedserver and telemetry daemons run ``flower-superlink`` / ``flower-supernode``
@@ -34,7 +41,7 @@ from pathlib import Path
 
 import trio
 
-log = logging.getLogger("shoal.fedserver")
+log = logging.getLogger("shoal.supervise")
 
 MAX_LOG_BYTES = 20 << 20
 STABLE = 60.0  # a child that ran this long was healthy: the restart delay resets
