@@ -29,7 +29,7 @@ from shoal.daemons.peer.session import Session
 from shoal.daemons.peer.torrent import Torrent
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr
 from shoal.daemons.runtime.daemon import serve
-from shoal.daemons.tracker.client import http_get
+from shoal.daemons.peer.announce import http_get
 from shoal.daemons.tracker.config import AccessSection, TrackerConfig, TrackerSection
 from shoal.daemons.tracker.daemon import TrackerApp
 from shoal.demo.realclients import Aria2Client, LibtorrentClient, aria2_available, make_shared_file

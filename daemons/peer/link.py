@@ -12,22 +12,20 @@ A :class:`PeerLink` runs three tasks in one nursery:
 Domain decisions (which blocks to ask for, whom to unchoke) are made by the
 torrent's picker and choker; the link reports facts to them and carries out
 what they decide. A ``RemoteProtocolError`` ends the link at its boundary:
-the torrent counts it by reason and bans the address.
+the torrent counts it by reason and bans the address. The link knows its
+torrent only as a :class:`~shoal.daemons.peer.interfaces.TorrentHost`.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-from typing import TYPE_CHECKING
 
 import trio
 
 from shoal.core.swarm.picker import queue_depth
+from shoal.daemons.peer.interfaces import Banned, TorrentHost
 from shoal.protocol import peer_wire as pw
-
-if TYPE_CHECKING:
-    from shoal.daemons.peer.torrent import Torrent
 
 log = logging.getLogger("shoal.peer")
 
@@ -49,16 +47,8 @@ WRITE_COALESCE = 256 * 1024
 MAX_CANCELLED = 2048
 
 
-class Banned(Exception):
-    """The peer misbehaved; ``reason`` is a metric label (see metrics.BAN_REASONS)."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(detail or reason)
-        self.reason = reason
-
-
 class PeerLink:
-    def __init__(self, torrent: Torrent, stream: trio.SocketStream, conn: pw.PeerConnection,
+    def __init__(self, torrent: TorrentHost, stream: trio.SocketStream, conn: pw.PeerConnection,
                  addr: tuple[str, int], peer_id: bytes, outgoing: bool) -> None:
         self.torrent = torrent
         self.stream = stream

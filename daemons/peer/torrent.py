@@ -22,25 +22,22 @@ import logging
 import random
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import trio
 
 from shoal.core.swarm.choker import Choker
 from shoal.core.swarm.picker import BLOCK_SIZE, PiecePicker
 from shoal.core.swarm.superseed import SuperSeeder
-from shoal.daemons.peer.link import Banned, PeerLink
+from shoal.daemons.peer.announce import TrackerError, open_tracker
+from shoal.daemons.peer.interfaces import Banned, Peer, SessionHost
+from shoal.daemons.peer.link import PeerLink
 from shoal.daemons.peer.storage import MAX_BLOCK_LENGTH, Storage
 from shoal.daemons.peer.throttle import Throttle
 from shoal.daemons.peer.webseed import WebSeed
-from shoal.daemons.tracker.client import TrackerError, open_tracker
 from shoal.protocol import peer_wire as pw
 from shoal.protocol.errors import RemoteProtocolError
 from shoal.protocol.metainfo import Metainfo
 from shoal.protocol.tracker import Announce, Event, Failure
-
-if TYPE_CHECKING:
-    from shoal.daemons.peer.session import Session
 
 log = logging.getLogger("shoal.peer")
 
@@ -64,7 +61,7 @@ PEX_MAX = 50
 
 
 class Torrent:
-    def __init__(self, session: Session, meta: Metainfo, save_dir: Path) -> None:
+    def __init__(self, session: SessionHost, meta: Metainfo, save_dir: Path) -> None:
         self.session = session
         self.meta = meta
         self.info_hash = meta.info_hash
@@ -183,7 +180,7 @@ class Torrent:
 
     # -- pieces ------------------------------------------------------------------
 
-    async def store_block(self, link: PeerLink, index: int, begin: int, block: bytes) -> None:
+    async def store_block(self, link: Peer, index: int, begin: int, block: bytes) -> None:
         """Buffer a received block; write a piece's blocks to disk in batches, then verify.
 
         Handing each 16 KiB block to a worker thread cost more CPU than the

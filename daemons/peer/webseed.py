@@ -26,15 +26,11 @@ from __future__ import annotations
 import logging
 import ssl
 import urllib.parse
-from typing import TYPE_CHECKING
 
 import h11
 import trio
 
-from shoal.daemons.peer.link import Banned
-
-if TYPE_CHECKING:
-    from shoal.daemons.peer.torrent import Torrent
+from shoal.daemons.peer.interfaces import Banned, TorrentHost
 
 log = logging.getLogger("shoal.peer")
 
@@ -49,7 +45,7 @@ class WebSeedError(Exception):
 
 
 class WebSeed:
-    def __init__(self, torrent: Torrent, url: str) -> None:
+    def __init__(self, torrent: TorrentHost, url: str) -> None:
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"web seed {url!r}: only http:// and https:// URLs")

@@ -13,7 +13,7 @@ import struct
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from shoal.daemons.tracker.client import HttpTracker, TrackerUrl, UdpTracker, http_get
+from shoal.daemons.peer.announce import HttpTracker, TrackerUrl, UdpTracker, http_get
 from shoal.protocol.tracker import Announce, AnnounceResponse, Event, Failure
 
 from .conftest import start_tracker

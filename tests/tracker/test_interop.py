@@ -12,7 +12,7 @@ import shutil
 import pytest
 import trio
 
-from shoal.daemons.tracker.client import open_tracker
+from shoal.daemons.peer.announce import open_tracker
 from shoal.demo.realclients import Aria2Client, LibtorrentClient, make_shared_file
 
 from .conftest import start_tracker

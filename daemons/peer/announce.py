@@ -1,10 +1,10 @@
 """Announce and scrape against a tracker over HTTP or UDP, on trio.
 
-The peer daemon uses this to find peers; tests and the benchmark use it to
-talk to the shoal tracker through its real sockets. URLs are
-``http://host:port/path`` (BEP 3) or ``udp://host:port/path`` (BEP 15, the
-path travels as BEP 41 URL data, which is how a passkey reaches a UDP
-tracker).
+The peer daemon's announce client: it uses this to find peers. Tests, the
+demo and the benchmark use it too, to talk to the shoal tracker through its
+real sockets. URLs are ``http://host:port/path`` (BEP 3) or
+``udp://host:port/path`` (BEP 15, the path travels as BEP 41 URL data, which
+is how a passkey reaches a UDP tracker).
 """
 
 from __future__ import annotations
