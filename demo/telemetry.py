@@ -77,7 +77,8 @@ def _row(w: dict, threshold: float | None) -> str:
     score = "-" if w["score"] is None else f"{w['score']:.5f}"
     verdict = "-" if w["anomalous"] is None else ("ANOMALOUS" if w["anomalous"] else "normal")
     t = time.strftime("%H:%M:%S", time.gmtime(w["start"]))
-    return f"    window {t}  score {score:>8}  threshold {threshold or 0:.5f}  {verdict}{'  [' + w['label'] + ']' if w['label'] else ''}"
+    label = f"  [{w['label']}]" if w["label"] else ""
+    return f"    window {t}  score {score:>8}  threshold {threshold or 0:.5f}  {verdict}{label}"
 
 
 async def tour(size_mib: int, timeout: float, out) -> int:
@@ -85,25 +86,28 @@ async def tour(size_mib: int, timeout: float, out) -> int:
         tmp = Path(tmpname)
         sock = tmp / "control.sock"
         (tmp / "telemetry.toml").write_text(CONFIG.format(state=tmp / "state", window=WINDOW, socket=sock))
-        log = open(tmp / "daemon.log", "wb")
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "shoal.cli.main", "telemetry", "run", "--config", str(tmp / "telemetry.toml")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            with trio.fail_after(min(timeout, 90.0)):
-                return await _tour(sock, out)
-        except trio.TooSlowError:
-            print("telemetry tour: timed out; daemon log:\n" + (tmp / "daemon.log").read_text()[-2000:], file=out)
-            return 1
-        finally:
-            with trio.CancelScope(shield=True):
-                proc.terminate()
-                with trio.move_on_after(15):
-                    await proc.wait()
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-                log.close()
+        with (tmp / "daemon.log").open("wb") as log:  # noqa: ASYNC230 -- a new local file; opening does not block
+            return await _run_tour(tmp, sock, log, timeout, out)
+
+
+async def _run_tour(tmp: Path, sock: Path, log, timeout: float, out) -> int:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "shoal.cli.main", "telemetry", "run", "--config", str(tmp / "telemetry.toml")],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(min(timeout, 90.0)):
+            return await _tour(sock, out)
+    except trio.TooSlowError:
+        print("telemetry tour: timed out; daemon log:\n" + (tmp / "daemon.log").read_text()[-2000:], file=out)
+        return 1
+    finally:
+        with trio.CancelScope(shield=True):
+            proc.terminate()
+            with trio.move_on_after(15):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
 
 
 async def _tour(sock: Path, out) -> int:
@@ -117,7 +121,8 @@ async def _tour(sock: Path, out) -> int:
           file=out, flush=True)
     print(f"collecting {NORMAL_WINDOWS} normal windows of {WINDOW:g} s (mean and std of every metric) ...",
           file=out, flush=True)
-    while (st := await _rpc(sock, "status", {"windows": 1}))["stored"] < NORMAL_WINDOWS:
+    # Polls the daemon, another process: there is no event to wait on.
+    while (st := await _rpc(sock, "status", {"windows": 1}))["stored"] < NORMAL_WINDOWS:  # noqa: ASYNC110
         await trio.sleep(0.5)
     w = st["windows"][0]
     print(f"  {st['stored']} windows stored, {w['features']} features each", file=out, flush=True)
@@ -146,9 +151,10 @@ async def _tour(sock: Path, out) -> int:
     await _rpc(sock, "label", {"start": start, "end": start + FAULT_SECONDS, "label": "fault"})
     print(f"injecting a CPU hog on {os.cpu_count()} cores, a {leak} MiB memory leak and disk contention "
           f"for {FAULT_SECONDS:g} s (shoal telemetry inject cpu|mem|io --label fault):", file=out, flush=True)
-    code = "from shoal.daemons.telemetry.inject import inject; inject({!r}, %r, mib=%d, directory=%r)" % (
-        FAULT_SECONDS, leak, str(sock.parent))
-    hogs = [await trio.lowlevel.open_process([sys.executable, "-c", code.format(kind)]) for kind in ("cpu", "mem", "io")]
+    code = ("from shoal.daemons.telemetry.inject import inject; "
+            f"inject({{!r}}, {FAULT_SECONDS!r}, mib={leak:d}, directory={str(sock.parent)!r})")
+    hogs = [await trio.lowlevel.open_process([sys.executable, "-c", code.format(kind)])
+            for kind in ("cpu", "mem", "io")]
     try:
         seen = await show_windows(start + FAULT_SECONDS + 2 * WINDOW + 0.5)
     finally:

@@ -148,7 +148,7 @@ def catalogue(spec: ClusterSpec) -> Catalogue:
     for i in np.argsort(-(share - np.floor(share)))[: M - counts.sum()]:
         counts[i] += 1
     names, mk, base, load, noise, scale = [], [], [], [], [], []
-    for kind, c in zip(kinds, counts):
+    for kind, c in zip(kinds, counts, strict=True):
         _, b, ld, nz, sc, unit = _KINDS[kind]
         for i in range(c):
             names.append(f"{kind}{i}_{unit}")
@@ -243,13 +243,15 @@ def _apply_fault(kind, sev, sl, length, z, fault, std_mult, cat, rng):
         f = fault[sl]
         f[:, idx("cpu_util")] -= 0.3 * sev   # cores wait on I/O
         f[:, idx("load")] += 0.5 * sev       # blocked processes count in the load
-        s = std_mult[sl]; s[:, idx("disk")] *= 1.0 + 3.0 * sev
+        s = std_mult[sl]
+        s[:, idx("disk")] *= 1.0 + 3.0 * sev
     elif kind == "net_contention":
         z[sl, 3] = np.maximum(z[sl, 3], 0.7 + 0.3 * sev)
         f = fault[sl]
         f[:, idx("net_errs")] += 0.8 * sev
         f[:, idx("cpu_util")] -= 0.25 * sev  # MPI ranks stall
-        s = std_mult[sl]; s[:, idx("net")] *= 1.0 + 3.0 * sev
+        s = std_mult[sl]
+        s[:, idx("net")] *= 1.0 + 3.0 * sev
     elif kind == "thermal":
         fans = idx("fan")
         f = fault[sl]

@@ -215,7 +215,7 @@ def _run_experiment(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict:
         epochs = max(1, round(cfg.epochs * scale))
         rounds = max(1, round(cfg.rounds * scale))
         per_node = []
-        for node, (train, test) in zip(nodes, data):
+        for node, (train, test) in zip(nodes, data, strict=True):
             ae = _model(cfg, init, node.index)
             ae.fit(train, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr)
             per_node.append(evaluate(ae, train, test, node.test_y, cfg.percentile))
@@ -227,7 +227,7 @@ def _run_experiment(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict:
         round_losses = []
         for r in range(rounds):
             results, losses = [], []
-            for node, (train, _) in zip(nodes, data):
+            for node, (train, _) in zip(nodes, data, strict=True):
                 client.set_weights(global_w)
                 client.rng = np.random.default_rng([cfg.seed, 0xC11, node.index, r])
                 losses.append(client.fit(train, epochs=cfg.local_epochs,
@@ -237,7 +237,7 @@ def _run_experiment(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict:
             round_losses.append(float(np.average(losses, weights=[n for _, n in results])))
         client.set_weights(global_w)
         federated = [evaluate(client, train, test, node.test_y, cfg.percentile)
-                     for node, (train, test) in zip(nodes, data)]
+                     for node, (train, test) in zip(nodes, data, strict=True)]
         t_fl = time.perf_counter() - t2
 
         entry = {
@@ -252,7 +252,7 @@ def _run_experiment(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict:
                 {"node": n.index, "scarce": n.scarce, "train": d[0].shape[0],
                  "test": int(n.test_y.size), "anomalies": int(n.test_y.sum()),
                  "ae": _short(a), "fl": _short(f)}
-                for n, d, a, f in zip(nodes, data, per_node, federated)
+                for n, d, a, f in zip(nodes, data, per_node, federated, strict=True)
             ],
         }
         doc["results"].append(entry)
@@ -325,59 +325,76 @@ def format_table(doc: dict) -> str:
         rows.append([r["fraction"]] + [
             f"{r[meth][m]['mean']:.2f}+/-{r[meth][m]['std']:.2f}" for m, meth in _COLUMNS])
     widths = [max(len(row[i]) for row in rows) for i in range(len(heads))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
 
 
-def improvement_svg(doc: dict, fraction: str = "1") -> str:
-    """Fig. 2: histogram of the per-node F1 improvement (FedAvg - per-node)."""
+#: Fig. 2's bins: 20 over [-1, 1] (an F1 difference cannot leave it)
+IMPROVEMENT_EDGES = np.linspace(-1.0, 1.0, 21)
+
+
+def improvement_histogram(doc: dict, fraction: str = "1") -> tuple[dict, np.ndarray, np.ndarray]:
+    """Fig. 2's data: (the result entry, bin edges, nodes per bin) of the per-node F1
+    improvement (FedAvg - per-node) at training fraction ``fraction`` (else the first)."""
     entry = next((r for r in doc["results"] if r["fraction"] == fraction), doc["results"][0])
     diffs = np.array([p["fl"]["f1"] - p["ae"]["f1"] for p in entry["per_node"]])
-    edges = np.linspace(-1.0, 1.0, 21)
-    counts, _ = np.histogram(np.clip(diffs, -1.0, 1.0), bins=edges)
-    W, H, L, B, T, R = 640, 400, 60, 60, 40, 20
-    pw, ph = W - L - R, H - T - B
-    top = max(1, int(counts.max()))
-    bw = pw / len(counts)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-             f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">',
-             f'<rect width="{W}" height="{H}" fill="white"/>',
-             f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="14">Per-node F1 '
-             f'improvement after FedAvg (training data {entry["fraction"]}, '
-             f'{len(diffs)} nodes)</text>']
-    for i, c in enumerate(counts):
-        h = ph * c / top
-        x = L + i * bw
-        parts.append(f'<rect x="{x + 1:.1f}" y="{T + ph - h:.1f}" width="{bw - 2:.1f}" '
-                     f'height="{h:.1f}" fill="#4878a8"><title>[{edges[i]:.1f}, '
-                     f'{edges[i + 1]:.1f}): {c}</title></rect>')
-        if c:
-            parts.append(f'<text x="{x + bw / 2:.1f}" y="{T + ph - h - 4:.1f}" '
-                         f'text-anchor="middle">{c}</text>')
-    parts.append(f'<line x1="{L}" y1="{T + ph}" x2="{L + pw}" y2="{T + ph}" stroke="black"/>')
-    parts.append(f'<line x1="{L}" y1="{T}" x2="{L}" y2="{T + ph}" stroke="black"/>')
-    for v in np.linspace(-1.0, 1.0, 11):
-        x = L + (v + 1.0) / 2.0 * pw
-        parts.append(f'<text x="{x:.1f}" y="{T + ph + 16}" text-anchor="middle">{v:.1f}</text>')
-    parts.append(f'<text x="{L + pw / 2}" y="{H - 15}" text-anchor="middle">F1(FedAvg) - '
-                 f'F1(per-node AE)</text>')
-    parts.append(f'<text x="18" y="{T + ph / 2}" text-anchor="middle" '
-                 f'transform="rotate(-90 18 {T + ph / 2})">nodes</text>')
-    for v in range(0, top + 1, max(1, top // 5)):
-        y = T + ph - ph * v / top
-        parts.append(f'<text x="{L - 6}" y="{y + 4:.1f}" text-anchor="end">{v}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
+    counts, _ = np.histogram(np.clip(diffs, -1.0, 1.0), bins=IMPROVEMENT_EDGES)
+    return entry, IMPROVEMENT_EDGES, counts
 
 
-def write_outputs(doc: dict, out: Path) -> tuple[Path, Path]:
+def improvement_figure(doc: dict, fraction: str = "1"):
+    """Fig. 2 as a matplotlib figure (Agg backend: no display needed). Each bar's
+    artist id (the SVG group id) is ``f1-bin-<i>``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    entry, edges, counts = improvement_histogram(doc, fraction)
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    ax = fig.add_subplot()
+    bars = ax.bar(edges[:-1], counts, width=np.diff(edges) * 0.92, align="edge", color="#4878a8")
+    for i, bar in enumerate(bars):
+        bar.set_gid(f"f1-bin-{i}")
+    ax.bar_label(bars, labels=[str(c) if c else "" for c in counts], padding=2)
+    ax.set_xlim(-1.0, 1.0)
+    ax.set_xticks(np.linspace(-1.0, 1.0, 11))
+    ax.set_ylim(0, max(1, int(counts.max())) * 1.12)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("F1(FedAvg) - F1(per-node AE)")
+    ax.set_ylabel("nodes")
+    ax.set_title(f"Per-node F1 improvement after FedAvg (training data {entry['fraction']}, "
+                 f"{int(counts.sum())} nodes)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def write_figure(doc: dict, out: Path, stem: str = "f1_improvement") -> tuple[Path, Path]:
+    """Fig. 2 as ``<stem>.png`` and ``<stem>.svg`` in ``out`` (pages embed the SVG)."""
+    import io
+
+    from shoal.daemons.runtime.state import atomic_write
+
+    fig = improvement_figure(doc)
+    paths = []
+    for fmt in ("png", "svg"):
+        buf = io.BytesIO()
+        # No date in the SVG's metadata: a rerun with the same results gives the same file.
+        fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
+        path = out / f"{stem}.{fmt}"
+        atomic_write(path, buf.getvalue(), mode=0o644)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def write_outputs(doc: dict, out: Path) -> tuple[Path, Path, Path]:
+    """experiment.json, and Fig. 2 as f1_improvement.png and .svg."""
     from shoal.daemons.runtime.state import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
     j = out / "experiment.json"
-    s = out / "f1_improvement.svg"
     atomic_write(j, (json.dumps(doc, indent=1) + "\n").encode(), mode=0o644)
-    atomic_write(s, improvement_svg(doc).encode(), mode=0o644)
-    return j, s
+    png, svg = write_figure(doc, out)
+    return j, png, svg
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -406,7 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="comma-separated training fractions (default 1,1/2,1/4,1/6,1/8,1/16)")
     a("--seed", type=int, default=d.seed, help="random seed (default 0)")
     a("--out", type=Path, default=Path("."),
-      help="directory for experiment.json and f1_improvement.svg (default .)")
+      help="directory for experiment.json and f1_improvement.png/.svg (default .)")
     a("--quiet", action="store_true", help="print only the table")
 
 
@@ -448,8 +465,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     print(format_table(doc), file=out)
     for name, t in doc["targets"].items():
         print(f"target {name}: {'met' if t['met'] else 'MISSED'} ({t['value']:+.3f})", file=out)
-    j, s = write_outputs(doc, Path(args.out))
-    print(f"wrote {j} and {s}", file=out)
+    j, png, svg = write_outputs(doc, Path(args.out))
+    print(f"wrote {j}, {png} and {svg}", file=out)
     return 0
 
 

@@ -184,7 +184,7 @@ class Autoencoder:
         self.sizes = (self.n_features, *self.hidden, self.n_features)
         self.rng = np.random.default_rng(seed)
         self.params: list[np.ndarray] = []
-        for fan_in, fan_out in zip(self.sizes[:-1], self.sizes[1:]):
+        for fan_in, fan_out in zip(self.sizes[:-1], self.sizes[1:], strict=True):
             limit = math.sqrt(6.0 / (fan_in + fan_out))
             W = self.rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(np.float32)
             self.params += [W, np.zeros(fan_out, np.float32)]
@@ -211,7 +211,7 @@ class Autoencoder:
         if len(ws) != len(self.params):
             raise ModelError(f"expected {len(self.params)} weight arrays, got {len(ws)}")
         new = []
-        for i, (w, p) in enumerate(zip(ws, self.params)):
+        for i, (w, p) in enumerate(zip(ws, self.params, strict=True)):
             w = np.asarray(w, dtype=np.float32)
             if w.shape != p.shape:
                 raise ModelError(f"weight array {i} has shape {w.shape}, expected {p.shape}")
@@ -230,10 +230,7 @@ class Autoencoder:
         for i in range(0, len(self.params), 2):
             z = h @ self.params[i]
             z += self.params[i + 1]
-            if i // 2 == last:
-                h = _sigmoid(z)
-            else:
-                h = np.maximum(z, 0.0, out=z)
+            h = _sigmoid(z) if i // 2 == last else np.maximum(z, 0.0, out=z)
             acts.append(h)
         return acts
 
@@ -520,7 +517,7 @@ class Detector:
         if len(names) != self.n_features:
             raise ModelError(f"feature count mismatch: the model {self.source} expects "
                              f"{self.n_features} features, the collector has {len(names)}")
-        for i, (a, b) in enumerate(zip(self.feature_names, names)):
+        for i, (a, b) in enumerate(zip(self.feature_names, names, strict=True)):
             if a != b:
                 raise ModelError(f"feature mismatch at column {i}: the model {self.source} "
                                  f"expects {a!r}, the collector has {b!r}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
+from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 
 METRICS_PORT = METRICS_PORTS["fedserver"]
 

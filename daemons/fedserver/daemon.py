@@ -47,6 +47,7 @@ loopback SuperLink directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -254,7 +255,7 @@ class FedserverApp:
         as registered. A bad key or an unreadable file is logged, counted, and does not
         stop the daemon. -> keys registered."""
         try:
-            lines = Path(path).read_text().splitlines()
+            lines = (await trio.to_thread.run_sync(Path(path).read_text)).splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             self.metrics.key_errors.inc()
             log.error("authorized_keys: cannot read %s: %s", path, exc)
@@ -300,10 +301,8 @@ class FedserverApp:
     async def _schedule(self) -> None:
         while True:
             await trio.sleep(self.config.federation.interval)
-            try:
+            with contextlib.suppress(FedRunError):  # logged and counted in federate()
                 await self.federate(self.config.federation.rounds, "schedule")
-            except FedRunError:
-                pass  # logged and counted in federate()
 
     # -- runs ------------------------------------------------------------------------
 

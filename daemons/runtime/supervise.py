@@ -31,6 +31,7 @@ and would drown the daemon's journal), truncated when it passes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ import socket
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import trio
 
@@ -102,18 +104,21 @@ async def wait_listening(addr, timeout: float, proc_alive: Callable[[], bool] = 
 
 
 def _kill_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+
+
+def _open_log(log_path: Path) -> BinaryIO:
+    """The child's log file for appending, emptied first if it passed ``MAX_LOG_BYTES``."""
+    if log_path.exists() and log_path.stat().st_size > MAX_LOG_BYTES:
+        log_path.unlink()
+    return open(log_path, "ab")  # noqa: SIM115 -- the caller's `with` closes it
 
 
 async def run_child(argv: Sequence[str], *, env: dict[str, str], log_path: Path, grace: float = 5.0,
                     task_status=trio.TASK_STATUS_IGNORED) -> int:
     """Run one child in its own session until it exits (-> its code) or we are cancelled."""
-    if log_path.exists() and log_path.stat().st_size > MAX_LOG_BYTES:
-        log_path.unlink()
-    with open(log_path, "ab") as out:
+    with _open_log(log_path) as out:
         proc = await trio.lowlevel.open_process(
             list(argv), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,

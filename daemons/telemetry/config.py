@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
+from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 
 METRICS_PORT = METRICS_PORTS["telemetry"]
 
@@ -93,10 +93,10 @@ class FederationSection:
                 raise ValueError("token_file: required when fedserver is not on loopback")
         if self.auth_private_key and not self.root_certificates:
             raise ValueError("auth_private_key: SuperNode authentication needs TLS (root_certificates)")
-        if self.enabled and not self.superlink.is_loopback:
-            if not (self.root_certificates and self.auth_private_key):
-                raise ValueError("root_certificates: a SuperLink off loopback needs TLS "
-                                 "(root_certificates) and node authentication (auth_private_key)")
+        if self.enabled and not self.superlink.is_loopback and not (
+                self.root_certificates and self.auth_private_key):
+            raise ValueError("root_certificates: a SuperLink off loopback needs TLS "
+                             "(root_certificates) and node authentication (auth_private_key)")
 
 
 @dataclass(frozen=True, slots=True)

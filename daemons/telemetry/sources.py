@@ -32,6 +32,7 @@ installed) and ``node_exporter`` (scrape an existing endpoint, optional).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -260,10 +261,8 @@ class HwmonSource(Source):
                 failed += 1  # the sensor vanished or returned garbage this time
                 continue
             chip = f.parent.name
-            try:
+            with contextlib.suppress(OSError):
                 chip = f"{chip}.{clean(_read_text(f.parent / 'name'))}"
-            except OSError:
-                pass
             sensor = f.name.removesuffix("_input")
             if sensor.startswith("temp"):
                 g[f"hwmon_{chip}_{sensor}.celsius"] = raw / 1000.0
@@ -334,7 +333,7 @@ def parse_nvidia_smi(text: str) -> Reading:
         cells = [c.strip() for c in line.split(",")]
         if len(cells) != len(names) + 1:
             continue
-        for name, cell in zip(names, cells[1:]):
+        for name, cell in zip(names, cells[1:], strict=True):
             try:
                 g[f"gpu_{clean(cells[0])}_{clean(name)}"] = float(cell)
             except ValueError:

@@ -31,9 +31,9 @@ import trio
 from shoal.core.telemetry.model import Detector
 from shoal.daemons.fedserver.config import FedserverConfig
 from shoal.daemons.fedserver.flowerapp import common_features, load_model_npz
-from shoal.daemons.runtime.supervise import STABLE, next_delay
 from shoal.daemons.runtime.config import ConfigError, parse_config
 from shoal.daemons.runtime.rpc import connect_tcp
+from shoal.daemons.runtime.supervise import STABLE, next_delay
 from shoal.daemons.telemetry.config import TelemetryConfig
 from tests.fedserver.certs import make_node_key, make_tls
 from tests.harness import start_daemon
@@ -133,7 +133,9 @@ async def federate(tmp_path: Path, state_dirs: list[Path], ca: Path, private_key
             # The SuperLink refuses node 3 at activation (Flower's exit code 305).
             refused = nodes[3][1].state_dir / "supernode.log"
             with trio.fail_after(60):
-                while "Failed to activate SuperNode" not in (refused.read_text() if refused.exists() else ""):
+                # Another process's log: poll it.
+                while "Failed to activate SuperNode" not in (  # noqa: ASYNC110
+                        refused.read_text() if refused.exists() else ""):
                     await trio.sleep(0.2)
 
             try:
@@ -165,7 +167,7 @@ async def federate(tmp_path: Path, state_dirs: list[Path], ca: Path, private_key
             assert meta["run_id"] == run_id and len(meta["features"]) == result["features"]
             for _, d in nodes[:3]:
                 node_w, node_meta = load_model_npz(d.state_dir / "fed" / "global.npz")
-                assert all(np.array_equal(a, b) for a, b in zip(weights, node_w))
+                assert all(np.array_equal(a, b) for a, b in zip(weights, node_w, strict=True))
             assert len(set(thresholds)) > 1
 
             # Every Fleet request went through the proxy; which paths the nodes used:
@@ -285,7 +287,7 @@ def recording_fedserver(state_dir: Path, known: set[str]):
 
     async def flwr(*args: str) -> dict:
         app.calls.append(args)
-        blob = Path(args[2]).read_text().split()[1]
+        blob = (await trio.to_thread.run_sync(Path(args[2]).read_text)).split()[1]
         if not blob.startswith("AAAA"):
             raise FedRunError("flwr supernode failed (exit 1): Unable to parse the public key file")
         if blob in known:

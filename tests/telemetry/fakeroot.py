@@ -28,7 +28,7 @@ class FakeNode:
     def write(self) -> None:
         r = self.root
         lines = []
-        total = [sum(col) for col in zip(*self.jiffies)]
+        total = [sum(col) for col in zip(*self.jiffies, strict=True)]
         lines.append("cpu  " + " ".join(str(int(v)) for v in total) + " 0 0 0 0 0")
         for i, j in enumerate(self.jiffies):
             lines.append(f"cpu{i} " + " ".join(str(int(v)) for v in j) + " 0 0 0 0 0")

@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from shoal.core.telemetry.model import Autoencoder, MinMaxScaler
-from shoal.daemons.telemetry.trainer import export_onnx
 from shoal.daemons.runtime.rpc import RpcError
+from shoal.daemons.telemetry.trainer import export_onnx
 
 from .conftest import keep_ticking, rpc, start_telemetry, wait_status, write_config
 from .fakeroot import FakeNode
@@ -124,7 +124,8 @@ async def test_train_score_refuse_bad_models_and_flag_a_fault(tmp_path):
                 print(d.log[-6000:])
                 raise
             with trio.fail_after(20):
-                while "1" not in (flag.read_text() if flag.exists() else ""):
+                # The hook is another process: poll the file it writes.
+                while "1" not in (flag.read_text() if flag.exists() else ""):  # noqa: ASYNC110
                     await trio.sleep(0.1)
             assert await d.terminate() == 0
             nursery.cancel_scope.cancel()

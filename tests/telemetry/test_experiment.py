@@ -135,10 +135,11 @@ def test_cli_runner_writes_json_and_svg(tmp_path):
     doc = json.loads((tmp_path / "experiment.json").read_text())
     assert doc["config"]["nodes"] == 3 and doc["config"]["fractions"] == ["1", "1/2"]
     svg = ET.parse(tmp_path / "f1_improvement.svg").getroot()
-    bars = [el for el in svg.iter("{http://www.w3.org/2000/svg}rect") if el.find(
-        "{http://www.w3.org/2000/svg}title") is not None]
+    bars = [el for el in svg.iter("{http://www.w3.org/2000/svg}g") if el.get("id", "").startswith("f1-bin-")]
     assert len(bars) == 20  # 20 bins over [-1, 1]
-    counts = [int(b.find("{http://www.w3.org/2000/svg}title").text.split(": ")[1]) for b in bars]
+    assert (tmp_path / "f1_improvement.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    _, edges, counts = ex.improvement_histogram(doc)
+    assert len(counts) == 20 and edges[0] == -1.0 and edges[-1] == 1.0
     assert sum(counts) == 3  # one per node
 
 

@@ -38,7 +38,7 @@ def test_deterministic_per_node_and_seed():
 
 def test_anomaly_rates_and_scarce_nodes():
     ordinary = [node_windows(SPEC, k) for k in range(0, 8)]
-    for X, y in ordinary:
+    for _X, y in ordinary:
         assert (y != 0).mean() == pytest.approx(SPEC.anomaly_rate, abs=0.004)
     assert [SPEC.is_scarce(k) for k in range(10)] == [False] * 8 + [True] * 2
     X, y = node_windows(SPEC, 9)
