@@ -125,66 +125,64 @@ def format_table(sweep: str, rows: list[dict[str, Any]], pairings: Sequence[str]
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- SVG
-
-_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+# ----------------------------------------------------------------------------- plots
 
 
-def svg_line_chart(title: str, xlabel: str, ylabel: str,
-                   series: dict[str, list[tuple[float, float]]]) -> str:
-    """A small self-contained SVG line chart (no plotting library needed)."""
-    w, h, left, right, top, bottom = 640, 400, 70, 150, 40, 50
-    xs = [x for pts in series.values() for x, _ in pts]
-    ys = [y for pts in series.values() for _, y in pts]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = 0.0, max(ys) * 1.05 or 1.0
-    if x1 == x0:
-        x1 = x0 + 1
+def line_chart(title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]]):
+    """A matplotlib figure: one line with markers per series (the "Agg" backend: no display needed)."""
+    import matplotlib
 
-    def px(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (w - left - right)
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
 
-    def py(y: float) -> float:
-        return h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
+    for name, pts in series.items():
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+    xs = sorted({x for pts in series.values() for x, _ in pts})
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_ylim(bottom=0.0)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, color="#ddd")
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    fig.tight_layout()
+    return fig
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-           f'font-family="sans-serif" font-size="12">',
-           f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
-           f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="black"/>',
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="black"/>',
-           f'<text x="{(left + w - right) / 2}" y="{h - 12}" text-anchor="middle">{xlabel}</text>',
-           f'<text x="16" y="{(top + h - bottom) / 2}" text-anchor="middle" '
-           f'transform="rotate(-90 16 {(top + h - bottom) / 2})">{ylabel}</text>']
-    for i in range(6):
-        yv = y0 + (y1 - y0) * i / 5
-        out.append(f'<line x1="{left - 4}" y1="{py(yv):.1f}" x2="{w - right}" y2="{py(yv):.1f}" '
-                   f'stroke="#ddd"/><text x="{left - 6}" y="{py(yv) + 4:.1f}" '
-                   f'text-anchor="end">{yv:.3g}</text>')
-    for xv in sorted(set(xs)):
-        out.append(f'<text x="{px(xv):.1f}" y="{h - bottom + 16}" text-anchor="middle">{xv:g}</text>')
-    for k, (name, pts) in enumerate(series.items()):
-        c = _COLOURS[k % len(_COLOURS)]
-        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-        out.append(f'<polyline points="{path}" fill="none" stroke="{c}" stroke-width="2"/>')
-        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{c}"/>' for x, y in pts]
-        ly = top + 16 * k
-        out.append(f'<line x1="{w - right + 10}" y1="{ly}" x2="{w - right + 30}" y2="{ly}" '
-                   f'stroke="{c}" stroke-width="2"/><text x="{w - right + 35}" y="{ly + 4}">{name}</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+
+def _svg(fig) -> bytes:
+    """The figure as an inline-able SVG: text kept as text, no date, no XML prolog."""
+    import io
+
+    import matplotlib
+
+    buf = io.BytesIO()
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    data = buf.getvalue()
+    return data[data.index(b"<svg"):]  # the page embeds it: no <?xml ...?> or DOCTYPE
 
 
 def write_plots(directory: Path, sweep: str, rows: list[dict[str, Any]],
                 pairings: Sequence[str]) -> list[Path]:
+    """Each figure as PNG and SVG; returns the paths written."""
+    import io
+
+    from shoal.daemons.runtime.state import atomic_write
+
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for metric, ylabel in (("mean_response_s", "average response time (s)"),
                            ("miss_rate", "deadline miss rate")):
         series = {p: [(float(r["value"]), r["results"][p][metric]) for r in rows] for p in pairings}
-        path = directory / f"{sweep}_{metric}.svg"
-        path.write_text(svg_line_chart(f"{ylabel} vs {LABEL[sweep]}", LABEL[sweep], ylabel, series))
-        paths.append(path)
+        fig = line_chart(f"{ylabel} vs {LABEL[sweep]}", LABEL[sweep], ylabel, series)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+        for suffix, data in (("png", png.getvalue()), ("svg", _svg(fig))):
+            path = directory / f"{sweep}_{metric}.{suffix}"
+            atomic_write(path, data, mode=0o644)
+            paths.append(path)
     return paths
 
 

@@ -34,31 +34,20 @@ from typing import Any
 
 import numpy as np
 
-from shoal.core.dispatch.policy import ServerState, TaskInfo, estimated_wait, processing_time, transfer_delay
+from shoal.core.dispatch.base import (
+    ServerState,
+    TaskInfo,
+    estimated_wait,
+    processing_time,
+    rng_state,
+    set_rng_state,
+    transfer_delay,
+)
 
 # HEFT remembers ranks, predecessors and placements of tasks of recent jobs. Bound
 # them so a long-running dispatcher does not grow without limit; a task forgotten
 # early just gets rank 0 and "no remote predecessor".
 HEFT_MAX_TASKS = 100_000
-
-
-def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    st = rng.bit_generator.state
-    return {
-        "bit_generator": st["bit_generator"],
-        "state": {"state": str(st["state"]["state"]), "inc": str(st["state"]["inc"])},
-        "has_uint32": int(st["has_uint32"]),
-        "uinteger": int(st["uinteger"]),
-    }
-
-
-def _set_rng_state(rng: np.random.Generator, d: dict[str, Any]) -> None:
-    rng.bit_generator.state = {
-        "bit_generator": d["bit_generator"],
-        "state": {"state": int(d["state"]["state"]), "inc": int(d["state"]["inc"])},
-        "has_uint32": int(d["has_uint32"]),
-        "uinteger": int(d["uinteger"]),
-    }
 
 
 class _Base:
@@ -79,12 +68,12 @@ class _Base:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.name, "version": 1, "rng": _rng_state(self.rng)}
+        return {"policy": self.name, "version": 1, "rng": rng_state(self.rng)}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         if d.get("policy") != self.name:
             raise ValueError(f"state is for policy {d.get('policy')!r}, not {self.name!r}")
-        _set_rng_state(self.rng, d["rng"])
+        set_rng_state(self.rng, d["rng"])
 
 
 class Nearest(_Base):

@@ -43,9 +43,17 @@ from typing import Any
 
 import numpy as np
 
-from shoal.core.dispatch.classic import _rng_state, _set_rng_state
+from shoal.core.dispatch.base import (
+    ServerState,
+    TaskInfo,
+    estimated_wait,
+    processing_time,
+    reward,
+    rng_state,
+    set_rng_state,
+    transfer_delay,
+)
 from shoal.core.dispatch.mlp import MLP, linear_epsilon, td_targets
-from shoal.core.dispatch.policy import ServerState, TaskInfo, estimated_wait, processing_time, reward, transfer_delay
 
 N_FEATURES = 10
 # Decisions whose reward has not come back yet. A task that never reports (its
@@ -202,7 +210,7 @@ class DQNDispatch:
             "target": self.target.state_dict(),
             "decisions": self.decisions,
             "train_steps": self.train_steps,
-            "rng": _rng_state(self.rng),
+            "rng": rng_state(self.rng),
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -212,4 +220,4 @@ class DQNDispatch:
         self.target.load_state_dict(d["target"])
         self.decisions = int(d["decisions"])
         self.train_steps = int(d["train_steps"])
-        _set_rng_state(self.rng, d["rng"])
+        set_rng_state(self.rng, d["rng"])

@@ -275,7 +275,8 @@ def _task(name: str, e: Mapping[str, Any], replicas: Mapping[str, list[str]]) ->
         raise SpecError("invalid", f"{where}: command: expected an argv array like [\"prog\", \"arg\"], not a string")
     if (not isinstance(command, list) or len(command) > MAX_ARGV
             or not all(isinstance(a, str) and len(a.encode()) <= MAX_ARG_BYTES and "\0" not in a for a in command)):
-        raise SpecError("invalid", f"{where}: command: expected at most {MAX_ARGV} strings of at most {MAX_ARG_BYTES} bytes")
+        raise SpecError("invalid",
+                        f"{where}: command: expected at most {MAX_ARGV} strings of at most {MAX_ARG_BYTES} bytes")
     if not isinstance(builtin, str):
         raise SpecError("invalid", f"{where}: builtin: expected a string like \"sleep 1\"")
     if bool(command) == bool(builtin):

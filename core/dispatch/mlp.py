@@ -76,7 +76,7 @@ class MLP:
         self.clip = float(clip)
         rng = np.random.default_rng(seed)
         self.params: list[np.ndarray] = []
-        for fan_in, fan_out in zip(self.sizes[:-1], self.sizes[1:]):
+        for fan_in, fan_out in zip(self.sizes[:-1], self.sizes[1:], strict=True):
             # He initialisation for ReLU, Glorot for tanh.
             scale = np.sqrt((2.0 if activation == "relu" else 1.0) / fan_in)
             self.params.append(rng.normal(0.0, scale, (fan_in, fan_out)))
@@ -141,7 +141,7 @@ class MLP:
             b1, b2 = 0.9, 0.999
             c1 = 1.0 - b1**self._t
             c2 = 1.0 - b2**self._t
-            for p, g, m, v in zip(self.params, grads, self._m, self._v):
+            for p, g, m, v in zip(self.params, grads, self._m, self._v, strict=True):
                 m *= b1
                 m += (1.0 - b1) * g
                 v *= b2
@@ -149,12 +149,12 @@ class MLP:
                 p -= self.lr * (m / c1) / (np.sqrt(v / c2) + eps)
         elif self.optimizer == "rmsprop":
             rho = 0.9
-            for p, g, v in zip(self.params, grads, self._v):
+            for p, g, v in zip(self.params, grads, self._v, strict=True):
                 v *= rho
                 v += (1.0 - rho) * g * g
                 p -= self.lr * g / (np.sqrt(v) + eps)
         else:
-            for p, g in zip(self.params, grads):
+            for p, g in zip(self.params, grads, strict=True):
                 p -= self.lr * g
 
     def train_batch(self, x: np.ndarray, target: np.ndarray) -> float:
@@ -169,7 +169,7 @@ class MLP:
         """Copy the weights of ``other`` (the DQN target-network update)."""
         if other.sizes != self.sizes:
             raise ValueError(f"shape mismatch: {other.sizes} vs {self.sizes}")
-        for p, q in zip(self.params, other.params):
+        for p, q in zip(self.params, other.params, strict=True):
             p[...] = q
 
     def state_dict(self) -> dict[str, Any]:

@@ -36,9 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from shoal.core.dispatch.classic import _rng_state, _set_rng_state
+from shoal.core.dispatch.base import ServerState, TaskInfo, processing_time, reward, rng_state, set_rng_state
 from shoal.core.dispatch.mlp import MLP, linear_epsilon, td_targets
-from shoal.core.dispatch.policy import ServerState, TaskInfo, processing_time, reward
 
 N_TASK_FEATURES = 10
 # A live dispatcher sees workers come and go; keep at most this many agents
@@ -95,7 +94,7 @@ def task_features(
     procs = [processing_time(t, server) for t in queue]
     slacks = [
         (t.deadline - now - p) / time_scale if t.deadline is not None else math.inf
-        for t, p in zip(queue, procs)
+        for t, p in zip(queue, procs, strict=True)
     ]
     finite = [s for s in slacks if s != math.inf]
     min_slack = min(finite) if finite else 0.0
@@ -248,7 +247,7 @@ class MultiAgentScheduler:
             "policy": self.name,
             "version": 1,
             "decisions": self.decisions,
-            "rng": _rng_state(self.rng),
+            "rng": rng_state(self.rng),
             "agents": [
                 [sid, {"net": a.net.state_dict(), "target": a.target.state_dict(), "steps": a.steps}]
                 for sid, a in self.agents.items()
@@ -259,7 +258,7 @@ class MultiAgentScheduler:
         if d.get("policy") != self.name:
             raise ValueError(f"state is for policy {d.get('policy')!r}, not {self.name!r}")
         self.decisions = int(d["decisions"])
-        _set_rng_state(self.rng, d["rng"])
+        set_rng_state(self.rng, d["rng"])
         self.agents = OrderedDict()
         for sid, ad in d["agents"]:
             a = self.agent(sid)

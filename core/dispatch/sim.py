@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.core.dispatch.policy import DispatchPolicy, QueuePolicy, ServerState, TaskInfo, admissible
+from shoal.core.dispatch.base import DispatchPolicy, QueuePolicy, ServerState, TaskInfo, admissible
 
 # ----------------------------------------------------------------------------- model
 

@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from shoal.daemons.runtime import cli
+from shoal.protocol.dispatch import Exclude, JobQuery, JobsQuery, Submit
+
 DEFAULT_DISPATCHER = "127.0.0.1:7460"
 MAX_SPEC_BYTES = 900 * 1024  # the dispatcher's own limit may be lower (max_spec_bytes)
 
@@ -44,54 +47,56 @@ def add_commands(dispatcher: argparse._SubParsersAction, top: argparse._SubParse
 
 
 
-def _fail(message: str) -> int:
-    print(f"shoal: {message}", file=sys.stderr)
-    return 2
-
-
-async def _call(args, method: str, params=None):
-    from shoal.daemons.dispatcher.wire import read_token
-    from shoal.daemons.runtime.config import ListenAddr
-    from shoal.daemons.runtime.rpc import connect_tcp
-
-    token = read_token(Path(args.token_file)) if args.token_file else None
-    async with await connect_tcp(ListenAddr.parse(args.dispatcher), token=token) as client:
-        return await client.call(method, params)
-
-
 def rpc(args, method: str, params=None):
+    """One call to the dispatcher; any failure is one line on stderr and exit 2."""
+    return cli.call(args.dispatcher, method, params, what="the dispatcher", token_file=args.token_file)
+
+
+def submit(args, params: Submit):
+    """``submit``: like :func:`rpc`, but a refused spec prints only its one-line reason.
+
+    (The runtime's ``cli.call`` prints ``code: message``; a spec error reads
+    better as the reason alone, ``shoal: cycle: a -> a``.)
+    """
     import trio
 
-    from shoal.daemons.runtime.config import ConfigError
-    from shoal.daemons.runtime.rpc import RpcError
+    from shoal.daemons.runtime.config import ConfigError, ListenAddr, read_token
+    from shoal.daemons.runtime.rpc import RpcConnectionError, RpcError, connect_tcp
 
     try:
-        return trio.run(_call, args, method, params)
+        token = read_token(args.token_file, "--token-file")
+        addr = ListenAddr.parse(args.dispatcher)
+    except (ConfigError, ValueError) as exc:
+        cli.die(str(exc))
+
+    async def one_call():
+        async with await connect_tcp(addr, token=token) as client:
+            return await client.call("submit", params.encode())
+
+    try:
+        return trio.run(one_call)
+    except RpcConnectionError as exc:
+        cli.die(f"the dispatcher at {args.dispatcher}: {exc}")
     except RpcError as exc:
-        raise SystemExit(_fail(exc.message if exc.code == "bad_spec" else f"{exc.code}: {exc.message}")) from None
-    except (ValueError, ConfigError) as exc:
-        raise SystemExit(_fail(str(exc))) from None
+        cli.die(exc.message if exc.code == "bad_spec" else str(exc))
     except OSError as exc:
-        raise SystemExit(_fail(f"cannot reach the dispatcher at {args.dispatcher}: {exc.strerror or exc}")) from None
+        cli.die(f"cannot reach the dispatcher at {args.dispatcher}: {exc.strerror or exc}")
 
 
 def cmd_submit(args) -> int:
     try:
         spec = sys.stdin.buffer.read() if args.job == "-" else Path(args.job).read_bytes()
     except OSError as exc:
-        return _fail(f"{args.job}: {exc.strerror}")
+        return cli.fail(f"{args.job}: {exc.strerror}")
     if len(spec) > MAX_SPEC_BYTES:
-        return _fail(f"{args.job}: {len(spec)} bytes; a spec must fit one RPC frame ({MAX_SPEC_BYTES} bytes): "
+        return cli.fail(f"{args.job}: {len(spec)} bytes; a spec must fit one RPC frame ({MAX_SPEC_BYTES} bytes): "
                      "use replicas = N for many alike tasks")
-    params = {"spec": spec}
-    if args.policy:
-        params["policy"] = args.policy
-    reply = rpc(args, "submit", params)
+    reply = submit(args, Submit(spec=spec, policy=args.policy or None))
     print(f"job {reply['job']} accepted: {reply['tasks']} tasks in {reply['units']} units")
     if not args.wait:
         return 0
     while True:
-        view = rpc(args, "job", {"id": reply["job"]})
+        view = rpc(args, "job", JobQuery(id=reply["job"]))
         print("\r" + progress_line(view), end="", flush=True)
         if view["state"] != "running":
             print()
@@ -112,7 +117,7 @@ def _when(t) -> str:
 
 
 def cmd_jobs(args) -> int:
-    rows = rpc(args, "jobs", {"limit": args.limit})
+    rows = rpc(args, "jobs", JobsQuery(limit=args.limit))
     if not rows:
         print("no jobs")
         return 0
@@ -130,11 +135,11 @@ def _all_tasks(args, view: dict):
         offset = view["offset"] + len(view["tasks"])
         if not view["tasks"] or offset >= view["total"]:
             return
-        view = rpc(args, "job", {"id": args.id, "logs": args.logs, "offset": offset})
+        view = rpc(args, "job", JobQuery(id=args.id, logs=args.logs, offset=offset))
 
 
 def cmd_job(args) -> int:
-    view = rpc(args, "job", {"id": args.id, "logs": args.logs})
+    view = rpc(args, "job", JobQuery(id=args.id, logs=args.logs))
     print(progress_line(view))
     for t in _all_tasks(args, view):
         took = f"{t['finished'] - t['started']:.3f}s" if t["finished"] is not None else "-"
@@ -164,6 +169,6 @@ def cmd_workers(args) -> int:
 
 
 def cmd_exclude(args) -> int:
-    reply = rpc(args, "exclude", {"workers": args.workers})
+    reply = rpc(args, "exclude", Exclude(workers=args.workers))
     print(f"excluding {reply['excluded']} workers")
     return 0

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Literal
 
 from shoal.core.dispatch.policy import DISPATCH_POLICIES
-from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
+from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 
 DEFAULT_PORT = PORTS["dispatcher", "rpc"]
 METRICS_PORT = METRICS_PORTS["dispatcher"]

@@ -16,7 +16,7 @@ What must survive ``kill -9`` is written here before the dispatcher answers:
   recorded done exactly once, and the log lets anyone check that;
 * failed attempts and final failures are counted in ``units.attempts``.
 
-Leases and per-worker queues are soft state in memory (:mod:`.core`): after a
+Leases and per-worker queues are soft state in memory (:mod:`shoal.core.dispatch.machine`): after a
 restart every unit that is not done is pending again and is dispatched anew.
 Completions arrive in batches from workers and are written in one transaction
 per batch, which is what makes thousands of tiny tasks per second possible.
@@ -31,15 +31,20 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
 from shoal.core.dispatch.jobs import Job, job_from_dict
+from shoal.core.dispatch.lifecycle import CANCELLED, DONE, FAILED, PENDING, RETRY
+from shoal.core.dispatch.machine import StoredJob
+from shoal.protocol.dispatch import TaskResult
 
 __all__ = ["Store", "StoredJob", "TaskResult"]
+
+# The schema spells the state names out; they are the life cycle's (core/dispatch/lifecycle.py).
+assert (PENDING, DONE, FAILED, CANCELLED) == ("pending", "done", "failed", "cancelled")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -84,35 +89,6 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 """
 
 
-@dataclass(slots=True)
-class TaskResult:
-    """One task's outcome, as a worker reports it."""
-
-    task: str
-    exit_code: int | None  # None: not run (timeout, input failure...)
-    started: float
-    finished: float
-    error: str = ""
-    stdout: bytes = b""
-    stderr: bytes = b""
-    outputs: list[list[Any]] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0 and not self.error
-
-
-@dataclass(slots=True)
-class StoredJob:
-    id: int
-    job: Job
-    policy: str
-    submitted: float
-    state: str
-    unit_state: dict[str, str]
-    attempts: dict[str, int]
-
-
 class Store:
     def __init__(self, path: Path, *, durability: str = "normal") -> None:
         self.path = path
@@ -146,14 +122,14 @@ class Store:
     def record(self, outcomes: Sequence[tuple[int, str, str, str, Sequence[TaskResult]]], now: float) -> list[bool]:
         """Write a batch of unit outcomes ``(job, unit, worker, state, results)``.
 
-        ``state`` is ``done``, ``failed`` (final) or ``retry`` (attempts + 1,
-        still pending). Returns, per outcome, whether it changed anything: a
+        ``state`` is ``done``, ``failed`` (final) or ``retry`` (the life cycle's
+        event: attempts + 1, still pending). Returns, per outcome, whether it changed anything: a
         unit already done or failed is left alone (idempotent completion).
         """
         changed: list[bool] = []
         with self._tx() as db:
             for job, unit, worker, state, results in outcomes:
-                if state == "retry":
+                if state == RETRY:
                     cur = db.execute(
                         "UPDATE units SET attempts = attempts + 1 WHERE job=? AND unit=? AND state='pending'",
                         (job, unit))
@@ -167,14 +143,14 @@ class Store:
                     changed.append(False)
                     continue
                 changed.append(True)
-                if state == "done":
+                if state == DONE:
                     db.execute("INSERT INTO completions (job, unit, worker, at) VALUES (?, ?, ?, ?)",
                                (job, unit, worker, now))
                 for r in results:
                     db.execute(
                         "UPDATE tasks SET state=?, exit_code=?, worker=?, started=?, finished=?, error=?, "
                         "stdout=?, stderr=?, outputs=? WHERE job=? AND task=?",
-                        ("done" if r.ok else "failed", r.exit_code, worker, r.started, r.finished, r.error,
+                        (DONE if r.ok else FAILED, r.exit_code, worker, r.started, r.finished, r.error,
                          r.stdout, r.stderr, msgpack.packb(r.outputs or [], use_bin_type=True), job, r.task),
                     )
         return changed
@@ -210,7 +186,7 @@ class Store:
             "(SELECT count(*) FROM tasks t WHERE t.job=j.id AND t.state='failed') "
             "FROM jobs j ORDER BY j.id DESC LIMIT ?", (limit,)).fetchall()
         keys = ("id", "name", "policy", "state", "submitted", "finished", "tasks", "done", "failed")
-        return [dict(zip(keys, r)) for r in rows]
+        return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def job(self, job_id: int, *, logs: bool = False, offset: int = 0, limit: int = 1000,
             budget: int = 1 << 62) -> dict[str, Any] | None:
@@ -220,7 +196,7 @@ class Store:
                               (job_id,)).fetchone()
         if row is None:
             return None
-        out = dict(zip(("id", "name", "policy", "state", "submitted", "finished"), row))
+        out = dict(zip(("id", "name", "policy", "state", "submitted", "finished"), row, strict=True))
         out["counts"] = dict(self.db.execute("SELECT state, count(*) FROM tasks WHERE job=? GROUP BY state",
                                              (job_id,)).fetchall())
         out["total"] = sum(out["counts"].values())
@@ -233,7 +209,7 @@ class Store:
         for r in self.db.execute(f"SELECT {cols} FROM tasks WHERE job=? ORDER BY rowid LIMIT ? OFFSET ?",
                                  (job_id, limit, offset)):
             d = dict(zip(("task", "unit", "state", "exit_code", "worker", "started", "finished", "error",
-                          "outputs", "stdout", "stderr"), r))
+                          "outputs", "stdout", "stderr"), r, strict=False))  # stdout, stderr only with logs
             size += len(d.get("stdout") or b"") + len(d.get("stderr") or b"") + len(d["outputs"] or b"")
             if tasks and size > budget:
                 break

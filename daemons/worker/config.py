@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.core.dispatch.policy import QUEUE_POLICIES
-from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
+from shoal.daemons.runtime.registry import METRICS_PORTS
 
 METRICS_PORT = METRICS_PORTS["worker"]
 

@@ -29,7 +29,11 @@ seed 004): its own units as they finish, and the units of every other worker,
 which the dispatcher returns in pull and heartbeat replies when asked
 (``rewards: true``; :func:`.telemetry.feed_team_rewards`). Its weights are
 saved to ``queue-policy.msgpack`` in the state directory periodically and at
-stop.
+stop (the runtime's ``StateSaver``; :mod:`shoal.core.dispatch.persist`).
+
+Every message to and from the dispatcher is a contract of
+:mod:`shoal.protocol.dispatch`; a pull reply that does not fit ends the
+session like any other RPC failure.
 
 With ``telemetry_metrics`` set, a loop reads the node's anomaly verdict from
 the telemetry daemon's /metrics every ``heartbeat_interval``
@@ -46,23 +50,25 @@ import socket
 import time
 from typing import Any
 
-import msgpack
 import trio
 
+from shoal.core.dispatch.persist import pack_states, restore, unpack_states
 from shoal.core.dispatch.policy import ServerState, TaskInfo, make_queue_policy
-from shoal.daemons.dispatcher.store import TaskResult
-from shoal.daemons.dispatcher.wire import encode_result, read_token
+from shoal.daemons.runtime.config import read_token
 from shoal.daemons.runtime.daemon import DaemonContext
 from shoal.daemons.runtime.rpc import RpcConnectionError, RpcError, connect_tcp
-from shoal.daemons.runtime.state import atomic_write
+from shoal.daemons.runtime.state import StateSaver
 from shoal.daemons.worker.config import WorkerConfig
 from shoal.daemons.worker.metrics import WorkerMetrics
 from shoal.daemons.worker.runner import RunLimits, SwarmHook, run_task
 from shoal.daemons.worker.telemetry import feed_team_rewards, read_verdict
+from shoal.protocol.contract import BadParams
+from shoal.protocol.dispatch import Heartbeat, Lease, Pull, PullReply, Register, Report, TaskResult
 
 log = logging.getLogger("shoal.worker")
 
 POLICY_FILE = "queue-policy.msgpack"
+TOKEN_KEY = "worker.token_file"
 PULL_WAIT = 5.0  # seconds one long poll waits for work
 RTT_PINGS = 3
 MAX_REPORT = 512  # units per report call
@@ -112,18 +118,20 @@ class WorkerApp:
         self.id = w.id or socket.gethostname()
         self.slots = w.slots or os.cpu_count() or 1
         self.prefetch = w.prefetch or self.slots
-        self.token = read_token(w.token_file)
+        self.token = read_token(w.token_file, TOKEN_KEY)
         self.limits = RunLimits(w.work_dir or ctx.state_dir / "work", w.max_log_bytes, w.max_input_bytes)
         self.limits.work_dir.mkdir(parents=True, exist_ok=True)
         self.swarm = SwarmHook(w.peer_socket)
         self.policy = make_queue_policy(w.queue_policy)
         self.policy_file = ctx.state_dir / POLICY_FILE
         self._load_policy()
+        self.saver = StateSaver("queue_policy", self.policy_file, self._policy_snapshot,
+                                w.policy_save_interval, metrics=ctx.metrics, log=log)
         self.capacity = {
             "cpus": w.cpus or float(self.slots), "memory": w.memory or mem_total(),
             "cpu_speed": w.cpu_speed, "bandwidth": w.bandwidth, "rtt": 0.0,
         }
-        self.queue: list[tuple[dict[str, Any], TaskInfo]] = []
+        self.queue: list[tuple[Lease, TaskInfo]] = []
         self.running: dict[str, TaskInfo] = {}
         self.unreported: list[list[Any]] = []
         self.changed = trio.Event()  # queue, slots or unreported changed
@@ -142,14 +150,14 @@ class WorkerApp:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._slots)
                 nursery.start_soon(self._sessions)
-                nursery.start_soon(self._saver)
+                nursery.start_soon(self.saver.run)
                 if self.section.telemetry_metrics:
                     nursery.start_soon(self._telemetry_loop)
                 log.info("worker %s: %d slots, queue policy %s, dispatcher %s", self.id, self.slots,
                          self.policy.name, self.section.dispatcher)
                 task_status.started()
         finally:
-            self._save_policy()
+            self.saver.save_now()  # the saver logs and counts a failure
 
     def reload(self, new: WorkerConfig) -> None:
         log.warning("worker settings take effect at the next restart")
@@ -177,7 +185,7 @@ class WorkerApp:
             await rpc.call("ping")
             rtts.append(time.perf_counter() - start)
         self.capacity["rtt"] = min(rtts)
-        await rpc.call("register", {"worker": self.id, **self.capacity, **self._verdict_param()})
+        await rpc.call("register", Register(worker=self.id, verdict=self.verdict, **self.capacity).encode())
         self.queue.clear()  # the dispatcher requeued whatever we had pulled
         self._poke()
         log.info("registered with %s (rtt %.2f ms)", self.section.dispatcher, self.capacity["rtt"] * 1000)
@@ -204,15 +212,18 @@ class WorkerApp:
             if want < batch and (self.queue or want <= 0):
                 await self.changed.wait()
                 continue
-            reply = await rpc.call("pull", {"worker": self.id, "max": want, "wait": PULL_WAIT,
-                                            "rewards": self.team_reward}, timeout=PULL_WAIT + 15)
-            self._team_rewards(reply.get("rewards"))
-            units = reply["units"]
-            for p in units:
-                work, data, mem, cpus, deadline, submitted, depth = p["info"]
-                self.queue.append((p, TaskInfo(p["key"], p["key"].partition("/")[0], work, data, mem, cpus,
-                                               deadline, submitted, depth)))
-            if units:
+            raw = await rpc.call("pull", Pull(worker=self.id, max=want, wait=PULL_WAIT,
+                                              rewards=self.team_reward).encode(), timeout=PULL_WAIT + 15)
+            try:
+                reply = PullReply.decode(raw)
+            except BadParams as exc:
+                raise RpcError("bad_reply", f"pull: {exc}") from None
+            self._team_rewards(reply.rewards)
+            for lease in reply.units:
+                f, key = lease.facts(), lease.unit_key
+                self.queue.append((lease, TaskInfo(lease.key, str(key.job), f.work, f.data_size, f.mem, f.cpus,
+                                                   f.deadline, f.submitted, f.depth)))
+            if reply.units:
                 self._poke()
 
     async def _report_loop(self, rpc) -> None:
@@ -226,21 +237,18 @@ class WorkerApp:
                 if batch and size > REPORT_BYTES:
                     break
                 batch.append(entry)
-            await rpc.call("report", {"worker": self.id, "results": batch})
+            await rpc.call("report", Report(worker=self.id, results=batch).encode())
             del self.unreported[:len(batch)]
             self._poke()
 
     async def _heartbeat_loop(self, rpc) -> None:
         while True:
             changed = self.verdict_changed
-            reply = await rpc.call("heartbeat", {"worker": self.id, "running": len(self.running),
-                                                 "rewards": self.team_reward, **self._verdict_param()})
-            self._team_rewards(reply.get("rewards"))
+            reply = await rpc.call("heartbeat", Heartbeat(worker=self.id, running=len(self.running),
+                                                          verdict=self.verdict, rewards=self.team_reward).encode())
+            self._team_rewards(reply.get("rewards") if isinstance(reply, dict) else None)
             with trio.move_on_after(self.section.heartbeat_interval):
                 await changed.wait()  # a new verdict goes out at once
-
-    def _verdict_param(self) -> dict[str, str]:
-        return {} if self.verdict is None else {"verdict": self.verdict}
 
     def _team_rewards(self, rows: Any) -> None:
         if self.team_reward and rows:
@@ -286,18 +294,18 @@ class WorkerApp:
                     await self.changed.wait()
                     continue
                 idx = self.policy.pick([i for _p, i in self.queue], self.server_state(), time.time())
-                payload, info = self.queue.pop(idx)
-                self.running[payload["key"]] = info
-                nursery.start_soon(self._run_unit, payload, info)
+                lease, info = self.queue.pop(idx)
+                self.running[lease.key] = info
+                nursery.start_soon(self._run_unit, lease, info)
                 self._poke()
 
-    async def _run_unit(self, payload: dict[str, Any], info: TaskInfo) -> None:
-        key = payload["key"]
+    async def _run_unit(self, lease: Lease, info: TaskInfo) -> None:
+        key = lease.key
         results: list[TaskResult] = []
         try:
-            for task in payload["tasks"]:
+            for task in lease.tasks:
                 self.metrics.started.inc()
-                r = await run_task(task, key, payload["attempt"], self.limits, self.swarm, self.metrics)
+                r = await run_task(task, key, lease.attempt, self.limits, self.swarm, self.metrics)
                 self.metrics.duration.observe(r.finished - r.started)
                 outcome = "ok" if r.ok else "timeout" if r.error.startswith("timeout") else (
                     "failed" if r.exit_code is not None else "error")
@@ -312,30 +320,22 @@ class WorkerApp:
             now = time.time()
             self.policy.observe(info, self.id, now - info.submitted, now)
             _trim_logs(results, UNIT_LOG_BYTES)
-            self.unreported.append([key, [encode_result(r) for r in results]])
+            self.unreported.append([key, [r.to_row() for r in results]])
             self._poke()
 
     # -- learned scheduler state ------------------------------------------------------
 
     def _load_policy(self) -> None:
         try:
-            self.policy.load_state_dict(msgpack.unpackb(self.policy_file.read_bytes(), raw=False))
-            log.info("restored the %s scheduler from %s", self.policy.name, self.policy_file)
+            if restore(self.policy, unpack_states(self.policy_file.read_bytes())):
+                log.info("restored the %s scheduler from %s", self.policy.name, self.policy_file)
         except FileNotFoundError:
             pass
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+        except (OSError, ValueError) as exc:
             log.error("cannot restore %s (%s); the scheduler starts fresh", self.policy_file, exc)
 
-    def _save_policy(self) -> None:
-        try:
-            atomic_write(self.policy_file, msgpack.packb(self.policy.state_dict(), use_bin_type=True))
-        except OSError as exc:
-            log.error("cannot save %s: %s", self.policy_file, exc)
-
-    async def _saver(self) -> None:
-        while True:
-            await trio.sleep(self.section.policy_save_interval)
-            self._save_policy()
+    def _policy_snapshot(self) -> bytes:
+        return pack_states({self.policy.name: self.policy.state_dict()})
 
 
 def make_app(ctx: DaemonContext) -> WorkerApp:
@@ -343,7 +343,7 @@ def make_app(ctx: DaemonContext) -> WorkerApp:
 
 
 def check_config(cfg: WorkerConfig) -> None:
-    read_token(cfg.worker.token_file)
+    read_token(cfg.worker.token_file, TOKEN_KEY)
 
 
 __all__ = ["WorkerApp", "make_app", "check_config", "RpcConnectionError"]

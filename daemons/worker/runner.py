@@ -35,7 +35,7 @@ from typing import Any
 
 import trio
 
-from shoal.daemons.dispatcher.store import TaskResult
+from shoal.protocol.dispatch import TaskResult, TaskSpec, UnitKey
 
 __all__ = ["InputError", "RunLimits", "SwarmHook", "run_task"]
 
@@ -172,24 +172,29 @@ class _Capture:
         return b"".join(self.chunks)
 
 
-async def run_task(task: dict[str, Any], key: str, attempt: int, limits: RunLimits, swarm: SwarmHook,
+async def run_task(task: TaskSpec | dict[str, Any], key: str, attempt: int, limits: RunLimits, swarm: SwarmHook,
                    metrics: Any = None) -> TaskResult:
-    """Run one task to completion; never raises for the task's own failures."""
-    name = task["name"]
+    """Run one task of the unit ``key`` to completion; never raises for the task's own failures.
+
+    ``task`` is a leased :class:`TaskSpec` (or its map form, decoded here).
+    """
+    if isinstance(task, dict):
+        task = TaskSpec.decode(task)
+    name = task.name
     started = time.time()
-    if task["builtin"]:
-        _, secs = task["builtin"].split()
+    if task.builtin:
+        _, secs = task.builtin.split()
         await trio.sleep(float(secs))
         return TaskResult(name, 0, started, time.time())
-    job = key.partition("/")[0]
+    job = UnitKey.job_of(key)
     cwd = limits.work_dir
-    if task["inputs"] or task["outputs"]:
+    if task.inputs or task.outputs:
         cwd = limits.work_dir / job / name
         if cwd.exists():
             await trio.to_thread.run_sync(shutil.rmtree, cwd)
         cwd.mkdir(parents=True)
         try:
-            await stage_inputs(task["inputs"], cwd, limits, swarm, task["timeout"])
+            await stage_inputs(task.inputs, cwd, limits, swarm, task.timeout)
         except InputError as exc:
             if metrics is not None:
                 metrics.input_errors.inc()
@@ -198,19 +203,19 @@ async def run_task(task: dict[str, Any], key: str, attempt: int, limits: RunLimi
     out, err = _Capture(limits.max_log_bytes), _Capture(limits.max_log_bytes)
     try:
         proc = await trio.lowlevel.open_process(
-            task["command"], cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            task.command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, start_new_session=True)
     except OSError as exc:
-        return TaskResult(name, None, started, time.time(), error=f"cannot start {task['command'][0]!r}: {exc.strerror or exc}")
+        return TaskResult(name, None, started, time.time(), error=f"cannot start {task.command[0]!r}: {exc.strerror or exc}")
     error = ""
     try:
-        with trio.move_on_after(task["timeout"]) as scope:
+        with trio.move_on_after(task.timeout) as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(out.drain, proc.stdout)
                 nursery.start_soon(err.drain, proc.stderr)
                 await proc.wait()
         if scope.cancelled_caught:
-            error = f"timeout after {task['timeout']:g}s"
+            error = f"timeout after {task.timeout:g}s"
     finally:
         if proc.returncode is None:
             try:
@@ -226,7 +231,7 @@ async def run_task(task: dict[str, Any], key: str, attempt: int, limits: RunLimi
         metrics.truncated.inc(out.dropped + err.dropped)
     outputs: list[list[Any]] = []
     if code == 0 and not error:
-        error, outputs = await trio.to_thread.run_sync(_check_outputs, cwd, task["outputs"])
+        error, outputs = await trio.to_thread.run_sync(_check_outputs, cwd, task.outputs)
     return TaskResult(name, None if error.startswith("timeout") else code, started, time.time(), error=error,
                       stdout=out.value(), stderr=err.value(), outputs=outputs)
 

@@ -19,7 +19,8 @@ from contextlib import AsyncExitStack
 import msgpack
 import trio
 
-from shoal.core.telemetry.model import Autoencoder, MinMaxScaler, export_onnx
+from shoal.core.telemetry.model import Autoencoder, MinMaxScaler
+from shoal.daemons.telemetry.trainer import export_onnx
 from tests.dispatcher.live import SHOAL, connect, metric, start_dispatcher, start_worker, wait_job, wait_workers
 from tests.harness import scrape
 from tests.telemetry.conftest import keep_ticking, rpc, start_telemetry, wait_status, write_config

@@ -8,10 +8,11 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from shoal.core.dispatch.jobs import job_from_dict
+from shoal.core.dispatch.machine import MAX_SHARED_PER_REPLY, Core, CoreError
 from shoal.core.dispatch.policy import make_dispatch_policy
-from shoal.daemons.dispatcher.core import MAX_SHARED_PER_REPLY, Core, CoreError
 from shoal.daemons.dispatcher.metrics import DispatcherMetrics
-from shoal.daemons.dispatcher.store import Store, TaskResult
+from shoal.daemons.dispatcher.store import Store
+from shoal.protocol.dispatch import TaskResult
 
 CAP = {"cpus": 2, "memory": 4e9, "cpu_speed": 1.0, "bandwidth": 1e8, "rtt": 0.001}
 
@@ -157,7 +158,7 @@ def test_anomalous_verdict_excludes_the_worker_until_it_recovers(tmp_path):
     assert core.dispatchable(core.workers["near"])
     with pytest.raises(CoreError) as e:
         core.heartbeat("near", 0, 3.0, verdict="on fire")
-    assert e.value.code == "bad_request"
+    assert e.value.code == "bad_params"
 
 
 def test_units_wait_while_every_worker_is_anomalous_and_run_on_recovery(tmp_path):
@@ -329,5 +330,5 @@ def test_reports_must_name_the_units_tasks(tmp_path):
     (p,) = core.pull("w", 5, 1.0)
     with pytest.raises(CoreError) as info:
         core.report("w", [(p["key"], [TaskResult("someone-else", 0, 0.0, 0.0)])], 1.0)
-    assert info.value.code == "bad_request"
+    assert info.value.code == "bad_params"
     assert core.report("w", [(p["key"], ok(p))], 2.0) == 1

@@ -116,7 +116,7 @@ async def test_bad_specs_are_refused_with_one_line_and_counted(tmp_path):
                 try:
                     await c.call("submit", {"spec": spec([{"name": "a", "builtin": "sleep 0"}]), "policy": "psychic"})
                 except RpcError as exc:
-                    assert exc.code == "bad_request" and "psychic" in exc.message
+                    assert exc.code == "bad_params" and "psychic" in exc.message
                 else:
                     raise AssertionError("unknown policy accepted")
                 assert await c.call("jobs") == []

@@ -9,9 +9,8 @@ import sys
 
 import trio
 
-from shoal.daemons.dispatcher.store import TaskResult
-from shoal.daemons.dispatcher.wire import encode_result
 from shoal.daemons.runtime.rpc import RpcError, connect_tcp
+from shoal.protocol.dispatch import TaskResult
 from tests.dispatcher.live import connect, start_dispatcher, start_worker, wait_job, wait_workers
 
 
@@ -77,7 +76,7 @@ class FakeWorker:
             while not stop.is_set():
                 units = (await c.call("pull", {"worker": self.id, "max": 8, "wait": 0.2}))["units"]
                 now = 1.0
-                batch = [[u["key"], [encode_result(TaskResult(t["name"], 0, now, now)) for t in u["tasks"]]]
+                batch = [[u["key"], [TaskResult(t["name"], 0, now, now).to_row() for t in u["tasks"]]]
                          for u in units]
                 self.held = (self.held + batch)[-200:]
                 self.unreported += batch

@@ -98,8 +98,8 @@ async def test_builtin_sleep_runs_in_process(tmp_path):
 
 
 def test_a_units_logs_are_trimmed_to_fit_one_report():
-    from shoal.daemons.dispatcher.store import TaskResult
     from shoal.daemons.worker.daemon import _trim_logs
+    from shoal.protocol.dispatch import TaskResult
 
     results = [TaskResult(f"t{i}", 0, 0.0, 0.0, stdout=b"o" * 65536, stderr=b"e" * 65536) for i in range(10)]
     _trim_logs(results, 384 * 1024)

@@ -1,0 +1,641 @@
+"""The dispatcher's state machine: jobs, units, workers, leases (sans-IO).
+
+Theory of operation
+-------------------
+Seed 002 has one queue and workers that pull; seed 004 decides, when a task is
+released, which server it goes to. :class:`Core` does both. A *unit* (a task,
+or a chain of tasks fused into one invocation, see :mod:`.jobs`) moves through
+
+    waiting --deps done--> ready --policy.choose--> assigned(worker) --pull--> leased(worker)
+        leased --report ok--> done          (children whose deps are all done become ready)
+        leased --report failed--> ready     (while attempts <= retries) or failed (the job fails)
+        assigned/leased --worker silent for lease_seconds--> ready (dispatched again)
+
+*Dispatch* happens when a unit becomes ready: the job's dispatch policy
+(:mod:`.policy`) is shown the live workers that admit the unit (memory free and
+CPU count, as seed 004's memory admission) and picks one; the unit joins that
+worker's queue. If no worker admits it, it waits in ``pending`` and is tried
+again whenever a worker registers or finishes something. Workers *pull* their
+own queue (``pull``), which leases the units; a lease lives as long as the
+worker heartbeats (and at most the unit's timeout plus two lease periods). A
+worker silent for ``lease_seconds`` is dead: everything assigned or leased to
+it goes back to ready and is dispatched again, so execution is at-least-once.
+
+Completion is idempotent. A report is written to the store
+first, with a conditional update that only succeeds for a pending unit; only
+then does the in-memory state move on. A late duplicate (the first lease
+expired and another worker ran the unit too) changes nothing, so every unit is
+recorded done exactly once.
+
+After a restart the store's unfinished jobs are loaded again; every unit not
+done is ready or waiting, leases start empty and workers re-register when their
+heartbeat is refused.
+
+**Anomaly exclusion.** Workers may report their node's telemetry verdict
+(``normal``, ``anomalous`` or ``unknown``) with each heartbeat. With
+``exclude_anomalous`` on, a worker reported anomalous is treated like one the
+operator excluded (``set_excluded``): it gets no new units and its queued ones
+are dispatched elsewhere; units it is already running finish there. When it
+reports ``normal`` (or ``unknown``: a telemetry daemon that cannot be read does
+not keep a node out) it is dispatched to again.
+
+**Shared reward.** Seed 004's scheduling agents (one per worker) share one
+reward. Each unit recorded done appends ``(seq, worker, key, response time)``
+to a bounded log (:data:`SHARED_LOG`); :meth:`Core.team_rewards` hands a
+worker the entries from *other* workers since its last call (at most
+:data:`MAX_SHARED_PER_REPLY`, the newest), so its ``marl`` scheduler observes
+every task of the team, its own ones locally and the others' through the
+dispatcher.
+
+All times are arguments (wall-clock seconds in the daemon, so deadlines and
+response times compare across hosts); nothing here does I/O except through the
+store (a :class:`JobStore`, passed in), which tests may give a temporary file.
+
+The unit states and their moves are the table of :mod:`.lifecycle`; every
+change of ``UnitRec.state`` goes through :meth:`UnitRec.to`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+from shoal.core.dispatch.base import DispatchPolicy, ServerState, TaskInfo, admissible
+from shoal.core.dispatch.jobs import Job, Unit, task_payload
+from shoal.core.dispatch.lifecycle import (
+    ASSIGN,
+    ASSIGNED,
+    CANCEL,
+    DONE,
+    FAIL,
+    FAILED,
+    FINAL,
+    LEASE,
+    READY,
+    RELEASE,
+    REQUEUE,
+    RETRY,
+    SUCCEED,
+    WAITING,
+    move,
+)
+from shoal.protocol.dispatch import VERDICTS, Lease, LeaseFacts, TaskResult, TaskSpec, UnitKey
+
+__all__ = ["Core", "CoreError", "JobStore", "StoredJob", "WorkerRec", "UnitRec", "VERDICTS", "MAX_SHARED_PER_REPLY"]
+
+SHARED_LOG = 4096  # completions kept for the team reward
+MAX_SHARED_PER_REPLY = 512  # team-reward entries in one pull or heartbeat reply
+
+
+@dataclass(slots=True)
+class StoredJob:
+    """An unfinished job as the store gives it back after a restart."""
+
+    id: int
+    job: Job
+    policy: str
+    submitted: float
+    state: str
+    unit_state: dict[str, str]  # unit id -> a stored state (lifecycle.STORED)
+    attempts: dict[str, int]
+
+
+class JobStore(Protocol):
+    """What :class:`Core` needs of the durable store (``shoal.daemons.dispatcher.store.Store``)."""
+
+    def add_job(self, job: Job, policy: str, submitted: float) -> int: ...
+
+    def record(self, outcomes: Sequence[tuple[int, str, str, str, Sequence[TaskResult]]],
+               now: float) -> list[bool]: ...
+
+    def finish_job(self, job: int, state: str, now: float, cancel_units: Iterable[str] = ()) -> None: ...
+
+    def unfinished_jobs(self) -> list[StoredJob]: ...
+
+
+class CoreError(Exception):
+    """A request the core refuses; ``code`` becomes the RPC error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True, eq=False)
+class UnitRec:
+    key: str  # "<job>/<unit>"
+    job: int
+    unit: Unit
+    info: TaskInfo
+    state: str = WAITING
+    missing: int = 0  # dependencies not done yet
+    attempts: int = 0
+    worker: str | None = None
+    lease_until: float = 0.0
+    lease_hard: float = 0.0
+
+    def to(self, event: str) -> None:
+        """Move along the life cycle (:func:`.lifecycle.move` raises on an illegal event)."""
+        self.state = move(self.state, event)
+
+
+@dataclass(slots=True, eq=False)
+class JobRec:
+    id: int
+    job: Job
+    policy: str
+    submitted: float
+    units: dict[str, UnitRec]
+    children: dict[str, list[str]]
+    left: int  # units not done
+
+
+@dataclass(slots=True, eq=False)
+class WorkerRec:
+    id: str
+    cpus: float
+    cpu_speed: float
+    mem_total: float
+    bandwidth: float
+    rtt: float
+    last_seen: float
+    assigned: deque[UnitRec] = field(default_factory=deque)
+    leased: dict[str, UnitRec] = field(default_factory=dict)
+    mem_reserved: float = 0.0
+    work_reserved: float = 0.0
+    running: int = 0
+    excluded: bool = False  # by the operator (``exclude``)
+    verdict: str | None = None  # the node's telemetry verdict, if the worker reports one
+    reward_seq: int = 0  # the last shared-log entry this worker has been given
+
+    def state(self) -> ServerState:
+        running = min(self.running, len(self.leased))
+        return ServerState(
+            id=self.id, cpus=self.cpus, cpu_speed=self.cpu_speed, mem_total=self.mem_total,
+            mem_free=self.mem_total - self.mem_reserved, bandwidth=self.bandwidth, rtt=self.rtt,
+            queue_len=len(self.assigned) + len(self.leased) - running, running=running,
+            queued_work=self.work_reserved,
+        )
+
+
+def _by_priority(priority: Callable[[TaskInfo], float], u: UnitRec) -> float:
+    """Sort key: highest policy priority first."""
+    return -priority(u.info)
+
+
+class Core:
+    def __init__(
+        self,
+        store: JobStore,
+        policy_for: Callable[[str], DispatchPolicy],
+        *,
+        default_policy: str = "least-load",
+        lease_seconds: float = 15.0,
+        max_pending_units: int = 1_000_000,
+        exclude_anomalous: bool = False,
+        metrics: Any = None,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.store = store
+        self.policy_for = policy_for
+        self.default_policy = default_policy
+        self.lease_seconds = lease_seconds
+        self.max_pending_units = max_pending_units
+        self.metrics = metrics
+        self.timer = timer
+        self.jobs: dict[int, JobRec] = {}
+        self.workers: dict[str, WorkerRec] = {}
+        self.pending: deque[UnitRec] = deque()  # ready, no worker admits them yet
+        self.unfinished_units = 0
+        self.excluded: set[str] = set()
+        self.exclude_anomalous = exclude_anomalous
+        #: the team reward log: (seq, worker id, unit key, response time), oldest first
+        self.shared: deque[tuple[int, str, str, float]] = deque(maxlen=SHARED_LOG)
+        self.shared_seq = 0
+        #: called with a worker id when its queue grows (wakes its long poll)
+        self.on_assign: Callable[[str], None] = lambda worker_id: None
+        #: called with (job id, state) when a job finishes
+        self.on_job_done: Callable[[int, str], None] = lambda job_id, state: None
+
+    # -- jobs --------------------------------------------------------------------
+
+    def submit(self, job: Job, now: float, policy: str | None = None) -> int:
+        """Store the job (durably), then release its root units."""
+        name = policy or job.policy or self.default_policy
+        pol = self.policy_for(name)  # ValueError for an unknown name, before storing
+        if self.unfinished_units + len(job.units) > self.max_pending_units:
+            raise CoreError("busy", f"the dispatcher holds {self.unfinished_units} unfinished units; "
+                                    f"the limit is {self.max_pending_units}")
+        job_id = self.store.add_job(job, name, now)
+        rec = self._load(job_id, job, name, now, {}, {})
+        infos = [u.info for u in rec.units.values()]
+        pol.plan(infos, [(f"{job_id}/{a}", f"{job_id}/{b}") for a, b in job.edges()],
+                 [w.state() for w in self._live()], now)
+        if self.metrics is not None:
+            self.metrics.submitted(len(job.tasks))
+        self._release([u for u in rec.units.values() if u.state == READY], now)
+        return job_id
+
+    def restore(self, now: float) -> int:
+        """Load unfinished jobs from the store after a restart; returns how many."""
+        stored = self.store.unfinished_jobs()
+        for s in stored:
+            rec = self._load(s.id, s.job, s.policy, s.submitted, s.unit_state, s.attempts)
+            self.policy_for(s.policy).plan([u.info for u in rec.units.values()],
+                                           [(f"{s.id}/{a}", f"{s.id}/{b}") for a, b in s.job.edges()], [], now)
+            if rec.left == 0:  # killed between the last unit and the job row
+                self._finish_job(rec, DONE, now)
+            else:
+                self._release([u for u in rec.units.values() if u.state == READY], now)
+        return len(stored)
+
+    def _load(self, job_id: int, job: Job, policy: str, submitted: float,
+              states: dict[str, str], attempts: dict[str, int]) -> JobRec:
+        units: dict[str, UnitRec] = {}
+        children: dict[str, list[str]] = {u: [] for u in job.units}
+        for u in job.units.values():
+            info = TaskInfo(
+                id=f"{job_id}/{u.id}", job=str(job_id), work=u.work, data_size=float(u.data_size),
+                mem=float(u.memory), cpus=u.cpus,
+                deadline=None if u.deadline is None else submitted + u.deadline,
+                submitted=submitted, depth=job.depth[u.id],
+            )
+            stored = states.get(u.id, "pending")
+            rec = UnitRec(f"{job_id}/{u.id}", job_id, u, info, attempts=attempts.get(u.id, 0))
+            if stored in FINAL:  # the store's names are the life cycle's
+                rec.state = stored
+            units[u.id] = rec
+            for d in u.deps:
+                children[d].append(u.id)
+        for rec in units.values():
+            if rec.state == WAITING:
+                rec.missing = sum(1 for d in rec.unit.deps if units[d].state != DONE)
+                if rec.missing == 0:
+                    rec.to(RELEASE)
+        left = sum(1 for r in units.values() if r.state != DONE)
+        jr = JobRec(job_id, job, policy, submitted, units, children, left)
+        self.jobs[job_id] = jr
+        self.unfinished_units += left
+        return jr
+
+    # -- workers -----------------------------------------------------------------
+
+    def register(self, worker_id: str, capacity: dict[str, Any], now: float, verdict: str | None = None) -> None:
+        """A worker (re)joins; whatever an earlier incarnation held is dispatched again."""
+        if verdict is not None and verdict not in VERDICTS:
+            raise CoreError("bad_params", f"verdict: expected one of {', '.join(VERDICTS)}")
+        old = self.workers.pop(worker_id, None)
+        if old is not None:
+            self._requeue_worker(old, now)
+        self.workers[worker_id] = WorkerRec(
+            id=worker_id,
+            cpus=float(capacity["cpus"]),
+            cpu_speed=float(capacity.get("cpu_speed", 1.0)),
+            mem_total=float(capacity["memory"]),
+            bandwidth=float(capacity.get("bandwidth", 1e9)),
+            rtt=float(capacity.get("rtt", 0.0)),
+            last_seen=now,
+            excluded=worker_id in self.excluded,
+            verdict=verdict,
+            reward_seq=self.shared_seq,  # the team reward starts now, not with history
+        )
+        w = self.workers[worker_id]
+        if not self.dispatchable(w) and not w.excluded and self.metrics is not None:
+            self.metrics.anomaly_excluded()  # registered while its node is flagged
+        self._retry_pending(now)
+
+    def heartbeat(self, worker_id: str, running: int, now: float, verdict: str | None = None) -> None:
+        w = self._worker(worker_id)
+        w.last_seen = now
+        w.running = running
+        for u in w.leased.values():
+            u.lease_until = now + self.lease_seconds
+        if verdict is not None:
+            self.set_verdict(worker_id, verdict, now)
+
+    def set_verdict(self, worker_id: str, verdict: str, now: float) -> None:
+        """A worker's node changed its telemetry verdict (see the module docstring)."""
+        if verdict not in VERDICTS:
+            raise CoreError("bad_params", f"verdict: expected one of {', '.join(VERDICTS)}")
+        w = self._worker(worker_id)
+        was = self.dispatchable(w)
+        w.verdict = verdict
+        self._apply_exclusion(w, was, now)
+
+    def set_exclude_anomalous(self, on: bool, now: float) -> None:
+        """Turn the telemetry exclusion on or off (config reload)."""
+        before = {w.id: self.dispatchable(w) for w in self.workers.values()}
+        self.exclude_anomalous = on
+        for w in list(self.workers.values()):
+            self._apply_exclusion(w, before[w.id], now)
+
+    def dispatchable(self, w: WorkerRec) -> bool:
+        return not w.excluded and not (self.exclude_anomalous and w.verdict == "anomalous")
+
+    def _apply_exclusion(self, w: WorkerRec, was: bool, now: float) -> None:
+        """After ``w`` stopped or started being dispatchable: move its queue, or retry pending units."""
+        now_ok = self.dispatchable(w)
+        if was and not now_ok:
+            if self.metrics is not None and not w.excluded:
+                self.metrics.anomaly_excluded()
+            self._evict_queue(w, now)
+        elif now_ok and not was:
+            self._retry_pending(now)
+
+    def team_rewards(self, worker_id: str) -> list[list[Any]]:
+        """Units recorded done on other workers since this worker last asked: ``[[key, worker, response], ...]``."""
+        w = self._worker(worker_id)
+        out: list[list[Any]] = []
+        for seq, wid, key, response in reversed(self.shared):
+            if seq <= w.reward_seq or len(out) >= MAX_SHARED_PER_REPLY:
+                break
+            if wid != worker_id:
+                out.append([key, wid, response])
+        w.reward_seq = self.shared_seq
+        out.reverse()
+        return out
+
+    def pull(self, worker_id: str, max_units: int, now: float) -> list[dict[str, Any]]:
+        """Lease up to ``max_units`` of the worker's queue; returns what it needs to run them."""
+        w = self._worker(worker_id)
+        w.last_seen = now
+        out: list[dict[str, Any]] = []
+        while w.assigned and len(out) < max_units:
+            u = w.assigned.popleft()
+            u.to(LEASE)
+            u.lease_until = now + self.lease_seconds
+            u.lease_hard = now + u.unit.timeout + 2 * self.lease_seconds
+            w.leased[u.key] = u
+            out.append(self._payload(u))
+        if out and self.metrics is not None:
+            self.metrics.started(sum(len(p["tasks"]) for p in out))
+        return out
+
+    def has_work(self, worker_id: str) -> bool:
+        w = self.workers.get(worker_id)
+        return w is None or bool(w.assigned)
+
+    def set_excluded(self, worker_ids: Iterable[str], now: float) -> None:
+        """The anomaly hook: these workers get no new units; their queued ones move."""
+        self.excluded = set(worker_ids)
+        for w in self.workers.values():
+            w.excluded = w.id in self.excluded
+            if not self.dispatchable(w):
+                self._evict_queue(w, now)
+        self._retry_pending(now)
+
+    def _evict_queue(self, w: WorkerRec, now: float) -> None:
+        """Dispatch ``w``'s queued (not yet pulled) units elsewhere."""
+        if not w.assigned:
+            return
+        moved = list(w.assigned)
+        w.assigned.clear()
+        for u in moved:
+            self._unreserve(w, u)
+            u.to(REQUEUE)
+            u.worker = None
+        self._release(moved, now)
+
+    # -- reports -----------------------------------------------------------------
+
+    def report(self, worker_id: str, batch: Sequence[tuple[str, list[TaskResult]]], now: float) -> int:
+        """Apply a batch of unit outcomes; returns how many changed the state (the rest were duplicates)."""
+        w = self.workers.get(worker_id)
+        if w is not None:
+            w.last_seen = now
+        writes: list[tuple[int, str, str, str, list[TaskResult]]] = []
+        recs: list[tuple[UnitRec, str, list[TaskResult]]] = []
+        found: list[tuple[UnitRec | None, list[TaskResult]]] = []
+        for key, results in batch:
+            k = key if isinstance(key, UnitKey) else UnitKey.parse(key)
+            jr = self.jobs.get(k.job)
+            u = jr.units.get(k.unit) if jr is not None else None
+            if u is not None and [r.task for r in results] != list(u.unit.tasks[:len(results)]):
+                raise CoreError("bad_params", f"{k}: results must name the unit's tasks in order")
+            found.append((u, results))
+        for u, results in found:
+            if u is None or u.state in FINAL:
+                if self.metrics is not None:
+                    self.metrics.duplicate()
+                continue
+            ok = len(results) == len(u.unit.tasks) and all(r.ok for r in results)
+            if ok:
+                outcome = DONE
+            elif u.attempts + 1 <= u.unit.retries:
+                outcome = RETRY
+            else:
+                outcome = FAILED
+            writes.append((u.job, u.unit.id, worker_id, outcome, results))
+            recs.append((u, outcome, results))
+        if not writes:
+            return 0
+        changed = self.store.record(writes, now)
+        applied = 0
+        released: list[UnitRec] = []
+        for (u, outcome, results), did in zip(recs, changed, strict=True):
+            if not did:
+                continue
+            applied += 1
+            self._drop_lease(u)
+            u.attempts += 1
+            jr = self.jobs[u.job]
+            if outcome == DONE:
+                self._done(jr, u, worker_id, results, now, released)
+            elif outcome == RETRY:
+                if self.metrics is not None:
+                    self.metrics.retried()
+                u.to(RETRY)
+                released.append(u)
+            else:
+                if self.metrics is not None:
+                    self.metrics.failed(len(u.unit.tasks))
+                u.to(FAIL)
+                self.unfinished_units -= 1
+                self._finish_job(jr, FAILED, now)
+        self._release([u for u in released if u.state == READY], now)
+        self._retry_pending(now)
+        return applied
+
+    def _done(self, jr: JobRec, u: UnitRec, worker_id: str, results: list[TaskResult], now: float,
+              released: list[UnitRec]) -> None:
+        u.to(SUCCEED)
+        jr.left -= 1
+        self.unfinished_units -= 1
+        response = now - u.info.submitted
+        self.policy_for(jr.policy).observe(u.info, worker_id, response, now)
+        self.shared_seq += 1
+        self.shared.append((self.shared_seq, worker_id, u.key, response))
+        if self.metrics is not None:
+            misses = sum(
+                1 for r in results
+                if (d := jr.job.tasks[r.task].deadline) is not None and r.finished > jr.submitted + d
+            )
+            self.metrics.finished(len(u.unit.tasks), response, misses)
+        for c in jr.children[u.unit.id]:
+            child = jr.units[c]
+            child.missing -= 1
+            if child.missing == 0 and child.state == WAITING:
+                child.to(RELEASE)
+                child.info.submitted = now  # released now: response time counts from here
+                released.append(child)
+        if jr.left == 0:
+            self._finish_job(jr, DONE, now)
+
+    def _finish_job(self, jr: JobRec, state: str, now: float) -> None:
+        cancel = []
+        for u in jr.units.values():
+            if u.state not in FINAL:
+                cancel.append(u.unit.id)
+                self._drop_lease(u)
+                u.to(CANCEL)  # if it sits in self.pending, _release skips it
+        self.unfinished_units -= len(cancel)
+        self.store.finish_job(jr.id, state, now, cancel)
+        del self.jobs[jr.id]
+        self.on_job_done(jr.id, state)
+
+    # -- time --------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[str]:
+        """Declare silent workers dead and expire leases; returns the dead workers' ids."""
+        dead = [w for w in self.workers.values() if now - w.last_seen > self.lease_seconds]
+        for w in dead:
+            del self.workers[w.id]
+            self._requeue_worker(w, now)
+        expired: list[UnitRec] = []
+        for w in self.workers.values():
+            for u in list(w.leased.values()):
+                if now > u.lease_hard or now > u.lease_until:
+                    self._drop_lease(u)
+                    u.to(REQUEUE)
+                    expired.append(u)
+        if expired:
+            if self.metrics is not None:
+                self.metrics.requeued(len(expired))
+            self._release(expired, now)
+        self._retry_pending(now)
+        return [w.id for w in dead]
+
+    # -- internals -----------------------------------------------------------------
+
+    def _worker(self, worker_id: str) -> WorkerRec:
+        w = self.workers.get(worker_id)
+        if w is None:
+            raise CoreError("unknown_worker", f"worker {worker_id!r} is not registered (register again)")
+        return w
+
+    def _live(self) -> list[WorkerRec]:
+        return [w for w in self.workers.values() if self.dispatchable(w)]
+
+    def _requeue_worker(self, w: WorkerRec, now: float) -> None:
+        units = list(w.assigned) + list(w.leased.values())
+        w.assigned.clear()
+        w.leased.clear()
+        for u in units:
+            u.to(REQUEUE)
+            u.worker = None
+        if units:
+            if self.metrics is not None:
+                self.metrics.requeued(len(units))
+            self._release(units, now)
+
+    def _drop_lease(self, u: UnitRec) -> None:
+        """Take the unit off whichever worker holds it (queued or leased)."""
+        w = self.workers.get(u.worker) if u.worker else None
+        if w is not None:
+            if u.state == ASSIGNED:
+                try:
+                    w.assigned.remove(u)
+                except ValueError:
+                    pass
+                else:
+                    self._unreserve(w, u)
+            elif w.leased.pop(u.key, None) is not None:
+                self._unreserve(w, u)
+        u.worker = None
+
+    def _unreserve(self, w: WorkerRec, u: UnitRec) -> None:
+        w.mem_reserved -= u.info.mem
+        w.work_reserved -= u.info.work
+
+    def _retry_pending(self, now: float) -> None:
+        if self.pending and self._live():
+            units = list(self.pending)
+            self.pending.clear()
+            self._release(units, now)
+
+    def _release(self, units: list[UnitRec], now: float) -> None:
+        """Dispatch ready units, highest policy priority first."""
+        units = [u for u in units if u.state == READY]  # pending may hold units of jobs ended since
+        if not units:
+            return
+        live = self._live()
+        by_policy: dict[str, list[UnitRec]] = {}
+        for u in units:
+            by_policy.setdefault(self.jobs[u.job].policy, []).append(u)
+        for name, group in by_policy.items():
+            pol = self.policy_for(name)
+            prio = getattr(pol, "priority", None)
+            if prio is not None and len(group) > 1:
+                group.sort(key=partial(_by_priority, prio))
+            for u in group:
+                if u.state != READY:
+                    continue
+                if not live:
+                    self.pending.append(u)
+                    continue
+                start = self.timer()
+                states = [w.state() for w in live]
+                fits = admissible(u.info, states)
+                if not fits:
+                    self.pending.append(u)
+                    continue
+                choice = fits[pol.choose(u.info, [states[i] for i in fits], now)]
+                w = live[choice]
+                u.to(ASSIGN)
+                u.worker = w.id
+                w.assigned.append(u)
+                w.mem_reserved += u.info.mem
+                w.work_reserved += u.info.work
+                if self.metrics is not None:
+                    self.metrics.decision(name, self.timer() - start)
+                self.on_assign(w.id)
+
+    def _payload(self, u: UnitRec) -> dict[str, Any]:
+        """The unit's lease as it travels (:class:`shoal.protocol.dispatch.Lease`)."""
+        i = u.info
+        tasks = self.jobs[u.job].job.tasks
+        return Lease.make(
+            UnitKey(u.job, u.unit.id), u.attempts + 1, u.unit.timeout,
+            [TaskSpec(**task_payload(tasks[t])) for t in u.unit.tasks],
+            LeaseFacts(i.work, i.data_size, i.mem, i.cpus, i.deadline, i.submitted, i.depth),
+        ).encode()
+
+    # -- views -------------------------------------------------------------------
+
+    def queue_depth(self) -> int:
+        return len(self.pending) + sum(len(w.assigned) for w in self.workers.values())
+
+    def running_units(self) -> int:
+        return sum(len(w.leased) for w in self.workers.values())
+
+    def workers_view(self) -> list[dict[str, Any]]:
+        return [
+            {"id": w.id, "cpus": w.cpus, "memory": w.mem_total, "rtt": w.rtt, "queued": len(w.assigned),
+             "leased": len(w.leased), "running": w.running, "excluded": not self.dispatchable(w),
+             "verdict": w.verdict}
+            for w in self.workers.values()
+        ]
+
+    def progress(self, job_id: int) -> dict[str, int] | None:
+        jr = self.jobs.get(job_id)
+        if jr is None:
+            return None
+        counts: dict[str, int] = {}
+        for u in jr.units.values():
+            counts[u.state] = counts.get(u.state, 0) + len(u.unit.tasks)
+        return counts
