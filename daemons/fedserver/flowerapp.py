@@ -45,6 +45,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -111,10 +112,11 @@ def query(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = msg.content["config"]
+    cfg: Any = msg.content["config"]  # Flower's records are typed loosely: Any, checked by use
     features = [str(f) for f in cfg["features"]]
     X = _local_data(context, features)
-    ae = Autoencoder.from_weights(msg.content["arrays"].to_numpy_ndarrays())
+    arrays: Any = msg.content["arrays"]
+    ae = Autoencoder.from_weights(arrays.to_numpy_ndarrays())
     losses = ae.fit(X, epochs=int(cfg["epochs"]), batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]))
     content = RecordDict({
         "arrays": ArrayRecord(ae.get_weights()),
@@ -125,9 +127,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg = msg.content["config"]
+    cfg: Any = msg.content["config"]  # Flower's records are typed loosely: Any, checked by use
     features = [str(f) for f in cfg["features"]]
-    weights = msg.content["arrays"].to_numpy_ndarrays()
+    arrays: Any = msg.content["arrays"]
+    weights = arrays.to_numpy_ndarrays()
     save_model_npz(Path(str(context.node_config["model-out"])), weights, features,
                    context.run_id, int(cfg["server-round"]))
     X = _local_data(context, features)
@@ -208,8 +211,8 @@ def main(grid: Grid, context: Context) -> None:
         time.sleep(0.5)
     queries = [Message(content=RecordDict(), dst_node_id=n, message_type=QUERY) for n in nodes]
     replies = [r for r in grid.send_and_receive(queries, timeout=float(rc["timeout"])) if not r.has_error()]
-    answers = [[str(f) for f in r.content["info"]["features"]] for r in replies
-               if int(r.content["info"]["windows"]) > 0]
+    infos: list[Any] = [r.content["info"] for r in replies]
+    answers = [[str(f) for f in info["features"]] for info in infos if int(info["windows"]) > 0]
     if len(answers) < min_nodes:
         raise RuntimeError(f"only {len(answers)} nodes have training windows, {min_nodes} needed")
     features = common_features(answers)
@@ -217,7 +220,7 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError("the nodes share no feature")
     ae = Autoencoder(len(features), seed=int(rc["seed"]))
     strategy = FedAvg(min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
-    common = {"features": features}
+    common: dict[str, Any] = {"features": features}
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(ae.get_weights()),

@@ -183,7 +183,7 @@ class FleetProxy:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
                     received = await stream.receive_some(65536)
-                    conn.receive_data(received)
+                    conn.receive_data(bytes(received))
                     continue
                 if isinstance(event, h11.InformationalResponse):
                     continue

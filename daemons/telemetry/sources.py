@@ -319,6 +319,7 @@ class GpuSource(Source):
         return self.exe is not None
 
     def read(self) -> Reading:
+        assert self.exe is not None  # read only when available()
         out = subprocess.run(
             [self.exe, f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
             capture_output=True, text=True, timeout=5, check=True,
