@@ -5,7 +5,8 @@ A dispatcher and three workers (two slots each) start in this process on
 is submitted over the RPC: ``prepare`` (a Python process that writes a data
 file), a fan of eight ``square`` tasks that depend on it (each its own
 process, spread over the workers by the least-load policy), then the chain
-``check -> summarise -> report`` fused into one invocation (``bundle_chains``). While it runs, each refresh prints the tasks per state and
+``check -> summarise -> report`` fused into one invocation (``bundle_chains``).
+While it runs, each refresh prints the tasks per state and
 what every worker runs; at the end, the per-task table (worker, attempts,
 exit code, duration) and the dispatcher's counters from its /metrics.
 """
@@ -43,7 +44,8 @@ def demo_job() -> dict:
             {"name": "prepare", "command": [py, "-c", "open('data.txt','w').write('1 2 3 4 5 6 7 8'); print('ok')"],
              "outputs": [{"path": "data.txt", "max_bytes": 1024}]},
             {"name": "square", "replicas": 8, "deps": ["prepare"], "command": [py, "-c", square], "deadline": 30},
-            {"name": "check", "deps": ["square"], "command": [py, "-c", "import time; time.sleep(0.3); print('checked')"]},
+            {"name": "check", "deps": ["square"],
+             "command": [py, "-c", "import time; time.sleep(0.3); print('checked')"]},
             {"name": "summarise", "deps": ["check"], "command": [py, "-c", "print('summary')"]},
             {"name": "report", "deps": ["summarise"], "builtin": "sleep 0.2"},
         ],
@@ -96,7 +98,7 @@ async def tour(size_mib: int, timeout: float, out) -> int:
 async def _run(addr: ListenAddr, timeout: float, out) -> int:
     async with await connect_tcp(addr) as c:
         with trio.fail_after(30):
-            while len(await c.call("workers")) < len(WORKERS):
+            while len(await c.call("workers")) < len(WORKERS):  # noqa: ASYNC110 - polls another process's state; there is no event to wait on
                 await trio.sleep(0.05)
         spec = demo_job()
         reply = await c.call("submit", {"spec": json.dumps(spec).encode()})

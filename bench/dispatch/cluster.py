@@ -93,7 +93,7 @@ heartbeat_interval = 2.0
     async def _wait_workers(self) -> None:
         async with await connect_tcp(self.addr) as c:
             with trio.fail_after(60):
-                while len(await c.call("workers")) < self.n:
+                while len(await c.call("workers")) < self.n:  # noqa: ASYNC110 - polls another process's state; there is no event to wait on
                     await trio.sleep(0.05)
 
     async def call(self, method: str, params=None):

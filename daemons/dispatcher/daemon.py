@@ -200,7 +200,8 @@ class DispatcherApp:
         try:
             job = parse_spec(params.spec, limits)
             if job.policy is not None and job.policy not in DISPATCH_POLICIES:
-                raise SpecError("invalid", f"policy: unknown policy {job.policy!r}; known: {', '.join(DISPATCH_POLICIES)}")
+                raise SpecError("invalid",
+                                f"policy: unknown policy {job.policy!r}; known: {', '.join(DISPATCH_POLICIES)}")
         except SpecError as exc:
             self.metrics.specs_rejected.labels(exc.reason).inc()
             log.info("refused a job spec (%s): %s", exc.reason, exc)

@@ -110,7 +110,8 @@ class Store:
                 "INSERT INTO jobs (name, spec, policy, submitted, state) VALUES (?, ?, ?, ?, 'running')",
                 (job.name, spec, policy, submitted),
             )
-            job_id = int(cur.lastrowid)
+            job_id = cur.lastrowid
+            assert job_id is not None  # an INSERT always sets it
             db.executemany("INSERT INTO units (job, unit, state) VALUES (?, ?, 'pending')",
                            [(job_id, u) for u in job.units])
             db.executemany(
@@ -204,7 +205,7 @@ class Store:
         cols = "task, unit, state, exit_code, worker, started, finished, error, outputs"
         if logs:
             cols += ", stdout, stderr"
-        tasks = []
+        tasks: list[dict[str, Any]] = []
         size = 0
         for r in self.db.execute(f"SELECT {cols} FROM tasks WHERE job=? ORDER BY rowid LIMIT ? OFFSET ?",
                                  (job_id, limit, offset)):

@@ -231,7 +231,8 @@ class WorkerApp:
             if not self.unreported:
                 await self.changed.wait()
                 continue
-            batch, size = [], 0
+            batch: list[list[Any]] = []
+            size = 0
             for entry in self.unreported[:MAX_REPORT]:  # a report must fit one RPC frame
                 size += _entry_size(entry)
                 if batch and size > REPORT_BYTES:

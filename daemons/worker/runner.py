@@ -22,6 +22,7 @@ benchmarks (seed 002's "sleep 0" workflows).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -75,7 +76,7 @@ class SwarmHook:
         from shoal.protocol.metainfo import parse_metainfo
 
         try:
-            raw = torrent.read_bytes()
+            raw = await trio.Path(torrent).read_bytes()
             meta = parse_metainfo(raw)
         except OSError as exc:
             raise InputError(f"swarm:{torrent}: {exc.strerror or exc}") from None
@@ -164,7 +165,7 @@ class _Capture:
         while chunk := await stream.receive_some(READ_CHUNK):
             room = self.limit - self.kept
             if room > 0:
-                self.chunks.append(chunk[:room])
+                self.chunks.append(bytes(chunk[:room]))
                 self.kept += min(room, len(chunk))
             self.dropped += max(0, len(chunk) - max(room, 0))
 
@@ -206,26 +207,27 @@ async def run_task(task: TaskSpec | dict[str, Any], key: str, attempt: int, limi
             task.command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, start_new_session=True)
     except OSError as exc:
-        return TaskResult(name, None, started, time.time(), error=f"cannot start {task.command[0]!r}: {exc.strerror or exc}")
+        return TaskResult(name, None, started, time.time(),
+                          error=f"cannot start {task.command[0]!r}: {exc.strerror or exc}")
+    stdout, stderr = proc.stdout, proc.stderr
+    assert stdout is not None and stderr is not None  # both are pipes
     error = ""
     try:
         with trio.move_on_after(task.timeout) as scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(out.drain, proc.stdout)
-                nursery.start_soon(err.drain, proc.stderr)
+                nursery.start_soon(out.drain, stdout)
+                nursery.start_soon(err.drain, stderr)
                 await proc.wait()
         if scope.cancelled_caught:
             error = f"timeout after {task.timeout:g}s"
     finally:
         if proc.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             with trio.CancelScope(shield=True):
                 await proc.wait()
-        for s in (proc.stdout, proc.stderr):
-            await trio.aclose_forcefully(s)
+        for pipe in (stdout, stderr):
+            await trio.aclose_forcefully(pipe)
     code = proc.returncode
     if metrics is not None and (out.dropped or err.dropped):
         metrics.truncated.inc(out.dropped + err.dropped)

@@ -147,7 +147,7 @@ async def test_marl_workers_learn_from_each_others_tasks(tmp_path):
             # each worker's scheduler is fed every task that ran on the other one (heartbeats deliver them)
             with trio.fail_after(20):
                 for wid, other in (("w1", "w2"), ("w2", "w1")):
-                    while metric(await scrape(ws[wid].addresses["metrics"]),
+                    while metric(await scrape(ws[wid].addresses["metrics"]),  # noqa: ASYNC110 - polls another process's state; there is no event to wait on
                                  "shoal_worker_team_rewards_total") < ran[other]:
                         await trio.sleep(0.05)
             for wid, other in (("w1", "w2"), ("w2", "w1")):

@@ -45,10 +45,10 @@ async def test_dag_job_runs_in_order_across_workers_with_outputs_and_logs(tmp_pa
                     lby = {t["task"]: t for t in logs["tasks"]}
                     assert lby["prep"]["stdout"] == b"prepared\n" and lby["mid"]["stderr"] == b"warn\n"
                     # the CLI shows the same job
-                    r = subprocess.run([*SHOAL, "job", "1", "--logs", "--dispatcher", str(addr)],
+                    r = subprocess.run([*SHOAL, "job", "1", "--logs", "--dispatcher", str(addr)],  # noqa: ASYNC221 - the CLI under test is its own process; the daemons run in others
                                        capture_output=True, text=True, timeout=30)
                     assert r.returncode == 0 and "prepared" in r.stdout and "done" in r.stdout, r.stderr
-                    r = subprocess.run([*SHOAL, "jobs", "--dispatcher", str(addr)], capture_output=True, text=True,
+                    r = subprocess.run([*SHOAL, "jobs", "--dispatcher", str(addr)], capture_output=True, text=True,  # noqa: ASYNC221 - the CLI under test is its own process; the daemons run in others
                                        timeout=30)
                     assert r.returncode == 0 and " done " in r.stdout
                 m = await scrape(d.addresses["metrics"])
@@ -66,14 +66,15 @@ async def test_failures_retries_timeouts_and_output_limits(tmp_path):
     tasks = [
         # fails on the first attempt, succeeds on the second
         {"name": "flaky", "retries": 1, "command": [
-            py, "-c", f"import os,sys; p={str(flaky)!r}; e=os.path.exists(p); open(p,'a').close(); sys.exit(0 if e else 3)"]},
+            py, "-c",
+            f"import os,sys; p={str(flaky)!r}; e=os.path.exists(p); open(p,'a').close(); sys.exit(0 if e else 3)"]},
         {"name": "slow", "timeout": 0.3, "command": [py, "-c", "import time; time.sleep(30)"]},
         {"name": "after_slow", "builtin": "sleep 0", "deps": ["slow"]},
     ]
     big = [{"name": "big", "command": [py, "-c", "open('o','w').write('x'*5000); print('y'*100000)"],
             "outputs": [{"path": "o", "max_bytes": 1000}]}]
     with trio.fail_after(60):
-        async with await start_dispatcher(tmp_path) as d:
+        async with await start_dispatcher(tmp_path) as d:  # noqa: SIM117 - the worker needs the dispatcher's address
             async with await start_worker(tmp_path, d.addresses["rpc"], "w1", slots=3) as w:
                 async with await connect(d) as c:
                     await wait_workers(c, 1)
@@ -97,7 +98,8 @@ async def test_failures_retries_timeouts_and_output_limits(tmp_path):
 
 async def test_bad_specs_are_refused_with_one_line_and_counted(tmp_path):
     bad = {
-        "cycle": spec([{"name": "a", "builtin": "sleep 0", "deps": ["b"]}, {"name": "b", "builtin": "sleep 0", "deps": ["a"]}]),
+        "cycle": spec([{"name": "a", "builtin": "sleep 0", "deps": ["b"]},
+                       {"name": "b", "builtin": "sleep 0", "deps": ["a"]}]),
         "unknown_dep": spec([{"name": "a", "builtin": "sleep 0", "deps": ["zz"]}]),
         "too_large": b"#" * 600_000,
         "syntax": b"[[tasks]\nname=",
@@ -124,7 +126,7 @@ async def test_bad_specs_are_refused_with_one_line_and_counted(tmp_path):
                 assert (await c.call("submit", {"spec": spec([{"name": "ok", "builtin": "sleep 0"}])}))["job"] == 1
             cyc = tmp_path / "cycle.toml"
             cyc.write_text('[[tasks]]\nname = "a"\nbuiltin = "sleep 0"\ndeps = ["a"]\n')
-            r = subprocess.run([*SHOAL, "submit", str(cyc), "--dispatcher", str(d.addresses["rpc"])],
+            r = subprocess.run([*SHOAL, "submit", str(cyc), "--dispatcher", str(d.addresses["rpc"])],  # noqa: ASYNC221 - the CLI under test is its own process; the daemons run in others
                                capture_output=True, text=True, timeout=30)
             assert r.returncode == 2 and r.stderr == "shoal: cycle: a -> a\n", r.stderr
             m = await scrape(d.addresses["metrics"])
@@ -169,7 +171,7 @@ async def test_big_jobs_are_shown_page_by_page(tmp_path):
                 first = await c.call("job", {"id": j})
                 assert first["total"] == 4500 and first["counts"] == {"pending": 4500}
                 assert 0 < len(first["tasks"]) < 4500
-            r = subprocess.run([*SHOAL, "job", str(j), "--dispatcher", str(d.addresses["rpc"])],
+            r = subprocess.run([*SHOAL, "job", str(j), "--dispatcher", str(d.addresses["rpc"])],  # noqa: ASYNC221 - the CLI under test is its own process; the daemons run in others
                                capture_output=True, text=True, timeout=30)
             assert r.returncode == 0, r.stderr
             shown = [ln.split()[0] for ln in r.stdout.splitlines()[1:]]
@@ -196,10 +198,10 @@ async def test_token_authenticates_workers_and_clients(tmp_path):
                     assert exc.code == "unauthorized"
                 else:
                     raise AssertionError("a client without the token was let in")
-                r = subprocess.run([*SHOAL, "jobs", "--dispatcher", str(addr)], capture_output=True, text=True,
+                r = subprocess.run([*SHOAL, "jobs", "--dispatcher", str(addr)], capture_output=True, text=True,  # noqa: ASYNC221 - the CLI under test is its own process; the daemons run in others
                                    timeout=30)
                 assert r.returncode == 2 and "unauthorized" in r.stderr
-                r = subprocess.run([*SHOAL, "jobs", "--dispatcher", str(addr), "--token-file", str(token)],
+                r = subprocess.run([*SHOAL, "jobs", "--dispatcher", str(addr), "--token-file", str(token)],  # noqa: ASYNC221 - the CLI under test is its own process; the daemons run in others
                                    capture_output=True, text=True, timeout=30)
                 assert r.returncode == 0 and " done " in r.stdout, r.stderr
                 assert await w.terminate() == 0

@@ -57,7 +57,8 @@ def test_toml_spec_round_trip():
 
 
 def test_json_spec_is_accepted():
-    doc = {"name": "j", "tasks": [{"name": "a", "builtin": "sleep 0"}, {"name": "b", "command": ["true"], "deps": ["a"]}]}
+    doc = {"name": "j", "tasks": [{"name": "a", "builtin": "sleep 0"},
+                                  {"name": "b", "command": ["true"], "deps": ["a"]}]}
     job = parse_spec(json.dumps(doc).encode())
     assert list(job.tasks) == ["a", "b"] and job.depth == {"a": 0, "b": 1}
 
@@ -65,7 +66,8 @@ def test_json_spec_is_accepted():
 @pytest.mark.parametrize(
     "doc, reason, words",
     [
-        ({"tasks": [{"name": "a", "builtin": "sleep 0", "deps": ["b"]}, {"name": "b", "builtin": "sleep 0", "deps": ["a"]}]},
+        ({"tasks": [{"name": "a", "builtin": "sleep 0", "deps": ["b"]},
+                    {"name": "b", "builtin": "sleep 0", "deps": ["a"]}]},
          "cycle", "cycle: "),
         ({"tasks": [{"name": "a", "builtin": "sleep 0", "deps": ["a"]}]}, "cycle", "a -> a"),
         ({"tasks": [{"name": "a", "builtin": "sleep 0", "deps": ["ghost"]}]}, "unknown_dep", "'ghost'"),

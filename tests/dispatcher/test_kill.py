@@ -1,5 +1,6 @@
 """kill -9: a worker mid-task, and the dispatcher under load."""
 
+import contextlib
 import json
 import os
 import random
@@ -28,7 +29,7 @@ async def test_worker_killed_mid_task_has_its_task_rerun_elsewhere(tmp_path):
             async with await start_worker(tmp_path, addr, "w1", slots=1) as w1, await connect(d) as c:
                 await wait_workers(c, 1)
                 j = (await c.call("submit", {"spec": json.dumps(job).encode()}))["job"]
-                while not marker.exists():  # the task has started on w1
+                while not marker.exists():  # the task has started on w1  # noqa: ASYNC110 - polls another process's state; there is no event to wait on
                     await trio.sleep(0.02)
                 async with await start_worker(tmp_path, addr, "w2", slots=1) as w2:
                     await wait_workers(c, 2)
@@ -39,10 +40,9 @@ async def test_worker_killed_mid_task_has_its_task_rerun_elsewhere(tmp_path):
                     assert by["long"]["worker"] == "w2" and by["after"]["state"] == "done"
                     pids = marker.read_text().split()
                     assert len(pids) == 2  # at-least-once: it ran twice
-                    try:  # w1's orphaned first run (its own session) is ours to stop
+                    # w1's orphaned first run (its own session) is ours to stop
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(int(pids[0]), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                     rows = await c.call("workers")
                     assert [w["id"] for w in rows] == ["w2"]  # w1 was declared dead
                     assert await w2.terminate() == 0
@@ -94,7 +94,7 @@ async def test_dispatcher_killed_under_load_loses_no_job_and_records_each_unit_o
 
     async def submitter(addr, n: int) -> None:
         async with await connect_tcp(addr) as c:
-            for i in range(n):
+            for _ in range(n):
                 acked.append((await c.call("submit", {"spec": job_spec(len(acked))}))["job"])
 
     async def load(addr, stop: trio.Event, submit: int) -> None:
@@ -112,7 +112,7 @@ async def test_dispatcher_killed_under_load_loses_no_job_and_records_each_unit_o
             stop = trio.Event()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(load, d.addresses["rpc"], stop, 10_000)
-                while len(acked) < 40:
+                while len(acked) < 40:  # noqa: ASYNC110 - polls another process's state; there is no event to wait on
                     await trio.sleep(0.01)
                 await d.kill()  # mid-submission, mid-report
         before = list(acked)

@@ -37,7 +37,7 @@ def test_gradients_match_finite_differences(activation: str) -> None:
     y = rng.normal(size=(9, 2))
     _, analytic = net.loss_and_grads(x, y)
     numeric = numeric_grads(net, x, y)
-    for a, n in zip(analytic, numeric):
+    for a, n in zip(analytic, numeric, strict=True):
         assert a.shape == n.shape
         err = np.max(np.abs(a - n)) / max(np.max(np.abs(n)), 1e-8)
         assert err < 1e-5, err
@@ -68,7 +68,7 @@ def test_state_dict_round_trip_through_msgpack() -> None:
     # The optimiser state came along too: the next step is identical.
     net.train_batch(x, y)
     clone.train_batch(x, y)
-    for a, b in zip(net.params, clone.params):
+    for a, b in zip(net.params, clone.params, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -95,5 +95,5 @@ def test_gradient_clipping_bounds_the_update() -> None:
     net = MLP([1, 1], optimizer="sgd", lr=1.0, clip=1.0, seed=0)
     before = [p.copy() for p in net.params]
     net.train_batch(np.array([[1e3]]), np.array([[1e6]]))
-    moved = np.sqrt(sum(np.sum((p - q) ** 2) for p, q in zip(net.params, before)))
+    moved = np.sqrt(sum(np.sum((p - q) ** 2) for p, q in zip(net.params, before, strict=True)))
     assert moved == pytest.approx(1.0)
