@@ -206,7 +206,7 @@ async def start_daemon(
 
 async def scrape(addr: ListenAddr) -> str:
     """The body of a daemon's /metrics page, fetched as Prometheus does."""
-    from shoal.daemons.tracker.client import http_get
+    from shoal.daemons.peer.announce import http_get
 
     status, body = await http_get(addr.host, addr.port, b"/metrics")
     assert status == 200, status

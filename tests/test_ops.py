@@ -427,7 +427,7 @@ def _peer_registry() -> CollectorRegistry:
 
 #: Daemon -> its metrics registry, as the daemon builds it (own + runtime metrics).
 def _dispatcher_registry() -> CollectorRegistry:
-    from shoal.daemons.dispatcher.core import Core
+    from shoal.core.dispatch.machine import Core
     from shoal.daemons.dispatcher.metrics import DispatcherMetrics
     from shoal.daemons.dispatcher.store import Store
 
