@@ -52,37 +52,6 @@ def rpc(args, method: str, params=None):
     return cli.call(args.dispatcher, method, params, what="the dispatcher", token_file=args.token_file)
 
 
-def submit(args, params: Submit):
-    """``submit``: like :func:`rpc`, but a refused spec prints only its one-line reason.
-
-    (The runtime's ``cli.call`` prints ``code: message``; a spec error reads
-    better as the reason alone, ``shoal: cycle: a -> a``.)
-    """
-    import trio
-
-    from shoal.daemons.runtime.config import ConfigError, ListenAddr, read_token
-    from shoal.daemons.runtime.rpc import RpcConnectionError, RpcError, connect_tcp
-
-    try:
-        token = read_token(args.token_file, "--token-file")
-        addr = ListenAddr.parse(args.dispatcher)
-    except (ConfigError, ValueError) as exc:
-        cli.die(str(exc))
-
-    async def one_call():
-        async with await connect_tcp(addr, token=token) as client:
-            return await client.call("submit", params.encode())
-
-    try:
-        return trio.run(one_call)
-    except RpcConnectionError as exc:
-        cli.die(f"the dispatcher at {args.dispatcher}: {exc}")
-    except RpcError as exc:
-        cli.die(exc.message if exc.code == "bad_spec" else str(exc))
-    except OSError as exc:
-        cli.die(f"cannot reach the dispatcher at {args.dispatcher}: {exc.strerror or exc}")
-
-
 def cmd_submit(args) -> int:
     try:
         spec = sys.stdin.buffer.read() if args.job == "-" else Path(args.job).read_bytes()
@@ -91,7 +60,9 @@ def cmd_submit(args) -> int:
     if len(spec) > MAX_SPEC_BYTES:
         return cli.fail(f"{args.job}: {len(spec)} bytes; a spec must fit one RPC frame ({MAX_SPEC_BYTES} bytes): "
                      "use replicas = N for many alike tasks")
-    reply = submit(args, Submit(spec=spec, policy=args.policy or None))
+    # A refused spec reads best as its reason alone: "shoal: cycle: a -> a".
+    reply = cli.call(args.dispatcher, "submit", Submit(spec=spec, policy=args.policy or None), what="the dispatcher",
+                     token_file=args.token_file, message_only=("bad_spec",))
     print(f"job {reply['job']} accepted: {reply['tasks']} tasks in {reply['units']} units")
     if not args.wait:
         return 0

@@ -32,8 +32,13 @@ def die(message: str) -> NoReturn:
 
 
 def call(target: str, method: str, params: Any = None, *, what: str, token_file: str | None = None,
-         token_option: str = "--token-file", timeout: float = 30.0) -> Any:
-    """One RPC call to the daemon at ``target`` (``what`` names it in errors)."""
+         token_option: str = "--token-file", timeout: float = 30.0, message_only: tuple[str, ...] = ()) -> Any:
+    """One RPC call to the daemon at ``target`` (``what`` names it in errors).
+
+    An error the daemon answers is printed as ``code: message``, or as the
+    message alone for the codes in ``message_only`` (whose message is already
+    a complete sentence for a user, like a job spec's ``cycle: a -> a``).
+    """
     import trio
 
     from shoal.daemons.runtime.config import ConfigError, ListenAddr, read_token
@@ -66,6 +71,6 @@ def call(target: str, method: str, params: Any = None, *, what: str, token_file:
     except RpcConnectionError as exc:
         die(f"{what} at {target}: {exc}")
     except RpcError as exc:
-        die(str(exc))
+        die(exc.message if exc.code in message_only and exc.message else str(exc))
     except OSError as exc:
         die(f"cannot reach {what} at {target}: {exc.strerror or exc}")
