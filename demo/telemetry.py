@@ -32,6 +32,8 @@ from pathlib import Path
 import trio
 
 from shoal.daemons.runtime.rpc import connect_unix
+from shoal.protocol.contract import Contract
+from shoal.protocol.telemetry import Label, Status, Train
 
 WINDOW = 1.5
 NORMAL_WINDOWS = 14
@@ -68,9 +70,9 @@ socket = "{socket}"
 """
 
 
-async def _rpc(sock: Path, method: str, params=None):
+async def _rpc(sock: Path, method: str, params: Contract | None = None):
     async with await connect_unix(str(sock)) as client:
-        return await client.call(method, params, timeout=120.0)
+        return await client.call(method, None if params is None else params.encode(), timeout=120.0)
 
 
 def _row(w: dict, threshold: float | None) -> str:
@@ -113,7 +115,7 @@ async def _run_tour(tmp: Path, sock: Path, log, timeout: float, out) -> int:
 async def _tour(sock: Path, out) -> int:
     while True:
         try:
-            st = await _rpc(sock, "status", {"windows": 0})
+            st = await _rpc(sock, "status", Status(windows=0))
             break
         except OSError:
             await trio.sleep(0.2)
@@ -122,21 +124,21 @@ async def _tour(sock: Path, out) -> int:
     print(f"collecting {NORMAL_WINDOWS} normal windows of {WINDOW:g} s (mean and std of every metric) ...",
           file=out, flush=True)
     # Polls the daemon, another process: there is no event to wait on.
-    while (st := await _rpc(sock, "status", {"windows": 1}))["stored"] < NORMAL_WINDOWS:  # noqa: ASYNC110
+    while (st := await _rpc(sock, "status", Status(windows=1)))["stored"] < NORMAL_WINDOWS:  # noqa: ASYNC110
         await trio.sleep(0.5)
     w = st["windows"][0]
     print(f"  {st['stored']} windows stored, {w['features']} features each", file=out, flush=True)
-    trained = await _rpc(sock, "train", {})
+    trained = await _rpc(sock, "train", Train())
     threshold = trained["threshold"]
     print(f"trained the node's autoencoder on {trained['windows']} windows: threshold (98th percentile) "
           f"{threshold:.5f}", file=out, flush=True)
-    last = (await _rpc(sock, "status", {"windows": 1}))["windows"][0]["start"]
+    last = (await _rpc(sock, "status", Status(windows=1)))["windows"][0]["start"]
 
     async def show_windows(until: float) -> list[dict]:
         nonlocal last
         seen = []
         while time.time() < until:
-            for w in reversed((await _rpc(sock, "status", {"windows": 5}))["windows"]):
+            for w in reversed((await _rpc(sock, "status", Status(windows=5)))["windows"]):
                 if w["start"] > last and w["score"] is not None:
                     last = w["start"]
                     seen.append(w)
@@ -148,7 +150,7 @@ async def _tour(sock: Path, out) -> int:
     normal = await show_windows(time.time() + 3 * WINDOW + 0.5)
     start = time.time()
     leak = leak_mib()
-    await _rpc(sock, "label", {"start": start, "end": start + FAULT_SECONDS, "label": "fault"})
+    await _rpc(sock, "label", Label(start=start, end=start + FAULT_SECONDS, label="fault"))
     print(f"injecting a CPU hog on {os.cpu_count()} cores, a {leak} MiB memory leak and disk contention "
           f"for {FAULT_SECONDS:g} s (shoal telemetry inject cpu|mem|io --label fault):", file=out, flush=True)
     code = ("from shoal.daemons.telemetry.inject import inject; "
