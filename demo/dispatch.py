@@ -14,6 +14,7 @@ exit code, duration) and the dispatcher's counters from its /metrics.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from functools import partial
@@ -82,8 +83,11 @@ async def tour(size_mib: int, timeout: float, out) -> int:
                 wcfg = WorkerConfig(
                     daemon=DaemonSection(metrics_listen=ListenAddr("127.0.0.1", 0), log_level="warning",
                                          state_directory=str(tmp / name)),
+                    # The tour's tasks are this Python (sys.executable, perhaps under a private
+                    # home) writing into a private temporary directory: they run as the demo's
+                    # own user. A deployed worker runs them as task_user (docs/dispatch.md).
                     worker=WorkerSection(dispatcher=addr, id=name, slots=2, heartbeat_interval=0.5,
-                                         reconnect_interval=0.1),
+                                         reconnect_interval=0.1, task_user=str(os.getuid())),
                 )
                 wctxs.append(await nursery.start(partial(serve, "worker", wcfg, None, WorkerApp, handle_signals=False)))
             print(f"shoal workers: {', '.join(WORKERS)} (2 slots each)", file=out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from shoal.core.dispatch.policy import QUEUE_POLICIES
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
@@ -49,10 +50,32 @@ class WorkerSection:
     # This node's telemetry daemon's /metrics URL, read every heartbeat_interval; its
     # anomaly verdict goes with the heartbeats (the dispatcher's exclude_anomalous). "" = off.
     telemetry_metrics: str = setting("")
+    # The user tasks run as (a name or a numeric uid): never a daemon's user, so a
+    # task cannot signal the daemons. A dedicated user is best; nobody works anywhere.
+    task_user: str = setting("nobody")
+    # The tasks' group (a name or a gid); "" = the task user's own group.
+    task_group: str = setting("")
+    # A worker that may not switch to task_user (not root, no CAP_SETUID/CAP_SETGID):
+    # "refuse" = it does not start; "self" = tasks run as the worker's own user (a
+    # developer's laptop; said once in the log).
+    when_unprivileged: Literal["refuse", "self"] = "refuse"
+    # Where task cgroups are made (each task's cpus and memory enforced there):
+    # "auto" = the worker's own cgroup v2 directory when it may write it (systemd's
+    # Delegate=yes); "off" = process groups only; or a directory: a cgroup v2
+    # directory, or a cgroup v1 memory controller directory. Without one, limits are
+    # not enforced (said once in the log).
+    cgroup: str = setting("auto")
+    # With a v1 memory directory in cgroup: a v1 cpu controller directory for cpu
+    # quotas; "" = cpus not enforced.
+    cgroup_cpu: Path | None = setting(None)
 
     def __post_init__(self) -> None:
         if self.telemetry_metrics and not self.telemetry_metrics.startswith(("http://", "https://")):
             raise ValueError("telemetry_metrics: must be an http:// or https:// URL (or empty)")
+        if not self.task_user:
+            raise ValueError("task_user: required (a user name or a numeric uid)")
+        if self.cgroup not in ("auto", "off") and not self.cgroup.startswith("/"):
+            raise ValueError("cgroup: expected auto, off or an absolute directory")
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,17 +48,29 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from shoal.core.dispatch.persist import pack_states, restore, unpack_states
 from shoal.core.dispatch.policy import ServerState, TaskInfo, make_queue_policy
-from shoal.daemons.runtime.config import read_token
+from shoal.daemons.runtime.config import ConfigError, read_token
 from shoal.daemons.runtime.daemon import DaemonContext
 from shoal.daemons.runtime.rpc import RpcConnectionError, RpcError, connect_tcp
 from shoal.daemons.runtime.state import StateSaver
-from shoal.daemons.worker.config import WorkerConfig
+from shoal.daemons.worker.config import WorkerConfig, WorkerSection
+from shoal.daemons.worker.isolation import (
+    CgroupTree,
+    Isolation,
+    IsolationError,
+    Reaper,
+    TaskUser,
+    can_switch_users,
+    check_reachable,
+    own_v2_cgroup,
+    resolve_user,
+)
 from shoal.daemons.worker.metrics import WorkerMetrics
 from shoal.daemons.worker.runner import RunLimits, SwarmHook, run_task
 from shoal.daemons.worker.telemetry import feed_team_rewards, read_verdict
@@ -121,6 +133,7 @@ class WorkerApp:
         self.token = read_token(w.token_file, TOKEN_KEY)
         self.limits = RunLimits(w.work_dir or ctx.state_dir / "work", w.max_log_bytes, w.max_input_bytes)
         self.limits.work_dir.mkdir(parents=True, exist_ok=True)
+        self.isolation = make_isolation(w, self.limits.work_dir, str(ctx.config_path or "worker"))
         self.swarm = SwarmHook(w.peer_socket)
         self.policy = make_queue_policy(w.queue_policy)
         self.policy_file = ctx.state_dir / POLICY_FILE
@@ -146,6 +159,9 @@ class WorkerApp:
     # -- lifecycle -----------------------------------------------------------------
 
     async def run(self, ctx: DaemonContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        cg = self.isolation.cgroups
+        dirs = [] if cg is None else [d for d in (cg.base, cg.cpu_base) if d is not None]
+        reaper = self.isolation.reaper = await Reaper.start(dirs)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._slots)
@@ -158,6 +174,7 @@ class WorkerApp:
                 task_status.started()
         finally:
             self.saver.save_now()  # the saver logs and counts a failure
+            await reaper.stop()
 
     def reload(self, new: WorkerConfig) -> None:
         log.warning("worker settings take effect at the next restart")
@@ -302,11 +319,14 @@ class WorkerApp:
 
     async def _run_unit(self, lease: Lease, info: TaskInfo) -> None:
         key = lease.key
+        facts = lease.facts()
         results: list[TaskResult] = []
         try:
             for task in lease.tasks:
                 self.metrics.started.inc()
-                r = await run_task(task, key, lease.attempt, self.limits, self.swarm, self.metrics)
+                # A fused chain's limits are its largest task's (the unit's facts).
+                r = await run_task(task, key, lease.attempt, self.limits, self.swarm, self.metrics,
+                                   isolation=self.isolation, cpus=facts.cpus, memory=int(facts.mem))
                 self.metrics.duration.observe(r.finished - r.started)
                 outcome = "ok" if r.ok else "timeout" if r.error.startswith("timeout") else (
                     "failed" if r.exit_code is not None else "error")
@@ -337,6 +357,51 @@ class WorkerApp:
 
     def _policy_snapshot(self) -> bytes:
         return pack_states({self.policy.name: self.policy.state_dict()})
+
+
+def make_isolation(w: WorkerSection, work_dir: Path, source: str) -> Isolation:
+    """The worker's task isolation (see :mod:`.isolation`); each fallback is said once, here."""
+    try:
+        user: TaskUser | None = resolve_user(w.task_user, w.task_group)
+        assert user is not None
+        if user.uid == os.geteuid():
+            log.warning("task_user %s is the worker's own user: tasks can signal the worker and every daemon "
+                        "of that user", user.name)
+            user = None
+        elif not can_switch_users():
+            if w.when_unprivileged == "refuse":
+                raise ConfigError(source, "worker.task_user",
+                                  f"this worker (uid {os.geteuid()}) may not run tasks as {user.name}: it is not root "
+                                  "and lacks CAP_SETUID/CAP_SETGID (or set when_unprivileged = \"self\")")
+            log.warning("cannot switch to the task user %s (not root, no CAP_SETUID/CAP_SETGID): tasks run as the "
+                        "worker's own user (when_unprivileged = \"self\")", user.name)
+            user = None
+        if user is not None:
+            os.chmod(work_dir, 0o711)  # task users enter their own task directory, list nothing
+            check_reachable(work_dir, user)
+        cgroups = None
+        if w.cgroup == "auto":
+            base = own_v2_cgroup()
+            cgroups = CgroupTree(base) if base is not None else None
+            why = "no writable cgroup v2 directory of its own (not under systemd with Delegate=yes)"
+        elif w.cgroup != "off":
+            cgroups = CgroupTree(Path(w.cgroup), w.cgroup_cpu)
+        else:
+            why = "cgroup = \"off\""
+        if cgroups is None:
+            log.warning("tasks run in process groups (%s): their cpus and memory are not enforced", why)
+        else:
+            cgroups.prepare()
+            log.info("tasks run in cgroups under %s (cgroup %s)%s", cgroups.base, "v2" if cgroups.v2 else "v1",
+                     f" and {cgroups.cpu_base}" if cgroups.cpu_base else "")
+        if user is not None:
+            log.info("tasks run as %s (uid %d, gid %d)", user.name, user.uid, user.gid)
+    except IsolationError as exc:
+        key, _, reason = str(exc).partition(": ")
+        raise ConfigError(source, f"worker.{key}", reason) from None
+    except OSError as exc:
+        raise ConfigError(source, "worker.cgroup", f"{exc.filename}: {exc.strerror}") from None
+    return Isolation(user, cgroups)
 
 
 def make_app(ctx: DaemonContext) -> WorkerApp:

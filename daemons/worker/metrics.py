@@ -22,6 +22,9 @@ class WorkerMetrics:
                                   buckets=DURATION_BUCKETS, registry=registry)
         self.truncated = Counter("shoal_worker_output_truncated_bytes_total",
                                  "stdout/stderr bytes dropped beyond max_log_bytes.", registry=registry)
+        self.memory_kills = Counter("shoal_worker_tasks_memory_killed_total",
+                                    "Tasks killed by the kernel for passing their memory limit (in their cgroup).",
+                                    registry=registry)
         self.input_errors = Counter("shoal_worker_input_errors_total", "Task inputs that could not be fetched.",
                                     registry=registry)
         self.dispatcher_errors = Counter("shoal_worker_dispatcher_errors_total",

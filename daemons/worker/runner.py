@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 import urllib.request
@@ -36,7 +38,10 @@ from typing import Any
 
 import trio
 
+from shoal.daemons.worker.isolation import Isolation, IsolationError, TaskCgroup, task_subprocess_kwargs
 from shoal.protocol.dispatch import TaskResult, TaskSpec, UnitKey
+
+log = logging.getLogger("shoal.worker")
 
 __all__ = ["InputError", "RunLimits", "SwarmHook", "run_task"]
 
@@ -174,10 +179,15 @@ class _Capture:
 
 
 async def run_task(task: TaskSpec | dict[str, Any], key: str, attempt: int, limits: RunLimits, swarm: SwarmHook,
-                   metrics: Any = None) -> TaskResult:
+                   metrics: Any = None, *, isolation: Isolation | None = None, cpus: float = 0.0,
+                   memory: int = 0) -> TaskResult:
     """Run one task of the unit ``key`` to completion; never raises for the task's own failures.
 
     ``task`` is a leased :class:`TaskSpec` (or its map form, decoded here).
+    With ``isolation`` (the worker always passes it) the process runs as the
+    task user, in its own cgroup bounded by ``cpus`` and ``memory`` (bytes,
+    0 = unbounded) when the worker manages cgroups, and dies with the worker
+    (:mod:`.isolation`).
     """
     if isinstance(task, dict):
         task = TaskSpec.decode(task)
@@ -194,6 +204,8 @@ async def run_task(task: TaskSpec | dict[str, Any], key: str, attempt: int, limi
         if cwd.exists():
             await trio.to_thread.run_sync(shutil.rmtree, cwd)
         cwd.mkdir(parents=True)
+        if isolation is not None:
+            isolation.prepare_dir(cwd)
         try:
             await stage_inputs(task.inputs, cwd, limits, swarm, task.timeout)
         except InputError as exc:
@@ -201,14 +213,45 @@ async def run_task(task: TaskSpec | dict[str, Any], key: str, attempt: int, limi
                 metrics.input_errors.inc()
             return TaskResult(name, None, started, time.time(), error=f"input: {exc}")
     env = dict(os.environ, SHOAL_JOB=job, SHOAL_TASK=name, SHOAL_ATTEMPT=str(attempt))
+    cgroup = None
+    if isolation is not None:
+        env = isolation.env(env)
+        if isolation.cgroups is not None:
+            try:
+                cgroup = isolation.cgroups.create(cpus, memory)
+            except (OSError, IsolationError) as exc:
+                return TaskResult(name, None, started, time.time(), error=f"cannot make the task's cgroup: {exc}")
+    try:
+        return await _run_process(task, cwd, env, limits, metrics, isolation, cgroup, started)
+    finally:
+        if cgroup is not None:
+            await _remove_cgroup(cgroup)
+
+
+async def _remove_cgroup(cgroup: TaskCgroup) -> None:
+    """Kill what the task left in its cgroup and remove it (bounded: a dying process leaves in microseconds)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        while True:
+            cgroup.kill()
+            if cgroup.empty() and cgroup.remove():
+                return
+            await trio.sleep(0.01)  # poll the kernel's view: killed processes leave the cgroup when reaped
+    log.warning("task cgroup %s is not empty after 5 s; left for the next start", cgroup.dirs[0])
+
+
+async def _run_process(task: TaskSpec, cwd: Path, env: dict[str, str], limits: RunLimits, metrics: Any,
+                       isolation: Isolation | None, cgroup: TaskCgroup | None, started: float) -> TaskResult:
+    name = task.name
     out, err = _Capture(limits.max_log_bytes), _Capture(limits.max_log_bytes)
     try:
         proc = await trio.lowlevel.open_process(
             task.command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True)
-    except OSError as exc:
+            stderr=subprocess.PIPE, **task_subprocess_kwargs(isolation, cgroup))
+    except (OSError, subprocess.SubprocessError) as exc:
         return TaskResult(name, None, started, time.time(),
-                          error=f"cannot start {task.command[0]!r}: {exc.strerror or exc}")
+                          error=f"cannot start {task.command[0]!r}: {getattr(exc, 'strerror', None) or exc}")
+    if isolation is not None:
+        isolation.started(proc.pid)
     stdout, stderr = proc.stdout, proc.stderr
     assert stdout is not None and stderr is not None  # both are pipes
     error = ""
@@ -221,14 +264,21 @@ async def run_task(task: TaskSpec | dict[str, Any], key: str, attempt: int, limi
         if scope.cancelled_caught:
             error = f"timeout after {task.timeout:g}s"
     finally:
+        # The whole process group goes, leader or not: a task leaves nothing running behind.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
             with trio.CancelScope(shield=True):
                 await proc.wait()
+        if isolation is not None:
+            isolation.ended(proc.pid)
         for pipe in (stdout, stderr):
             await trio.aclose_forcefully(pipe)
     code = proc.returncode
+    if not error and code != 0 and cgroup is not None and cgroup.oom_killed():
+        error = f"memory limit exceeded ({cgroup.memory_limit / 2**20:g} MiB)"
+        if metrics is not None:
+            metrics.memory_kills.inc()
     if metrics is not None and (out.dropped or err.dropped):
         metrics.truncated.inc(out.dropped + err.dropped)
     outputs: list[list[Any]] = []
@@ -243,9 +293,12 @@ def _check_outputs(cwd: Path, declared: list[list[Any]]) -> tuple[str, list[list
     for rel, limit in declared:
         path = cwd / rel
         try:
-            size = path.stat().st_size
+            st = path.lstat()  # the task's own link to a file it cannot read is not its output
         except OSError:
             return f"output {rel!r} is missing", []
+        if not stat.S_ISREG(st.st_mode):
+            return f"output {rel!r} is not a regular file", []
+        size = st.st_size
         if size > limit:
             return f"output {rel!r} is {size} bytes, above its max_bytes ({limit})", []
         h = hashlib.sha256()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,13 @@ lease_seconds = {lease}
     return path
 
 
-def worker_config(path: Path, dispatcher: ListenAddr, worker_id: str, *, slots: int = 2, extra: str = "") -> Path:
+def worker_config(path: Path, dispatcher: ListenAddr, worker_id: str, *, slots: int = 2, extra: str = "",
+                  task_user: str | None = None) -> Path:
+    """A worker config. Tasks run as the test's own user unless ``task_user`` is given: the
+    general daemon tests run the test interpreter (sys.executable, perhaps under a private
+    home) and write into pytest's private tmp_path; tests/worker/test_isolation.py tests the
+    task user itself."""
+    user = str(os.getuid()) if task_user is None else task_user
     path.write_text(f"""
 [daemon]
 log_level = "debug"
@@ -42,6 +49,7 @@ id = "{worker_id}"
 slots = {slots}
 heartbeat_interval = 0.2
 reconnect_interval = 0.1
+task_user = "{user}"
 {extra}
 """)
     return path
@@ -55,8 +63,9 @@ async def start_dispatcher(tmp: Path, *, state_dir: Path | None = None, lease: f
 
 
 async def start_worker(tmp: Path, dispatcher: ListenAddr, worker_id: str, *, slots: int = 2,
-                       extra: str = "") -> RunningDaemon:
-    cfg = worker_config(tmp / f"{worker_id}.toml", dispatcher, worker_id, slots=slots, extra=extra)
+                       extra: str = "", task_user: str | None = None) -> RunningDaemon:
+    cfg = worker_config(tmp / f"{worker_id}.toml", dispatcher, worker_id, slots=slots, extra=extra,
+                        task_user=task_user)
     return await start_daemon([*SHOAL, "worker", "run", "--config", str(cfg)], state_dir=tmp / f"{worker_id}-state")
 
 
