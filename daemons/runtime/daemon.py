@@ -260,6 +260,14 @@ async def _serve(
                     if disarm is not None:
                         disarm()
             nursery.cancel_scope.cancel()
+    except* ConfigError as group:
+        if ctx.ready:
+            raise
+        # A file the config names (a token, an access list) read while the app
+        # is built: as bad as a bad config file, and as final.
+        first = _first_leaf(group)
+        log.error("%s", first)
+        exit_code = EXIT_CONFIG
     except* OSError as group:
         if ctx.ready:
             raise

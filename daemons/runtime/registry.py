@@ -112,7 +112,8 @@ DAEMONS: dict[str, DaemonSpec] = {
                ("LimitNOFILE", "65536", "two pipes per running task and the dispatcher connection"),
            )),
         _d("telemetry", "Shoal node telemetry (collector, ONNX anomaly detector, Flower SuperNode)",
-           config_class="TelemetryConfig", commands="shoal.daemons.telemetry.cli:add_commands",
+           config_class="TelemetryConfig", check="shoal.daemons.telemetry.daemon:check_config",
+           commands="shoal.daemons.telemetry.cli:add_commands",
            ports={"metrics": 9743},
            service=(
                ("ProcSubset", "all",
@@ -121,7 +122,8 @@ DAEMONS: dict[str, DaemonSpec] = {
                 "the graceful stop also stops the SuperNode (stop_timeout 10 s plus its own 5 s grace)"),
            )),
         _d("fedserver", "Shoal federated averaging server (Flower SuperLink, FedAvg runs)",
-           config_class="FedserverConfig", commands="shoal.daemons.fedserver.cli:add_commands",
+           config_class="FedserverConfig", check="shoal.daemons.fedserver.daemon:check_config",
+           commands="shoal.daemons.fedserver.cli:add_commands",
            # The Fleet port was 9093 and the RPC 9094 (Alertmanager's ports): Debian's
            # alertmanager failed to start beside the fedserver.
            ports={"metrics": 9744, "fleet": 7443, "rpc": 7444},

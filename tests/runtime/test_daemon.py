@@ -17,7 +17,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from shoal.daemons.runtime import systemd
-from shoal.daemons.runtime.config import DaemonSection, ListenAddr, load_config
+from shoal.daemons.runtime.config import ConfigError, DaemonSection, ListenAddr, load_config
 from shoal.daemons.runtime.daemon import (
     EXIT_CANNOT_LISTEN,
     EXIT_CONFIG,
@@ -334,3 +334,17 @@ async def test_subprocess_bad_config_is_one_line_and_exit_code_2(tmp_path, scrip
     with trio.fail_after(30):
         with pytest.raises(DaemonFailed, match="exited with 2"):
             await start_daemon([sys.executable, str(script), str(config)], timeout=20)
+
+
+async def test_a_bad_file_named_by_the_config_is_a_config_error_at_start(tmp_path, notify):
+    # A token file is read when the app is built; a short one used to escape
+    # serve() as an ExceptionGroup traceback. Now: one line, EXIT_CONFIG.
+    _, env = notify
+    config = Cfg(DaemonSection(metrics_listen=LOOPBACK, state_directory=str(tmp_path / "st")), "hi")
+
+    def make_app(ctx):
+        raise ConfigError(str(tmp_path / "tok"), "x.token_file", "the token must be at least 16 bytes, got 5")
+
+    with trio.fail_after(10):
+        code = await serve("tiny", config, None, make_app, handle_signals=False, env=env)
+    assert code == EXIT_CONFIG
