@@ -3,7 +3,7 @@ with SIGKILL and recovered from the parity, the result checked bit for bit."""
 
 from __future__ import annotations
 
-from shoal.daemons.checkpoint.launcher import describe, run_app
+from shoal.ckpt.launcher import describe, run_app
 
 
 async def tour(size_mib: int, timeout: float, out) -> int:

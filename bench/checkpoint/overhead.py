@@ -25,8 +25,8 @@ from pathlib import Path
 
 import trio
 
+from shoal.ckpt.launcher import run_app
 from shoal.core.checkpoint.overhead import model
-from shoal.daemons.checkpoint.launcher import run_app
 
 LAMBDA = 6.301e-6
 APPS = [("mergesort", "Table 10: merge sort", 4, 3_000_000), ("cannon", "Table 11: matrix multiplication (Cannon)", 9, 700),

@@ -1,6 +1,6 @@
 """Recovery time of a rank whose checkpointed state is 256 MiB, on loopback.
 
-Three rank processes (``shoal.daemons.checkpoint.launcher``), a coordinator and
+Three rank processes (``shoal.ckpt.launcher``), a coordinator and
 a backup served in this process. Each rank holds 256 MiB (plus its 256 MiB
 checkpoint copy). Rank 1 is killed with SIGKILL once every rank has committed
 a checkpoint after checkpoint 0; its replacement process reads the 256 MiB
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from shoal.daemons.checkpoint.launcher import run_app
+from shoal.ckpt.launcher import run_app
 
 TARGET = 2.0
 

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Literal
 
 from shoal.core.checkpoint.parity import MAX_BLOCK_SIZE
+from shoal.daemons.runtime.config import ConfigError, DaemonSection, ListenAddr, read_token, setting
 from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
-from shoal.daemons.runtime.config import ConfigError, DaemonSection, ListenAddr, setting
 
 METRICS_PORT = METRICS_PORTS["checkpoint"]
 RPC_PORT = PORTS["checkpoint", "rpc"]
 BACKUP_PORT = PORTS["checkpoint", "backup"]
-MIN_TOKEN_BYTES = 16
+TOKEN_KEY = "checkpoint.token_file"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,23 +64,10 @@ class CheckpointConfig:
     checkpoint: CheckpointSection = setting(CheckpointSection())
 
 
-def read_token(path: Path | None, source: str = "checkpoint.token_file") -> bytes | None:
-    """The token in ``path`` (whitespace stripped); ConfigError if unreadable or short."""
-    if path is None:
-        return None
-    try:
-        token = path.read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError(str(path), "-", f"cannot read: {exc.strerror or exc}") from None
-    if len(token) < MIN_TOKEN_BYTES:
-        raise ConfigError(str(path), source, f"token must be at least {MIN_TOKEN_BYTES} bytes")
-    return token
-
-
 def check_config(cfg: CheckpointConfig) -> None:
     """Validation beyond the schema (`shoal config check`): the token file, loopback rule."""
     c = cfg.checkpoint
-    token = read_token(c.token_file)
+    token = read_token(c.token_file, TOKEN_KEY)
     if token is None and not c.listen.is_loopback:
         raise ConfigError("checkpoint", "checkpoint.listen",
                           "a non-loopback listener needs token_file (RPC is authenticated off loopback)")

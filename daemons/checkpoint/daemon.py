@@ -12,9 +12,10 @@ from functools import partial
 
 import trio
 
-from shoal.daemons.checkpoint.config import CheckpointConfig, check_config, read_token
+from shoal.daemons.checkpoint.config import TOKEN_KEY, CheckpointConfig, check_config
 from shoal.daemons.checkpoint.coordinator import Backup, Coordinator
 from shoal.daemons.checkpoint.metrics import CheckpointMetrics
+from shoal.daemons.runtime.config import read_token
 from shoal.daemons.runtime.daemon import DaemonContext
 from shoal.daemons.runtime.rpc import RpcServer
 
@@ -24,7 +25,7 @@ class CheckpointApp:
         cfg: CheckpointConfig = ctx.config
         check_config(cfg)
         c = cfg.checkpoint
-        self.token = read_token(c.token_file)
+        self.token = read_token(c.token_file, TOKEN_KEY)
         self.role = c.role
         holder: dict[str, object] = {}
         self.metrics = CheckpointMetrics(ctx.registry, lambda: holder["service"].gauges() if "service" in holder else {})

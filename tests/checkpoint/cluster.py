@@ -10,8 +10,8 @@ from pathlib import Path
 
 import trio
 
+from shoal.ckpt import GroupFailed, Rank
 from shoal.ckpt.apps import load
-from shoal.daemons.checkpoint.client import GroupFailed, Rank
 from shoal.daemons.checkpoint.config import CheckpointConfig, CheckpointSection
 from shoal.daemons.checkpoint.daemon import CheckpointApp
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr

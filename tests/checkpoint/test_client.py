@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import trio
 
+from shoal.ckpt import Rank
 from shoal.core.checkpoint.parity import Parity
-from shoal.daemons.checkpoint.client import Rank
 from shoal.daemons.runtime.config import ListenAddr
 from tests.checkpoint.cluster import config, start_daemon
 
@@ -93,8 +93,8 @@ async def test_checkpoints_send_only_changed_blocks_and_image_matches_parity(tmp
 
 
 async def test_status_reports_the_model_from_measured_overheads(tmp_path: Path, nursery) -> None:
+    from shoal.ckpt.cli import format_status
     from shoal.core.checkpoint.overhead import model
-    from shoal.daemons.checkpoint.cli import format_status
 
     ctx, app, scope = await start_daemon(nursery, config(tmp_path, "c"))
     ranks = [Rank(ctx.addresses["rpc"], "g", i, 2, block_size=4096, interval=0.01) for i in range(2)]

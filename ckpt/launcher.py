@@ -1,11 +1,14 @@
 """Run a checkpointed app as real processes, kill ranks, and check the result.
 
 ``run_app`` serves a coordinator (and a backup) in this process on loopback,
-starts one process per rank (``python -m shoal.daemons.checkpoint.launcher
-rank ...``), sends SIGKILL to the ranks named in ``kills`` at their times and
+starts one process per rank (``python -m shoal.ckpt.launcher rank ...``), sends SIGKILL to the ranks named in ``kills`` at their times and
 starts a replacement process for each, which joins under the dead rank's id
 and receives its state. When every rank has exited, each rank's result file is
 compared with the app's sequential reference, bit for bit.
+
+The daemon is found through the runtime's registry
+(:data:`shoal.daemons.runtime.registry.DAEMONS`), like ``shoal checkpoint run``
+finds it: the library depends on the runtime, never on a daemon package.
 """
 
 from __future__ import annotations
@@ -17,15 +20,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from shoal.ckpt.apps import load
-from shoal.daemons.checkpoint.config import CheckpointConfig, CheckpointSection
-from shoal.daemons.runtime.config import DaemonSection, ListenAddr
+from shoal.ckpt.rank import Rank
+from shoal.daemons.runtime.config import ListenAddr, parse_config
 from shoal.daemons.runtime.daemon import serve
+from shoal.daemons.runtime.registry import DAEMONS
 from shoal.daemons.runtime.rpc import connect_tcp
 from shoal.daemons.runtime.state import atomic_write
 
@@ -53,20 +57,24 @@ def parse_kill(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"expected RANK@SECONDS, got {text!r}") from None
 
 
+def role_config(role: str, tmp: Path, *, backup: ListenAddr | None = None, heartbeat: float = 0.5) -> object:
+    """The config of a coordinator or backup on loopback, validated by the daemon's own schema."""
+    text = (f'[daemon]\nmetrics_listen = "{LOOPBACK}"\nstate_directory = {json.dumps(str(tmp / role))}\n'
+            f'[checkpoint]\nrole = "{role}"\nlisten = "{LOOPBACK}"\nbackup = "{backup or ""}"\n'
+            f"heartbeat_interval = {heartbeat!r}\nheartbeat_timeout = {heartbeat * 6!r}\n")
+    return parse_config(text, DAEMONS["checkpoint"].load_schema(), source=f"<{role} on loopback>")
+
+
 async def serve_role(nursery: trio.Nursery, role: str, tmp: Path, *, backup: ListenAddr | None = None,
                      heartbeat: float = 0.5) -> tuple[object, trio.CancelScope]:
     """A coordinator or backup daemon served in-process on loopback; (ctx, scope)."""
-    from shoal.daemons.checkpoint.daemon import CheckpointApp
-
-    section = replace(CheckpointSection(), role=role, listen=LOOPBACK, backup=backup,
-                      heartbeat_interval=heartbeat, heartbeat_timeout=heartbeat * 6)
-    cfg = CheckpointConfig(daemon=DaemonSection(metrics_listen=LOOPBACK, state_directory=str(tmp / role)),
-                           checkpoint=section)
+    spec = DAEMONS["checkpoint"]
+    cfg = role_config(role, tmp, backup=backup, heartbeat=heartbeat)
     scope = trio.CancelScope()
 
     async def run(task_status=trio.TASK_STATUS_IGNORED):
         with scope:
-            await serve("checkpoint", cfg, None, CheckpointApp, handle_signals=False, task_status=task_status)
+            await serve(spec.name, cfg, None, spec.load_factory(), handle_signals=False, task_status=task_status)
 
     ctx = await nursery.start(run)
     return ctx, scope
@@ -90,7 +98,7 @@ async def run_app(app: str, ranks: int, *, size: int, kills: list[tuple[int, flo
                   f"backup rpc={bctx.addresses['rpc']}", file=out)
 
             def argv(i: int) -> list[str]:
-                return [sys.executable, "-m", "shoal.daemons.checkpoint.launcher", "rank", "--app", app,
+                return [sys.executable, "-m", "shoal.ckpt.launcher", "rank", "--app", app,
                         "--rank", str(i), "--n", str(ranks), "--coordinator", str(coord), "--group", group,
                         "--mode", mode, "--interval", str(interval), "--size", str(size),
                         "--block-size", str(block_size), "--shards", str(shards),
@@ -187,8 +195,6 @@ def describe(outcome: Outcome, out=sys.stdout) -> None:
 
 
 async def _rank(args: argparse.Namespace) -> int:
-    from shoal.daemons.checkpoint.client import Rank
-
     module = load(args.app)
     rank = Rank(ListenAddr.parse(args.coordinator), args.group, args.rank, args.n, mode=args.mode,
                 interval=args.interval, block_size=args.block_size, parity_shards=args.shards)
@@ -224,5 +230,5 @@ def rank_main(argv: list[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["rank"]:
         sys.exit(rank_main(sys.argv[2:]))
-    print("usage: python -m shoal.daemons.checkpoint.launcher rank ...", file=sys.stderr)
+    print("usage: python -m shoal.ckpt.launcher rank ...", file=sys.stderr)
     sys.exit(2)

@@ -1,10 +1,16 @@
-"""``shoal ckpt status`` and ``shoal ckpt demo APP --ranks N --kill RANK@SECONDS``."""
+"""``shoal ckpt status`` and ``shoal ckpt demo APP --ranks N --kill RANK@SECONDS``.
+
+These commands belong to the library, not to the daemon: ``demo`` runs the
+example applications (:mod:`shoal.ckpt.apps`) through the launcher, which a
+daemon package may not import. Errors are one line (``shoal.daemons.runtime.cli``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
+
+from shoal.daemons.runtime.cli import call, fail
 
 DEFAULT_COORDINATOR = "127.0.0.1:7745"
 #: A size per app that runs for a few seconds on a laptop (see each app's docstring).
@@ -12,7 +18,7 @@ DEMO_SIZES = {"ring": 3000, "mergesort": 4_000_000, "cannon": 800, "apsp": 200}
 
 
 def add_commands(daemon: argparse._SubParsersAction, top: argparse._SubParsersAction) -> None:
-    from shoal.daemons.checkpoint.launcher import parse_kill
+    from shoal.ckpt.launcher import parse_kill
 
     ck = top.add_parser("ckpt", help="diskless checkpointing: group status, the example apps")
     sub = ck.add_subparsers(dest="ckpt_action", required=True, metavar="ACTION")
@@ -35,11 +41,6 @@ def add_commands(daemon: argparse._SubParsersAction, top: argparse._SubParsersAc
     d.set_defaults(func=cmd_demo)
 
 
-def _fail(message: str) -> int:
-    print(f"shoal: {message}", file=sys.stderr)
-    return 2
-
-
 def format_status(reply: dict) -> str:
     lines = [f"MTBF {reply['mtbf']:.0f} s; backup {reply['backup'] or 'none'}"
              f"{' (in sync)' if reply['backup_in_sync'] else (' (NOT in sync)' if reply['backup'] else '')}"]
@@ -57,31 +58,7 @@ def format_status(reply: dict) -> str:
 
 
 def cmd_status(args) -> int:
-    import trio
-
-    from shoal.daemons.checkpoint.config import read_token
-    from shoal.daemons.runtime.config import ListenAddr
-    from shoal.daemons.runtime.rpc import RpcError, connect_tcp
-
-    try:
-        addr = ListenAddr.parse(args.coordinator)
-    except ValueError as exc:
-        return _fail(f"--coordinator: {exc}")
-    try:
-        token = read_token(None if args.token_file is None else __import__("pathlib").Path(args.token_file))
-    except Exception as exc:  # noqa: BLE001 - a ConfigError is one line already
-        return _fail(str(exc))
-
-    async def call():
-        async with await connect_tcp(addr, token=token) as client:
-            return await client.call("status")
-
-    try:
-        reply = trio.run(call)
-    except RpcError as exc:
-        return _fail(f"{exc.code}: {exc.message}")
-    except OSError as exc:
-        return _fail(f"cannot reach the coordinator at {addr}: {exc.strerror or exc}")
+    reply = call(args.coordinator, "status", what="the coordinator", token_file=args.token_file)
     print(format_status(reply))
     return 0
 
@@ -90,15 +67,15 @@ def cmd_demo(args) -> int:
     import trio
 
     from shoal.ckpt.apps import load
-    from shoal.daemons.checkpoint.launcher import describe, run_app
+    from shoal.ckpt.launcher import describe, run_app
 
     if args.ranks < 2 or args.ranks > 64:
-        return _fail("--ranks must be 2..64")
+        return fail("--ranks must be 2..64")
     if args.app == "cannon" and int(args.ranks ** 0.5) ** 2 != args.ranks:
-        return _fail("cannon needs a square number of ranks (4, 9, 16, ...)")
+        return fail("cannon needs a square number of ranks (4, 9, 16, ...)")
     for rank, _when in args.kill:
         if not 0 <= rank < args.ranks:
-            return _fail(f"--kill: rank {rank} is outside 0..{args.ranks - 1}")
+            return fail(f"--kill: rank {rank} is outside 0..{args.ranks - 1}")
     load(args.app)
     size = args.size or DEMO_SIZES[args.app]
     outcome = trio.run(partial_run(run_app, args, size))
