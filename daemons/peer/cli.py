@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
+
+from shoal.daemons.runtime import cli
 
 DEFAULT_SOCKET = "/var/lib/shoal-peer/control.sock"
 
@@ -62,29 +63,11 @@ def add_commands(peer: argparse._SubParsersAction, top: argparse._SubParsersActi
     g.set_defaults(func=cmd_get)
 
 
-def _fail(message: str) -> int:
-    print(f"shoal: {message}", file=sys.stderr)
-    return 2
-
-
-async def _call(socket: str, method: str, params=None):
-    from shoal.daemons.runtime.rpc import connect_unix
-
-    async with await connect_unix(socket) as client:
-        return await client.call(method, params)
-
-
 def _rpc(args, method: str, params=None):
-    import trio
 
-    from shoal.daemons.runtime.rpc import RpcError
-
-    try:
-        return trio.run(_call, args.socket, method, params)
-    except RpcError as exc:
-        raise SystemExit(_fail(f"{exc.code}: {exc.message}")) from None
-    except OSError as exc:
-        raise SystemExit(_fail(f"cannot reach the peer daemon at {args.socket}: {exc.strerror or exc}")) from None
+    # The control socket is a path; runtime.cli.call takes a target with a "/" for one.
+    target = args.socket if "/" in args.socket else f"./{args.socket}"
+    return cli.call(target, method, params, what="the peer daemon")
 
 
 def cmd_add(args) -> int:
@@ -96,7 +79,7 @@ def cmd_add(args) -> int:
         try:
             raw = Path(args.torrent).read_bytes()
         except OSError as exc:
-            return _fail(f"{args.torrent}: {exc.strerror}")
+            return cli.fail(f"{args.torrent}: {exc.strerror}")
         reply = _rpc(args, "add", {"torrent": raw, "dest": dest, **rates})
     print(f"added {reply['name']} ({reply['info_hash']}), {reply['state']}")
     return 0
@@ -147,7 +130,7 @@ def _which(args) -> str:
     rows = _rpc(args, "status")
     match = [t for t in rows if args.which in (t["info_hash"], t["name"])]
     if len(match) != 1:
-        raise SystemExit(_fail(f"{args.which!r} matches {len(match)} torrents"))
+        cli.die(f"{args.which!r} matches {len(match)} torrents")
     return match[0]["info_hash"]
 
 
@@ -190,11 +173,11 @@ def cmd_create(args) -> int:
     elif root.is_dir():
         paths = sorted(p for p in root.rglob("*") if p.is_file())
         if not paths:
-            return _fail(f"{root} has no files")
+            return cli.fail(f"{root} has no files")
         files = [(p.relative_to(root).parts, p.stat().st_size) for p in paths]
         base = root
     else:
-        return _fail(f"{root}: no such file or directory")
+        return cli.fail(f"{root}: no such file or directory")
     total = sum(length for _path, length in files)
     piece_length = args.piece_length or _default_piece_length(total)
     layout = files if root.is_dir() else [((root.name,), files[0][1])]
@@ -218,9 +201,9 @@ def cmd_get(args) -> int:
         else:
             meta = parse_metainfo(Path(args.torrent).read_bytes())
     except OSError as exc:
-        return _fail(f"{args.torrent}: {exc.strerror}")
+        return cli.fail(f"{args.torrent}: {exc.strerror}")
     except RemoteProtocolError as exc:
-        return _fail(f"{args.torrent}: not a valid .torrent or magnet link ({exc})")
+        return cli.fail(f"{args.torrent}: not a valid .torrent or magnet link ({exc})")
     return trio.run(_get, meta, args)
 
 
@@ -240,7 +223,7 @@ async def _get(meta, args) -> int:
     try:
         listen = ListenAddr.parse(args.listen)
     except ValueError as exc:
-        return _fail(f"--listen: {exc}")
+        return cli.fail(f"--listen: {exc}")
     cfg = PeerConfig(peer=replace(PeerSection(), listen=listen), limits=LimitsSection(upload_rate=args.upload_rate))
     dest = Path(args.dest).resolve()
     with tempfile.TemporaryDirectory(prefix="shoal-get-") as resume:

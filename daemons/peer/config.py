@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
+from shoal.daemons.runtime.registry import METRICS_PORTS
 
 METRICS_PORT = METRICS_PORTS["peer"]
 

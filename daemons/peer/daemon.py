@@ -35,16 +35,14 @@ from shoal.daemons.peer.config import PeerConfig
 from shoal.daemons.peer.metadata import fetch_metadata
 from shoal.daemons.peer.session import Session
 from shoal.daemons.runtime.daemon import DaemonContext
-from shoal.daemons.runtime.rpc import RpcError, RpcServer
+from shoal.daemons.runtime.rpc import RpcError, RpcServer, handlers_of, rpc_method
 from shoal.daemons.runtime.state import atomic_write
+from shoal.protocol.contract import BadParams
 from shoal.protocol.errors import RemoteProtocolError
 from shoal.protocol.metainfo import Magnet, parse_magnet, parse_metainfo
+from shoal.protocol.peer_control import AddTorrent, Limits, StreamTorrent, TorrentRef, WaitTorrent
 
 log = logging.getLogger("shoal.peer")
-
-# A .torrent sent over the control socket; the RPC frame bound (1 MiB) caps it too.
-MAX_TORRENT_BYTES = 1 << 20
-
 
 class PeerApp:
     def __init__(self, ctx: DaemonContext) -> None:
@@ -66,11 +64,7 @@ class PeerApp:
             if listen is not None:
                 ctx.announce(peer=listen)
             await self._restore()
-            server = RpcServer(
-                {"add": self.rpc_add, "status": self.rpc_status, "remove": self.rpc_remove,
-                 "wait": self.rpc_wait, "stream": self.rpc_stream, "limits": self.rpc_limits},
-                metrics=ctx.metrics, name="peer",
-            )
+            server = RpcServer(handlers_of(self), metrics=ctx.metrics, name="peer")
             await nursery.start(partial(server.serve_unix, str(self.control_path)))
             log.info("control socket %s", self.control_path)
             task_status.started()
@@ -148,18 +142,13 @@ class PeerApp:
 
     # -- control RPC ------------------------------------------------------------------
 
-    async def rpc_add(self, params) -> dict:
-        if not isinstance(params, dict):
-            raise RpcError("bad_params", "expected {torrent: bytes, dest: str|null}")
-        dest = params.get("dest")
-        if dest is not None and (not isinstance(dest, str) or not Path(dest).is_absolute()):
-            raise RpcError("bad_params", "dest must be an absolute path")
-        up, down = _rates(params)
-        if "magnet" in params:
-            return self._add_magnet(params["magnet"], dest, up, down)
-        raw = params.get("torrent")
-        if not isinstance(raw, bytes) or len(raw) > MAX_TORRENT_BYTES:
-            raise RpcError("bad_params", "torrent must be the bytes of a .torrent file")
+    @rpc_method("add", AddTorrent)
+    async def rpc_add(self, params: AddTorrent) -> dict:
+        dest, up, down = params.dest, params.upload_rate, params.download_rate
+        if params.magnet is not None:
+            return self._add_magnet(params.magnet, dest, up, down)
+        raw = params.torrent
+        assert raw is not None  # AddTorrent wants one of the two
         try:
             meta = parse_metainfo(raw)
         except RemoteProtocolError as exc:
@@ -174,9 +163,7 @@ class PeerApp:
             raise RpcError("refused", str(exc)) from None
         return {"info_hash": meta.info_hash.hex(), "name": meta.name, "state": torrent.state}
 
-    def _add_magnet(self, uri, dest: str | None, up: int, down: int) -> dict:
-        if not isinstance(uri, str) or len(uri) > MAX_TORRENT_BYTES:
-            raise RpcError("bad_params", "magnet must be a magnet: URI")
+    def _add_magnet(self, uri: str, dest: str | None, up: int, down: int) -> dict:
         try:
             magnet = parse_magnet(uri)
         except RemoteProtocolError as exc:
@@ -194,7 +181,8 @@ class PeerApp:
             self._start_fetch(magnet, Path(dest) if dest else None, up, down)
         return {"info_hash": magnet.info_hash.hex(), "name": name, "state": "metadata"}
 
-    async def rpc_status(self, params) -> list:
+    @rpc_method("status")
+    async def rpc_status(self) -> list:
         rows = [t.status() for t in self.session.torrents.values()]
         for info_hash, (magnet, _done, _scope) in self.fetching.items():
             rows.append({
@@ -205,75 +193,53 @@ class PeerApp:
             })
         return rows
 
-    async def rpc_wait(self, params) -> dict:
+    @rpc_method("wait", WaitTorrent)
+    async def rpc_wait(self, params: WaitTorrent) -> dict:
         """Until the torrent is complete, or has at least ``pieces`` verified pieces."""
-        info_hash = _info_hash(params)
+        info_hash = params.digest
         if info_hash in self.fetching:
             await self.fetching[info_hash][1].wait()
         torrent = self.session.torrents.get(info_hash)
         if torrent is None:
             raise RpcError("not_found", "no such torrent")
-        pieces = params.get("pieces")
+        pieces = params.pieces
         if pieces is None:
             await torrent.completed.wait()
-        elif not isinstance(pieces, int):
-            raise RpcError("bad_params", "pieces must be an integer")
         else:
             while torrent.storage.num_verified < pieces and not torrent.completed.is_set():
                 await torrent.piece_verified.wait()
         return torrent.status()
 
-    async def rpc_stream(self, params) -> dict:
-        torrent = self.session.torrents.get(_info_hash(params))
+    @rpc_method("stream", StreamTorrent)
+    async def rpc_stream(self, params: StreamTorrent) -> dict:
+        torrent = self.session.torrents.get(params.digest)
         if torrent is None:
             raise RpcError("not_found", "no such torrent")
-        rate, offset = params.get("rate"), params.get("offset", 0)
-        if not isinstance(rate, (int, float)) or not isinstance(offset, int):
-            raise RpcError("bad_params", "expected {info_hash, rate: bytes/s, offset: int}")
         try:
-            return {"pieces": torrent.stream(offset, float(rate))}
+            return {"pieces": torrent.stream(params.offset, params.rate)}
         except ValueError as exc:
-            raise RpcError("bad_params", str(exc)) from None
+            raise BadParams(str(exc)) from None
 
-    async def rpc_limits(self, params) -> dict:
-        info_hash = _info_hash(params)
+    @rpc_method("limits", Limits)
+    async def rpc_limits(self, params: Limits) -> dict:
+        info_hash = params.digest
         torrent = self.session.torrents.get(info_hash)
         if torrent is None:
             raise RpcError("not_found", "no such torrent")
-        up, down = _rates(params)
+        up, down = params.upload_rate, params.download_rate
         torrent.set_limits(up, down)
         self._save_options(self.library / info_hash.hex(), None, up, down)
         return torrent.status()
 
-    async def rpc_remove(self, params) -> dict:
-        info_hash = _info_hash(params)
+    @rpc_method("remove", TorrentRef)
+    async def rpc_remove(self, params: TorrentRef) -> dict:
+        info_hash = params.digest
         removed = self.session.remove(info_hash)
         if info_hash in self.fetching:
             self.fetching[info_hash][2].cancel()
             removed = True
         self._forget(self.library / info_hash.hex())
         return {"removed": removed}
-
-
-MAX_RATE = 1 << 40  # bytes/s; a bound on what a client may set, far above any link
-
-
-def _rates(params) -> tuple[int, int]:
-    up, down = params.get("upload_rate", 0), params.get("download_rate", 0)
-    for name, v in (("upload_rate", up), ("download_rate", down)):
-        if type(v) is not int or not 0 <= v <= MAX_RATE:
-            raise RpcError("bad_params", f"{name} must be an integer number of bytes/s, 0 to {MAX_RATE}")
-    return up, down
-
-
-def _info_hash(params) -> bytes:
-    try:
-        info_hash = bytes.fromhex(params["info_hash"])
-    except (TypeError, KeyError, ValueError):
-        raise RpcError("bad_params", "expected {info_hash: hex}") from None
-    if len(info_hash) != 20:
-        raise RpcError("bad_params", "an info-hash is 20 bytes (40 hex digits)")
-    return info_hash
 
 
 def make_app(ctx: DaemonContext) -> PeerApp:

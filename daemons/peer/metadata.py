@@ -30,9 +30,9 @@ from functools import partial
 
 import trio
 
+from shoal.daemons.peer.announce import TrackerError, open_tracker
 from shoal.daemons.peer.session import RECEIVE_SIZE, Session
 from shoal.daemons.peer.torrent import CONNECT_TIMEOUT, EXT_IDS, HANDSHAKE_TIMEOUT
-from shoal.daemons.peer.announce import TrackerError, open_tracker
 from shoal.protocol import peer_wire as pw
 from shoal.protocol.errors import RemoteProtocolError
 from shoal.protocol.metainfo import Magnet, Metainfo, metainfo_file, parse_info, parse_metainfo
