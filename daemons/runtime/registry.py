@@ -95,7 +95,7 @@ DAEMONS: dict[str, DaemonSpec] = {
         _d("checkpoint",
            "Shoal checkpoint coordinator or backup (in-memory N+1 parity of application checkpoints)",
            config_class="CheckpointConfig", check="shoal.daemons.checkpoint.config:check_config",
-           commands="shoal.daemons.checkpoint.cli:add_commands",
+           commands="shoal.ckpt.cli:add_commands",  # `shoal ckpt ...`: the library's launcher and status
            ports={"metrics": 9745, "rpc": 7745, "backup": 7746},
            service=(("LimitNOFILE", "65536", "three RPC connections per rank of every group"),)),
         _d("dispatcher", "Shoal dispatcher (DAG jobs of dependent tasks, pulled by workers)",
