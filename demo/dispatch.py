@@ -26,7 +26,7 @@ from shoal.daemons.dispatcher.config import DispatcherConfig, DispatcherSection
 from shoal.daemons.dispatcher.daemon import DispatcherApp
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr
 from shoal.daemons.runtime.daemon import serve
-from shoal.daemons.runtime.rpc import connect_tcp
+from shoal.daemons.runtime.rpc import connect_unix
 from shoal.daemons.worker.config import WorkerConfig, WorkerSection
 from shoal.daemons.worker.daemon import WorkerApp
 
@@ -72,7 +72,9 @@ async def tour(size_mib: int, timeout: float, out) -> int:
         dcfg = DispatcherConfig(
             daemon=DaemonSection(metrics_listen=ListenAddr("127.0.0.1", 0), state_directory=str(tmp / "dispatcher"),
                                  log_level="warning"),
-            dispatcher=DispatcherSection(rpc_listen=ListenAddr("127.0.0.1", 0), lease_seconds=3.0),
+            # The tour submits over the dispatcher's submit socket, as the demo's own user.
+            dispatcher=DispatcherSection(rpc_listen=ListenAddr("127.0.0.1", 0), lease_seconds=3.0,
+                                         submit_socket=tmp / "submit.sock", submit_users=(str(os.getuid()),)),
         )
         async with trio.open_nursery() as nursery:
             dctx = await nursery.start(partial(serve, "dispatcher", dcfg, None, DispatcherApp, handle_signals=False))
@@ -92,15 +94,15 @@ async def tour(size_mib: int, timeout: float, out) -> int:
                 wctxs.append(await nursery.start(partial(serve, "worker", wcfg, None, WorkerApp, handle_signals=False)))
             print(f"shoal workers: {', '.join(WORKERS)} (2 slots each)", file=out)
             try:
-                code = await _run(addr, timeout, out)
+                code = await _run(tmp / "submit.sock", timeout, out)
             finally:
                 for ctx in (*wctxs, dctx):
                     ctx.request_stop()
         return code
 
 
-async def _run(addr: ListenAddr, timeout: float, out) -> int:
-    async with await connect_tcp(addr) as c:
+async def _run(submit_socket: Path, timeout: float, out) -> int:
+    async with await connect_unix(submit_socket) as c:
         with trio.fail_after(30):
             while len(await c.call("workers")) < len(WORKERS):  # noqa: ASYNC110 - polls another process's state; there is no event to wait on
                 await trio.sleep(0.05)

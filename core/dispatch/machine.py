@@ -107,7 +107,7 @@ class StoredJob:
 class JobStore(Protocol):
     """What :class:`Core` needs of the durable store (``shoal.daemons.dispatcher.store.Store``)."""
 
-    def add_job(self, job: Job, policy: str, submitted: float) -> int: ...
+    def add_job(self, job: Job, policy: str, submitted: float, submitted_by: str = "") -> int: ...
 
     def record(self, outcomes: Sequence[tuple[int, str, str, str, Sequence[TaskResult]]],
                now: float) -> list[bool]: ...
@@ -224,14 +224,14 @@ class Core:
 
     # -- jobs --------------------------------------------------------------------
 
-    def submit(self, job: Job, now: float, policy: str | None = None) -> int:
+    def submit(self, job: Job, now: float, policy: str | None = None, submitted_by: str = "") -> int:
         """Store the job (durably), then release its root units."""
         name = policy or job.policy or self.default_policy
         pol = self.policy_for(name)  # ValueError for an unknown name, before storing
         if self.unfinished_units + len(job.units) > self.max_pending_units:
             raise CoreError("busy", f"the dispatcher holds {self.unfinished_units} unfinished units; "
                                     f"the limit is {self.max_pending_units}")
-        job_id = self.store.add_job(job, name, now)
+        job_id = self.store.add_job(job, name, now, submitted_by)
         rec = self._load(job_id, job, name, now, {}, {})
         infos = [u.info for u in rec.units.values()]
         pol.plan(infos, [(f"{job_id}/{a}", f"{job_id}/{b}") for a, b in job.edges()],

@@ -12,16 +12,20 @@ from pathlib import Path
 from shoal.daemons.runtime import cli
 from shoal.protocol.dispatch import Exclude, JobQuery, JobsQuery, Submit
 
-DEFAULT_DISPATCHER = "127.0.0.1:7460"
+DEFAULT_SOCKET = "/run/shoal-dispatcher/submit.sock"  # the unit's RuntimeDirectory= and submit.sock
 MAX_SPEC_BYTES = 900 * 1024  # the dispatcher's own limit may be lower (max_spec_bytes)
 
 
 def add_commands(dispatcher: argparse._SubParsersAction, top: argparse._SubParsersAction) -> None:
     def conn(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--dispatcher", default=os.environ.get("SHOAL_DISPATCHER", DEFAULT_DISPATCHER),
-                       help=f"host:port of the dispatcher (default $SHOAL_DISPATCHER or {DEFAULT_DISPATCHER})")
+        p.add_argument("--socket", default=os.environ.get("SHOAL_SUBMIT_SOCKET", DEFAULT_SOCKET),
+                       help="the dispatcher's submit socket, where your user is your credential "
+                            f"(default $SHOAL_SUBMIT_SOCKET or {DEFAULT_SOCKET})")
+        p.add_argument("--dispatcher", default=os.environ.get("SHOAL_DISPATCHER"),
+                       help="host:port of the dispatcher's RPC instead of the socket (default $SHOAL_DISPATCHER); "
+                            "submitting there needs --token-file")
         p.add_argument("--token-file", default=os.environ.get("SHOAL_TOKEN_FILE"),
-                       help="file with the dispatcher's RPC token (default $SHOAL_TOKEN_FILE; none on loopback)")
+                       help="file with the dispatcher's RPC token, with --dispatcher (default $SHOAL_TOKEN_FILE)")
         return p
 
     s = conn(top.add_parser("submit", help="submit a job (a DAG of tasks, TOML or JSON)"))
@@ -47,9 +51,15 @@ def add_commands(dispatcher: argparse._SubParsersAction, top: argparse._SubParse
 
 
 
+def target(args) -> str:
+    """The RPC address when given, else the submit socket (a path: cli.call speaks unix)."""
+    return args.dispatcher or str(Path(args.socket).absolute())
+
+
 def rpc(args, method: str, params=None):
     """One call to the dispatcher; any failure is one line on stderr and exit 2."""
-    return cli.call(args.dispatcher, method, params, what="the dispatcher", token_file=args.token_file)
+    return cli.call(target(args), method, params, what="the dispatcher",
+                    token_file=args.token_file if args.dispatcher else None)
 
 
 def cmd_submit(args) -> int:
@@ -61,8 +71,9 @@ def cmd_submit(args) -> int:
         return cli.fail(f"{args.job}: {len(spec)} bytes; a spec must fit one RPC frame ({MAX_SPEC_BYTES} bytes): "
                      "use replicas = N for many alike tasks")
     # A refused spec reads best as its reason alone: "shoal: cycle: a -> a".
-    reply = cli.call(args.dispatcher, "submit", Submit(spec=spec, policy=args.policy or None), what="the dispatcher",
-                     token_file=args.token_file, message_only=("bad_spec",))
+    reply = cli.call(target(args), "submit", Submit(spec=spec, policy=args.policy or None), what="the dispatcher",
+                     token_file=args.token_file if args.dispatcher else None,
+                     message_only=("bad_spec",))
     print(f"job {reply['job']} accepted: {reply['tasks']} tasks in {reply['units']} units")
     if not args.wait:
         return 0
@@ -92,10 +103,10 @@ def cmd_jobs(args) -> int:
     if not rows:
         print("no jobs")
         return 0
-    print(f"{'ID':>6} {'NAME':<20} {'STATE':<8} {'DONE':>11} {'FAILED':>6} {'POLICY':<10} SUBMITTED")
+    print(f"{'ID':>6} {'NAME':<20} {'STATE':<8} {'DONE':>11} {'FAILED':>6} {'POLICY':<10} {'SUBMITTED':<9} BY")
     for r in rows:
         print(f"{r['id']:>6} {r['name'][:20]:<20} {r['state']:<8} {r['done']:>5}/{r['tasks']:<5} {r['failed']:>6} "
-              f"{r['policy']:<10} {_when(r['submitted'])}")
+              f"{r['policy']:<10} {_when(r['submitted']):<9} {r.get('submitted_by') or '-'}")
     return 0
 
 
@@ -111,7 +122,7 @@ def _all_tasks(args, view: dict):
 
 def cmd_job(args) -> int:
     view = rpc(args, "job", JobQuery(id=args.id, logs=args.logs))
-    print(progress_line(view))
+    print(progress_line(view) + f"  submitted by {view.get('submitted_by') or '-'}")
     for t in _all_tasks(args, view):
         took = f"{t['finished'] - t['started']:.3f}s" if t["finished"] is not None else "-"
         line = (f"  {t['task']:<24} {t['state']:<9} exit {t['exit_code'] if t['exit_code'] is not None else '-':<4} "

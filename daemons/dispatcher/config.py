@@ -46,6 +46,15 @@ class DispatcherSection:
     exclude_anomalous: bool = setting(False)
     # Concurrent RPC requests (each worker holds one long poll).
     max_rpc_in_flight: int = setting(256, min=4, max=65536)
+    # The unix socket `shoal submit` uses: every local user may connect, and the
+    # kernel's peer credentials (SO_PEERCRED) say who it is; only submit_users and
+    # members of submit_groups may submit (or exclude workers). "" =
+    # $RUNTIME_DIRECTORY/submit.sock under systemd, else <state_directory>/submit.sock.
+    submit_socket: Path | None = setting(None)
+    # Users (names or numeric uids) allowed to submit through submit_socket.
+    submit_users: tuple[str, ...] = ("root",)
+    # Groups (names or gids) whose members may submit through submit_socket.
+    submit_groups: tuple[str, ...] = ("shoal-submit",)
 
     def __post_init__(self) -> None:
         if not self.rpc_listen.is_loopback and self.token_file is None:

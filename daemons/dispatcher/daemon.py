@@ -32,6 +32,30 @@ team reward of seed 004's multi-agent scheduler: ``[[unit key, worker, response
 time], ...]`` for units recorded done on *other* workers since this worker last asked
 (:meth:`Core.team_rewards`, bounded); otherwise ``rewards`` is empty.
 
+Who may submit
+--------------
+``submit`` and ``exclude`` (the *operator* methods) need a credential, even on
+loopback:
+
+* the **submit socket** (``submit_socket``, a unix socket every local user may
+  connect to): the kernel tells who connected (``SO_PEERCRED``: the peer's
+  effective uid and gid at ``connect``), and only a user in ``submit_users``,
+  or whose primary or supplementary group (from the user database) is in
+  ``submit_groups``, may call them; the job records the user's name (or
+  ``uid N``). The socket serves the operator and the read methods (``jobs``,
+  ``job``, ``workers``, ``ping``), not the worker methods;
+* the **TCP RPC with its HMAC token** (``token_file``): every connection proved
+  the token, so the operator methods are allowed; the job records ``token``.
+  Without a token (loopback only) the TCP RPC serves the worker methods and the
+  read methods, and refuses the operator methods.
+
+A refusal is the RPC error ``unauthorized`` with a one-line reason, logged and
+counted in ``shoal_dispatcher_submit_refused_total{reason}`` (``no_credential``:
+TCP without a token; ``not_allowed``: a socket peer not on the allow-list).
+Workers are not authenticated on a token-less loopback RPC: any local user can
+play a worker (pull units, report results) there; configure a token_file when
+local users are not trusted.
+
 Every method's parameters are a contract of :mod:`shoal.protocol.dispatch`.
 A bad spec is answered ``bad_spec`` with the one-line reason and counted by
 reason; a malformed request ``bad_params``. Off loopback every connection is
@@ -46,9 +70,17 @@ loaded when the policy is first used after a restart.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import grp
 import logging
+import os
+import pwd
+import socket
+import stat
+import struct
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -80,6 +112,60 @@ from shoal.protocol.dispatch import (
 
 log = logging.getLogger("shoal.dispatcher")
 
+SUBMIT_SOCKET = "submit.sock"
+#: the operator methods: they need a credential (see "Who may submit")
+OPERATOR_METHODS = ("submit", "exclude")
+#: what the submit socket serves
+SOCKET_METHODS = (*OPERATOR_METHODS, "jobs", "job", "workers", "ping")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end of a submit-socket connection (from SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    @property
+    def name(self) -> str:
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return f"uid {self.uid}"
+
+    def gids(self) -> set[int]:
+        try:
+            return set(os.getgrouplist(pwd.getpwuid(self.uid).pw_name, self.gid))
+        except KeyError:
+            return {self.gid}
+
+
+#: the submit-socket peer of the connection a request came on; None on the TCP RPC.
+#: Set in each connection's task: its request tasks inherit a copy (trio copies the
+#: spawning task's context).
+_peer: contextvars.ContextVar[Peer | None] = contextvars.ContextVar("shoal_dispatcher_peer", default=None)
+
+
+def peer_credentials(sock: Any) -> Peer:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                         struct.calcsize("3i")))
+    return Peer(pid, uid, gid)
+
+
+def _ids(names: tuple[str, ...], lookup: Any, what: str) -> set[int]:
+    out = set()
+    for n in names:
+        if n.isdigit():
+            out.add(int(n))
+            continue
+        try:
+            out.add(lookup(n))
+        except KeyError:
+            log.warning("%s %r does not exist on this host: it allows no one", what, n)
+    return out
+
+
 STORE_FILE = "jobs.db"
 POLICY_FILE = "policies.msgpack"
 TOKEN_KEY = "dispatcher.token_file"
@@ -107,6 +193,65 @@ class DispatcherApp:
         self.core.on_job_done = self._job_done
         self.wakeups: dict[str, trio.Event] = {}
         self.metrics.watch(ctx.registry, self.core)
+        self.allowed_uids = _ids(self.section.submit_users, lambda n: pwd.getpwnam(n).pw_uid, "submit_users: user")
+        self.allowed_gids = _ids(self.section.submit_groups, lambda n: grp.getgrnam(n).gr_gid, "submit_groups: group")
+        self.submit_socket = self.section.submit_socket or _default_socket(ctx.state_dir)
+
+    # -- who may submit -------------------------------------------------------------
+
+    def _authorize(self, method: str) -> str:
+        """Who is calling an operator method (recorded with the job), or refuse: one line, counted."""
+        peer = _peer.get()
+        if peer is None:
+            if self.token is not None:
+                return "token"
+            self.metrics.submit_refused.labels("no_credential").inc()
+            log.info("refused %s on the TCP RPC: no token configured, so no credential", method)
+            raise RpcError("unauthorized", f"{method} needs a credential: use the submit socket "
+                                           f"({self.submit_socket}) or a token_file")
+        if peer.uid in self.allowed_uids or peer.gids() & self.allowed_gids:
+            return peer.name
+        self.metrics.submit_refused.labels("not_allowed").inc()
+        log.info("refused %s from %s (pid %d) on the submit socket: not in submit_users or submit_groups",
+                 method, peer.name, peer.pid)
+        raise RpcError("unauthorized", f"{method}: user {peer.name} is not allowed to submit "
+                                       "(submit_users, submit_groups)")
+
+    async def serve_submit_socket(self, server: RpcServer, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The submit socket: anyone may connect (mode 0666); SO_PEERCRED says who did."""
+        path = self.submit_socket
+        try:
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()  # a stale socket from a previous run
+            else:
+                raise FileExistsError(f"{path} exists and is not a socket")
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        inode: int | None = None
+        try:
+            await sock.bind(str(path))
+            os.chmod(path, 0o666)  # before listen(): the peer check is the guard, not the mode
+            sock.listen(socket.SOMAXCONN)
+            inode = path.stat().st_ino
+
+            async def one(stream: trio.SocketStream) -> None:
+                try:
+                    _peer.set(peer_credentials(stream.socket))
+                except OSError:
+                    await trio.aclose_forcefully(stream)
+                    return
+                await server.handle_stream(stream)
+
+            task_status.started(path)
+            await trio.serve_listeners(one, [trio.SocketListener(sock)])
+        finally:
+            sock.close()
+            try:
+                if path.stat().st_ino == inode:
+                    path.unlink()
+            except OSError:
+                pass
 
     # -- policies ----------------------------------------------------------------
 
@@ -147,11 +292,18 @@ class DispatcherApp:
         if restored:
             log.info("restored %d unfinished jobs (%d units) from %s", restored, self.core.unfinished_units,
                      self.store.path)
-        server = RpcServer(handlers_of(self), metrics=ctx.metrics, token=self.token, name="shoal-dispatcher",
+        handlers = handlers_of(self)
+        server = RpcServer(handlers, metrics=ctx.metrics, token=self.token, name="shoal-dispatcher",
                            max_in_flight=self.section.max_rpc_in_flight, request_timeout=MAX_WAIT + 20)
+        local = RpcServer({m: handlers[m] for m in SOCKET_METHODS}, metrics=ctx.metrics, name="shoal-dispatcher",
+                          max_in_flight=self.section.max_rpc_in_flight, request_timeout=MAX_WAIT + 20)
         try:
             async with trio.open_nursery() as nursery:
                 addr = await nursery.start(server.serve_tcp, self.section.rpc_listen)
+                sock = await nursery.start(self.serve_submit_socket, local)
+                log.info("submissions on %s (users %s, groups %s)%s", sock, ", ".join(self.section.submit_users) or "-",
+                         ", ".join(self.section.submit_groups) or "-",
+                         " and on the RPC with its token" if self.token is not None else "")
                 nursery.start_soon(self._ticker)
                 nursery.start_soon(self.saver.run)
                 ctx.announce(rpc=addr)
@@ -170,8 +322,14 @@ class DispatcherApp:
         if new.dispatcher.exclude_anomalous != self.core.exclude_anomalous:
             log.info("exclude_anomalous is now %s", new.dispatcher.exclude_anomalous)
             self.core.set_exclude_anomalous(new.dispatcher.exclude_anomalous, time.time())
+        if new.dispatcher.submit_socket != self.section.submit_socket:
+            log.warning("submit_socket changes take effect at the next restart")
+        self.allowed_uids = _ids(new.dispatcher.submit_users, lambda n: pwd.getpwnam(n).pw_uid, "submit_users: user")
+        self.allowed_gids = _ids(new.dispatcher.submit_groups, lambda n: grp.getgrnam(n).gr_gid,
+                                 "submit_groups: group")
         self.section = dataclasses.replace(new.dispatcher, rpc_listen=self.section.rpc_listen,
-                                           token_file=self.section.token_file)
+                                           token_file=self.section.token_file,
+                                           submit_socket=self.section.submit_socket)
 
     async def _ticker(self) -> None:
         while True:
@@ -193,6 +351,7 @@ class DispatcherApp:
 
     @rpc_method("submit", Submit)
     async def rpc_submit(self, params: Submit) -> dict[str, Any]:
+        who = self._authorize("submit")
         policy = params.policy
         if policy is not None and policy not in DISPATCH_POLICIES:
             raise BadParams(f"unknown policy {policy!r}; known: {', '.join(DISPATCH_POLICIES)}")
@@ -206,8 +365,9 @@ class DispatcherApp:
             self.metrics.specs_rejected.labels(exc.reason).inc()
             log.info("refused a job spec (%s): %s", exc.reason, exc)
             raise RpcError("bad_spec", str(exc)) from None
-        job_id = self._core_call(self.core.submit, job, time.time(), policy)
-        log.info("job %d %r accepted: %d tasks in %d units", job_id, job.name, len(job.tasks), len(job.units))
+        job_id = self._core_call(self.core.submit, job, time.time(), policy, who)
+        log.info("job %d %r accepted from %s: %d tasks in %d units", job_id, job.name, who, len(job.tasks),
+                 len(job.units))
         return {"job": job_id, "tasks": len(job.tasks), "units": len(job.units)}
 
     @rpc_method("jobs", JobsQuery)
@@ -274,9 +434,10 @@ class DispatcherApp:
 
     @rpc_method("exclude", Exclude)
     async def rpc_exclude(self, params: Exclude) -> dict[str, int]:
+        who = self._authorize("exclude")
         ids = params.workers
         self.core.set_excluded(ids, time.time())
-        log.warning("anomaly hook: excluding %d workers: %s", len(ids), ", ".join(ids[:10]))
+        log.warning("anomaly hook (%s): excluding %d workers: %s", who, len(ids), ", ".join(ids[:10]))
         return {"excluded": len(ids)}
 
     @staticmethod
@@ -287,6 +448,12 @@ class DispatcherApp:
             if exc.code == "bad_params":
                 raise BadParams(exc.message) from None
             raise RpcError(exc.code, exc.message) from None
+
+
+def _default_socket(state_dir: Path) -> Path:
+    """$RUNTIME_DIRECTORY/submit.sock under systemd (RuntimeDirectory=), else <state_dir>/submit.sock."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(runtime or state_dir) / SUBMIT_SOCKET
 
 
 def make_app(ctx: DaemonContext) -> DispatcherApp:

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from shoal.core.dispatch.jobs import REASONS
 from shoal.core.dispatch.policy import DISPATCH_POLICIES
 
+REFUSALS = ("no_credential", "not_allowed")
 RESPONSE_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200)
 DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.02)
 
@@ -35,6 +36,10 @@ class DispatcherMetrics:
         self.duplicates = counter("duplicate_reports_total", "Reports for units already recorded (ignored).")
         self.deadline_misses = counter("deadline_misses_total", "Tasks that finished after their deadline.")
         self.specs_rejected = counter("specs_rejected_total", "Job specs refused, by reason.", ("reason",))
+        self.submit_refused = counter(
+            "submit_refused_total", "Submissions (and other operator calls) refused for want of a credential, "
+            "by reason: no_credential (the TCP RPC without a token), not_allowed (a socket peer not in "
+            "submit_users or submit_groups).", ("reason",))
         self.jobs_finished = counter("jobs_finished_total", "Jobs finished, by final state.", ("state",))
         self.anomaly_exclusions = counter(
             "anomaly_exclusions_total", "Times a worker was excluded because telemetry flagged its node anomalous.")
@@ -48,6 +53,8 @@ class DispatcherMetrics:
         self._decision_by = {p: self.decision_latency.labels(p) for p in DISPATCH_POLICIES}
         for r in REASONS:
             self.specs_rejected.labels(r)
+        for r in REFUSALS:
+            self.submit_refused.labels(r)
         for s in ("done", "failed"):
             self.jobs_finished.labels(s)
 

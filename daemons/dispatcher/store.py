@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     policy TEXT NOT NULL,
     submitted REAL NOT NULL,      -- wall-clock seconds
     state TEXT NOT NULL,          -- running, done, failed
-    finished REAL
+    finished REAL,
+    submitted_by TEXT NOT NULL DEFAULT ''  -- a user name, "uid N", or "token"; '' before it was recorded
 );
 CREATE TABLE IF NOT EXISTS units (
     job INTEGER NOT NULL,
@@ -97,18 +98,26 @@ class Store:
         self.db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
         self.db.execute("PRAGMA foreign_keys=OFF")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older dispatcher up to this schema (each step once)."""
+        cols = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        if "submitted_by" not in cols:  # jobs submitted before submissions were authenticated
+            self.db.execute("ALTER TABLE jobs ADD COLUMN submitted_by TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         self.db.close()
 
     # -- writes ----------------------------------------------------------------
 
-    def add_job(self, job: Job, policy: str, submitted: float) -> int:
+    def add_job(self, job: Job, policy: str, submitted: float, submitted_by: str = "") -> int:
         spec = msgpack.packb(job.to_dict(), use_bin_type=True)
         with self._tx() as db:
             cur = db.execute(
-                "INSERT INTO jobs (name, spec, policy, submitted, state) VALUES (?, ?, ?, ?, 'running')",
-                (job.name, spec, policy, submitted),
+                "INSERT INTO jobs (name, spec, policy, submitted, state, submitted_by) "
+                "VALUES (?, ?, ?, ?, 'running', ?)",
+                (job.name, spec, policy, submitted, submitted_by),
             )
             job_id = cur.lastrowid
             assert job_id is not None  # an INSERT always sets it
@@ -181,23 +190,23 @@ class Store:
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT j.id, j.name, j.policy, j.state, j.submitted, j.finished, "
+            "SELECT j.id, j.name, j.policy, j.state, j.submitted, j.finished, j.submitted_by, "
             "(SELECT count(*) FROM tasks t WHERE t.job=j.id), "
             "(SELECT count(*) FROM tasks t WHERE t.job=j.id AND t.state='done'), "
             "(SELECT count(*) FROM tasks t WHERE t.job=j.id AND t.state='failed') "
             "FROM jobs j ORDER BY j.id DESC LIMIT ?", (limit,)).fetchall()
-        keys = ("id", "name", "policy", "state", "submitted", "finished", "tasks", "done", "failed")
+        keys = ("id", "name", "policy", "state", "submitted", "finished", "submitted_by", "tasks", "done", "failed")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def job(self, job_id: int, *, logs: bool = False, offset: int = 0, limit: int = 1000,
             budget: int = 1 << 62) -> dict[str, Any] | None:
         """One job: its row, task counts by state, and up to ``limit`` tasks from ``offset`` in
         topological order, fewer if their logs would pass ``budget`` bytes (at least one)."""
-        row = self.db.execute("SELECT id, name, policy, state, submitted, finished FROM jobs WHERE id=?",
+        row = self.db.execute("SELECT id, name, policy, state, submitted, finished, submitted_by FROM jobs WHERE id=?",
                               (job_id,)).fetchone()
         if row is None:
             return None
-        out = dict(zip(("id", "name", "policy", "state", "submitted", "finished"), row, strict=True))
+        out = dict(zip(("id", "name", "policy", "state", "submitted", "finished", "submitted_by"), row, strict=True))
         out["counts"] = dict(self.db.execute("SELECT state, count(*) FROM tasks WHERE job=? GROUP BY state",
                                              (job_id,)).fetchall())
         out["total"] = sum(out["counts"].values())

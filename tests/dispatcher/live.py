@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import trio
 
 from shoal.daemons.runtime.config import ListenAddr
-from shoal.daemons.runtime.rpc import RpcClient, connect_tcp
+from shoal.daemons.runtime.rpc import RpcClient, connect_unix
 from tests.harness import RunningDaemon, start_daemon
 
 SHOAL = [sys.executable, "-m", "shoal.cli.main"]
@@ -57,9 +58,16 @@ task_user = "{user}"
 
 async def start_dispatcher(tmp: Path, *, state_dir: Path | None = None, lease: float = 1.0,
                            extra: str = "") -> RunningDaemon:
-    cfg = dispatcher_config(tmp / "dispatcher.toml", lease=lease, extra=extra)
-    return await start_daemon([*SHOAL, "dispatcher", "run", "--config", str(cfg)],
-                              state_dir=state_dir or tmp / "dispatcher-state")
+    """A dispatcher whose submit socket is ``d.submit_socket``: in a short directory every user
+    may enter (a unix socket path has at most 108 bytes; tests connect as other users too)."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="shoal-sub-"))
+    os.chmod(sock_dir, 0o755)
+    sock = sock_dir / "submit.sock"
+    cfg = dispatcher_config(tmp / "dispatcher.toml", lease=lease, extra=f'submit_socket = "{sock}"\n{extra}')
+    d = await start_daemon([*SHOAL, "dispatcher", "run", "--config", str(cfg)],
+                           state_dir=state_dir or tmp / "dispatcher-state")
+    d.submit_socket = sock  # type: ignore[attr-defined]  # the harness's daemon record knows no sockets
+    return d
 
 
 async def start_worker(tmp: Path, dispatcher: ListenAddr, worker_id: str, *, slots: int = 2,
@@ -90,7 +98,8 @@ async def wait_job(client: RpcClient, job_id: int, timeout: float = 30.0) -> dic
 
 
 async def connect(d: RunningDaemon) -> RpcClient:
-    return await connect_tcp(d.addresses["rpc"])
+    """A client on the dispatcher's submit socket (as the test's user, root: on the allow-list)."""
+    return await connect_unix(d.submit_socket)  # type: ignore[attr-defined]
 
 
 def metric(text: str, name: str) -> float:

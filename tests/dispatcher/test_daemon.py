@@ -126,7 +126,7 @@ async def test_bad_specs_are_refused_with_one_line_and_counted(tmp_path):
                 assert (await c.call("submit", {"spec": spec([{"name": "ok", "builtin": "sleep 0"}])}))["job"] == 1
             cyc = tmp_path / "cycle.toml"
             cyc.write_text('[[tasks]]\nname = "a"\nbuiltin = "sleep 0"\ndeps = ["a"]\n')
-            r = subprocess.run([*SHOAL, "submit", str(cyc), "--dispatcher", str(d.addresses["rpc"])],  # noqa: ASYNC221 - the CLI under test is its own process; the daemons run in others
+            r = subprocess.run([*SHOAL, "submit", str(cyc), "--socket", str(d.submit_socket)],  # noqa: ASYNC221 - the CLI under test is its own process; the daemons run in others
                                capture_output=True, text=True, timeout=30)
             assert r.returncode == 2 and r.stderr == "shoal: cycle: a -> a\n", r.stderr
             m = await scrape(d.addresses["metrics"])

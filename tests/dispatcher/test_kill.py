@@ -92,17 +92,17 @@ async def test_dispatcher_killed_under_load_loses_no_job_and_records_each_unit_o
     workers = [FakeWorker(f"f{i}", rng) for i in range(3)]
     acked: list[int] = []
 
-    async def submitter(addr, n: int) -> None:
-        async with await connect_tcp(addr) as c:
+    async def submitter(d, n: int) -> None:
+        async with await connect(d) as c:  # the submit socket
             for _ in range(n):
                 acked.append((await c.call("submit", {"spec": job_spec(len(acked))}))["job"])
 
-    async def load(addr, stop: trio.Event, submit: int) -> None:
+    async def load(d, stop: trio.Event, submit: int) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 for w in workers:
-                    nursery.start_soon(w.run, addr, stop)
-                await submitter(addr, submit)
+                    nursery.start_soon(w.run, d.addresses["rpc"], stop)
+                await submitter(d, submit)
         except* (RpcError, OSError):
             pass  # the dispatcher died under us
 
@@ -111,7 +111,7 @@ async def test_dispatcher_killed_under_load_loses_no_job_and_records_each_unit_o
         async with d:
             stop = trio.Event()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(load, d.addresses["rpc"], stop, 10_000)
+                nursery.start_soon(load, d, stop, 10_000)
                 while len(acked) < 40:  # noqa: ASYNC110 - polls another process's state; there is no event to wait on
                     await trio.sleep(0.01)
                 await d.kill()  # mid-submission, mid-report
@@ -120,7 +120,7 @@ async def test_dispatcher_killed_under_load_loses_no_job_and_records_each_unit_o
         async with d:
             stop = trio.Event()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(load, d.addresses["rpc"], stop, 5)
+                nursery.start_soon(load, d, stop, 5)
                 async with await connect(d) as c:
                     for j in acked:
                         view = await wait_job(c, j)
