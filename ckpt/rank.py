@@ -28,7 +28,7 @@ held request is retried when the coordinator releases it (the watch says so).
 Granted, the rank captures its deltas (that pause is O) and ships them in the
 background while ``main`` goes on (until the commit: L). Blocking mode
 (Plank): a round is proposed, every rank freezes at the same step, and stays
-frozen until every rank has committed (see coordinator.py).
+frozen until every rank has committed (see shoal.daemons.checkpoint.coordinator).
 
 Messages. ``send`` numbers each message (the sent table's seq), logs it and
 delivers it to the destination's own RPC server, which queues it per source.
@@ -68,13 +68,25 @@ import trio
 from shoal.core.checkpoint.msglog import SENT, MessageLog
 from shoal.core.checkpoint.parity import changed_blocks, xor_into
 from shoal.daemons.runtime.config import ListenAddr
-from shoal.daemons.runtime.rpc import RpcClient, RpcConnectionError, RpcError, RpcServer, connect_tcp
+from shoal.daemons.runtime.rpc import (
+    RpcClient,
+    RpcConnectionError,
+    RpcError,
+    RpcServer,
+    connect_tcp,
+    handlers_of,
+    rpc_method,
+)
+from shoal.protocol.checkpoint import Ack, CkptRead, Msg
+from shoal.protocol.contract import BadParams
 
 log = logging.getLogger("shoal.checkpoint.rank")
 
 META_VERSION = 1
 MAX_INBOX = 100_000  # queued messages per source before a sender is refused
 DEFAULT_MAX_FRAME = 8 << 20
+#: A rank's own RPC server listens on loopback, on a port of the kernel's choosing, by default.
+ANY_LOOPBACK_PORT = ListenAddr("127.0.0.1", 0)
 
 
 class GroupFailed(Exception):
@@ -111,7 +123,7 @@ class Rank:
         block_size: int = 65536,
         parity_shards: int = 1,
         token: bytes | None = None,
-        listen: ListenAddr = ListenAddr("127.0.0.1", 0),
+        listen: ListenAddr = ANY_LOOPBACK_PORT,
         max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
         if not 0 <= rank < n:
@@ -213,8 +225,7 @@ class Rank:
     # -- running ---------------------------------------------------------------
     async def run(self, main: Callable[[Rank], Awaitable[Any]]) -> Any:
         """Join, checkpoint, run ``main`` (again after every rollback); return its result."""
-        server = RpcServer({"msg": self._on_msg, "ack": self._on_ack, "ckpt_read": self._on_read,
-                            "ckpt_size": self._on_size}, token=self.token, max_frame=self.max_frame,
+        server = RpcServer(handlers_of(self), token=self.token, max_frame=self.max_frame,
                            name=f"shoal-rank-{self.group}")
         try:
             async with trio.open_nursery() as nursery:
@@ -668,46 +679,37 @@ class Rank:
                 # The peer is gone or not there yet: a rollback will cancel us, or it comes back.
                 await trio.sleep(0.02)
 
-    async def _on_msg(self, p: Any) -> bool:
-        try:
-            src, seq, epoch, data = p["src"], p["seq"], p["epoch"], p["data"]
-        except (TypeError, KeyError):
-            raise RpcError("bad_params", "msg needs src, seq, epoch, data") from None
-        if not (isinstance(src, int) and 0 <= src < self.n and src != self.rank and isinstance(seq, int)
-                and isinstance(epoch, int) and isinstance(data, bytes)):
-            raise RpcError("bad_params", "bad msg fields")
-        if epoch < self.epoch:
+    @rpc_method("msg", Msg)
+    async def _on_msg(self, p: Msg) -> bool:
+        if p.src >= self.n or p.src == self.rank:
+            raise BadParams(f"src: no rank {p.src} sends to rank {self.rank} of {self.n}")
+        if p.epoch < self.epoch:
             return False  # from before a rollback: the sender will resend what is needed
         self._rx += 1
-        if seq <= self._arrived[src]:
+        if p.seq <= self._arrived[p.src]:
             self.stats["dropped"] += 1  # an orphan (or duplicate): consumed before our checkpoint
             return False
-        if len(self._inbox[src]) >= MAX_INBOX:
+        if len(self._inbox[p.src]) >= MAX_INBOX:
             raise RpcError("busy", "inbox full")
-        self._arrived[src] = seq
-        self._inbox[src].append((seq, data))
+        self._arrived[p.src] = p.seq
+        self._inbox[p.src].append((p.seq, p.data))
         ev, self._arrival = self._arrival, trio.Event()
         ev.set()
         return True
 
-    async def _on_ack(self, p: Any) -> bool:
-        try:
-            src, upto = int(p["src"]), int(p["upto"])
-        except (TypeError, KeyError, ValueError):
-            raise RpcError("bad_params", "ack needs src and upto") from None
+    @rpc_method("ack", Ack)
+    async def _on_ack(self, p: Ack) -> bool:
         for e in self.msglog.sent:
-            if e.dest == src and e.seq <= upto and e.status == SENT:
-                self.msglog.on_ack(src, e.seq)
+            if e.dest == p.src and e.seq <= p.upto and e.status == SENT:
+                self.msglog.on_ack(p.src, e.seq)
         return True
 
-    async def _on_read(self, p: Any) -> bytes:
-        try:
-            offset, length = int(p["offset"]), int(p["length"])
-        except (TypeError, KeyError, ValueError):
-            raise RpcError("bad_params", "ckpt_read needs offset and length") from None
-        if offset < 0 or not 0 < length <= self.max_frame // 2:
-            raise RpcError("bad_params", "range out of bounds")
-        return self._ckpt[offset : min(offset + length, self._ckpt_size)].tobytes()
+    @rpc_method("ckpt_read", CkptRead)
+    async def _on_read(self, p: CkptRead) -> bytes:
+        if p.length > self.max_frame // 2:
+            raise BadParams(f"length: must be <= {self.max_frame // 2}")
+        return self._ckpt[p.offset : min(p.offset + p.length, self._ckpt_size)].tobytes()
 
-    async def _on_size(self, p: Any) -> int:
+    @rpc_method("ckpt_size")
+    async def _on_size(self) -> int:
         return self._ckpt_size

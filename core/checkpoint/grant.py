@@ -146,6 +146,12 @@ class GrantRule:
         r = self._rank(rank)
         r.taking = r.held = None
 
+    def set_completed(self, rank: int, number: int) -> None:
+        """Seed the rank's completed number: the checkpoint it holds after a
+        coordinator restart, or the level every rank is set to after a blocking
+        round was cut short by a failure."""
+        self._rank(rank).completed = number
+
     def _release_round(self, now: float) -> list[int]:
         want = self.global_number + 1
         if any(r.held != want for r in self._r):

@@ -1,8 +1,9 @@
 """The checkpoint daemon: one RPC listener serving the coordinator or the backup role.
 
-The domain logic is in coordinator.py (roles, recovery) and in the sans-IO
-modules parity, erasure, msglog, grant and overhead; this module wires one of
-the two roles to the runtime: config, token, metrics, the RPC server.
+The roles are coordinator.py (with mirror.py and ranklinks.py) and backup.py;
+the domain logic is I/O-free in shoal.core.checkpoint (group, groupcode,
+parity, erasure, msglog, grant, overhead). This module wires one of the two
+roles to the runtime: config, token, metrics, the RPC server.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from functools import partial
 
 import trio
 
+from shoal.daemons.checkpoint.backup import Backup
 from shoal.daemons.checkpoint.config import TOKEN_KEY, CheckpointConfig, check_config
-from shoal.daemons.checkpoint.coordinator import Backup, Coordinator
+from shoal.daemons.checkpoint.coordinator import Coordinator
 from shoal.daemons.checkpoint.metrics import CheckpointMetrics
 from shoal.daemons.runtime.config import read_token
 from shoal.daemons.runtime.daemon import DaemonContext

@@ -1,0 +1,100 @@
+"""The backup role (the seed's P_b): a mirror of every group's parity.
+
+The coordinator applies each commit's deltas here (``b_apply``) before it
+answers the commit, copies whole groups after the backup was away
+(``b_put``), and reads them back after its own restart (``b_list``,
+``b_read``). Deltas commute, so the order they arrive in does not matter.
+"""
+
+from __future__ import annotations
+
+from shoal.core.checkpoint.groupcode import GroupCode
+from shoal.daemons.checkpoint.config import CheckpointSection
+from shoal.daemons.checkpoint.metrics import CheckpointMetrics
+from shoal.daemons.checkpoint.refusals import Refused, counted, wrong_role
+from shoal.daemons.runtime.rpc import Handler, handlers_of, rpc_method
+from shoal.protocol.checkpoint import COORDINATOR_METHODS, BackupApply, BackupPut, BackupRead, GroupMeta
+from shoal.protocol.contract import BadParams
+
+
+class Backup:
+    """The backup's RPC handlers (role = backup)."""
+
+    def __init__(self, cfg: CheckpointSection, metrics: CheckpointMetrics) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.groups: dict[str, tuple[GroupCode, list[int], list[int]]] = {}  # code, numbers, sizes
+        self._incoming: dict[str, GroupCode] = {}
+
+    def handlers(self) -> dict[str, Handler]:
+        others = [m for m in COORDINATOR_METHODS if m != "status"]
+        return counted(self.metrics, handlers_of(self)) | wrong_role(
+            self.metrics, others, "this daemon is a backup; talk to the coordinator")
+
+    def gauges(self) -> dict[str, float]:
+        return {"shoal_checkpoint_groups": len(self.groups),
+                "shoal_checkpoint_parity_bytes": sum(c.nbytes for c, _, _ in self.groups.values()),
+                "shoal_checkpoint_backup_in_sync": 1.0}
+
+    def _new_code(self, meta: GroupMeta) -> GroupCode:
+        if meta.n > self.cfg.max_ranks:
+            raise BadParams(f"meta.n: must be <= {self.cfg.max_ranks}")
+        return GroupCode(meta.n, meta.m, meta.block_size)
+
+    @rpc_method("b_apply", BackupApply)
+    async def b_apply(self, p: BackupApply) -> bool:
+        if p.group not in self.groups:
+            if len(self.groups) >= self.cfg.max_groups:
+                raise Refused("too_many", "too many groups")
+            code = self._new_code(p.meta)
+            self.groups[p.group] = (code, [-1] * code.n, [-1] * code.n)
+        code, numbers, sizes = self.groups[p.group]
+        if p.rank >= code.n:
+            raise BadParams(f"rank: must be <= {code.n - 1}")
+        for k, d in p.pairs(code.block_size):
+            code.apply(p.rank, k, d)
+        if p.number is not None:
+            if p.size > self.cfg.max_state_bytes:
+                raise BadParams(f"size: must be <= {self.cfg.max_state_bytes}")
+            code.set_size(p.rank, p.size)
+            numbers[p.rank], sizes[p.rank] = p.number, p.size
+        self.metrics.mirror.labels("ok").inc()
+        return True
+
+    @rpc_method("b_put", BackupPut)
+    async def b_put(self, p: BackupPut) -> bool:
+        if p.offset == 0:
+            code = self._new_code(p.meta)
+            if len(p.sizes) != code.n:
+                raise BadParams("sizes: one size per rank")
+            for i, s in enumerate(p.sizes):
+                if s >= 0:
+                    code.set_size(i, s)
+            self._incoming[p.group] = code
+        incoming = self._incoming.get(p.group)
+        if incoming is None:
+            raise BadParams("offset: a copy starts at offset 0")
+        incoming.write(p.offset, p.data)
+        if p.final:
+            del self._incoming[p.group]
+            self.groups[p.group] = (incoming, list(p.numbers), list(p.sizes))
+            self.metrics.mirror.labels("resync").inc()
+        return True
+
+    @rpc_method("b_list")
+    async def b_list(self) -> dict:
+        return {name: {"n": c.n, "m": c.m, "block_size": c.block_size, "numbers": nums, "sizes": sizes}
+                for name, (c, nums, sizes) in self.groups.items()}
+
+    @rpc_method("b_read", BackupRead)
+    async def b_read(self, p: BackupRead) -> bytes:
+        if p.group not in self.groups:
+            raise Refused("unknown_group", "no such group here")
+        if p.length > self.cfg.max_frame // 2:
+            raise BadParams(f"length: must be <= {self.cfg.max_frame // 2}")
+        return self.groups[p.group][0].read(p.offset, p.length)
+
+    @rpc_method("status")
+    async def status(self) -> dict:
+        return {"role": "backup", "groups": [{"group": k, "parity_bytes": c.nbytes, "numbers": nums}
+                                             for k, (c, nums, _) in self.groups.items()]}

@@ -1,0 +1,137 @@
+"""The coordinator's side of the backup: a mirror of every group's parity.
+
+Every commit's deltas are applied to the backup's copy before the commit is
+answered (:meth:`Mirror.apply`, under :attr:`Mirror.lock`, which the commit
+holds), so the backup's parity is the XOR of the same committed checkpoints as
+the coordinator's. A failed mirror call marks the backup out of sync; the
+keeper task (:meth:`Mirror.run`) reconnects and copies every group again
+(``b_put``), then deltas flow as before. A restarted coordinator reads a
+group's parity back (:meth:`Mirror.restore`) when the backup's checkpoint
+numbers are exactly the ones the ranks hold.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+
+from shoal.core.checkpoint.group import FAILED, REBUILDING, Group
+from shoal.daemons.checkpoint.config import CheckpointSection
+from shoal.daemons.checkpoint.metrics import CheckpointMetrics
+from shoal.daemons.runtime.rpc import RpcClient, RpcError, connect_tcp
+from shoal.protocol.checkpoint import BackupApply, BackupPut, BackupRead, GroupMeta
+
+log = logging.getLogger("shoal.checkpoint")
+
+
+def meta_of(g: Group) -> GroupMeta:
+    return GroupMeta(n=g.n, m=g.m, block_size=g.block_size, mode=g.mode)
+
+
+class Mirror:
+    def __init__(self, cfg: CheckpointSection, metrics: CheckpointMetrics, token: bytes | None,
+                 groups: Callable[[], Iterable[Group]]) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.token = token
+        self.groups = groups
+        self.chunk = cfg.max_frame // 2
+        self.client: RpcClient | None = None
+        self.in_sync = False
+        self.lock = trio.Lock()  # a commit and a whole copy never interleave
+        self._wake = trio.Event()
+        self.synced = trio.Event()  # set the first time the backup is in sync
+
+    def out_of_sync(self) -> None:
+        self.in_sync = False
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        if self.client is not None:
+            await trio.aclose_forcefully(self.client._stream)  # noqa: SLF001 - no await-free close
+
+    async def apply(self, g: Group, rank: int, blocks: list[tuple[int, bytes]]) -> None:
+        """Mirror one commit (call with :attr:`lock` held); a failure marks the backup out of sync."""
+        if self.client is None or not self.in_sync:
+            return
+        try:
+            batch: list[list[Any]] = []
+            size = 0
+            slot = g.slots[rank]
+            for k, d in [*blocks, (None, b"")]:
+                if k is None or size + len(d) > self.chunk:
+                    last = k is None
+                    call = BackupApply(group=g.name, meta=meta_of(g), rank=rank, blocks=batch,
+                                       number=slot.number if last else None, size=slot.size)
+                    await self.client.call("b_apply", call.encode(), timeout=self.cfg.heartbeat_timeout * 4)
+                    batch, size = [], 0
+                if k is not None:
+                    batch.append([k, d])
+                    size += len(d)
+            self.metrics.mirror.labels("ok").inc()
+        except (RpcError, OSError) as exc:
+            log.warning("backup mirror failed (%s); it will be copied again", exc)
+            self.metrics.mirror.labels("error").inc()
+            self.out_of_sync()
+
+    async def run(self) -> None:
+        """Keep a connection to the backup; copy every group whenever it was out of sync."""
+        assert self.cfg.backup is not None
+        while True:
+            if not self.in_sync:
+                try:
+                    if self.client is None or self.client._broken is not None:  # noqa: SLF001
+                        self.client = await connect_tcp(self.cfg.backup, token=self.token,
+                                                        max_frame=self.cfg.max_frame, timeout=2.0)
+                    async with self.lock:
+                        for g in self.groups():
+                            if g.phase in (REBUILDING, FAILED):
+                                continue
+                            await self._copy(g)
+                        self.in_sync = True
+                    self.synced.set()
+                    self.metrics.mirror.labels("resync").inc()
+                    log.info("backup %s in sync", self.cfg.backup)
+                except (RpcError, OSError) as exc:
+                    log.debug("backup not reachable: %s", exc)
+                    with trio.move_on_after(self.cfg.heartbeat_interval):
+                        await trio.sleep_forever()
+                    continue
+            self._wake = trio.Event()
+            await self._wake.wait()
+
+    async def _copy(self, g: Group) -> None:
+        assert self.client is not None
+        total = g.code.nbytes
+        numbers = [s.number for s in g.slots]
+        sizes = [s.size if s.number >= 0 else -1 for s in g.slots]
+        offsets = list(range(0, total, self.chunk)) or [0]
+        for off in offsets:
+            call = BackupPut(group=g.name, meta=meta_of(g), numbers=numbers, sizes=sizes, offset=off,
+                             data=g.code.read(off, self.chunk), final=off == offsets[-1])
+            await self.client.call("b_put", call.encode(), timeout=self.cfg.heartbeat_timeout * 4)
+
+    async def restore(self, g: Group) -> bool:
+        """Read ``g``'s parity back if the backup holds the ranks' very checkpoints."""
+        if self.cfg.backup is not None:
+            with trio.move_on_after(self.cfg.heartbeat_timeout):
+                await self.synced.wait()
+        if self.client is None or not self.in_sync:
+            return False
+        numbers = [s.number for s in g.slots]
+        listing = await self.client.call("b_list", None)
+        meta = listing.get(g.name)
+        if not (meta and meta["numbers"] == numbers
+                and (meta["n"], meta["m"], meta["block_size"]) == (g.n, g.m, g.block_size)):
+            return False
+        for i, size in enumerate(meta["sizes"]):
+            if size >= 0:
+                g.code.set_size(i, size)
+                g.slots[i].size = size
+        for off in range(0, g.code.nbytes, self.chunk):
+            read = BackupRead(group=g.name, offset=off, length=self.chunk)
+            g.code.write(off, await self.client.call("b_read", read.encode()))
+        return True
