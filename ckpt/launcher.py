@@ -1,8 +1,9 @@
 """Run a checkpointed app as real processes, kill ranks, and check the result.
 
 ``run_app`` serves a coordinator (and a backup) in this process on loopback,
-starts one process per rank (``python -m shoal.ckpt.launcher rank ...``), sends SIGKILL to the ranks named in ``kills`` at their times and
-starts a replacement process for each, which joins under the dead rank's id
+starts one process per rank (``python -m shoal.ckpt.launcher rank ...``),
+sends SIGKILL to the ranks named in ``kills`` at their times and starts a
+replacement process for each, which joins under the dead rank's id
 and receives its state. When every rank has exited, each rank's result file is
 compared with the app's sequential reference, bit for bit.
 
@@ -20,15 +21,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from shoal.ckpt.apps import load
 from shoal.ckpt.rank import Rank
 from shoal.daemons.runtime.config import ListenAddr, parse_config
-from shoal.daemons.runtime.daemon import serve
+from shoal.daemons.runtime.daemon import DaemonContext, serve
 from shoal.daemons.runtime.registry import DAEMONS
 from shoal.daemons.runtime.rpc import connect_tcp
 from shoal.daemons.runtime.state import atomic_write
@@ -57,7 +60,7 @@ def parse_kill(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"expected RANK@SECONDS, got {text!r}") from None
 
 
-def role_config(role: str, tmp: Path, *, backup: ListenAddr | None = None, heartbeat: float = 0.5) -> object:
+def role_config(role: str, tmp: Path, *, backup: ListenAddr | None = None, heartbeat: float = 0.5) -> Any:
     """The config of a coordinator or backup on loopback, validated by the daemon's own schema."""
     text = (f'[daemon]\nmetrics_listen = "{LOOPBACK}"\nstate_directory = {json.dumps(str(tmp / role))}\n'
             f'[checkpoint]\nrole = "{role}"\nlisten = "{LOOPBACK}"\nbackup = "{backup or ""}"\n'
@@ -66,7 +69,7 @@ def role_config(role: str, tmp: Path, *, backup: ListenAddr | None = None, heart
 
 
 async def serve_role(nursery: trio.Nursery, role: str, tmp: Path, *, backup: ListenAddr | None = None,
-                     heartbeat: float = 0.5) -> tuple[object, trio.CancelScope]:
+                     heartbeat: float = 0.5) -> tuple[DaemonContext, trio.CancelScope]:
     """A coordinator or backup daemon served in-process on loopback; (ctx, scope)."""
     spec = DAEMONS["checkpoint"]
     cfg = role_config(role, tmp, backup=backup, heartbeat=heartbeat)
@@ -80,7 +83,7 @@ async def serve_role(nursery: trio.Nursery, role: str, tmp: Path, *, backup: Lis
     return ctx, scope
 
 
-async def run_app(app: str, ranks: int, *, size: int, kills: list[tuple[int, float]] = (), mode: str = "enhanced",
+async def run_app(app: str, ranks: int, *, size: int, kills: Sequence[tuple[int, float]] = (), mode: str = "enhanced",
                   interval: float = 0.2, block_size: int = 65536, shards: int = 1, out=sys.stdout,
                   timeout: float = 120.0, group: str = "demo") -> Outcome:
     from shoal.daemons.runtime.logs import setup_logging

@@ -59,7 +59,7 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import numpy as np
@@ -95,6 +95,15 @@ class GroupFailed(Exception):
 
 class _Rollback(Exception):
     pass
+
+
+T = TypeVar("T")
+
+
+def _open(value: T | None) -> T:
+    """What ``run`` has set up by now (a connection, the nursery, the address)."""
+    assert value is not None, "used before run() set it up"
+    return value
 
 
 def _buffer_view(buf: Any) -> np.ndarray:
@@ -178,6 +187,16 @@ class Rank:
         self.stats: dict[str, Any] = {"checkpoints": 0, "overhead": [], "rollbacks": 0, "replayed": 0,
                                       "dropped": 0, "recovered_bytes": 0, "recovery_seconds": None}
 
+    @property
+    def _tasks(self) -> trio.Nursery:
+        """The nursery of ``run`` (its background tasks)."""
+        return _open(self._nursery)
+
+    @property
+    def _coordinator(self) -> RpcClient:
+        """The connection for short calls to the coordinator (held once joined)."""
+        return _open(self._coord)
+
     # -- registration -----------------------------------------------------------
     def register(self, name: str, buf: Any) -> Any:
         """Register a buffer (updated in place by the app); returns it."""
@@ -240,9 +259,10 @@ class Rank:
             # The nursery wraps what _loop raises; GroupFailed is the app's to catch.
             failed, rest = group.split(GroupFailed)
             if failed is not None and rest is None:
-                while isinstance(failed, BaseExceptionGroup):
-                    failed = failed.exceptions[0]
-                raise failed from None
+                first: BaseException = failed
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from None
             raise
         finally:
             # Also when cancelled (a crash, in tests): peers must see the connections close.
@@ -320,10 +340,10 @@ class Rank:
                 self._coord = await self._connect_coordinator()
                 self._watch_client = await self._connect_coordinator()
                 self._attach_client = await self._connect_coordinator()
-                reply = await self._coord.call("join", {
+                reply = await self._coordinator.call("join", {
                     "group": self.group, "rank": self.rank, "n": self.n, "mode": self.mode,
                     "block_size": self.block_size, "m": self.m, "have": self.number, "epoch": self.epoch,
-                    "addr": [self.addr.host, self.addr.port], "key": self.key,
+                    "addr": list(_open(self.addr)), "key": self.key,
                 })
                 break
             except (OSError, RpcError) as exc:
@@ -336,8 +356,8 @@ class Rank:
         self._joined.set()
         # The group as it is now: a replacement (or a rank the coordinator gave
         # up on) sees a newer epoch here and rolls back before anything else.
-        self._on_view(await self._watch_client.call("watch", {"group": self.group, "rank": self.rank, "key": self.key,
-                                                       "version": -1}))
+        session = {"group": self.group, "rank": self.rank, "key": self.key}
+        self._on_view(await _open(self._watch_client).call("watch", {**session, "version": -1}))
         if reply["number"] >= 0 and reply["number"] != self.number:
             await self._fetch_image(reply["number"], reply["size"])
         self._coord_ok.set()
@@ -358,7 +378,7 @@ class Rank:
                 off = queue.pop(0)
                 for attempt in range(50):
                     try:
-                        data = await self._coord.call("recover_read", {
+                        data = await self._coordinator.call("recover_read", {
                             "group": self.group, "rank": self.rank, "key": self.key, "epoch": epoch,
                             "offset": off, "length": min(self.chunk, size - off)}, timeout=120.0)
                         break
@@ -379,7 +399,7 @@ class Rank:
         await self._coord_ok.wait()
         params = {"group": self.group, "rank": self.rank, "key": self.key, "epoch": self.epoch, **params}
         try:
-            return await self._coord.call(method, params, timeout=timeout)
+            return await self._coordinator.call(method, params, timeout=timeout)
         except RpcError as exc:
             if exc.code == "stale_epoch" or self._need_rollback:
                 if exc.code != "stale_epoch":
@@ -391,8 +411,9 @@ class Rank:
         while True:
             try:
                 await self._coord_ok.wait()
-                view = await self._watch_client.call("watch", {"group": self.group, "rank": self.rank, "key": self.key,
-                                                        "version": self._version}, timeout=60.0)
+                session = {"group": self.group, "rank": self.rank, "key": self.key}
+                view = await _open(self._watch_client).call("watch", {**session, "version": self._version},
+                                                            timeout=60.0)
             except (RpcError, OSError) as exc:
                 if isinstance(exc, RpcError) and not isinstance(exc, RpcConnectionError) and exc.code not in (
                         "unknown_group", "bad_identity", "timeout"):
@@ -408,8 +429,8 @@ class Rank:
         while True:
             await self._joined.wait()
             try:
-                await self._attach_client.call("attach", {"group": self.group, "rank": self.rank, "key": self.key},
-                                       timeout=60.0)
+                session = {"group": self.group, "rank": self.rank, "key": self.key}
+                await _open(self._attach_client).call("attach", session, timeout=60.0)
             except (RpcError, OSError):
                 await trio.sleep(0.05)  # the watcher reconnects; back off until it has
 
@@ -422,7 +443,7 @@ class Rank:
                     self._addrs[i] = a
                     old = self._peers.pop(i, None)
                     if old is not None:
-                        self._nursery.start_soon(old.aclose)
+                        self._tasks.start_soon(old.aclose)
         if view["phase"] == "failed":
             self._failed = True
             self._interrupt()
@@ -445,7 +466,7 @@ class Rank:
         for q in self._inbox:
             q.clear()
         for c in self._peers.values():
-            self._nursery.start_soon(c.aclose)
+            self._tasks.start_soon(c.aclose)
         self._peers.clear()
         self._tx = self._rx = 0
         self._held = False
@@ -548,7 +569,7 @@ class Rank:
             xor_into(self._ckpt[k * bs : k * bs + len(d)], d)
         self._ckpt_size, self.number = size, number
         self.stats["checkpoints"] += 1
-        self._nursery.start_soon(self._send_acks, consumed)
+        self._tasks.start_soon(self._send_acks, consumed)
         return True
 
     async def _send_acks(self, consumed: list[int]) -> None:
@@ -580,6 +601,7 @@ class Rank:
         try:
             with trio.CancelScope(shield=True):
                 return await self._ship(number, deltas, size, consumed)
+            return False  # not reached: a shielded scope nobody cancels catches nothing
         finally:
             self._shipped.set()
 
@@ -607,7 +629,7 @@ class Rank:
         overhead = trio.current_time() - t0
         self._shipping = True
         self._shipped = trio.Event()
-        self._nursery.start_soon(self._ship_background, number, deltas, size, consumed, overhead)
+        self._tasks.start_soon(self._ship_background, number, deltas, size, consumed, overhead)
 
     async def _ship_background(self, number, deltas, size, consumed, overhead) -> None:
         try:

@@ -31,7 +31,8 @@ from typing import Any
 from shoal.protocol.contract import BadParams, Contract, bounded
 
 __all__ = [
-    "BACKUP_METHODS", "COORDINATOR_METHODS", "SESSION_METHODS", "ERROR_CODES", "MAX_NAME", "MAX_RANKS", "MAX_SHARDS", "MODES",
+    "BACKUP_METHODS", "COORDINATOR_METHODS", "SESSION_METHODS", "ERROR_CODES",
+    "MAX_NAME", "MAX_RANKS", "MAX_SHARDS", "MODES",
     "Session", "Member", "Join", "Watch", "Request", "Delta", "Commit", "Stats", "Ready", "RecoverRead",
     "AtStep", "Freeze", "Barrier", "GroupMeta", "BackupApply", "BackupPut", "BackupRead",
     "Msg", "Ack", "CkptRead", "group_named",
@@ -266,7 +267,7 @@ class BackupApply(Contract):
     """Mirror one rank's committed deltas; the last call of a commit carries ``number``."""
 
     group: str = bounded(max_len=MAX_NAME)
-    meta: GroupMeta
+    meta: GroupMeta = bounded()
     rank: int = bounded(min=0, max=MAX_RANKS - 1)
     blocks: list[Any] = bounded(max_len=MAX_BLOCKS)  # [index, XOR delta] pairs
     number: int | None = bounded(None, min=0, max=MAX_COUNT)
@@ -284,7 +285,7 @@ class BackupPut(Contract):
     """One chunk of a whole copy of a group's parity; ``offset`` 0 starts one, ``final`` ends it."""
 
     group: str = bounded(max_len=MAX_NAME)
-    meta: GroupMeta
+    meta: GroupMeta = bounded()
     numbers: list[int] = bounded(max_len=MAX_RANKS, min=-1, max=MAX_COUNT)
     sizes: list[int] = bounded(max_len=MAX_RANKS, min=-1, max=MAX_STATE)
     offset: int = bounded(min=0, max=MAX_STATE * (MAX_SHARDS + 1))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -29,7 +30,8 @@ from shoal.ckpt.launcher import run_app
 from shoal.core.checkpoint.overhead import model
 
 LAMBDA = 6.301e-6
-APPS = [("mergesort", "Table 10: merge sort", 4, 3_000_000), ("cannon", "Table 11: matrix multiplication (Cannon)", 9, 700),
+APPS = [("mergesort", "Table 10: merge sort", 4, 3_000_000),
+        ("cannon", "Table 11: matrix multiplication (Cannon)", 9, 700),
         ("apsp", "Table 12: all pairs shortest paths", 4, 200)]
 
 
@@ -45,10 +47,10 @@ def main() -> int:
             runs = {}
             for kills in ([], [(1, 1.5)]):
                 log = io.StringIO()
-                runs[bool(kills)] = trio.run(lambda: run_app(app, ranks, size=size, kills=kills, mode=mode,
-                                                             interval=0.2, out=log, timeout=300.0))
+                runs[bool(kills)] = trio.run(partial(run_app, app, ranks, size=size, kills=kills, mode=mode,
+                                                     interval=0.2, out=log, timeout=300.0))
             g, gk = runs[False].status["groups"][0], runs[True].status["groups"][0]
-            O, L, R = g["O"], g["L"], gk["R"]
+            O, L, R = g["O"], g["L"], gk["R"]  # noqa: E741 - the seed's names
             r = model(O, L, R, 1 / LAMBDA).r if O > 0 else float("nan")
             both = runs[False].ok and runs[True].ok
             cells[mode] = {"O": O, "L": L, "R": R, "r": r, "checkpoints": g["numbers"], "ok": both,

@@ -107,7 +107,7 @@ def main() -> int:
     for name, _ in ops:
         secs = min(times[name])
         mbs = n / secs / 1e6
-        ratio = statistics.median(c / t for c, t in zip(copy_t, times[name]))
+        ratio = statistics.median(c / t for c, t in zip(copy_t, times[name], strict=False))
         result["rows"][name] = {"seconds": secs, "mb_per_s": round(mbs, 1), "vs_copy": round(ratio, 3)}
         print(f"{name:<20} {secs:9.4f} {mbs:9.1f} {ratio:8.1%}")
     ratio = result["rows"]["parity apply"]["vs_copy"]

@@ -128,7 +128,7 @@ class ReedSolomon:
             return [b"" for _ in sizes]
         blocks = [_pad(shards[i], size) for i in have]
         data = self._dec.decode(blocks, have)
-        return [bytes(d)[:n] for d, n in zip(data, sizes)]
+        return [bytes(d)[:n] for d, n in zip(data, sizes, strict=False)]
 
     def delta(self, i: int, delta) -> list[np.ndarray]:
         """The m parity contributions c_ij * delta of a change ``delta`` to shard i."""
@@ -137,7 +137,7 @@ class ReedSolomon:
     def apply_delta(self, parities: list[np.ndarray], i: int, offset: int, delta) -> None:
         """parity_j[offset:] ^= c_ij * delta for every holder j, in place."""
         n = len(as_u8(delta))
-        for p, contrib in zip(parities, self.delta(i, delta)):
+        for p, contrib in zip(parities, self.delta(i, delta), strict=False):
             xor_into(p[offset : offset + n], contrib)
 
 
@@ -185,7 +185,7 @@ class RSParity:
 
     def views(self) -> list[memoryview]:
         self._grow(self.nbytes)
-        return [memoryview(b[: self.nbytes]).toreadonly() for b in self._bufs]
+        return [b[: self.nbytes].data.toreadonly() for b in self._bufs]
 
     def set_size(self, rank: int, size: int) -> None:
         self._check_rank(rank)
@@ -237,7 +237,8 @@ class RSParity:
         shards: dict[int, object] = {i: survivors[i] for i in range(self.k) if i not in lost}
         for r, buf in shards.items():
             if as_u8(buf).size != self.sizes.get(r, 0):
-                raise ValueError(f"rank {r} checkpoint is {as_u8(buf).size} bytes, parity expects {self.sizes.get(r, 0)}")
+                raise ValueError(f"rank {r} checkpoint is {as_u8(buf).size} bytes, "
+                                 f"parity expects {self.sizes.get(r, 0)}")
         for j in holders[: len(lost)]:
             shards[self.k + j] = self._bufs[j][:size]
         data = self.code.decode(shards, [self.sizes.get(i, 0) for i in range(self.k)])

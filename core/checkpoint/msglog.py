@@ -146,8 +146,8 @@ class MessageLog:
             if e.status == ACKED:
                 e.status = ARCHIVED
         self._receipts = {k: e for k, e in self._receipts.items() if e.status != ARCHIVED}
-        for e in self._receipts.values():
-            e.status = ARCHIVED
+        for r in self._receipts.values():
+            r.status = ARCHIVED
 
     def after_rollback(self, checkpointed: bytes) -> Rollback:
         """Roll the tables back to ``checkpointed`` (a ``snapshot()`` taken right after

@@ -45,7 +45,7 @@ def _lam(mtbf: float) -> float:
     return 1.0 / mtbf
 
 
-def optimal_interval(O: float, L: float, R: float, mtbf: float) -> float:
+def optimal_interval(O: float, L: float, R: float, mtbf: float) -> float:  # noqa: E741 - the seed's name
     """T_opt from equation (1). Depends on O and lambda only; L and R are accepted so
     that all three functions share one signature."""
     lam = _lam(mtbf)
@@ -64,7 +64,7 @@ def optimal_interval(O: float, L: float, R: float, mtbf: float) -> float:
     return 0.5 * (lo + hi) / lam
 
 
-def gamma(O: float, L: float, R: float, mtbf: float, T: float | None = None) -> float:
+def gamma(O: float, L: float, R: float, mtbf: float, T: float | None = None) -> float:  # noqa: E741 - the seed's name
     """Gamma from equation (2), at interval T (default T_opt)."""
     lam = _lam(mtbf)
     if T is None:
@@ -72,14 +72,14 @@ def gamma(O: float, L: float, R: float, mtbf: float, T: float | None = None) -> 
     return math.exp(lam * (L - O + R)) * math.expm1(lam * (T + O)) / lam
 
 
-def overhead_ratio(O: float, L: float, R: float, mtbf: float, T: float | None = None) -> float:
+def overhead_ratio(O: float, L: float, R: float, mtbf: float, T: float | None = None) -> float:  # noqa: E741 - the seed's name
     """r from equation (3), at interval T (default T_opt)."""
     if T is None:
         T = optimal_interval(O, L, R, mtbf)
     return gamma(O, L, R, mtbf, T) / T - 1.0
 
 
-def model(O: float, L: float, R: float, mtbf: float) -> Model:
+def model(O: float, L: float, R: float, mtbf: float) -> Model:  # noqa: E741 - the seed's name
     """All three at once: (T_opt, Gamma, r)."""
     T = optimal_interval(O, L, R, mtbf)
     g = gamma(O, L, R, mtbf, T)

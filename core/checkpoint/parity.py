@@ -143,7 +143,7 @@ class Parity:
         self._grow(self.nbytes)
         v = self._buf[: self.nbytes].view()
         v.flags.writeable = False
-        return memoryview(v)
+        return memoryview(v.data)
 
     def _grow(self, size: int) -> None:
         if size > self._buf.size:

@@ -29,8 +29,9 @@ class CheckpointApp:
         c = cfg.checkpoint
         self.token = read_token(c.token_file, TOKEN_KEY)
         self.role = c.role
-        holder: dict[str, object] = {}
-        self.metrics = CheckpointMetrics(ctx.registry, lambda: holder["service"].gauges() if "service" in holder else {})
+        holder: dict[str, Coordinator | Backup] = {}
+        self.metrics = CheckpointMetrics(ctx.registry,
+                                         lambda: holder["service"].gauges() if "service" in holder else {})
         if c.role == "coordinator":
             self.service: Coordinator | Backup = Coordinator(c, self.metrics, self.token)
         else:

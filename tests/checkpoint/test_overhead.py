@@ -36,7 +36,7 @@ def test_hand_computed_example():
         ("11/12 Proposed", 183, 52, 190.2, 0.049993),
     ],
 )
-def test_the_seeds_tables(table, O, L, R, r):
+def test_the_seeds_tables(table, O, L, R, r):  # noqa: E741 - the seed's name
     assert overhead_ratio(O, L, R, MTBF) == pytest.approx(r, rel=2e-4), table
 
 
@@ -47,7 +47,7 @@ def test_the_seeds_table_10_proposed_row_differs_by_a_quarter_percent():
 
 
 def test_youngs_approximation_for_small_overhead():
-    for O in (1e-3, 0.5, 30.0):
+    for O in (1e-3, 0.5, 30.0):  # noqa: E741 - the seed's name
         T = optimal_interval(O, 0, 0, 1e6)
         assert pytest.approx(math.sqrt(2 * O * 1e6), rel=0.02) == T
 
@@ -63,6 +63,6 @@ def test_gamma_at_a_given_interval_and_monotonicity():
 
 
 @pytest.mark.parametrize("O, mtbf", [(0, 100), (-1, 100), (1, 0), (1, -5), (1, math.inf), (math.nan, 10)])
-def test_bad_inputs(O, mtbf):
+def test_bad_inputs(O, mtbf):  # noqa: E741 - the seed's name
     with pytest.raises(ValueError):
         optimal_interval(O, 1, 1, mtbf)
