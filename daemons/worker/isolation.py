@@ -10,7 +10,10 @@ each command task
   default that user's group), set in the child between ``fork`` and ``exec``
   (:meth:`Isolation.preexec`): supplementary groups dropped, gid then uid
   switched, no capabilities kept (ambient set cleared), ``no_new_privs`` set so
-  a setuid binary cannot give them back. A worker that may not switch users
+  a setuid binary cannot give them back, umask 022 so the worker can read the
+  outputs. Its task directory is made writable for it (mode 0777 inside the
+  0711 ``work_dir``) rather than given to it, and emptied as the task user
+  before a rerun: the worker needs only ``CAP_SETUID`` and ``CAP_SETGID``. A worker that may not switch users
   (not root and without ``CAP_SETUID``/``CAP_SETGID``) refuses to start,
   unless ``when_unprivileged = "self"`` (a developer's laptop): then it says
   once in its log that tasks run as its own user;
@@ -45,8 +48,10 @@ import grp
 import logging
 import os
 import pwd
+import shutil
 import signal
 import stat
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -287,6 +292,7 @@ class Isolation:
                     os.write(fd, b"0")
                 finally:
                     os.close(fd)
+            os.umask(0o022)  # the worker reads the task's outputs (the unit's UMask is 0077)
             if user is not None:
                 os.setgroups([])
                 os.setgid(user.gid)
@@ -301,9 +307,24 @@ class Isolation:
         return child
 
     def prepare_dir(self, path: Path) -> None:
-        """Let the task user write its own task directory."""
+        """Let the task user write its own task directory (no chown: the worker needs no CAP_CHOWN).
+        Its parent is not listable (work_dir is 0711), and every task runs as the same user anyway."""
         if self.user is not None:
-            os.chown(path, self.user.uid, self.user.gid)
+            os.chmod(path, 0o777)
+
+    async def clean_dir(self, path: Path) -> None:
+        """Empty and remove a task directory the task user wrote into: what it made is deleted as
+        that user (the worker has no CAP_DAC_OVERRIDE), the rest by the worker."""
+        try:
+            names = await trio.to_thread.run_sync(os.listdir, path)
+        except FileNotFoundError:
+            return
+        if self.user is not None and names:
+            with contextlib.suppress(OSError):
+                await trio.run_process(["rm", "-rf", "--", *(str(path / n) for n in names)], check=False,
+                                       start_new_session=True, preexec_fn=self.preexec(None),
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await trio.to_thread.run_sync(shutil.rmtree, path)
 
     def env(self, base: dict[str, str]) -> dict[str, str]:
         if self.user is None:

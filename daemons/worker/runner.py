@@ -202,7 +202,10 @@ async def run_task(task: TaskSpec | dict[str, Any], key: str, attempt: int, limi
     if task.inputs or task.outputs:
         cwd = limits.work_dir / job / name
         if cwd.exists():
-            await trio.to_thread.run_sync(shutil.rmtree, cwd)
+            if isolation is not None:
+                await isolation.clean_dir(cwd)
+            else:
+                await trio.to_thread.run_sync(shutil.rmtree, cwd)
         cwd.mkdir(parents=True)
         if isolation is not None:
             isolation.prepare_dir(cwd)
