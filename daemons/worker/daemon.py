@@ -410,6 +410,11 @@ def make_app(ctx: DaemonContext) -> WorkerApp:
 
 def check_config(cfg: WorkerConfig) -> None:
     read_token(cfg.worker.token_file, TOKEN_KEY)
+    try:
+        resolve_user(cfg.worker.task_user, cfg.worker.task_group)
+    except IsolationError as exc:
+        key, _, reason = str(exc).partition(": ")
+        raise ConfigError("worker", f"worker.{key}", reason) from None
 
 
 __all__ = ["WorkerApp", "make_app", "check_config", "RpcConnectionError"]

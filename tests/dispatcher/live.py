@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -62,6 +64,7 @@ async def start_dispatcher(tmp: Path, *, state_dir: Path | None = None, lease: f
     may enter (a unix socket path has at most 108 bytes; tests connect as other users too)."""
     sock_dir = Path(tempfile.mkdtemp(prefix="shoal-sub-"))
     os.chmod(sock_dir, 0o755)
+    atexit.register(shutil.rmtree, sock_dir, True)  # the socket outlives the test's daemon by design
     sock = sock_dir / "submit.sock"
     cfg = dispatcher_config(tmp / "dispatcher.toml", lease=lease, extra=f'submit_socket = "{sock}"\n{extra}')
     d = await start_daemon([*SHOAL, "dispatcher", "run", "--config", str(cfg)],

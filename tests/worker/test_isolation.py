@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.dispatcher.live import connect, metric, start_dispatcher, start_worker, wait_job, wait_workers
+from tests.dispatcher.live import SHOAL, connect, metric, start_dispatcher, start_worker, wait_job, wait_workers
 from tests.harness import DaemonFailed, scrape
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching to the task user needs root")
@@ -136,10 +137,13 @@ async def test_a_task_over_its_memory_limit_is_killed_and_reported(tmp_path, ope
                               ("small", ["/bin/sh", "-c", "cat /proc/self/cgroup"])):
                 j = await _submit(c, [{"name": name, "memory": "64MiB", "command": cmd}])
                 await wait_job(c, j)
-                by[name] = (await c.call("job", {"id": j, "logs": True}))["tasks"][0]
+                by[name] = dict((await c.call("job", {"id": j, "logs": True}))["tasks"][0], job=j)
             assert by["hog"]["state"] == "failed" and by["hog"]["error"] == "memory limit exceeded (64 MiB)", by["hog"]
             assert by["small"]["state"] == "done", by["small"]
             assert f"{cgroup.name}/task-".encode() in by["small"]["stdout"]  # it ran in its own cgroup
+            r = subprocess.run([*SHOAL, "job", str(by["hog"]["job"]), "--socket", str(d.submit_socket)],  # noqa: ASYNC221 - the CLI under test is its own process; the daemons run in others
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0 and "(memory limit exceeded (64 MiB))" in r.stdout, r
             text = await scrape(w.addresses["metrics"])
             assert metric(text, "shoal_worker_tasks_memory_killed_total") == 1
             assert await w.terminate() == 0
