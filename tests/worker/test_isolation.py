@@ -178,3 +178,25 @@ async def test_a_killed_worker_leaves_no_task_process_behind(tmp_path, open_dir,
             for p in _pids_with(marker):
                 os.kill(p, signal.SIGKILL)
         assert await d.terminate() == 0
+
+
+def test_a_worker_that_cannot_switch_users_refuses_or_says_so_once(tmp_path, caplog):
+    from shoal.daemons.runtime.config import ConfigError
+    from shoal.daemons.worker.config import WorkerSection
+    from shoal.daemons.worker.daemon import make_isolation
+
+    work = tmp_path / "work"
+    work.mkdir()
+    os.seteuid(NOBODY)  # an unprivileged worker: its effective capabilities are gone too
+    try:
+        with pytest.raises(ConfigError, match=r"worker\.task_user: .* may not run tasks as daemon"):
+            make_isolation(WorkerSection(task_user="daemon", cgroup="off"), work, "w.toml")
+        with caplog.at_level("WARNING", logger="shoal.worker"):
+            iso = make_isolation(WorkerSection(task_user="daemon", when_unprivileged="self", cgroup="off"), work,
+                                 "w.toml")
+    finally:
+        os.seteuid(0)
+    assert iso.user is None and iso.cgroups is None  # tasks run as the worker itself, in process groups
+    said = [r.getMessage() for r in caplog.records if "cannot switch to the task user daemon" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+    assert sum("not enforced" in r.getMessage() for r in caplog.records) == 1, caplog.text
