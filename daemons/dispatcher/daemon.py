@@ -115,8 +115,6 @@ log = logging.getLogger("shoal.dispatcher")
 SUBMIT_SOCKET = "submit.sock"
 #: the operator methods: they need a credential (see "Who may submit")
 OPERATOR_METHODS = ("submit", "exclude")
-#: what the submit socket serves
-SOCKET_METHODS = (*OPERATOR_METHODS, "jobs", "job", "workers", "ping")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -217,6 +215,11 @@ class DispatcherApp:
         raise RpcError("unauthorized", f"{method}: user {peer.name} is not allowed to submit "
                                        "(submit_users, submit_groups)")
 
+    @staticmethod
+    def _tcp_only(method: str) -> None:
+        if _peer.get() is not None:
+            raise RpcError("no_such_method", f"{method}: workers use the TCP RPC, not the submit socket")
+
     async def serve_submit_socket(self, server: RpcServer, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The submit socket: anyone may connect (mode 0666); SO_PEERCRED says who did."""
         path = self.submit_socket
@@ -292,15 +295,12 @@ class DispatcherApp:
         if restored:
             log.info("restored %d unfinished jobs (%d units) from %s", restored, self.core.unfinished_units,
                      self.store.path)
-        handlers = handlers_of(self)
-        server = RpcServer(handlers, metrics=ctx.metrics, token=self.token, name="shoal-dispatcher",
+        server = RpcServer(handlers_of(self), metrics=ctx.metrics, token=self.token, name="shoal-dispatcher",
                            max_in_flight=self.section.max_rpc_in_flight, request_timeout=MAX_WAIT + 20)
-        local = RpcServer({m: handlers[m] for m in SOCKET_METHODS}, metrics=ctx.metrics, name="shoal-dispatcher",
-                          max_in_flight=self.section.max_rpc_in_flight, request_timeout=MAX_WAIT + 20)
         try:
             async with trio.open_nursery() as nursery:
                 addr = await nursery.start(server.serve_tcp, self.section.rpc_listen)
-                sock = await nursery.start(self.serve_submit_socket, local)
+                sock = await nursery.start(self.serve_submit_socket, server)  # one server: one in-flight bound
                 log.info("submissions on %s (users %s, groups %s)%s", sock, ", ".join(self.section.submit_users) or "-",
                          ", ".join(self.section.submit_groups) or "-",
                          " and on the RPC with its token" if self.token is not None else "")
@@ -386,6 +386,7 @@ class DispatcherApp:
 
     @rpc_method("register", Register)
     async def rpc_register(self, params: Register) -> dict[str, Any]:
+        self._tcp_only("register")
         wid, cap, verdict = params.worker, params.capacity(), params.verdict
         self._core_call(self.core.register, wid, cap, time.time(), verdict)
         log.info("worker %s registered: %g cpus, %.0f MiB, rtt %.2f ms%s", wid, cap["cpus"], cap["memory"] / 2**20,
@@ -398,6 +399,7 @@ class DispatcherApp:
 
     @rpc_method("heartbeat", Heartbeat)
     async def rpc_heartbeat(self, params: Heartbeat) -> dict[str, Any]:
+        self._tcp_only("heartbeat")
         wid, verdict = params.worker, params.verdict
         before = self.core.workers.get(wid)
         was = before.verdict if before is not None else None
@@ -413,6 +415,7 @@ class DispatcherApp:
 
     @rpc_method("pull", Pull)
     async def rpc_pull(self, params: Pull) -> dict[str, Any]:
+        self._tcp_only("pull")
         wid = params.worker
         want = max(1, min(params.max, self.section.max_pull))
         if params.wait and not self.core.has_work(wid):
@@ -424,6 +427,7 @@ class DispatcherApp:
 
     @rpc_method("report", Report)
     async def rpc_report(self, params: Report) -> dict[str, int]:
+        self._tcp_only("report")
         batch = decode_results(params.results, self.section.max_log_bytes)
         applied = self._core_call(self.core.report, params.worker, batch, time.time())
         return {"applied": applied, "duplicates": len(batch) - applied}
