@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -31,6 +33,11 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         self.tmp = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
+        # Submitting needs a credential even on loopback: the bench's clients and
+        # workers share one RPC token.
+        self.token_file = self.tmp / "rpc.token"
+        self.token_file.write_text(secrets.token_hex(32))
+        self.token = self.token_file.read_bytes()
         cfg = self.tmp / "dispatcher.toml"
         cfg.write_text(f"""[daemon]
 log_level = "warning"
@@ -38,6 +45,7 @@ metrics_listen = ""
 state_directory = "{self.tmp / 'dstate'}"
 [dispatcher]
 rpc_listen = "127.0.0.1:0"
+token_file = "{self.token_file}"
 policy = "{self.policy}"
 max_tasks_per_job = 100000
 max_pull = 1024
@@ -68,6 +76,11 @@ id = "w{i:02d}"
 slots = {self.slots}
 prefetch = {self.prefetch}
 heartbeat_interval = 2.0
+token_file = "{self.token_file}"
+# Tasks run as the bench's own user: this measures dispatch, and the interpreter
+# the tasks run may live where a dedicated task user cannot reach it.
+task_user = "{os.getuid()}"
+when_unprivileged = "self"
 """)
             proc, _ = start_daemon("worker", wcfg, self._notify_dir(f"w{i}"))
             self.procs.append(proc)
@@ -91,18 +104,18 @@ heartbeat_interval = 2.0
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     async def _wait_workers(self) -> None:
-        async with await connect_tcp(self.addr) as c:
+        async with await connect_tcp(self.addr, token=self.token) as c:
             with trio.fail_after(60):
                 while len(await c.call("workers")) < self.n:  # noqa: ASYNC110 - polls another process's state; there is no event to wait on
                     await trio.sleep(0.05)
 
     async def call(self, method: str, params=None):
-        async with await connect_tcp(self.addr) as c:
+        async with await connect_tcp(self.addr, token=self.token) as c:
             return await c.call(method, params)
 
     async def run_job(self, spec: dict, timeout: float = 600.0) -> dict:
         """Submit, wait until done; returns the job row with the dispatcher's own timings."""
-        async with await connect_tcp(self.addr) as c:
+        async with await connect_tcp(self.addr, token=self.token) as c:
             t0 = time.time()
             reply = await c.call("submit", {"spec": json.dumps(spec).encode()})
             with trio.fail_after(timeout):
