@@ -207,6 +207,8 @@ def test_sysusers_snippet_creates_the_shoal_user(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "ignoring" not in proc.stderr, proc.stderr
     passwd = (tmp_path / "etc" / "passwd").read_text()
     assert re.search(r"^shoal:x:\d+:\d+:Shoal cluster daemons:/:/usr/sbin/nologin$", passwd, re.M), passwd
+    group = (tmp_path / "etc" / "group").read_text()
+    assert re.search(r"^shoal-submit:x:\d+:$", group, re.M), group  # the dispatcher's default submit_groups
 
 
 @pytest.mark.parametrize("where", ["tmp", "root", "home"])
