@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -37,8 +38,58 @@ from shoal.protocol.tracker import (
 MAX_RESPONSE_BYTES = 1 << 20
 
 
+# Why a tracker exchange failed: the ``reason`` of every TrackerError, and the
+# label set of the peer daemon's tracker error counter (bounded, all exported at 0).
+TRACKER_ERROR_REASONS = (
+    "connection_refused",  # nothing listens there (TCP RST to our SYN, or ICMP port unreachable for UDP)
+    "reset",  # the connection was reset or broken after it was made
+    "eof",  # the tracker closed the connection before a whole response
+    "timeout",  # no whole answer in time (HTTP), no answer after the retries (UDP)
+    "bad_response",  # not HTTP, not bencode, not a tracker reply, too large
+    "http_status",  # HTTP status other than 200
+    "error_reply",  # a BEP 15 error reply to connect
+    "network",  # any other socket error: name resolution, no route, ...
+)
+
+
 class TrackerError(Exception):
-    """The tracker could not be reached or answered with something unusable."""
+    """The tracker could not be reached or answered with something unusable.
+
+    The one exception the announce client raises for a failed exchange,
+    whatever went wrong on the network; ``reason`` is one of
+    :data:`TRACKER_ERROR_REASONS`.
+    """
+
+    def __init__(self, message: str, reason: str = "bad_response") -> None:
+        super().__init__(message)
+        assert reason in TRACKER_ERROR_REASONS, reason
+        self.reason = reason
+
+
+def _transport_reason(exc: BaseException) -> str:
+    """The TrackerError reason for a transport exception."""
+    cause = exc.__cause__
+    if type(exc) is OSError and isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        # trio.open_tcp_stream: "all attempts to connect failed", one error per address tried.
+        if all(isinstance(e, ConnectionRefusedError) for e in cause.exceptions):
+            return "connection_refused"
+        return _transport_reason(cause.exceptions[0])
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection_refused"
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)):
+        return "reset"
+    if isinstance(exc, h11.ProtocolError):
+        return "bad_response"
+    return "network"
+
+
+# Every way a TCP exchange with a tracker can fail below the tracker protocol.
+# (ConnectionError and socket.gaierror are OSErrors; trio raises BrokenResourceError
+# for a reset once the stream exists and OSError while connecting.)
+TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                    h11.ProtocolError)
 
 
 @dataclass(frozen=True)
@@ -68,29 +119,39 @@ async def http_get(host: str, port: int, target: bytes, *, timeout: float = 10.0
     """One HTTP/1.1 GET on a fresh connection; returns (status, body).
 
     ``local_address`` picks the source address, so a tracker records the
-    address a peer listens on when a host has several.
+    address a peer listens on when a host has several. Every failure, on
+    the network or in the HTTP framing, is a :class:`TrackerError`.
     """
-    with trio.fail_after(timeout):
-        stream = await trio.open_tcp_stream(host, port, local_address=local_address)
-        async with stream:
-            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_BYTES)
-            request = h11.Request(method="GET", target=target,
-                                  headers=[("Host", f"{host}:{port}"), ("Connection", "close")])
-            await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
-            status, body = 0, bytearray()
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    conn.receive_data(data)
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > MAX_RESPONSE_BYTES:
-                        raise TrackerError("tracker response too large")
-                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    return status, bytes(body)
+    where = f"{host}:{port}"
+    eof = False
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(host, port, local_address=local_address)
+            async with stream:
+                conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_BYTES)
+                request = h11.Request(method="GET", target=target,
+                                      headers=[("Host", where), ("Connection", "close")])
+                await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+                status, body = 0, bytearray()
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(65536)
+                        eof = not data
+                        conn.receive_data(data)
+                    elif isinstance(event, h11.Response):
+                        status = event.status_code
+                    elif isinstance(event, h11.Data):
+                        body += event.data
+                        if len(body) > MAX_RESPONSE_BYTES:
+                            raise TrackerError(f"{where}: tracker response too large")
+                    elif isinstance(event, h11.ConnectionClosed):
+                        raise TrackerError(f"{where}: closed before a response", "eof")
+                    elif isinstance(event, h11.EndOfMessage):
+                        return status, bytes(body)
+    except TRANSPORT_ERRORS as exc:
+        reason = "eof" if eof and isinstance(exc, h11.ProtocolError) else _transport_reason(exc)
+        raise TrackerError(f"{where}: {exc or type(exc).__name__}", reason) from None
 
 
 class HttpTracker:
@@ -103,13 +164,10 @@ class HttpTracker:
         """Nothing to release: each request uses its own connection."""
 
     async def _get(self, path: str, query: bytes) -> bytes:
-        try:
-            status, body = await http_get(self.url.host, self.url.port, path.encode() + b"?" + query,
-                                          timeout=self.timeout, local_address=self.local_address)
-        except (OSError, h11.ProtocolError) as exc:
-            raise TrackerError(f"{self.url.host}:{self.url.port}: {exc}") from None
+        status, body = await http_get(self.url.host, self.url.port, path.encode() + b"?" + query,
+                                      timeout=self.timeout, local_address=self.local_address)
         if status != 200:
-            raise TrackerError(f"tracker answered HTTP {status}")
+            raise TrackerError(f"tracker answered HTTP {status}", "http_status")
         return body
 
     async def announce(self, a: Announce) -> AnnounceResponse | Failure:
@@ -160,7 +218,16 @@ class UdpTracker:
             self._sock.close()
             self._sock = None
 
-    async def _exchange(self, make: callable) -> udp.Response:
+    async def _exchange(self, make: Callable[[int], udp.Request]) -> udp.Response:
+        """One request answered, retried on silence; every socket error is a TrackerError."""
+        try:
+            return await self._exchange_once(make)
+        except TRANSPORT_ERRORS as exc:
+            self.close()  # a fresh socket next time
+            raise TrackerError(f"{self.url.host}:{self.url.port}: {exc or type(exc).__name__}",
+                               _transport_reason(exc)) from None
+
+    async def _exchange_once(self, make: Callable[[int], udp.Request]) -> udp.Response:
         sock = await self._socket()
         ipv6 = sock.family == socket.AF_INET6
         for attempt in range(self.retries + 1):
@@ -171,21 +238,22 @@ class UdpTracker:
                     try:
                         data = await sock.recv(65536)
                     except ConnectionRefusedError:
-                        raise TrackerError(f"{self.url.host}:{self.url.port}: connection refused") from None
+                        raise TrackerError(f"{self.url.host}:{self.url.port}: connection refused",
+                                           "connection_refused") from None
                     try:
                         resp = udp.parse_response(data, ipv6=ipv6)
                     except RemoteProtocolError:
                         continue  # not for us, or garbage: keep waiting
                     if resp.transaction_id == tid:
                         return resp
-        raise TrackerError(f"{self.url.host}:{self.url.port}: no answer after {self.retries + 1} tries")
+        raise TrackerError(f"{self.url.host}:{self.url.port}: no answer after {self.retries + 1} tries", "timeout")
 
     async def _connection_id(self) -> int:
         now = trio.current_time()
         if self._cid is None or now - self._cid[1] > self.CONNECTION_ID_LIFETIME:
             resp = await self._exchange(udp.ConnectRequest)
             if isinstance(resp, udp.ErrorResponse):
-                raise TrackerError(f"tracker error: {resp.message}")
+                raise TrackerError(f"tracker error: {resp.message}", "error_reply")
             if not isinstance(resp, udp.ConnectResponse):
                 raise TrackerError("unexpected reply to connect")
             self._cid = (resp.connection_id, now)
@@ -210,7 +278,8 @@ class UdpTracker:
             return Failure(resp.message)
         if not isinstance(resp, udp.ScrapeResponse):
             raise TrackerError("unexpected reply to scrape")
-        return dict(zip(info_hashes, resp.stats))
+        # A tracker may answer for fewer hashes than asked (it caps a scrape's size): those it left out are absent.
+        return dict(zip(info_hashes, resp.stats, strict=False))
 
 
 def open_tracker(url: str, *, local_address: str | None = None, timeout: float = 10.0) -> HttpTracker | UdpTracker:

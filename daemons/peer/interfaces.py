@@ -70,6 +70,9 @@ class SessionHost(Protocol):
     listen_addr: ListenAddr | None
     upload_throttle: Throttle
     download_throttle: Throttle
+    tracker_timeout: float  # one tracker exchange
+    announce_retry_first: float  # a failed announce is retried after this, doubling...
+    announce_retry_max: float  # ... up to this
 
     @property
     def local_host(self) -> str | None: ...

@@ -30,6 +30,7 @@ from functools import partial
 
 import trio
 
+from shoal.core.swarm.backoff import Backoff
 from shoal.daemons.peer.announce import TrackerError, open_tracker
 from shoal.daemons.peer.session import RECEIVE_SIZE, Session
 from shoal.daemons.peer.torrent import CONNECT_TIMEOUT, EXT_IDS, HANDSHAKE_TIMEOUT
@@ -100,11 +101,14 @@ async def fetch_metadata(session: Session, magnet: Magnet) -> Fetched:
 
 
 async def _announcer(session: Session, magnet: Magnet, offer) -> None:
+    """Announce every ANNOUNCE_EVERY seconds; sooner, with back-off, while no tracker answers."""
     me = session.listen_addr
+    backoff = Backoff(session.announce_retry_first, min(session.announce_retry_max, ANNOUNCE_EVERY))
     while True:
+        answered = False
         for url in magnet.trackers:
             try:
-                tracker = open_tracker(url, local_address=session.local_host, timeout=5.0)
+                tracker = open_tracker(url, local_address=session.local_host, timeout=session.tracker_timeout)
             except ValueError:
                 continue
             # left is unknown until the dictionary arrives; any non-zero value
@@ -113,15 +117,26 @@ async def _announcer(session: Session, magnet: Magnet, offer) -> None:
                            uploaded=0, downloaded=0, left=1, event=Event.NONE,
                            numwant=session.config.peer.numwant)
             try:
-                with trio.move_on_after(30):
-                    reply = await tracker.announce(ann)
-                    if not isinstance(reply, Failure):
-                        offer((p.ip, p.port) for p in reply.peers)
-            except (TrackerError, OSError) as exc:
+                reply = await tracker.announce(ann)
+            except TrackerError as exc:
                 log.info("tracker %s: %s", url, exc)
+                session.metrics.announces.labels("error").inc()
+                session.metrics.tracker_errors.labels(exc.reason).inc()
+                continue
             finally:
                 tracker.close()
-        await trio.sleep(ANNOUNCE_EVERY)  # the re-announce period, not synchronisation
+            answered = True
+            if isinstance(reply, Failure):
+                session.metrics.announces.labels("refused").inc()
+            else:
+                session.metrics.announces.labels("ok").inc()
+                offer((p.ip, p.port) for p in reply.peers)
+        if answered or not magnet.trackers:
+            backoff.succeeded()
+            delay = ANNOUNCE_EVERY
+        else:
+            delay = backoff.failed()
+        await trio.sleep(delay)  # the re-announce period or back-off, not synchronisation
 
 
 async def _try_peer(session: Session, info_hash: bytes, addr: tuple[str, int], limiter, retry) -> None:

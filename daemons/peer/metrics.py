@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shoal.daemons.peer.announce import TRACKER_ERROR_REASONS
+
 # Why a peer was disconnected and banned; bounded set of tokens.
 BAN_REASONS = ("bad_metadata", "bad_hash", "protocol", "wrong_info_hash", "unrequested_piece", "self_connection")
 
@@ -42,8 +44,13 @@ class PeerMetrics:
                                          buckets=REQUEST_BUCKETS, registry=registry)
         self.announces = Counter("shoal_peer_announces_total", "Tracker announces, by result.",
                                  ["result"], registry=registry)
+        self.tracker_errors = Counter("shoal_peer_tracker_errors_total",
+                                      "Tracker announces and scrapes that failed, by reason (each is retried).",
+                                      ["reason"], registry=registry)
         for reason in BAN_REASONS:
             self.bans.labels(reason)
+        for reason in TRACKER_ERROR_REASONS:
+            self.tracker_errors.labels(reason)
         registry.register(_Gauges(gauges))
 
 

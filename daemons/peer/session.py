@@ -34,6 +34,12 @@ log = logging.getLogger("shoal.peer")
 MAX_BANS = 10_000
 # One peer may not hold more half-open incoming handshakes than the hard limit.
 RECEIVE_SIZE = 65536
+# One tracker exchange (HTTP request, or one UDP try) must finish in this time.
+TRACKER_TIMEOUT = 5.0
+# A failed announce is retried after 15 s, doubling up to 10 min (the usual
+# announce interval is 30 min; a tracker that is back is found soon enough).
+ANNOUNCE_RETRY_FIRST = 15.0
+ANNOUNCE_RETRY_MAX = 600.0
 
 
 def make_peer_id(prefix: str) -> bytes:
@@ -58,6 +64,10 @@ class Session:
             self.version = "0"
         self._nursery: trio.Nursery | None = None
         self._incoming = 0
+        # Not config keys (yet): tests and experiments set them on the session.
+        self.tracker_timeout = TRACKER_TIMEOUT
+        self.announce_retry_first = ANNOUNCE_RETRY_FIRST
+        self.announce_retry_max = ANNOUNCE_RETRY_MAX
 
     # -- running -----------------------------------------------------------------
 

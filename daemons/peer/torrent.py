@@ -25,6 +25,7 @@ from pathlib import Path
 
 import trio
 
+from shoal.core.swarm.backoff import Backoff
 from shoal.core.swarm.choker import Choker
 from shoal.core.swarm.picker import BLOCK_SIZE, PiecePicker
 from shoal.core.swarm.superseed import SuperSeeder
@@ -549,48 +550,70 @@ class Torrent:
                         port=me.port if me else 0, uploaded=self.uploaded, downloaded=self.downloaded,
                         left=left, event=event, numwant=self.session.config.peer.numwant)
 
-    async def _announce_all(self, event: Event) -> tuple[float, float]:
-        """Announce to every tracker; return the (interval, min interval) to wait."""
-        interval, min_interval = 1800.0, 60.0
+    async def _announce_all(self, event: Event) -> tuple[float, float] | None:
+        """Announce to every tracker; the (interval, min interval) to wait, or None if none answered.
+
+        A tracker that fails, for whatever reason, costs a log line and a
+        count in ``tracker_errors``; it never raises out of here.
+        """
+        interval, min_interval, answered = 1800.0, 60.0, False
         for url in self.trackers:
             try:
-                tracker = open_tracker(url, local_address=self.session.local_host, timeout=5.0)
+                tracker = open_tracker(url, local_address=self.session.local_host,
+                                       timeout=self.session.tracker_timeout)
             except ValueError:
                 continue
             try:
-                with trio.move_on_after(30):
-                    reply = await tracker.announce(self._announce_for(event))
-                    if isinstance(reply, Failure):
-                        log.warning("tracker %s refused us: %s", url, reply.reason)
-                        self.metrics.announces.labels("refused").inc()
-                        continue
-                    # HTTP replies carry a min interval; BEP 15 replies do not.
-                    interval = float(reply.interval)
-                    min_interval = float(getattr(reply, "min_interval", None) or min(interval, 60.0))
-                    self.add_addresses((p.ip, p.port) for p in reply.peers)
-                    self.metrics.announces.labels("ok").inc()
-            except (TrackerError, OSError) as exc:
-                log.info("tracker %s: %s", url, exc)
+                reply = await tracker.announce(self._announce_for(event))
+            except TrackerError as exc:
+                log.info("tracker %s (%s): %s", url, event.name.lower(), exc)
                 self.metrics.announces.labels("error").inc()
+                self.metrics.tracker_errors.labels(exc.reason).inc()
+                continue
             finally:
                 tracker.close()
-        return interval, min_interval
+            answered = True
+            if isinstance(reply, Failure):
+                log.warning("tracker %s refused us: %s", url, reply.reason)
+                self.metrics.announces.labels("refused").inc()
+                continue
+            # HTTP replies carry a min interval; BEP 15 replies do not.
+            interval = float(reply.interval)
+            min_interval = float(getattr(reply, "min_interval", None) or min(interval, 60.0))
+            self.add_addresses((p.ip, p.port) for p in reply.peers)
+            self.metrics.announces.labels("ok").inc()
+        return (interval, min_interval) if answered or not self.trackers else None
 
     async def _announcer(self) -> None:
         """Announce at the tracker's interval; sooner when short of peers or just completed.
 
         The seeds: "If nodes in the peers set become less than 20, Alice
         contacts the tracker again" -- but never more often than the
-        tracker's min interval. A completed event goes out at once.
+        tracker's min interval. A completed event goes out at once. When no
+        tracker answers, the next try follows a capped exponential back-off
+        (reset by an answer), whatever the number of peers.
         """
         below = self.session.config.peer.reannounce_below
+        backoff = Backoff(self.session.announce_retry_first, self.session.announce_retry_max)
+        started = False  # "started" is sent until a tracker has heard it
+
+        async def announce(event: Event) -> tuple[float, float]:
+            nonlocal started
+            got = await self._announce_all(Event.STARTED if not started and event is Event.NONE else event)
+            if got is None:
+                delay = backoff.failed()
+                return delay, delay
+            started = True
+            backoff.succeeded()
+            return got
+
         try:
-            interval, min_interval = await self._announce_all(Event.STARTED)
+            interval, min_interval = await announce(Event.STARTED)
             last = trio.current_time()
             announced_complete = self.picker.complete
             while True:
                 self._reannounce = trio.Event()
-                wait = interval if len(self.links) >= below else min_interval
+                wait = interval if len(self.links) >= below or backoff.failures else min_interval
                 with trio.move_on_after(max(0.0, last + wait - trio.current_time())):
                     await self._reannounce.wait()
                 completing = self.picker.complete and not announced_complete
@@ -598,11 +621,16 @@ class Torrent:
                     continue  # woken early by a lost peer: the next wait honours min_interval
                 event = Event.COMPLETED if completing else Event.NONE
                 announced_complete = announced_complete or completing
-                interval, min_interval = await self._announce_all(event)
+                interval, min_interval = await announce(event)
                 last = trio.current_time()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
+            # Bounded, and never raises: a tracker that is already gone (the
+            # one on this node stopping first) must not fail our stop.
+            with trio.CancelScope(shield=True), trio.move_on_after(2 * self.session.tracker_timeout) as scope:
                 await self._announce_all(Event.STOPPED)
+            if scope.cancelled_caught:
+                log.info("%s: stopped announce abandoned after %.0fs", self.meta.name,
+                         2 * self.session.tracker_timeout)
 
 
 # Our BEP 10 extension ids (what peers must use when they send to us).

@@ -31,6 +31,10 @@ def next_client_ip() -> str:
     return next(_client_ips)
 
 
+def next_tracker_ip() -> str:
+    return next(_tracker_ips)
+
+
 def sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
@@ -42,7 +46,7 @@ class Lab:
         self.sessions: list[Session] = []
 
     async def tracker(self) -> dict[str, ListenAddr]:
-        host = next(_tracker_ips)
+        host = next_tracker_ip()
         cfg = TrackerConfig(
             daemon=DaemonSection(metrics_listen=None, state_directory=str(self.tmp / f"tracker-{host}")),
             tracker=replace(TrackerSection(), http_listen=ListenAddr(host, 0), udp_listen=ListenAddr(host, 0),
@@ -52,10 +56,11 @@ class Lab:
         ctx = await self.nursery.start(partial(serve, "tracker", cfg, None, TrackerApp, handle_signals=False))
         return ctx.addresses
 
-    async def peer(self, *, upload_rate: int = 0, choker: ChokerSection = ChokerSection(), **peer_kw) -> Session:
+    async def peer(self, *, upload_rate: int = 0, choker: ChokerSection | None = None,
+                   **peer_kw) -> Session:
         ip = next(_peer_ips)
         cfg = PeerConfig(peer=replace(PeerSection(), listen=ListenAddr(ip, 0), **peer_kw),
-                         limits=LimitsSection(upload_rate=upload_rate), choker=choker)
+                         limits=LimitsSection(upload_rate=upload_rate), choker=choker or ChokerSection())
         session = Session(cfg, CollectorRegistry(), self.tmp / ip / "downloads", self.tmp / ip / "resume")
         await self.nursery.start(session.run)
         self.sessions.append(session)
