@@ -12,6 +12,7 @@ not write.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -217,10 +218,9 @@ class Aria2Client:
                  seed_time_min: float = 0.0, log: Path | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.argv = aria2_argv(torrent, directory, seed=seed, ip=ip, seed_time_min=seed_time_min)
-        out = open(log, "wb") if log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        if log:
-            out.close()
+        # The child keeps its own copy of the log's descriptor; ours is closed at once.
+        with open(log, "wb") if log else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def poll(self) -> int | None:
         return self.proc.poll()

@@ -24,12 +24,12 @@ from pathlib import Path
 import trio
 from prometheus_client import CollectorRegistry
 
+from shoal.daemons.peer.announce import http_get
 from shoal.daemons.peer.config import PeerConfig, PeerSection
 from shoal.daemons.peer.session import Session
 from shoal.daemons.peer.torrent import Torrent
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr
 from shoal.daemons.runtime.daemon import serve
-from shoal.daemons.peer.announce import http_get
 from shoal.daemons.tracker.config import AccessSection, TrackerConfig, TrackerSection
 from shoal.daemons.tracker.daemon import TrackerApp
 from shoal.demo.realclients import Aria2Client, LibtorrentClient, aria2_available, make_shared_file
@@ -213,7 +213,7 @@ PARTS: dict[str, str] = {
 def run_demo(size_mib: int = 32, timeout: float = 120.0, out=sys.stdout, only: list[str] | None = None) -> int:
     import importlib
 
-    names = list(PARTS) if not only else only
+    names = only if only else list(PARTS)
     unknown = [n for n in names if n not in PARTS]
     if unknown:
         print(f"shoal demo: unknown part {', '.join(unknown)} (parts: {', '.join(PARTS)})", file=sys.stderr)

@@ -65,7 +65,6 @@ encode, we can decode.
 from __future__ import annotations
 
 import re
-from typing import Union
 
 from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
 
@@ -79,7 +78,7 @@ __all__ = [
     "decode_prefix",
 ]
 
-Value = Union[int, bytes, list, dict]
+Value = int | bytes | list | dict
 
 #: Every ``reason`` a decoder in this module can raise.
 REASONS = (
@@ -341,7 +340,7 @@ def decode_prefix(
             if not _INT64_MIN <= value <= _INT64_MAX:
                 raise RemoteProtocolError("integer outside int64", reason="bad_integer")
             pos = e + 1
-        elif c == _L or c == _D:
+        elif c in (_L, _D):
             if len(stack) >= max_depth:
                 raise RemoteProtocolError(
                     f"nesting deeper than {max_depth}", reason="too_deep"

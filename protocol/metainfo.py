@@ -190,7 +190,9 @@ class FileEntry:
     attr: str = ""
 
     def __post_init__(self) -> None:
-        if not self.path or not all(isinstance(c, str) and _component_ok(c.encode("utf-8", "surrogatepass")) for c in self.path):
+        if not self.path or not all(
+            isinstance(c, str) and _component_ok(c.encode("utf-8", "surrogatepass")) for c in self.path
+        ):
             raise LocalProtocolError(f"unsafe file path {self.path!r}", "bad_path")
         if self.length < 0 or self.offset < 0:
             raise LocalProtocolError("file length and offset must be non-negative", "bad_file_length")

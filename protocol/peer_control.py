@@ -44,6 +44,13 @@ def info_hash_of(text: str) -> bytes:
     return info_hash
 
 
+def _check_rates(upload_rate: int, download_rate: int) -> None:
+    """The message the control RPC has always given for a bad rate."""
+    for name, value in (("upload_rate", upload_rate), ("download_rate", download_rate)):
+        if not 0 <= value <= MAX_RATE:
+            raise BadParams(f"{name} must be an integer number of bytes/s, 0 to {MAX_RATE}")
+
+
 @dataclass(frozen=True, slots=True)
 class AddTorrent(Contract):
     """Start a torrent from the bytes of a .torrent file, or from a magnet link."""
@@ -51,10 +58,11 @@ class AddTorrent(Contract):
     torrent: bytes | None = bounded(None, max_len=MAX_TORRENT_BYTES)  # a whole .torrent, read into memory
     magnet: str | None = bounded(None, max_len=MAX_TORRENT_BYTES)  # a URI is far shorter; same cap
     dest: str | None = bounded(None, max_len=MAX_PATH)  # an absolute directory
-    upload_rate: int = bounded(0, min=0, max=MAX_RATE)
-    download_rate: int = bounded(0, min=0, max=MAX_RATE)
+    upload_rate: int = bounded(0)  # 0 to MAX_RATE, checked in __post_init__ (one message for both)
+    download_rate: int = bounded(0)
 
     def __post_init__(self) -> None:
+        _check_rates(self.upload_rate, self.download_rate)
         if self.dest is not None and not self.dest.startswith("/"):
             raise BadParams("dest must be an absolute path")
         if self.magnet is None and self.torrent is None:
@@ -111,11 +119,12 @@ class Limits(Contract):
     """A torrent's own rate limits, bytes/s (0: none), inside the global ones."""
 
     info_hash: str = bounded(max_len=INFO_HASH_HEX)  # 40 hex digits
-    upload_rate: int = bounded(0, min=0, max=MAX_RATE)
-    download_rate: int = bounded(0, min=0, max=MAX_RATE)
+    upload_rate: int = bounded(0)  # 0 to MAX_RATE, checked in __post_init__ (one message for both)
+    download_rate: int = bounded(0)
 
     def __post_init__(self) -> None:
         info_hash_of(self.info_hash)
+        _check_rates(self.upload_rate, self.download_rate)
 
     @property
     def digest(self) -> bytes:

@@ -133,7 +133,6 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass, field
-from typing import Union
 
 from shoal.protocol import bencode
 from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -537,11 +536,11 @@ class _Sentinel:
 #: ``next_event`` has no complete event yet: feed more bytes.
 NEED_DATA = _Sentinel("NEED_DATA")
 
-Message = Union[
-    KeepAlive, Choke, Unchoke, Interested, NotInterested, Have, Bitfield, Request, Piece,
-    Cancel, Port, SuggestPiece, HaveAll, HaveNone, RejectRequest, AllowedFast, Extended,
-]
-Event = Union[Handshake, Message, ConnectionClosed]
+Message = (
+    KeepAlive | Choke | Unchoke | Interested | NotInterested | Have | Bitfield | Request | Piece
+    | Cancel | Port | SuggestPiece | HaveAll | HaveNone | RejectRequest | AllowedFast | Extended
+)
+Event = Handshake | Message | ConnectionClosed
 
 _KEEPALIVE = KeepAlive()
 _NO_PAYLOAD = {
@@ -788,8 +787,8 @@ class PeerConnection:
             return self._short(avail)
         p = pos + 5
 
-        if mid <= NOT_INTERESTED or mid == HAVE_ALL or mid == HAVE_NONE:
-            if mid == HAVE_ALL or mid == HAVE_NONE:
+        if mid <= NOT_INTERESTED or mid in (HAVE_ALL, HAVE_NONE):
+            if mid in (HAVE_ALL, HAVE_NONE):
                 self._have_state()
             elif mid == CHOKE:
                 self.peer_choking = True
@@ -800,14 +799,14 @@ class PeerConnection:
             else:
                 self.peer_interested = False
             event = _NO_PAYLOAD[mid]
-        elif mid == REQUEST or mid == CANCEL or mid == REJECT_REQUEST:
+        elif mid in (REQUEST, CANCEL, REJECT_REQUEST):
             index, begin, blen = _THREE.unpack_from(buf, p)
             if not 1 <= blen <= self.max_block:
                 self._fail(f"block length {blen}", "bad_length")
             self._index(index)
             cls = Request if mid == REQUEST else Cancel if mid == CANCEL else RejectRequest
             event = cls(index, begin, blen)
-        elif mid == HAVE or mid == SUGGEST_PIECE or mid == ALLOWED_FAST:
+        elif mid in (HAVE, SUGGEST_PIECE, ALLOWED_FAST):
             index = _U32.unpack_from(buf, p)[0]
             self._index(index)
             if mid == HAVE:
@@ -1138,7 +1137,7 @@ def _metadata_piece_size(piece: int, total_size: int) -> int:
     return min(METADATA_PIECE, total_size - piece * METADATA_PIECE)
 
 
-MetadataMessage = Union[MetadataRequest, MetadataData, MetadataReject]
+MetadataMessage = MetadataRequest | MetadataData | MetadataReject
 
 
 def encode_metadata(msg: MetadataMessage) -> bytes:

@@ -303,7 +303,7 @@ class Peer:
     def from_compact(cls, entry: bytes) -> Peer:
         """Build from a 6-byte (IPv4) or 18-byte (IPv6) compact entry."""
         if len(entry) == 6:
-            ip = "%d.%d.%d.%d" % (entry[0], entry[1], entry[2], entry[3])
+            ip = f"{entry[0]}.{entry[1]}.{entry[2]}.{entry[3]}"
         elif len(entry) == 18:
             ip = str(ipaddress.IPv6Address(entry[:16]))
         else:
@@ -696,7 +696,7 @@ def _compact_peers(blob: object, size: int) -> list[Peer]:
         )
     if size == 6:
         return [
-            Peer("%d.%d.%d.%d" % (blob[i], blob[i + 1], blob[i + 2], blob[i + 3]),
+            Peer(f"{blob[i]}.{blob[i + 1]}.{blob[i + 2]}.{blob[i + 3]}",
                  (blob[i + 4] << 8) | blob[i + 5])
             for i in range(0, len(blob), 6)
         ]

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Union
 
 from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
 from shoal.protocol.tracker import Announce, Event, Peer, ScrapeStats
@@ -262,8 +261,8 @@ class ErrorResponse:
             raise LocalProtocolError("message must be str", reason="bad_type")
 
 
-Request = Union[ConnectRequest, AnnounceRequest, ScrapeRequest]
-Response = Union[ConnectResponse, AnnounceResponse, ScrapeResponse, ErrorResponse]
+Request = ConnectRequest | AnnounceRequest | ScrapeRequest
+Response = ConnectResponse | AnnounceResponse | ScrapeResponse | ErrorResponse
 
 
 # ---------------------------------------------------------------------------
@@ -336,7 +335,7 @@ def _KEYS(key: int) -> bytes:
 
 
 def _ipv4_text(ip: int) -> str:
-    return "%d.%d.%d.%d" % (ip >> 24, (ip >> 16) & 255, (ip >> 8) & 255, ip & 255)
+    return f"{ip >> 24}.{(ip >> 16) & 255}.{(ip >> 8) & 255}.{ip & 255}"
 
 
 def _parse_options(d: bytes, n: int) -> bytes:

@@ -124,8 +124,9 @@ class Node:
         self.log = log
         pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
         argv = [*(wrap or []), sys.executable, str(NODE), json.dumps(spec)]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(log, "wb"), preexec_fn=pin, bufsize=0)
+        with open(log, "wb") as err:  # the child has its own copy of the descriptor
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=err, preexec_fn=pin, bufsize=0)
         self.pid = self.proc.pid
         self._buf = b""
         self.events: list[dict] = []
@@ -212,8 +213,9 @@ def run_pair(tmp: Path, shared, seed_impl: str, leech_impl: str, timeout: float,
         profs = []
         for side, argv in (profiler or {}).items():
             pid = {"seed": seed.pid, "leech": leech.pid}[side]
-            profs.append(subprocess.Popen([*argv, "--pid", str(pid)], stdout=subprocess.DEVNULL,
-                                          stdin=subprocess.DEVNULL, stderr=open(work / f"{side}.prof.log", "wb")))
+            with open(work / f"{side}.prof.log", "wb") as err:  # the child keeps its own copy
+                profs.append(subprocess.Popen([*argv, "--pid", str(pid)], stdout=subprocess.DEVNULL,
+                                              stdin=subprocess.DEVNULL, stderr=err))
         if profs:
             time.sleep(1.0)  # let the samplers attach
         cpu0 = {"seed": cpu_split(seed.pid), "leech": cpu_split(leech.pid)}
@@ -300,7 +302,8 @@ def run_swarm(tmp: Path, shared, n: int, cap: int, per_process: int, timeout: fl
         uploaded_by_leechers = sum(s["uploaded"] for gs in group_stats if gs for s in gs["nodes"])
         seed_up = seed_stats["nodes"][0]["uploaded"] if seed_stats else None
         return {
-            "n": n, "super_seed": super_seed, "file_bytes": F, "upload_cap_bytes_per_s": cap, "processes": 1 + len(groups),
+            "n": n, "super_seed": super_seed, "file_bytes": F, "upload_cap_bytes_per_s": cap,
+            "processes": 1 + len(groups),
             "per_process": per_process,
             "last_done_s": makespan, "first_done_s": min(done_t), "median_done_s": sorted(done_t)[len(done_t) // 2],
             "first_byte_s": min(first_t), "last_first_byte_s": max(first_t),
@@ -423,7 +426,7 @@ def _summarise_pstats(path: Path, top: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=256, help="pair file size, MiB")
-    ap.add_argument("--pairs", default=",".join(f"{s}->{l}" for s, l in PAIRS),
+    ap.add_argument("--pairs", default=",".join(f"{s}->{le}" for s, le in PAIRS),
                     help="comma-separated seed->leech pairs, or 'none'")
     ap.add_argument("--swarm-size", type=int, default=16, help="swarm file size F, MiB")
     ap.add_argument("--upload-cap", type=float, default=1.0, help="per-node upload cap, MiB/s (seed too)")
@@ -461,9 +464,9 @@ def main() -> int:
         rows = []
         if pairs or args.profile:
             shared = make_shared_file(tmp / "pairfile", "data.bin", args.size * MiB, "http://127.0.0.1:1/announce")
-            for s, l in pairs:
-                print(f"pair {s}->{l} ...", file=sys.stderr, flush=True)
-                rows.append(run_pair(tmp, shared, s, l, args.timeout))
+            for s, le in pairs:
+                print(f"pair {s}->{le} ...", file=sys.stderr, flush=True)
+                rows.append(run_pair(tmp, shared, s, le, args.timeout))
             base = next((r for r in rows if r["pair"] == "libtorrent->libtorrent"), None)
             for r in rows:
                 r["transfer_ratio_to_lt"] = r["transfer_MiB_per_s"] / base["transfer_MiB_per_s"] if base else None
@@ -496,10 +499,11 @@ def main() -> int:
     if swarms:
         print(f"\nSwarms, shoal only: 1 seed + N leechers, F = {args.swarm_size} MiB, "
               f"every node's upload capped at {args.upload_cap:g} MiB/s")
-        print(f"{'N':>3} {'super':>5} {'procs':>5} {'last done s':>11} {'min s':>6} {'x min':>6} {'client-server s':>15} "
-              f"{'x c-s':>6} {'first byte s':>12} {'seed copies':>11} {'cores busy':>10}")
+        print(f"{'N':>3} {'super':>5} {'procs':>5} {'last done s':>11} {'min s':>6} {'x min':>6} "
+              f"{'client-server s':>15} {'x c-s':>6} {'first byte s':>12} {'seed copies':>11} {'cores busy':>10}")
         for w in swarms:
-            print(f"{w['n']:>3} {'yes' if w['super_seed'] else 'no':>5} {w['processes']:>5} {w['last_done_s']:>11.2f} {w['theoretical_min_s']:>6.2f} "
+            print(f"{w['n']:>3} {'yes' if w['super_seed'] else 'no':>5} {w['processes']:>5} "
+                  f"{w['last_done_s']:>11.2f} {w['theoretical_min_s']:>6.2f} "
                   f"{w['ratio_to_min']:>6.2f} {w['client_server_s']:>15.1f} {w['ratio_to_client_server']:>6.2f} "
                   f"{w['first_byte_s']:>12.2f} {w['seed_uploaded_copies'] or 0:>11.2f} {w['cores_busy']:>10.2f}")
     if "profile" in result:

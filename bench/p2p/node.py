@@ -76,11 +76,13 @@ def run_shoal(spec: dict) -> None:
                 registries.append(reg)
             torrents = []
             if seed:
-                for s, node, reg in zip(sessions, spec["nodes"], registries):
+                # One session and one registry were made per node above.
+                for s, node, reg in zip(sessions, spec["nodes"], registries, strict=True):
                     t = await s.add(meta, Path(node["dir"]))
                     assert t.state == "seeding", f"seed not complete after recheck: {t.state}"
                     torrents.append(t)
-                    while not reg.get_sample_value("shoal_peer_announces_total", {"result": "ok"}):
+                    # noqa reason: a metric has no event to wait on; the seed is ready once announced.
+                    while not reg.get_sample_value("shoal_peer_announces_total", {"result": "ok"}):  # noqa: ASYNC110
                         await trio.sleep(0.01)
                 emit(ev="seeding", t=time.monotonic())
             else:
@@ -92,7 +94,8 @@ def run_shoal(spec: dict) -> None:
                     t = await s.add(meta)
                     torrents.append(t)
                     emit(ev="added", node=i, t=time.monotonic())
-                    while t.downloaded == 0 and not t.completed.is_set():
+                    # A measurement (time of the first payload byte), at POLL resolution: nothing signals it.
+                    while t.downloaded == 0 and not t.completed.is_set():  # noqa: ASYNC110
                         await trio.sleep(POLL)
                     emit(ev="first", node=i, t=time.monotonic())
                     await t.completed.wait()

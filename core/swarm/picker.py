@@ -882,7 +882,7 @@ class PiecePicker:
                     requests += 1
                 assert len(reqs or ()) == len(set(reqs or ()))
         assert requests == len(self._timeline) == sum(len(x.reqs) for x in self._peers.values())
-        for q, info in self._peers.items():
+        for info in self._peers.values():
             assert sum(info.working.values()) == len(info.reqs)
             assert info.queued == sum(self._block(i, j).length for (i, j) in info.reqs)
 

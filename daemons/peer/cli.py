@@ -225,7 +225,7 @@ async def _get(meta, args) -> int:
     except ValueError as exc:
         return cli.fail(f"--listen: {exc}")
     cfg = PeerConfig(peer=replace(PeerSection(), listen=listen), limits=LimitsSection(upload_rate=args.upload_rate))
-    dest = Path(args.dest).resolve()
+    dest = Path(await trio.Path(args.dest).resolve())
     with tempfile.TemporaryDirectory(prefix="shoal-get-") as resume:
         session = Session(cfg, CollectorRegistry(), dest, Path(resume))
         async with trio.open_nursery() as nursery:

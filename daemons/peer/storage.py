@@ -103,6 +103,7 @@ Limits
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import os
 import threading
@@ -319,10 +320,9 @@ class Storage:
         with self._lock:
             self._check_open()
             for fi in sorted(self._dirty):
-                try:
+                # A file deleted under us: its pieces fail load_resume's size check.
+                with contextlib.suppress(FileNotFoundError):
                     os.fsync(self._fd(fi, write=False))
-                except FileNotFoundError:
-                    pass  # deleted under us: its pieces fail load_resume's size check
             self._dirty.clear()
 
     def save_resume(self) -> None:
@@ -551,7 +551,8 @@ class Storage:
             return None
         have = record.get(b"bitfield")
         saved = record.get(b"files")
-        if type(have) is not bytes or len(have) != len(self._have) or type(saved) is not list or len(saved) != len(files):
+        if (type(have) is not bytes or len(have) != len(self._have)
+                or type(saved) is not list or len(saved) != len(files)):
             return None
         if self._n % 8 and have[-1] & (0xFF >> (self._n % 8)):
             return None  # spare bits set

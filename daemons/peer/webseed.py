@@ -113,7 +113,8 @@ class WebSeed:
         plen = t.meta.piece_length
         runs: list[list] = []
         for b in sorted(blocks, key=lambda b: (b.index, b.begin)):
-            if runs and runs[-1][-1].index * plen + runs[-1][-1].begin + runs[-1][-1].length == b.index * plen + b.begin:
+            last = runs[-1][-1] if runs else None
+            if last is not None and last.index * plen + last.begin + last.length == b.index * plen + b.begin:
                 runs[-1].append(b)
             else:
                 runs.append([b])

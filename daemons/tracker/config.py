@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 from shoal.daemons.runtime.config import DaemonSection, ListenAddr, setting
+from shoal.daemons.runtime.registry import METRICS_PORTS, PORTS
 
 DEFAULT_PORT = PORTS["tracker", "http"]
 METRICS_PORT = METRICS_PORTS["tracker"]

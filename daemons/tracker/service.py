@@ -97,10 +97,7 @@ class TrackerService:
         ip = client_ip(req.client[0])
         if not self.access.rate_ok(ip, now):
             return HttpResponse(200, _BENCODE, self._failure("http", "rate_limited"))
-        if route.kind == "announce":
-            body = self._http_announce(query, ip, now)
-        else:
-            body = self._http_scrape(query)
+        body = self._http_announce(query, ip, now) if route.kind == "announce" else self._http_scrape(query)
         return HttpResponse(200, _BENCODE, body)
 
     def _http_announce(self, query: bytes, ip: str, now: float) -> bytes:

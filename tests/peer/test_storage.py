@@ -122,7 +122,8 @@ def test_files_and_directories_are_created_lazily(tmp_path: Path):
     with opened(meta, tmp_path) as st:
         assert not (tmp_path / "dir").exists()
         download(st, meta, stream, [4])  # only f.bin
-        assert sorted(p.relative_to(tmp_path / "dir").as_posix() for p in (tmp_path / "dir").rglob("*") if p.is_file()) == ["d/e/f.bin"]
+        root = tmp_path / "dir"
+        assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == ["d/e/f.bin"]
         assert not (tmp_path / "dir" / "sub" / "empty").exists()  # created on completion
 
 
@@ -409,7 +410,8 @@ def test_sigkill_at_random_moments_never_leaves_a_false_claim(tmp_path: Path):
     kills = 0
     for round_ in range(8):
         proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(tmp_path / "t.torrent"), str(root), str(tmp_path / "content"), str(round_)],
+            [sys.executable, "-c", CHILD, str(tmp_path / "t.torrent"), str(root), str(tmp_path / "content"),
+             str(round_)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         try:

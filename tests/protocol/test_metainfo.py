@@ -152,7 +152,8 @@ def test_parse_info_checks_the_expected_hash():
 component = st.text(
     st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"), min_size=1, max_size=12
 ).filter(lambda c: c not in (".", "..") and len(c.encode()) <= 255)
-url = st.builds(lambda h, p: f"http://{h}.example:{p}/announce", st.from_regex(r"[a-z]{1,8}", fullmatch=True), st.integers(1, 65535))
+url = st.builds(lambda h, p: f"http://{h}.example:{p}/announce", st.from_regex(r"[a-z]{1,8}", fullmatch=True),
+                st.integers(1, 65535))
 
 
 @st.composite

@@ -199,7 +199,7 @@ def test_any_split_gives_the_same_events(data):
     conn = PeerConnection(num_pieces=9)
     conn.send(Handshake(IH, PID))
     events = []
-    for a, b in zip([0] + cuts, cuts + [len(stream)]):
+    for a, b in zip([0] + cuts, cuts + [len(stream)], strict=True):
         if a < b:  # b"" would mean end of file
             conn.receive_data(stream[a:b])
             events += drain(conn)

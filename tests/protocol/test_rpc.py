@@ -58,7 +58,8 @@ def drain(conn: RpcConnection) -> list[object]:
 
 GOLDEN_CLIENT = [
     (Request(1, "ping", None), frame(b"\x95\x01\x00\x01\xa4ping\xc0")),
-    (Request(2**32 - 1, "m", {"a": [1, b"\x00"]}), frame(b"\x95\x01\x00\xce\xff\xff\xff\xff\xa1m\x81\xa1a\x92\x01\xc4\x01\x00")),
+    (Request(2**32 - 1, "m", {"a": [1, b"\x00"]}),
+     frame(b"\x95\x01\x00\xce\xff\xff\xff\xff\xa1m\x81\xa1a\x92\x01\xc4\x01\x00")),
 ]
 GOLDEN_SERVER = [
     (Response(7, "ok"), frame(b"\x94\x01\x01\x07\xa2ok")),
@@ -263,7 +264,8 @@ values = st.recursive(
     | st.floats(allow_nan=False)
     | st.text(max_size=20)
     | st.binary(max_size=20),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=5) | st.integers(-(2**63), 2**64 - 1), children, max_size=5),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.text(max_size=5) | st.integers(-(2**63), 2**64 - 1), children, max_size=5),
     max_leaves=20,
 )
 ids = st.integers(min_value=1, max_value=MAX_ID)
@@ -277,7 +279,7 @@ def test_requests_round_trip_in_any_chunking(requests, data):
     wire = b"".join(client.send(e) for e in events)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=10)))
     got = []
-    for a, b in zip([0, *cuts], [*cuts, len(wire)]):
+    for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True):
         server.receive_data(wire[a:b]) if b > a else None
         got.extend(drain(server))
     assert got == events
