@@ -140,7 +140,7 @@ def _encode(v: object, out: list, depth: int) -> None:
     t = type(v)
     if t is bytes:
         out.append(b"%d:" % len(v))  # type: ignore[arg-type]
-        out.append(v)  # type: ignore[arg-type]
+        out.append(v)
     elif t is int:
         if not _INT64_MIN <= v <= _INT64_MAX:  # type: ignore[operator]
             raise LocalProtocolError(
@@ -392,7 +392,7 @@ def _ran_out(end: int, n: int, limit: int) -> None:
 
 def _as_bytes(data: object) -> bytes:
     if type(data) is bytes:
-        return data  # type: ignore[return-value]
+        return data
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
     raise LocalProtocolError(

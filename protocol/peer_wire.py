@@ -307,7 +307,7 @@ _THREE = struct.Struct(">III")
 
 
 def _check_u32(name: str, value: object) -> None:
-    if type(value) is not int or not 0 <= value <= _U32_MAX:  # type: ignore[operator]
+    if type(value) is not int or not 0 <= value <= _U32_MAX:
         raise LocalProtocolError(f"{name} must be an int in 0..2**32-1", reason="bad_number")
 
 
@@ -543,7 +543,7 @@ Message = (
 Event = Handshake | Message | ConnectionClosed
 
 _KEEPALIVE = KeepAlive()
-_NO_PAYLOAD = {
+_NO_PAYLOAD: dict[int, Message] = {
     CHOKE: Choke(),
     UNCHOKE: Unchoke(),
     INTERESTED: Interested(),
@@ -554,8 +554,8 @@ _NO_PAYLOAD = {
 _NO_PAYLOAD_BYTES = {type(ev): _U32.pack(1) + bytes([mid]) for mid, ev in _NO_PAYLOAD.items()}
 _FAST_IDS = frozenset((SUGGEST_PIECE, HAVE_ALL, HAVE_NONE, REJECT_REQUEST, ALLOWED_FAST))
 _FAST_TYPES = (SuggestPiece, HaveAll, HaveNone, RejectRequest, AllowedFast)
-_TRIPLE_IDS = {Request: REQUEST, Cancel: CANCEL, RejectRequest: REJECT_REQUEST}
-_INDEX_IDS = {Have: HAVE, SuggestPiece: SUGGEST_PIECE, AllowedFast: ALLOWED_FAST}
+_TRIPLE_IDS: dict[type, int] = {Request: REQUEST, Cancel: CANCEL, RejectRequest: REJECT_REQUEST}
+_INDEX_IDS: dict[type, int] = {Have: HAVE, SuggestPiece: SUGGEST_PIECE, AllowedFast: ALLOWED_FAST}
 
 # (smallest, largest) length prefix of each known id; None = depends on max_block.
 _LENGTHS: dict[int, tuple[int, int]] = {
@@ -954,11 +954,11 @@ class PeerConnection:
 
 
 def _valid_num_pieces(n: object) -> int:
-    if type(n) is not int or not 1 <= n <= MAX_PIECES:  # type: ignore[operator]
+    if type(n) is not int or not 1 <= n <= MAX_PIECES:
         raise LocalProtocolError(
             f"num_pieces must be an int in 1..{MAX_PIECES}", reason="bad_number"
         )
-    return n  # type: ignore[return-value]
+    return n
 
 
 # ---------------------------------------------------------------------------
@@ -979,7 +979,7 @@ def _bdecode(payload: bytes, *, prefix: bool = False):
 
 def _as_payload(payload: object) -> bytes:
     if type(payload) is bytes:
-        return payload  # type: ignore[return-value]
+        return payload
     if isinstance(payload, (bytearray, memoryview)):
         return bytes(payload)
     raise LocalProtocolError("payload must be bytes", reason="bad_type")
@@ -1026,7 +1026,7 @@ class ExtHandshake:
 def _opt_int(name: str, value: object, lo: int, hi: int) -> None:
     if value is None:
         return
-    if type(value) is not int or not lo <= value <= hi:  # type: ignore[operator]
+    if type(value) is not int or not lo <= value <= hi:
         raise LocalProtocolError(
             f"{name} must be None or an int in {lo}..{hi}", reason="bad_number"
         )
@@ -1093,7 +1093,7 @@ def _remote_int(d: dict, key: bytes, lo: int, hi: int, reason: str, required: bo
 
 
 def _check_metadata_piece(piece: object) -> None:
-    if type(piece) is not int or not 0 <= piece < _MAX_METADATA_PIECES:  # type: ignore[operator]
+    if type(piece) is not int or not 0 <= piece < _MAX_METADATA_PIECES:
         raise LocalProtocolError("metadata piece out of range", reason="bad_number")
 
 

@@ -215,12 +215,12 @@ def _normalise_ip(text: object) -> tuple[str, bytes]:
 
 
 def _check_uint(name: str, value: object, maximum: int, reason: str = "bad_number") -> None:
-    if type(value) is not int or not 0 <= value <= maximum:  # type: ignore[operator]
+    if type(value) is not int or not 0 <= value <= maximum:
         raise LocalProtocolError(f"{name} must be an int in 0..{maximum}", reason=reason)
 
 
 def _check_hash(name: str, value: object, reason: str) -> None:
-    if type(value) is not bytes or len(value) != 20:  # type: ignore[arg-type]
+    if type(value) is not bytes or len(value) != 20:
         raise LocalProtocolError(f"{name} must be 20 bytes", reason=reason)
 
 
@@ -617,8 +617,8 @@ def encode_announce_response(
     if resp.min_interval is not None:
         out.append(b"12:min intervali%de" % resp.min_interval)
     if compact:
-        v4 = []
-        v6 = []
+        v4: list[bytes] = []
+        v6: list[bytes] = []
         for p in resp.peers:
             c = p.compact
             (v4 if len(c) == 6 else v6).append(c)

@@ -150,7 +150,7 @@ assert _ANNOUNCE_REQ.size == 98 and _ANNOUNCE_RESP.size == 20
 
 
 def _check(name: str, value: object, lo: int, hi: int, reason: str = "bad_number") -> None:
-    if type(value) is not int or not lo <= value <= hi:  # type: ignore[operator]
+    if type(value) is not int or not lo <= value <= hi:
         raise LocalProtocolError(f"{name} must be an int in {lo}..{hi}", reason=reason)
 
 
@@ -365,14 +365,14 @@ def _parse_options(d: bytes, n: int) -> bytes:
 def encode_response(resp: Response, *, ipv6: bool = False) -> bytes:
     """Encode a response datagram; ``ipv6`` selects 18-byte peer entries."""
     t = type(resp)
-    if t is AnnounceResponse:
+    if isinstance(resp, AnnounceResponse):
         size = 18 if ipv6 else 6
         return _ANNOUNCE_RESP.pack(
             ANNOUNCE, resp.transaction_id, resp.interval, resp.leechers, resp.seeders
         ) + b"".join([p.compact for p in resp.peers if len(p.compact) == size])
-    if t is ConnectResponse:
+    if isinstance(resp, ConnectResponse):
         return _CONNECT_RESP.pack(CONNECT, resp.transaction_id, resp.connection_id)
-    if t is ScrapeResponse:
+    if isinstance(resp, ScrapeResponse):
         out = [_HEADER_RESP.pack(SCRAPE, resp.transaction_id)]
         pack = _SCRAPE_ENTRY.pack
         for s in resp.stats:
@@ -380,7 +380,7 @@ def encode_response(resp: Response, *, ipv6: bool = False) -> bytes:
                 raise LocalProtocolError("scrape counter exceeds int32", reason="bad_number")
             out.append(pack(s.complete, s.downloaded, s.incomplete))
         return b"".join(out)
-    if t is ErrorResponse:
+    if isinstance(resp, ErrorResponse):
         msg = _utf8(resp.message)
         if len(msg) > MAX_ERROR_MESSAGE:
             raise LocalProtocolError("error message too long", reason="too_long")
@@ -403,9 +403,9 @@ def _utf8(s: str) -> bytes:
 def encode_request(req: Request) -> bytes:
     """Encode a request datagram (client side)."""
     t = type(req)
-    if t is ConnectRequest:
+    if isinstance(req, ConnectRequest):
         return _HEADER_REQ.pack(PROTOCOL_ID, CONNECT, req.transaction_id)
-    if t is AnnounceRequest:
+    if isinstance(req, AnnounceRequest):
         a = req.announce
         if a.trackerid is not None:
             raise LocalProtocolError("UDP announces cannot carry a trackerid", reason="bad_type")
@@ -435,7 +435,7 @@ def encode_request(req: Request) -> bytes:
             out.append(bytes((2, len(chunk))))
             out.append(chunk)
         return b"".join(out)
-    if t is ScrapeRequest:
+    if isinstance(req, ScrapeRequest):
         return _HEADER_REQ.pack(req.connection_id, SCRAPE, req.transaction_id) + b"".join(
             req.info_hashes
         )

@@ -642,7 +642,7 @@ class PiecePicker:
         info = self._info(peer)
         if peer_pieces is None:
             has: Container[int] = _ALL if info.bits is None else _Bits(info.bits)
-            sparse = info.sparse if info.bits is not None else None
+            sparse: set[int] | frozenset[int] | None = info.sparse if info.bits is not None else None
             first_bucket = 0 if info.bits is None else 1
         else:
             has = peer_pieces
@@ -716,14 +716,14 @@ class PiecePicker:
             return
         while self._num_fresh:
             if self._mode == "sequential":
-                i = self._next_sequential(has)
+                nxt = self._next_sequential(has)
             elif self._num_have < self.random_first:
-                i = self._next_random(has)
+                nxt = self._next_random(has)
             else:
-                i = self._next_rarest(has, first_bucket)
-            if i is None:
+                nxt = self._next_rarest(has, first_bucket)
+            if nxt is None:
                 return
-            yield i
+            yield nxt
 
     def _next_sequential(self, has: Container[int]) -> int | None:
         n, have, pos = self.num_pieces, self._have, self._pos
@@ -896,4 +896,4 @@ class _Bits:
         self.bits = bits
 
     def __contains__(self, i: object) -> bool:
-        return bool(self.bits[i])  # type: ignore[index]
+        return bool(self.bits[i])  # type: ignore[call-overload]  # only ever asked for int indices

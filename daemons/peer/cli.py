@@ -168,7 +168,7 @@ def cmd_create(args) -> int:
 
     root = Path(args.path)
     if root.is_file():
-        files = [((root.name,), root.stat().st_size)]
+        files: list[tuple[tuple[str, ...], int]] = [((root.name,), root.stat().st_size)]
         base = root.parent
     elif root.is_dir():
         paths = sorted(p for p in root.rglob("*") if p.is_file())

@@ -33,7 +33,7 @@ import trio
 from shoal.core.swarm.backoff import Backoff
 from shoal.daemons.peer.announce import TrackerError, open_tracker
 from shoal.daemons.peer.session import RECEIVE_SIZE, Session
-from shoal.daemons.peer.torrent import CONNECT_TIMEOUT, EXT_IDS, HANDSHAKE_TIMEOUT
+from shoal.daemons.peer.torrent import CONNECT_TIMEOUT, EXT_IDS, HANDSHAKE_TIMEOUT, first_leaf
 from shoal.protocol import peer_wire as pw
 from shoal.protocol.errors import RemoteProtocolError
 from shoal.protocol.metainfo import Magnet, Metainfo, metainfo_file, parse_info, parse_metainfo
@@ -93,7 +93,7 @@ async def fetch_metadata(session: Session, magnet: Magnet) -> Fetched:
                 retry = partial(nursery.start_soon, retry_later, addr) if attempts[addr] < ATTEMPTS else None
                 nursery.start_soon(_try_peer, session, magnet.info_hash, addr, limiter, retry)
     except* _Found as group:
-        raw_info = group.exceptions[0].raw_info
+        raw_info = first_leaf(group).raw_info
     assert raw_info is not None  # the loop above only ends by _Found or cancellation
     trackers = [[url] for url in magnet.trackers]
     torrent = metainfo_file(raw_info, trackers, magnet.web_seeds)

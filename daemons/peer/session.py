@@ -95,6 +95,7 @@ class Session:
         torrent = Torrent(self, meta, save_dir or self.download_dir)
         torrent.set_limits(upload_rate, download_rate)
         self.torrents[meta.info_hash] = torrent
+        assert self._nursery is not None, "Session.add before Session.run started"
         try:
             await self._nursery.start(self._run_torrent, torrent)
         except BaseException:

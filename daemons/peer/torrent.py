@@ -22,6 +22,7 @@ import logging
 import random
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar, cast
 
 import trio
 
@@ -40,6 +41,7 @@ from shoal.protocol.errors import RemoteProtocolError
 from shoal.protocol.metainfo import Metainfo
 from shoal.protocol.tracker import Announce, Event, Failure
 
+E = TypeVar("E", bound=BaseException)
 log = logging.getLogger("shoal.peer")
 
 # Received blocks wait in memory until their piece is complete or this much of
@@ -236,8 +238,8 @@ class Torrent:
         self.metrics.verified.inc()
         self.piece_verified.set()
         self.piece_verified = trio.Event()
-        for peer, block in self.picker.we_have(index):
-            peer.cancel(block.index, block.begin, block.length)
+        for peer, leftover in self.picker.we_have(index):
+            peer.cancel(leftover.index, leftover.begin, leftover.length)
         for other in list(self.links):
             other.send_nowait(pw.Have(index))
         if self.picker.complete:
@@ -370,13 +372,13 @@ class Torrent:
         try:
             await link.run()
         except* Banned as group:
-            exc = group.exceptions[0]
+            exc = first_leaf(group)
             log.info("banning %s: %s", link, exc)
             self.session.ban(addr[0], exc.reason)
         except* RemoteProtocolError as group:
-            exc = group.exceptions[0]
-            log.info("%s broke the protocol (%s): %s", link, exc.reason, exc)
-            self.metrics.protocol_errors.labels(exc.reason).inc()
+            bad = first_leaf(group)
+            log.info("%s broke the protocol (%s): %s", link, bad.reason, bad)
+            self.metrics.protocol_errors.labels(bad.reason).inc()
             self.session.ban(addr[0], "protocol")
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
             log.debug("%s: connection lost: %s", link, group.exceptions[0])
@@ -631,6 +633,14 @@ class Torrent:
             if scope.cancelled_caught:
                 log.info("%s: stopped announce abandoned after %.0fs", self.meta.name,
                          2 * self.session.tracker_timeout)
+
+
+def first_leaf(group: BaseExceptionGroup[E]) -> E:
+    """The first exception an ``except*`` caught, however deeply nurseries nested it."""
+    exc: BaseException = group.exceptions[0]
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return cast(E, exc)
 
 
 # Our BEP 10 extension ids (what peers must use when they send to us).

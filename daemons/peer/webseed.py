@@ -146,6 +146,7 @@ class WebSeed:
 
     async def _get(self, target: str, start: int, n: int, file_length: int) -> bytes:
         with trio.fail_after(TIMEOUT):
+            stream: trio.abc.Stream
             if self.tls:
                 stream = await trio.open_ssl_over_tcp_stream(self.host, self.port,
                                                              ssl_context=ssl.create_default_context())
@@ -166,7 +167,7 @@ class WebSeed:
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
-                        conn.receive_data(await stream.receive_some(65536))
+                        conn.receive_data(bytes(await stream.receive_some(65536)))  # bytes(): no copy of bytes
                     elif isinstance(event, h11.Response):
                         status = event.status_code
                         if status == 200 and file_length <= FETCH_BYTES:
