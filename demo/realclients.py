@@ -18,6 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shoal.protocol.metainfo import create_single_file, hash_pieces
 
@@ -74,30 +75,30 @@ class LibtorrentClient:
         self.lt = lt
         self.ip = ip
         self.name = name
-        self.session = lt.session(
-            {
-                "listen_interfaces": f"{ip}:0",
-                "outgoing_interfaces": ip,
-                "enable_dht": False,
-                "dht_bootstrap_nodes": "",
-                "enable_lsd": False,
-                "enable_upnp": False,
-                "enable_natpmp": False,
-                "enable_outgoing_utp": False,
-                "enable_incoming_utp": False,
-                "in_enc_policy": 2,  # pe_disabled
-                "out_enc_policy": 2,
-                "allow_multiple_connections_per_ip": True,
-                # libtorrent otherwise refuses loopback trackers whose path
-                # does not start with /announce (passkey URLs don't).
-                "ssrf_mitigation": False,
-                "announce_to_all_tiers": True,
-                "alert_mask": lt.alert.category_t.status_notification
-                | lt.alert.category_t.tracker_notification
-                | lt.alert.category_t.error_notification,
-                **settings,
-            }
-        )
+        # A plain dict works at run time; libtorrent's stubs only know settings_pack.
+        pack: Any = {
+            "listen_interfaces": f"{ip}:0",
+            "outgoing_interfaces": ip,
+            "enable_dht": False,
+            "dht_bootstrap_nodes": "",
+            "enable_lsd": False,
+            "enable_upnp": False,
+            "enable_natpmp": False,
+            "enable_outgoing_utp": False,
+            "enable_incoming_utp": False,
+            "in_enc_policy": 2,  # pe_disabled
+            "out_enc_policy": 2,
+            "allow_multiple_connections_per_ip": True,
+            # libtorrent otherwise refuses loopback trackers whose path
+            # does not start with /announce (passkey URLs don't).
+            "ssrf_mitigation": False,
+            "announce_to_all_tiers": True,
+            "alert_mask": lt.alert.category_t.status_notification
+            | lt.alert.category_t.tracker_notification
+            | lt.alert.category_t.error_notification,
+            **settings,
+        }
+        self.session = lt.session(pack)
         self.handles: list = []
         # What the alerts said so far (alert objects die at the next pop).
         self.finished: set[bytes] = set()

@@ -20,6 +20,7 @@ import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -118,7 +119,7 @@ async def _swarm(app, ctx, peers: trio.Nursery, tmp: Path, size: int, http, udp,
     lab = {"min_announce_interval": 1}
     seeder = LibtorrentClient("127.0.0.2", name="libtorrent seeder", **lab)
     seeder.add(shared.torrent, shared.path.parent, seed=True).set_upload_limit(max(1 << 20, size // 6))
-    leechers: list[tuple[str, Path, object]] = []
+    leechers: list[tuple[str, Path, Any]] = []  # (libtorrent session, handle), a Torrent or an Aria2Client
     lt_http = LibtorrentClient("127.0.0.3", name="libtorrent (http)", **lab)
     lt_http_dir = tmp / "lt-http"
     h1 = lt_http.add(shared.torrent, lt_http_dir)

@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -240,7 +240,7 @@ def _run_experiment(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict:
                      for node, (train, test) in zip(nodes, data, strict=True)]
         t_fl = time.perf_counter() - t2
 
-        entry = {
+        entry: dict[str, Any] = {
             "fraction": _frac_text(frac),
             "ae": summarise(per_node),
             "fl": summarise(federated),
@@ -348,6 +348,7 @@ def improvement_figure(doc: dict, fraction: str = "1"):
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     entry, edges, counts = improvement_histogram(doc, fraction)
     fig = Figure(figsize=(6.4, 4.0), dpi=100)
@@ -359,7 +360,7 @@ def improvement_figure(doc: dict, fraction: str = "1"):
     ax.set_xlim(-1.0, 1.0)
     ax.set_xticks(np.linspace(-1.0, 1.0, 11))
     ax.set_ylim(0, max(1, int(counts.max())) * 1.12)
-    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("F1(FedAvg) - F1(per-node AE)")
     ax.set_ylabel("nodes")
     ax.set_title(f"Per-node F1 improvement after FedAvg (training data {entry['fraction']}, "
