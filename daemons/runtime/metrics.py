@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from shoal.daemons.runtime.config import ListenAddr
 from shoal.daemons.runtime.http import ERROR_REASONS, HttpRequest, HttpResponse, serve_http
+from shoal.protocol.rpc import REASONS as RPC_FRAME_REASONS
 
 # Counters would otherwise export a `_created` timestamp series each, doubling
 # the series count for no use in Prometheus queries. (Counters are created only
@@ -32,6 +33,10 @@ __all__ = [
 CONFIG_RELOAD_RESULTS = ("ok", "error")
 #: ``shoal_<name>_rpc_requests_total{result}``: how each request ended.
 RPC_RESULTS = ("ok", "error", "no_such_method", "timeout", "busy", "internal")
+#: ``shoal_<name>_rpc_errors_total{reason}``: the frame-level reasons of
+#: :mod:`shoal.protocol.rpc` plus the server's own (see runtime/rpc.py). Every
+#: one exists at 0 from the start, so a panel or ``increase()`` sees the first.
+RPC_ERROR_REASONS = (*RPC_FRAME_REASONS, "handshake_timeout", "unauthorized", "internal", "bad_result", "send_timeout")
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -94,6 +99,8 @@ def runtime_metrics(registry: CollectorRegistry, daemon_name: str) -> RuntimeMet
         http_errors.labels(reason=reason)
     for result in RPC_RESULTS:
         rpc_requests.labels(result=result)
+    for reason in RPC_ERROR_REASONS:
+        rpc_errors.labels(reason=reason)
     return RuntimeMetrics(
         daemon_name, build_info, start_time, config_reloads, http_errors, rpc_requests, rpc_errors, rpc_in_flight,
         state_saves,

@@ -158,3 +158,16 @@ async def test_state_saver_runs_on_its_own_period(tmp_path: Path, autojump_clock
         await saver.run()
     assert calls == [5, 10, 15]
     assert not (tmp_path / "s.bin").exists()
+
+
+def test_every_rpc_error_reason_exists_at_zero_from_the_start():
+    # Before: rpc_errors had no children until the first error, so the checkpoint
+    # and dispatcher "RPC errors" panels showed "No data" on a healthy system.
+    from shoal.daemons.runtime.metrics import RPC_ERROR_REASONS
+    from shoal.protocol.rpc import REASONS
+
+    registry = CollectorRegistry()
+    runtime_metrics(registry, "fresh")
+    for reason in (*REASONS, "handshake_timeout", "unauthorized", "internal", "bad_result", "send_timeout"):
+        assert reason in RPC_ERROR_REASONS
+        assert registry.get_sample_value("shoal_fresh_rpc_errors_total", {"reason": reason}) == 0, reason
