@@ -9,6 +9,7 @@ and stops cleanly even when its "stopped" announce fails.
 """
 
 import os
+import socket
 
 import pytest
 import trio
@@ -19,7 +20,7 @@ from shoal.demo.realclients import make_shared_file
 from shoal.protocol.metainfo import Magnet, parse_metainfo
 from shoal.protocol.tracker import Announce, Event
 
-from .conftest import sha1
+from .conftest import next_tracker_ip, sha1
 from .hostile_trackers import HostileTracker, refused_url
 
 # mode -> the reason the announce client gives
@@ -141,3 +142,33 @@ async def test_fetching_metadata_retries_a_hostile_tracker(lab, nursery, mode):
             inner.start_soon(fetch_metadata, fetcher, magnet)
             await until(lambda: errors(fetcher, MODES[mode]) >= 3, "retried announces")
             inner.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("mode, reason", [("silent", "timeout"), ("refused", "connection_refused"),
+                                          ("garbage", "timeout")])
+async def test_the_udp_announce_client_raises_only_tracker_error(mode, reason):
+    """BEP 15: silence and garbage are retried, then given up on; an ICMP refusal ends it at once."""
+    host = next_tracker_ip()
+    with trio.socket.socket(type=socket.SOCK_DGRAM) as sock:
+        await sock.bind((host, 0))
+        port = sock.getsockname()[1]
+        if mode == "refused":
+            sock.close()
+
+        async def answer_garbage() -> None:
+            while True:
+                _data, addr = await sock.recvfrom(2048)
+                await sock.sendto(b"\xff" * 7, addr)  # no action, no transaction id of ours
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as inner:
+                if mode == "garbage":
+                    inner.start_soon(answer_garbage)
+                tracker = open_tracker(f"udp://{host}:{port}/announce", timeout=0.1)
+                try:
+                    with pytest.raises(TrackerError) as caught:
+                        await tracker.announce(announce(os.urandom(20)))
+                finally:
+                    tracker.close()
+                inner.cancel_scope.cancel()
+    assert caught.value.reason == reason, caught.value
