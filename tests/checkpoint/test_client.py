@@ -26,7 +26,7 @@ def test_register_accepts_arrays_bytearrays_and_mmaps_and_refuses_the_rest() -> 
     r.register("c", m)
     assert r.state["a"] is a
     # Each buffer starts on a block boundary, so a change in one never shifts another.
-    assert [off for _, _, off in r._layout] == [0, 8192, 12288]  # noqa: SLF001
+    assert [off for _, _, off in r.image.layout] == [0, 8192, 12288]
     with pytest.raises(ValueError, match="C-contiguous"):
         r.register("d", np.zeros((10, 10))[:, 1])
     with pytest.raises(ValueError, match="writable"):
@@ -80,7 +80,7 @@ async def test_checkpoints_send_only_changed_blocks_and_image_matches_parity(tmp
     # Every rank's kept image is what the parity holds for it.
     group = app.service.groups["g"]
     parity: Parity = group.code.p
-    images = {r.rank: r._ckpt[: r._ckpt_size].tobytes() for r in ranks}  # noqa: SLF001
+    images = {r.rank: r.image.buf[: r.image.size].tobytes() for r in ranks}
     for r in ranks:
         assert parity.reconstruct(r.rank, {o: images[o] for o in images if o != r.rank}) == images[r.rank]
     assert parity == Parity.recompute(images, 4096)
@@ -88,7 +88,7 @@ async def test_checkpoints_send_only_changed_blocks_and_image_matches_parity(tmp
     # archived and purged: the sent table holds only the last intervals' messages.
     for r in ranks:
         assert r.stats["checkpoints"] >= 4
-        assert len(r.msglog.sent) < 40
+        assert len(r.mail.msglog.sent) < 40
     scope.cancel()
 
 

@@ -177,7 +177,7 @@ async def test_killed_coordinator_or_backup_is_recovered(tmp_path: Path, victim:
             with trio.fail_after(60):
                 await runner.done.wait()
         assert [runner.results[i] for i in range(3)] == load("ring").reference(3, steps)
-        assert runner.ranks[2].stats["recovered_bytes"] > 0 or runner.ranks[2].number == 0
+        assert runner.ranks[2].stats["recovered_bytes"] > 0 or runner.ranks[2].link.number == 0
         assert "recovered in" in coord.log
     finally:
         print("coordinator log:\n", coord.log[-6000:], "\nbackup log:\n", backup.log[-3000:])

@@ -1,0 +1,225 @@
+"""A rank's connection to the coordinator and its view of the group.
+
+The link joins the group (``join``: a session key, the chunk size, the
+checkpoint the coordinator holds for this rank), keeps the rank's session
+alive (``attach``, a long poll that is the heartbeat) and follows the group
+(``watch``, a long poll answered with each new view). It holds the numbers the
+coordinator and the rank agree on: the epoch (bumped by every rollback) and
+the last committed checkpoint. When the coordinator is lost (or restarted) the
+link joins again, naming the epoch and the checkpoint it holds.
+
+Every short call (:meth:`CoordinatorLink.call`) names the session and the
+epoch, with its parameters built from the contracts of
+:mod:`shoal.protocol.checkpoint`; a call refused ``stale_epoch`` (or any call
+refused during a rollback) raises :class:`RollingBack`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from shoal.daemons.runtime.config import ListenAddr
+from shoal.daemons.runtime.rpc import RpcClient, RpcConnectionError, RpcError, connect_tcp
+from shoal.protocol.checkpoint import Join, RecoverRead, Session, Watch
+from shoal.protocol.contract import Contract
+
+log = logging.getLogger("shoal.checkpoint.rank")
+
+
+class GroupFailed(Exception):
+    """More ranks failed than the parity survives; the group cannot recover."""
+
+
+class RollingBack(Exception):
+    """The group rolled back (or a call was refused during a rollback): the app's run is interrupted."""
+
+
+def _open(value: RpcClient | None) -> RpcClient:
+    """A connection ``join`` has opened by now."""
+    assert value is not None, "used before join() opened it"
+    return value
+
+
+class CoordinatorLink:
+    """The coordinator connection of one rank, its session and the group's view."""
+
+    def __init__(
+        self,
+        coordinator: ListenAddr,
+        group: str,
+        rank: int,
+        n: int,
+        *,
+        mode: str,
+        block_size: int,
+        parity_shards: int,
+        token: bytes | None,
+        max_frame: int,
+        interrupt: Callable[[], None],
+        on_addrs: Callable[[list[Any]], None],
+        fetch: Callable[[int, int], Awaitable[None]],
+    ) -> None:
+        self.coordinator, self.group, self.rank, self.n = coordinator, group, rank, n
+        self.mode, self.block_size, self.m = mode, block_size, parity_shards
+        self.token, self.max_frame = token, max_frame
+        self._interrupt = interrupt  # the app must stop: a rollback, or the group failed
+        self._on_addrs = on_addrs  # the peers' addresses, from each view that names them
+        self._fetch = fetch  # a replacement reads the image the coordinator holds for it
+        self.addr: ListenAddr | None = None  # the rank's own server, named at join
+        self.key = b""
+        self.chunk = max_frame // 2
+        self.epoch = 0
+        self.number = -1  # last committed checkpoint
+        self.view: dict[str, Any] = {"phase": "starting", "epoch": 0, "taking": [], "round": [False, None]}
+        self.version = -1
+        self.changed = trio.Event()  # set (and replaced) at each new view
+        self.ok = trio.Event()  # joined and the image is ours: calls may flow
+        self.joined = trio.Event()  # a session key is held (heartbeats may flow)
+        self.need_rollback = False
+        self.recovering = False
+        self.failed = False
+        # Long polls get connections of their own: RpcClient hands a response to
+        # its caller through a shared read lock, so a short call answered while a
+        # long poll holds that lock could wait for the poll's own answer.
+        self._coord: RpcClient | None = None
+        self._watch_client: RpcClient | None = None
+        self._attach_client: RpcClient | None = None
+
+    def _session(self) -> dict[str, Any]:
+        return {"group": self.group, "rank": self.rank, "key": self.key}
+
+    async def join(self) -> None:
+        """Join (again), follow the group's view, and read our image if the coordinator holds a newer one."""
+        assert self.addr is not None, "the rank's server is listening before it joins"
+        while True:
+            try:
+                for c in (self._coord, self._watch_client, self._attach_client):
+                    if c is not None:
+                        await c.aclose()
+                self._coord = await self._connect()
+                self._watch_client = await self._connect()
+                self._attach_client = await self._connect()
+                reply = await self._coord.call("join", Join(
+                    group=self.group, rank=self.rank, n=self.n, mode=self.mode, block_size=self.block_size,
+                    m=self.m, have=self.number, epoch=self.epoch, addr=list(self.addr), key=self.key,
+                ).encode())
+                break
+            except (OSError, RpcError) as exc:
+                if isinstance(exc, RpcError) and exc.code not in ("rank_taken",) and not isinstance(
+                        exc, RpcConnectionError):
+                    raise
+                await trio.sleep(0.1)  # retry back-off: the coordinator is restarting, or has not seen us go
+        self.key, self.chunk = reply["key"], reply["chunk"]
+        self.version = -1
+        self.joined.set()
+        # The group as it is now: a replacement (or a rank the coordinator gave
+        # up on) sees a newer epoch here and rolls back before anything else.
+        self.on_view(await _open(self._watch_client).call("watch", Watch(**self._session(), version=-1).encode()))
+        if reply["number"] >= 0 and reply["number"] != self.number:
+            await self._fetch(reply["number"], reply["size"])
+        self.ok.set()
+
+    async def _connect(self) -> RpcClient:
+        return await connect_tcp(self.coordinator, token=self.token, max_frame=self.max_frame, timeout=5.0)
+
+    async def recover_read(self, epoch: int, offset: int, length: int) -> bytes:
+        """A range of our lost image, decoded by the coordinator (retried while a survivor rolls back)."""
+        for attempt in range(50):
+            try:
+                data: bytes = await _open(self._coord).call("recover_read", RecoverRead(
+                    **self._session(), epoch=epoch, offset=offset, length=length).encode(), timeout=120.0)
+                return data
+            except RpcError as exc:
+                if exc.code != "survivor_unreachable" or attempt == 49:
+                    raise
+                await trio.sleep(0.1)  # retry back-off: a survivor is still rolling back
+        raise AssertionError("not reached: the last attempt raises")
+
+    async def call(self, method: str, contract: type[Contract], timeout: float = 60.0, **fields: Any) -> Any:
+        """A call naming our session and epoch (built once joined, with the key and epoch of then)."""
+        await self.ok.wait()
+        params = contract(**self._session(), epoch=self.epoch, **fields).encode()
+        try:
+            return await _open(self._coord).call(method, params, timeout=timeout)
+        except RpcError as exc:
+            if exc.code == "stale_epoch" or self.need_rollback:
+                if exc.code != "stale_epoch":
+                    log.info("rank %d: %s refused during a rollback: %s", self.rank, method, exc)
+                raise RollingBack from None
+            raise
+
+    async def try_call(self, method: str, contract: type[Contract], **fields: Any) -> Any:
+        """:meth:`call`, None if refused."""
+        try:
+            return await self.call(method, contract, **fields)
+        except RpcError as exc:
+            log.debug("rank %d: %s refused (%s)", self.rank, method, exc)
+            return None
+
+    async def watch(self) -> None:
+        """Follow the group's view (a long poll); join again if the coordinator is lost."""
+        while True:
+            try:
+                await self.ok.wait()
+                view = await _open(self._watch_client).call(
+                    "watch", Watch(**self._session(), version=self.version).encode(), timeout=60.0)
+            except (RpcError, OSError) as exc:
+                if isinstance(exc, RpcError) and not isinstance(exc, RpcConnectionError) and exc.code not in (
+                        "unknown_group", "bad_identity", "timeout"):
+                    raise
+                log.info("rank %d: lost the coordinator (%s); joining again", self.rank, exc)
+                self.ok = trio.Event()
+                self.joined = trio.Event()
+                await self.join()
+                continue
+            self.on_view(view)
+
+    async def heartbeat(self) -> None:
+        """Keep the session alive (a long poll the coordinator holds while we live)."""
+        while True:
+            await self.joined.wait()
+            try:
+                await _open(self._attach_client).call("attach", Session(**self._session()).encode(), timeout=60.0)
+            except (RpcError, OSError):
+                await trio.sleep(0.05)  # the watcher reconnects; back off until it has
+
+    def on_view(self, view: dict[str, Any]) -> None:
+        self.view = view
+        self.version = view["version"]
+        if "addrs" in view:
+            self._on_addrs(view["addrs"])
+        if view["phase"] == "failed":
+            self.failed = True
+            self._interrupt()
+        elif view["epoch"] > self.epoch and not self.recovering:
+            self.need_rollback = True
+            self.recovering = True
+            self._interrupt()
+        ev, self.changed = self.changed, trio.Event()
+        ev.set()
+
+    async def wait(self, cond: Callable[[], bool]) -> None:
+        """Until ``cond()`` holds of the view; :class:`RollingBack` if the group rolls back first."""
+        while not cond():
+            if self.need_rollback or self.failed:
+                raise RollingBack
+            await self.changed.wait()
+
+    async def wait_resume(self, epoch: int) -> None:
+        """Until every rank is ready in ``epoch`` (the view then names what each consumed), or a newer epoch."""
+        while not (self.view["epoch"] == epoch and self.view["phase"] in ("running", "starting", "finished")
+                   and "consumed" in self.view and self.view.get("consumed")):
+            if self.failed:
+                raise GroupFailed(f"group {self.group} failed")
+            if self.view["epoch"] > epoch:
+                return
+            await self.changed.wait()
+
+    async def aclose(self) -> None:
+        for c in (self._coord, self._watch_client, self._attach_client):
+            if c is not None:
+                await c.aclose()
