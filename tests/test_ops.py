@@ -629,7 +629,7 @@ DASHBOARD_METRICS = {
         "shoal_peer_peers",
         "shoal_peer_peers_unchoked",
         "shoal_peer_peers_interested",
-        "shoal_peer_peers_unchoking_us",
+        "shoal_peer_peers_unchoking_this_peer",
         "shoal_peer_config_reloads_total",
     ),
 }

@@ -9,6 +9,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from shoal.daemons.peer.announce import TRACKER_ERROR_REASONS
+from shoal.protocol import metainfo, peer_wire
 
 # Why a peer was disconnected and banned; bounded set of tokens.
 BAN_REASONS = ("bad_metadata", "bad_hash", "protocol", "wrong_info_hash", "unrequested_piece", "self_connection")
@@ -17,6 +18,12 @@ BAN_REASONS = ("bad_metadata", "bad_hash", "protocol", "wrong_info_hash", "unreq
 # link several seconds. Requests time out at 30 s by default.
 REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+
+
+#: ``shoal_peer_protocol_errors_total{reason}``: the wire's reasons, the metadata
+#: dictionary's (BEP 9, parsed by metainfo), and the session's own handshake checks.
+PROTOCOL_ERROR_REASONS = tuple(dict.fromkeys((*peer_wire.REASONS, *metainfo.REASONS, "wrong_info_hash",
+                                              "bad_handshake", "bad_metadata")))
 
 class PeerMetrics:
     def __init__(self, registry: CollectorRegistry, gauges: Callable[[], dict[str, int]]):
@@ -49,6 +56,8 @@ class PeerMetrics:
                                       ["reason"], registry=registry)
         for reason in BAN_REASONS:
             self.bans.labels(reason)
+        for reason in PROTOCOL_ERROR_REASONS:  # a panel sees zeros, not "No data", on a healthy peer
+            self.protocol_errors.labels(reason)
         for reason in TRACKER_ERROR_REASONS:
             self.tracker_errors.labels(reason)
         registry.register(_Gauges(gauges))
@@ -60,7 +69,8 @@ class _Gauges(Collector):
         "peers": "Peers connected.",
         "peers_unchoked": "Peers we are uploading to (unchoked by us).",
         "peers_interested": "Peers interested in our pieces.",
-        "peers_unchoking_us": "Peers that unchoke us.",
+        # (was peers_unchoking_us, which promtool reads as an abbreviated unit: microseconds)
+        "peers_unchoking_this_peer": "Peers that unchoke this peer (it may download from them).",
     }
 
     def __init__(self, read: Callable[[], dict[str, int]]):

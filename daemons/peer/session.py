@@ -123,7 +123,7 @@ class Session:
             "peers": len(links),
             "peers_unchoked": sum(not link.am_choking for link in links),
             "peers_interested": sum(link.peer_interested for link in links),
-            "peers_unchoking_us": sum(not link.peer_choking for link in links),
+            "peers_unchoking_this_peer": sum(not link.peer_choking for link in links),
         }
 
     # -- bans --------------------------------------------------------------------

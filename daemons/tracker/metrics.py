@@ -13,6 +13,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shoal.daemons.runtime.http import ERROR_REASONS as HTTP_ERROR_REASONS
+from shoal.protocol import tracker as tracker_wire
+from shoal.protocol import udp_tracker
+
 PROTOCOLS = ("http", "udp")
 EVENTS = ("none", "started", "completed", "stopped")
 # Rejections that are not wire-format errors.
@@ -32,6 +36,14 @@ ACCESS_REASONS = (
 # Announce handling takes tens of microseconds; the tail is what matters.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 
+
+
+#: The reasons each protocol's requests are rejected for: access control, the
+#: wire format's own reasons, and (HTTP) the server's connection-level refusals.
+REJECT_REASONS = {
+    "http": tuple(dict.fromkeys((*ACCESS_REASONS, *tracker_wire.REASONS, *HTTP_ERROR_REASONS))),
+    "udp": tuple(dict.fromkeys((*ACCESS_REASONS, *udp_tracker.REASONS))),
+}
 
 class TrackerMetrics:
     def __init__(self, registry: CollectorRegistry, swarm_stats: Callable[[], tuple[int, int, int]]):
@@ -63,6 +75,11 @@ class TrackerMetrics:
         self.scrape_by = {p: self.scrapes.labels(p) for p in PROTOCOLS}
         self.latency_by = {p: self.latency.labels(p) for p in PROTOCOLS}
         registry.register(_SwarmCollector(swarm_stats))
+        # Every rejection series exists at 0 from the start, so a dashboard panel
+        # or increase() sees the first one (and a healthy tracker shows zeros).
+        for protocol, reasons in REJECT_REASONS.items():
+            for reason in reasons:
+                self.rejected.labels(protocol, reason)
 
     def reject(self, protocol: str, reason: str) -> None:
         self.rejected.labels(protocol, reason).inc()
