@@ -77,7 +77,6 @@ import logging
 import os
 import pwd
 import socket
-import stat
 import struct
 import time
 from pathlib import Path
@@ -222,39 +221,11 @@ class DispatcherApp:
 
     async def serve_submit_socket(self, server: RpcServer, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The submit socket: anyone may connect (mode 0666); SO_PEERCRED says who did."""
-        path = self.submit_socket
-        try:
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()  # a stale socket from a previous run
-            else:
-                raise FileExistsError(f"{path} exists and is not a socket")
-        except FileNotFoundError:
-            pass
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        inode: int | None = None
-        try:
-            await sock.bind(str(path))
-            os.chmod(path, 0o666)  # before listen(): the peer check is the guard, not the mode
-            sock.listen(socket.SOMAXCONN)
-            inode = path.stat().st_ino
 
-            async def one(stream: trio.SocketStream) -> None:
-                try:
-                    _peer.set(peer_credentials(stream.socket))
-                except OSError:
-                    await trio.aclose_forcefully(stream)
-                    return
-                await server.handle_stream(stream)
+        def who(stream: trio.SocketStream) -> None:
+            _peer.set(peer_credentials(stream.socket))
 
-            task_status.started(path)
-            await trio.serve_listeners(one, [trio.SocketListener(sock)])
-        finally:
-            sock.close()
-            try:
-                if path.stat().st_ino == inode:
-                    path.unlink()
-            except OSError:
-                pass
+        await server.serve_unix(self.submit_socket, mode=0o666, on_connect=who, task_status=task_status)
 
     # -- policies ----------------------------------------------------------------
 

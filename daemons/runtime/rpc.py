@@ -236,9 +236,15 @@ class RpcServer:
         path: str | os.PathLike[str],
         *,
         mode: int = 0o600,
+        on_connect: Callable[[trio.SocketStream], None] | None = None,
         task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve on a unix socket at ``path`` (file mode ``mode``) until cancelled."""
+        """Serve on a unix socket at ``path`` (file mode ``mode``) until cancelled.
+
+        ``on_connect(stream)`` runs first in each connection's task (the
+        dispatcher reads SO_PEERCRED there into a context variable its handlers
+        see); an OSError from it closes that connection.
+        """
         path = Path(path)
         try:
             if stat.S_ISSOCK(path.lstat().st_mode):
@@ -258,7 +264,8 @@ class RpcServer:
             inode = path.stat().st_ino
             listener = trio.SocketListener(sock)
             task_status.started(path)
-            await trio.serve_listeners(self.handle_stream, [listener])
+            serve = self.handle_stream if on_connect is None else partial(self._handle_checked, on_connect)
+            await trio.serve_listeners(serve, [listener])
         finally:
             sock.close()
             try:
@@ -268,6 +275,15 @@ class RpcServer:
                 pass
 
     # -- one connection ----------------------------------------------------------
+
+    async def _handle_checked(self, on_connect: Callable[[trio.SocketStream], None],
+                              stream: trio.SocketStream) -> None:
+        try:
+            on_connect(stream)
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        await self.handle_stream(stream)
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one connection (any trio stream) until it closes or fails."""
