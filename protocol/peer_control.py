@@ -71,7 +71,7 @@ class AddTorrent(Contract):
 
 @dataclass(frozen=True, slots=True)
 class TorrentRef(Contract):
-    """One running torrent, by info-hash (``remove``)."""
+    """One running torrent, by info-hash (``remove``); the base of every call naming one."""
 
     info_hash: str = bounded(max_len=INFO_HASH_HEX)  # 40 hex digits
 
@@ -84,48 +84,28 @@ class TorrentRef(Contract):
 
 
 @dataclass(frozen=True, slots=True)
-class WaitTorrent(Contract):
+class WaitTorrent(TorrentRef):
     """Until the torrent is complete, or has at least ``pieces`` verified pieces."""
 
-    info_hash: str = bounded(max_len=INFO_HASH_HEX)  # 40 hex digits
     pieces: int | None = None
-
-    def __post_init__(self) -> None:
-        info_hash_of(self.info_hash)
-
-    @property
-    def digest(self) -> bytes:
-        return bytes.fromhex(self.info_hash)
 
 
 @dataclass(frozen=True, slots=True)
-class StreamTorrent(Contract):
+class StreamTorrent(TorrentRef):
     """Streaming mode: a reader starts at ``offset`` and reads on at ``rate`` bytes/s."""
 
-    info_hash: str = bounded(max_len=INFO_HASH_HEX)  # 40 hex digits
     rate: float = bounded()
     offset: int = 0
 
-    def __post_init__(self) -> None:
-        info_hash_of(self.info_hash)
-
-    @property
-    def digest(self) -> bytes:
-        return bytes.fromhex(self.info_hash)
-
 
 @dataclass(frozen=True, slots=True)
-class Limits(Contract):
+class Limits(TorrentRef):
     """A torrent's own rate limits, bytes/s (0: none), inside the global ones."""
 
-    info_hash: str = bounded(max_len=INFO_HASH_HEX)  # 40 hex digits
     upload_rate: int = bounded(0)  # 0 to MAX_RATE, checked in __post_init__ (one message for both)
     download_rate: int = bounded(0)
 
     def __post_init__(self) -> None:
-        info_hash_of(self.info_hash)
+        TorrentRef.__post_init__(self)  # (zero-argument super() fails in a slotted dataclass)
         _check_rates(self.upload_rate, self.download_rate)
 
-    @property
-    def digest(self) -> bytes:
-        return bytes.fromhex(self.info_hash)
