@@ -152,7 +152,11 @@ def resolve_state_dir(name: str, configured: str, env: Mapping[str, str]) -> Pat
     return Path("state") / name
 
 
-def _make_state_dir(path: Path) -> Path:
+def _make_state_dir(path: Path, env: Mapping[str, str]) -> Path:
+    """Create the state directory 0700, unless systemd made it: then StateDirectoryMode= rules
+    (the worker's is 0711, so its task user can enter its own task directory)."""
+    if str(path) in env.get("STATE_DIRECTORY", "").split(":") and path.is_dir():
+        return path
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)  # mkdir's mode is masked by umask, and ignored if it existed
     return path
@@ -197,7 +201,7 @@ async def _serve(
     daemon_cfg = config.daemon
     registry = CollectorRegistry(auto_describe=True)
     metrics = runtime_metrics(registry, name)
-    state_dir = _make_state_dir(resolve_state_dir(name, daemon_cfg.state_directory, env))
+    state_dir = _make_state_dir(resolve_state_dir(name, daemon_cfg.state_directory, env), env)
     notifier = Notifier(env)
     log = logging.getLogger(f"shoal.{name}")
     ctx = DaemonContext(name, config_path, config, registry, state_dir, notifier, metrics, log)

@@ -58,11 +58,16 @@ SERVICE_TEMPLATE = """\
 
 [Unit]
 Description={description}
-# `systemctl stop|restart shoal.target` reaches every Shoal daemon on the node.
+# `systemctl stop|restart shoal.target` reaches every Shoal daemon on the node,
+# and After= makes it wait for them: a stop runs in reverse start order, so
+# the target stops only once every daemon has (without it, systemd orders the
+# target after its services, and the stop returned while they deactivated).
+# The price: `systemctl start shoal.target` returns once the target is
+# reached and the daemons come up just after; start them by name to wait.
 PartOf=shoal.target
 # Listeners may be bound to a specific address: wait until the network is up.
 Wants=network-online.target
-After=network-online.target
+After=network-online.target shoal.target
 # A daemon that crashes 5 times in 5 minutes stays down (and alerts) instead
 # of flapping; `systemctl reset-failed {unit}` re-arms it.
 StartLimitIntervalSec=300

@@ -24,6 +24,7 @@ from shoal.daemons.runtime.daemon import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_STOP_TIMEOUT,
+    _make_state_dir,
     resolve_state_dir,
     serve,
 )
@@ -115,6 +116,21 @@ def test_state_dir_resolution():
     assert resolve_state_dir("x", "/srv/x", {"STATE_DIRECTORY": "/var/lib/x"}) == Path("/srv/x")
     assert resolve_state_dir("x", "", {"STATE_DIRECTORY": "/var/lib/x:/var/lib/y"}) == Path("/var/lib/x")
     assert resolve_state_dir("x", "", {}) == Path("state/x")
+
+
+def test_state_dir_mode_is_systemds_when_systemd_made_it(tmp_path):
+    # StateDirectoryMode=0711 (the worker's) must survive the daemon's start;
+    # a directory the daemon makes itself is 0700.
+    given = tmp_path / "given"
+    given.mkdir(mode=0o711)
+    given.chmod(0o711)
+    assert _make_state_dir(given, {"STATE_DIRECTORY": f"{given}:/var/lib/other"}) == given
+    assert given.stat().st_mode & 0o777 == 0o711
+    own = tmp_path / "own"
+    own.mkdir(mode=0o755)
+    own.chmod(0o755)
+    _make_state_dir(own, {"STATE_DIRECTORY": str(given)})
+    assert own.stat().st_mode & 0o777 == 0o700
 
 
 async def test_serve_ready_status_reload_and_stop(tmp_path, notify):
