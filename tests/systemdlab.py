@@ -141,9 +141,10 @@ def boot(workdir: Path, *, binds: tuple[Path, ...] = (), timeout: float = 90) ->
     cgroups = _own_cgroups(f"shoal-systemd-test-{os.getpid()}")
     log = open(workdir / "boot.log", "w")  # noqa: SIM115 - closed in finally
     moves = " ".join(f"echo $$ > {cg}/cgroup.procs;" for cg in cgroups)
+    shown = " ".join(str(b) for b in (workdir / "share", *binds))
     proc = subprocess.Popen(
         ["sh", "-c", f"{moves} exec unshare --fork --kill-child --pid --mount --uts --ipc --net --cgroup "
-                     f"{BOOT} {workdir} {' '.join(str(b) for b in (workdir / 'share', *binds))}"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                     f"{BOOT} {workdir} {shown}"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         machine = None
         deadline = time.monotonic() + timeout
