@@ -12,7 +12,9 @@ collector samples a fake node, the fedserver runs its SuperLink. Prometheus
 Checked: every target up; ``promtool check metrics`` clean on every /metrics;
 every Grafana panel query evaluates and returns a series (error counters must
 exist at 0 from the start); every rule healthy; and alerts fire on their fault
-only: no ShoalCheckpointBackupOutOfSync without a backup, ShoalTrackerStateSaveFailing
+only: ShoalCheckpointBackupOutOfSync not without a backup (nor for a finished
+group) but for ranks running on a coordinator whose backup never answered,
+ShoalTrackerStateSaveFailing
 at the first failed save, ShoalDaemonRestarting for a peer restarted in a loop.
 """
 
@@ -115,6 +117,11 @@ async def test_prometheus_scrapes_every_daemon_and_alerts_on_faults_only(tmp_pat
             checkpoint = await enter(await start_daemon(
                 [*SHOAL, "checkpoint", "run", "--config", str(tmp_path / "ckpt.toml")],
                 state_dir=tmp_path / "ckpt-state"))
+            # A second coordinator whose backup was never reachable (nothing listens there).
+            (tmp_path / "lonely.toml").write_text(CHECKPOINT + f'backup = "127.0.0.1:{free_port()}"\n')
+            lonely = await enter(await start_daemon(
+                [*SHOAL, "checkpoint", "run", "--config", str(tmp_path / "lonely.toml")],
+                state_dir=tmp_path / "lonely-state"))
             dispatcher = await enter(await start_dispatcher(tmp_path))
             worker = await enter(await start_worker(tmp_path, dispatcher.addresses["rpc"], "w1"))
 
@@ -126,7 +133,7 @@ async def test_prometheus_scrapes_every_daemon_and_alerts_on_faults_only(tmp_pat
                 "shoal-worker": [metrics_addr(worker)],
                 "shoal-telemetry": [metrics_addr(telemetry)],
                 "shoal-fedserver": [metrics_addr(fedserver)],
-                "shoal-checkpoint": [metrics_addr(checkpoint)],
+                "shoal-checkpoint": [metrics_addr(checkpoint), metrics_addr(lonely)],
             }
             prom = await enter(run_prometheus(lab_config(tmp_path / "prom", targets), tmp_path / "prom"))
 
@@ -158,7 +165,7 @@ async def test_prometheus_scrapes_every_daemon_and_alerts_on_faults_only(tmp_pat
             # -- every target up -------------------------------------------------------
             async def all_up():
                 ts = await prom.targets()
-                return len(ts) == 8 and all(t["health"] == "up" for t in ts)
+                return len(ts) == 9 and all(t["health"] == "up" for t in ts)
 
             with trio.move_on_after(15):
                 await prom.until("targets up", all_up)
@@ -197,6 +204,16 @@ async def test_prometheus_scrapes_every_daemon_and_alerts_on_faults_only(tmp_pat
             backup_alerts = await prom.alerts("ShoalCheckpointBackupOutOfSync")
             assert await prom.alerts("ShoalTrackerStateSaveFailing") == []
             assert await prom.alerts("ShoalDaemonRestarting") == []
+
+            # -- ranks running on a coordinator whose backup is unreachable fire ---------
+            busy = RankRunner(nursery, lonely.addresses["rpc"], "ring", 2, 10**9, group="busy",
+                              block_size=4096, interval=0.5)
+            for i in range(2):
+                busy.start(i)
+            lost = await prom.until("backup out of sync", lambda: firing(prom, "ShoalCheckpointBackupOutOfSync"))
+            assert {a["labels"]["instance"] for a in lost} == {metrics_addr(lonely)}
+            for scope in busy.scopes.values():
+                scope.cancel()
 
             # -- a failed tracker state save fires at once ------------------------------
             state_file = next(p for p in tracker.state_dir.iterdir() if p.suffix == ".json" or "swarm" in p.name)

@@ -34,7 +34,8 @@ class Backup:
     def gauges(self) -> dict[str, float]:
         return {"shoal_checkpoint_groups": len(self.groups),
                 "shoal_checkpoint_parity_bytes": sum(c.nbytes for c, _, _ in self.groups.values()),
-                "shoal_checkpoint_backup_in_sync": 1.0}
+                "shoal_checkpoint_backup_in_sync": 1.0,
+                "shoal_checkpoint_backup_configured": 0.0}
 
     def _new_code(self, meta: GroupMeta) -> GroupCode:
         if meta.n > self.cfg.max_ranks:

@@ -184,6 +184,7 @@ class Coordinator:
             "shoal_checkpoint_msglog_entries": sum(s.log_entries for g in groups for s in g.slots),
             "shoal_checkpoint_held_requests": sum(g.rule.is_held(i) for g in groups for i in range(g.n)),
             "shoal_checkpoint_backup_in_sync": float(self.mirror.in_sync),
+            "shoal_checkpoint_backup_configured": float(self.cfg.backup is not None),
         }
         O = [x for g in groups for x in g.O]  # noqa: E741 - the seed's names
         L = [x for g in groups for x in g.L]

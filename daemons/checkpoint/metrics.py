@@ -100,6 +100,7 @@ GAUGES = {
     "shoal_checkpoint_msglog_entries": "Entries in the ranks' sent and receipt tables, as last reported.",
     "shoal_checkpoint_held_requests": "Checkpoint requests held by the Timeout rule now.",
     "shoal_checkpoint_backup_in_sync": "1 if the backup mirrors the parity, 0 if not (or none configured).",
+    "shoal_checkpoint_backup_configured": "1 on a coordinator with a backup configured, else 0.",
     "shoal_checkpoint_optimal_interval_seconds": "T_opt, seed equation 1, from the mean O and the MTBF.",
     "shoal_checkpoint_gamma_seconds": "Gamma, seed equation 2, from the mean O, L, R and the MTBF.",
     "shoal_checkpoint_overhead_ratio": "r = Gamma / T_opt - 1, seed equation 3.",
