@@ -211,3 +211,14 @@ async def scrape(addr: ListenAddr) -> str:
     status, body = await http_get(addr.host, addr.port, b"/metrics")
     assert status == 200, status
     return body.decode()
+
+
+def sample(text: str | bytes, name: str, **labels: str) -> float | None:
+    """The value of sample ``name`` with exactly ``labels`` on a /metrics page, or None if absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text.decode() if isinstance(text, bytes) else text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None

@@ -88,10 +88,9 @@ class Machine:
 
     def poweroff(self, timeout: float = 60) -> None:
         self.run("systemctl", "poweroff", check=False)
-        with contextlib.suppress(ProcessLookupError, ChildProcessError):
-            deadline = time.monotonic() + timeout
-            while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
-                time.sleep(0.2)
+        deadline = time.monotonic() + timeout
+        while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def _own_cgroups(name: str) -> list[Path]:

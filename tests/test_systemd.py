@@ -37,6 +37,7 @@ import pytest
 
 from shoal.daemons.runtime.registry import DAEMONS, METRICS_PORTS
 from tests import systemdlab
+from tests.harness import sample
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path("/opt/shoal-systemd-test")
@@ -84,14 +85,6 @@ def metrics(m: systemdlab.Machine, name: str) -> str:
     return m.run("curl", "-sf", f"http://127.0.0.1:{METRICS_PORTS[name]}/metrics", check=False).stdout
 
 
-def sample(text: str, series: str) -> float | None:
-    """The value of one exposition line, ``series`` written exactly as exposed (labels included)."""
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    return None
-
-
 def main_pid(m: systemdlab.Machine, unit: str) -> int:
     return int(m.show(unit, "MainPID")["MainPID"])
 
@@ -116,7 +109,7 @@ def test_every_unit_is_ready_through_notify_with_its_status(machine):
         assert (s["Type"], s["ActiveState"], s["SubState"]) == ("notify", "active", "running"), s
         assert s["StatusText"].startswith(f"listening metrics=127.0.0.1:{METRICS_PORTS[name]}"), s
         assert s["NRestarts"] == "0", s
-        assert sample(metrics(machine, name), f'shoal_{name}_build_info{{version="0.1.0"}}') == 1.0
+        assert sample(metrics(machine, name), f"shoal_{name}_build_info", version="0.1.0") == 1.0
     assert machine.show("shoal.target", "ActiveState")["ActiveState"] == "active"
 
 
@@ -127,7 +120,7 @@ def test_reload_takes_a_good_config_and_refuses_a_bad_one(machine):
         machine.run("cp", conf, f"{conf}.orig")
 
         def reloads(result: str, name=name) -> float | None:
-            return sample(metrics(machine, name), f'shoal_{name}_config_reloads_total{{result="{result}"}}')
+            return sample(metrics(machine, name), f"shoal_{name}_config_reloads_total", result=result)
 
         machine.run("sed", "-i", 's/^log_level = "info"$/log_level = "debug"/', conf)
         machine.systemctl("reload", d.unit)
@@ -158,7 +151,7 @@ def test_a_task_runs_as_nobody_and_cannot_signal_a_daemon(machine):
     assert f"\n    {nobody}\n" in logs and "refused" in logs, logs
     assert "Operation not permitted" in logs, logs
     assert main_pid(machine, "shoal-tracker.service") == tracker
-    assert sample(metrics(machine, "tracker"), 'shoal_tracker_config_reloads_total{result="ok"}') == 2.0
+    assert sample(metrics(machine, "tracker"), "shoal_tracker_config_reloads_total", result="ok") == 2.0
     assert re.search(rf"^\s*{number} intruder .* root\s*$", machine.run("shoal", "jobs").stdout, re.M)
     # This machine mounts cgroup v1 controllers (hybrid), which systemd does not delegate
     # to an unprivileged worker: it says so, once, and keeps process groups.
@@ -206,12 +199,12 @@ def test_telemetry_trains_and_scores_windows_inside_its_sandbox(machine):
     out = machine.run("shoal", "telemetry", "train", check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     text = metrics(machine, "telemetry")
-    assert sample(text, 'shoal_telemetry_model_installs_total{origin="local",outcome="ok"}') == 1.0, text
+    assert sample(text, "shoal_telemetry_model_installs_total", origin="local", outcome="ok") == 1.0, text
 
     def scored() -> bool:
         t = metrics(machine, "telemetry")
-        return (sample(t, 'shoal_telemetry_windows_total{result="normal"}') or 0) + (
-            sample(t, 'shoal_telemetry_windows_total{result="anomalous"}') or 0) >= 1
+        return (sample(t, "shoal_telemetry_windows_total", result="normal") or 0) + (
+            sample(t, "shoal_telemetry_windows_total", result="anomalous") or 0) >= 1
     machine.wait("a scored window", scored, timeout=60)
     assert (sample(metrics(machine, "telemetry"), "shoal_telemetry_score_duration_seconds_count") or 0) >= 1
     assert machine.show("shoal-telemetry.service", "MemoryDenyWriteExecute")["MemoryDenyWriteExecute"] == "yes"

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from shoal.daemons.runtime import systemd
 from shoal.daemons.runtime.config import ConfigError, DaemonSection, ListenAddr, load_config
@@ -29,7 +28,7 @@ from shoal.daemons.runtime.daemon import (
     serve,
 )
 from shoal.daemons.runtime.http import HttpResponse, serve_http
-from tests.harness import DaemonFailed, parse_notification, parse_status, start_daemon
+from tests.harness import DaemonFailed, parse_notification, parse_status, sample, start_daemon
 
 LOOPBACK = ListenAddr("127.0.0.1", 0)
 
@@ -75,14 +74,6 @@ async def http_get(addr: ListenAddr, path: str = "/") -> tuple[int, bytes]:
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split()[1]), body
-
-
-def sample(text: bytes, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text.decode()):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    raise KeyError(name)
 
 
 class Notifications:
