@@ -12,6 +12,9 @@ every daemon running:
 * ``systemctl reload`` with a good config, then a bad one (kept running on the
   old one, said in one line), both counted;
 * a task runs as ``nobody``, and cannot signal a daemon; who submitted is kept;
+* a task runs in a cgroup of its own (on this cgroup v1 host, given to the
+  worker by its unit's ``ExecStartPre=+``): over its memory limit it is killed
+  and reported so;
 * the watchdog kills and restarts a SIGSTOPped daemon, all seven at once;
 * ``kill -9`` of every main PID: restarted, with the state directory (and the
   dispatcher's jobs) kept;
@@ -153,14 +156,37 @@ def test_a_task_runs_as_nobody_and_cannot_signal_a_daemon(machine):
     assert main_pid(machine, "shoal-tracker.service") == tracker
     assert sample(metrics(machine, "tracker"), "shoal_tracker_config_reloads_total", result="ok") == 2.0
     assert re.search(rf"^\s*{number} intruder .* root\s*$", machine.run("shoal", "jobs").stdout, re.M)
-    # This machine mounts cgroup v1 controllers (hybrid), which systemd does not delegate
-    # to an unprivileged worker: it says so, once, and keeps process groups.
+    # On a v1 (hybrid) host the unit's ExecStartPre=+ hands the worker its memory and cpu
+    # directories; on v2, Delegate=yes does. Either way the worker says where tasks go.
     cgroup_lines = [line for line in machine.journal("shoal-worker.service").splitlines() if "cgroup" in line]
+    assert len([line for line in cgroup_lines if "tasks run in cgroups under" in line]) == 1, cgroup_lines
+
+
+HOG = """
+import sys
+for line in open("/proc/self/cgroup").read().splitlines():
+    print("cgroup", line)
+sys.stdout.flush()
+hog = bytearray(256 << 20)
+print("survived")
+"""
+
+
+def test_a_task_runs_in_its_own_cgroup_and_is_killed_over_its_memory_limit(machine):
+    machine.run("sh", "-c", "cat > /usr/local/lib/hog.py && chmod 644 /usr/local/lib/hog.py", input=HOG)
+    job = ('name = "hog"\n[[tasks]]\nname = "hog"\ncpus = 0.5\nmemory = "64MiB"\n'
+           'command = ["python3", "/usr/local/lib/hog.py"]\n')
+    machine.run("sh", "-c", "cat > /root/hog.toml", input=job)
+    out = machine.run("shoal", "submit", "--wait", "/root/hog.toml", check=False, timeout=60).stdout
+    number = re.search(r"job (\d+) accepted", out).group(1)
+    logs = machine.run("shoal", "job", number, "--logs").stdout
+    assert "memory limit exceeded (64 MiB)" in logs and "survived" not in logs, logs
+    # Its own cgroup in each hierarchy that holds a limit (the files in it are the worker's;
+    # tests/worker/test_isolation.py reads the limits written there).
     hybrid = any(":memory:" in line for line in Path("/proc/self/cgroup").read_text().splitlines())
-    if hybrid:
-        assert len([line for line in cgroup_lines if "process groups" in line]) == 1, cgroup_lines
-    else:
-        assert any("tasks run in cgroups under" in line for line in cgroup_lines), cgroup_lines
+    for hierarchy in (["memory", "cpu"] if hybrid else [""]):
+        own = rf"cgroup \d+:{hierarchy}:/system\.slice/shoal-worker\.service/task-\d+-\d+$"
+        assert re.search(own, logs, re.M), (hierarchy, logs)
 
 
 def test_the_watchdog_restarts_a_stopped_daemon(machine):

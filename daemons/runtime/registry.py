@@ -111,6 +111,7 @@ DAEMONS: dict[str, DaemonSpec] = {
            )),
         _d("worker", "Shoal worker (runs the dispatcher's tasks, each in its own process)",
            config_class="WorkerConfig", check="shoal.daemons.worker.daemon:check_config",
+           commands="shoal.daemons.worker.cli:add_commands",
            ports={"metrics": 9747},
            service=(
                ("MemoryDenyWriteExecute", "no",
@@ -118,6 +119,11 @@ DAEMONS: dict[str, DaemonSpec] = {
                ("LimitNOFILE", "65536", "two pipes per running task and the dispatcher connection"),
                ("Delegate", "yes", "each task runs in its own cgroup under the worker's, with its cpus and memory"),
                ("ProtectControlGroups", "no", "the worker writes its delegated cgroup (task cgroups, limits)"),
+               ("ExecStartPre", "+{exe} worker delegate-cgroups",
+                "on a cgroup v1 host Delegate= hands over no controller: as root, give the worker its own "
+                "memory and cpu directories (does nothing on cgroup v2)"),
+               ("MemoryAccounting", "yes", "the worker has a v1 memory directory of its own to delegate"),
+               ("CPUAccounting", "yes", "and a v1 cpu directory"),
                ("PrivateUsers", "no", "tasks run as task_user, which must be a real user outside a namespace"),
                ("CapabilityBoundingSet", "CAP_SETUID CAP_SETGID",
                 "switch tasks to task_user (they are killed through their cgroup: cgroup.kill needs no CAP_KILL)"),

@@ -210,6 +210,8 @@ def _render_service(d: DaemonUnit, exe: str, config_dir: str) -> str:
     for key, value, why in d.service:
         hits = [i for i, line in enumerate(lines) if line.startswith(key + "=")]
         replacement = [f"# {d.unit}: {why}"]
+        if value is not None:
+            value = value.replace("{exe}", exe)  # a row may run the shoal executable too
         replacement.append(f"{key}={value}" if value is not None else f"# ({key}= removed)")
         if not hits:
             if value is None:

@@ -68,6 +68,7 @@ from shoal.daemons.worker.isolation import (
     TaskUser,
     can_switch_users,
     check_reachable,
+    own_v1_cgroups,
     own_v2_cgroup,
     resolve_user,
 )
@@ -382,8 +383,9 @@ def make_isolation(w: WorkerSection, work_dir: Path, source: str) -> Isolation:
         cgroups = None
         if w.cgroup == "auto":
             base = own_v2_cgroup()
-            cgroups = CgroupTree(base) if base is not None else None
-            why = "no writable cgroup v2 directory of its own (not under systemd with Delegate=yes)"
+            v1 = own_v1_cgroups() if base is None else None
+            cgroups = CgroupTree(base) if base is not None else CgroupTree(*v1) if v1 is not None else None
+            why = "no writable cgroup of its own (not under systemd with Delegate=yes)"
         elif w.cgroup != "off":
             cgroups = CgroupTree(Path(w.cgroup), w.cgroup_cpu)
         else:

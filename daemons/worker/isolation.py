@@ -27,9 +27,12 @@ each command task
   Under systemd, ``Delegate=yes`` on the worker's unit hands it its own cgroup
   (v2): with ``cgroup = "auto"`` the worker moves itself into a ``daemon``
   leaf, enables the memory, cpu and pids controllers for the subtree and puts
-  tasks next to it. Off systemd (no writable v2 cgroup of its own) it falls
-  back to process groups and says so once in its log: limits are then not
-  enforced.
+  tasks next to it. On a hybrid host (cgroup v1 controllers), systemd
+  delegates only the controller-less v2 directory; the worker's unit runs
+  ``shoal worker delegate-cgroups`` as root first (:func:`delegate_v1_cgroups`),
+  and the worker puts tasks below its own v1 memory and cpu directories. Off
+  systemd (no writable cgroup of its own) it falls back to process groups and
+  says so once in its log: limits are then not enforced.
 * so that it **dies with the worker**: the task's leader has
   ``PR_SET_PDEATHSIG(SIGKILL)``; when a task ends, whatever it left behind in
   its cgroup (or process group) is killed; and a small *reaper* process
@@ -62,7 +65,8 @@ import trio
 log = logging.getLogger("shoal.worker")
 
 __all__ = ["IsolationError", "TaskUser", "CgroupTree", "TaskCgroup", "Isolation", "resolve_user", "can_switch_users",
-           "own_v2_cgroup", "kill_cgroup", "Reaper", "check_reachable", "task_subprocess_kwargs"]
+           "own_v2_cgroup", "own_v1_cgroups", "delegate_v1_cgroups", "kill_cgroup", "Reaper", "check_reachable",
+           "task_subprocess_kwargs"]
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
@@ -135,6 +139,64 @@ def own_v2_cgroup() -> Path | None:
     if not rel or not (path / "cgroup.subtree_control").exists():
         return None  # the top of the hierarchy is never ours
     return path if os.access(path, os.W_OK) and os.access(path / "cgroup.procs", os.W_OK) else None
+
+
+def _own_cgroup_lines() -> dict[str, str]:
+    """This process's cgroup path per v1 hierarchy (``memory``, ``cpu``, ``name=systemd``, ...; a
+    hierarchy mounting several controllers is listed under each); ``""`` is the v2 one."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else [""]:
+            out[c] = path
+    return out
+
+
+def _v1_dir(controller: str, rel: str) -> Path | None:
+    """The v1 directory of ``controller`` for cgroup ``rel``, unless ``rel`` is the top."""
+    rel = rel.strip().lstrip("/")
+    path = CGROUP2_ROOT / controller / rel
+    return path if rel and path.is_dir() else None
+
+
+def own_v1_cgroups() -> tuple[Path, Path | None] | None:
+    """The worker's own v1 memory directory (and cpu, if it has one) when it may write them:
+    a hybrid host under systemd, after :func:`delegate_v1_cgroups` ran as ``ExecStartPre=+``."""
+    own = _own_cgroup_lines()
+    memory = _v1_dir("memory", own["memory"]) if "memory" in own else None
+    if memory is None or not os.access(memory, os.W_OK):
+        return None
+    cpu = _v1_dir("cpu", own["cpu"]) if "cpu" in own else None
+    return memory, cpu if cpu is not None and os.access(cpu, os.W_OK) else None
+
+
+def delegate_v1_cgroups() -> list[Path]:
+    """Give the unit's v1 memory and cpu directories to the user systemd delegated its cgroup to.
+
+    systemd's ``Delegate=yes`` chowns a unit's cgroup only in the ``name=systemd`` and v2
+    hierarchies; on a hybrid host the v1 controllers, where memory and cpu limits live, stay
+    root's. Run as root in the unit's cgroup (``ExecStartPre=+``), this chowns those two
+    directories (only the unit's own, never the top) to the owner of its ``name=systemd``
+    directory. Returns what it changed; nothing on a v2-only host or when nothing was delegated.
+    """
+    own = _own_cgroup_lines()
+    ref = _v1_dir("systemd", own.get("name=systemd", ""))
+    if ref is None:
+        return []
+    st = ref.stat()
+    if st.st_uid == 0:
+        return []  # not delegated (no Delegate=yes, or a root unit): nothing to hand over
+    changed = []
+    for controller in ("memory", "cpu"):
+        d = _v1_dir(controller, own.get(controller, ""))
+        if d is not None:
+            os.chown(d, st.st_uid, st.st_gid)
+            changed.append(d)
+    return changed
 
 
 def _procs(cg: Path) -> list[int]:
