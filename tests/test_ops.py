@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from shoal.cli.main import build_parser
 from shoal.daemons.peer.config import PeerConfig
 from shoal.daemons.peer.metrics import PeerMetrics
+from shoal.daemons.runtime import registry as systemd_registry
 from shoal.daemons.runtime import systemd
 from shoal.daemons.runtime.config import load_config
 from shoal.daemons.runtime.metrics import runtime_metrics
@@ -267,6 +268,18 @@ def test_metrics_ports_are_reserved_once() -> None:
     for name in systemd.DAEMONS:
         schema = CLI_DAEMONS[name].load_schema()
         assert schema().daemon.metrics_listen.port == systemd.METRICS_PORTS[name]
+
+
+#: Ports the tools Shoal runs beside own by default: Prometheus, Pushgateway, Alertmanager
+#: (web and cluster), node_exporter, Grafana, Netdata. Debian's alertmanager failed to start
+#: beside a fedserver that once used 9093/9094.
+NEIGHBOURS = {9090: "Prometheus", 9091: "Pushgateway", 9093: "Alertmanager", 9094: "Alertmanager cluster",
+              9100: "node_exporter", 3000: "Grafana", 19999: "Netdata"}
+
+
+def test_default_ports_are_clear_of_the_monitoring_stack() -> None:
+    clash = {key: NEIGHBOURS[p] for key, p in systemd_registry.PORTS.items() if p in NEIGHBOURS}
+    assert clash == {}, clash
 
 
 # -- default configs -------------------------------------------------------------
