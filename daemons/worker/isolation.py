@@ -168,10 +168,18 @@ def own_v1_cgroups() -> tuple[Path, Path | None] | None:
     a hybrid host under systemd, after :func:`delegate_v1_cgroups` ran as ``ExecStartPre=+``."""
     own = _own_cgroup_lines()
     memory = _v1_dir("memory", own["memory"]) if "memory" in own else None
-    if memory is None or not os.access(memory, os.W_OK):
+    if memory is None or not _handed_to_us(memory):
         return None
     cpu = _v1_dir("cpu", own["cpu"]) if "cpu" in own else None
-    return memory, cpu if cpu is not None and os.access(cpu, os.W_OK) else None
+    return memory, cpu if cpu is not None and _handed_to_us(cpu) else None
+
+
+def _handed_to_us(d: Path) -> bool:
+    """Owned by our own (non-root) user: given to us, as delegate_v1_cgroups does. Root may
+    write every cgroup, but a root worker off systemd shares its cgroup with whatever started
+    it (other workers, a test run), so writable alone is not "its own"."""
+    euid = os.geteuid()
+    return euid != 0 and d.stat().st_uid == euid and os.access(d, os.W_OK)
 
 
 def delegate_v1_cgroups() -> list[Path]:
