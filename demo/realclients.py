@@ -95,13 +95,18 @@ class LibtorrentClient:
             "announce_to_all_tiers": True,
             "alert_mask": lt.alert.category_t.status_notification
             | lt.alert.category_t.tracker_notification
-            | lt.alert.category_t.error_notification,
+            | lt.alert.category_t.error_notification
+            | lt.alert.category_t.storage_notification,  # cache_flushed_alert
             **settings,
         }
         self.session = lt.session(pack)
         self.handles: list = []
-        # What the alerts said so far (alert objects die at the next pop).
+        # What the alerts said so far (alert objects die at the next pop). A torrent is
+        # "finished" once its data is on disk too: libtorrent says finished when every piece
+        # passed its hash check, possibly before its disk threads wrote the last blocks out,
+        # and a test that hashes the file then can read stale zeros.
         self.finished: set[bytes] = set()
+        self._flushing: set[bytes] = set()
         self.tracker_replies: dict[bytes, int] = {}
         self.errors: list[str] = []
 
@@ -132,6 +137,10 @@ class LibtorrentClient:
         lt = self.lt
         for a in self.session.pop_alerts():
             if isinstance(a, lt.torrent_finished_alert):
+                self._flushing.add(_v1(a.handle))
+                a.handle.flush_cache()
+            elif isinstance(a, lt.cache_flushed_alert) and _v1(a.handle) in self._flushing:
+                self._flushing.discard(_v1(a.handle))
                 self.finished.add(_v1(a.handle))
             elif isinstance(a, lt.tracker_reply_alert):
                 ih = _v1(a.handle)
