@@ -200,3 +200,13 @@ def test_a_worker_that_cannot_switch_users_refuses_or_says_so_once(tmp_path, cap
     said = [r.getMessage() for r in caplog.records if "cannot switch to the task user daemon" in r.getMessage()]
     assert len(said) == 1, caplog.text
     assert sum("not enforced" in r.getMessage() for r in caplog.records) == 1, caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_a_root_worker_does_not_take_the_cgroup_it_was_started_in_as_its_own():
+    # Root may write every cgroup, including the one a test run or a shell put it in; two
+    # workers taking that as "their own" killed each other's tasks at start-up. Only a
+    # directory handed to the worker's (non-root) user counts (delegate_v1_cgroups).
+    from shoal.daemons.worker.isolation import own_v1_cgroups
+
+    assert own_v1_cgroups() is None
