@@ -17,6 +17,11 @@ def add_commands(top: argparse._SubParsersAction, daemons: dict[str, argparse._S
     telemetry_experiment.add_arguments(e)
     e.set_defaults(func=telemetry_experiment.run)
 
+    from shoal.lab import cli as lab_cli
+
+    lab = top.add_parser("lab", help="live LAN experiments on emulated hosts (network namespaces, shaped links)")
+    lab_cli.add_arguments(lab)
+
     d = top.add_parser("dispatch", help="dispatch policies offline")
     dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")
     sim = dsub.add_parser("simulate", help="seed 004's experiments in the discrete-event simulator")

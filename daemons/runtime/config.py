@@ -41,6 +41,7 @@ __all__ = [
     "DaemonSection",
     "ListenAddr",
     "load_config",
+    "build_config",
     "parse_config",
     "setting",
 ]
@@ -150,6 +151,16 @@ def parse_config(text: str, schema: type[T], *, source: str = "<string>") -> T:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "-", f"invalid TOML: {exc}") from None
     return _build(schema, table, None, source, "")
+
+
+def build_config(table: dict[str, Any], schema: type[T], *, source: str, prefix: str = "") -> T:
+    """Validate an already parsed TOML table (or a part of one) into ``schema``.
+
+    For files whose tables are pre-processed before validation (a lab scenario
+    merges its link defaults into each host's link first); ``prefix`` names
+    where the table sits in the file, for the error's key.
+    """
+    return _build(schema, table, None, source, prefix)
 
 
 def _build(schema: type[T], table: dict[str, Any], base: Any, source: str, prefix: str) -> T:
