@@ -29,13 +29,13 @@ import pytest
 import trio
 
 from shoal.core.telemetry.model import Detector
+from shoal.daemons.fedserver.certs import make_node_key, make_tls
 from shoal.daemons.fedserver.config import FedserverConfig
 from shoal.daemons.fedserver.flowerapp import common_features, load_model_npz
 from shoal.daemons.runtime.config import ConfigError, parse_config
 from shoal.daemons.runtime.rpc import connect_tcp
 from shoal.daemons.runtime.supervise import STABLE, next_delay
 from shoal.daemons.telemetry.config import TelemetryConfig
-from tests.fedserver.certs import make_node_key, make_tls
 from tests.harness import start_daemon
 from tests.telemetry.conftest import keep_ticking, start_telemetry, wait_status, write_config
 from tests.telemetry.fakeroot import FakeNode

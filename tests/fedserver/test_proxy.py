@@ -15,6 +15,7 @@ import httpx
 import pytest
 import trio
 
+from shoal.daemons.fedserver.certs import make_tls
 from shoal.daemons.fedserver.daemon import check_names_loopback
 from shoal.daemons.fedserver.proxy import (
     FLEET_PATHS,
@@ -26,7 +27,6 @@ from shoal.daemons.fedserver.proxy import (
 )
 from shoal.daemons.runtime.config import ListenAddr
 from shoal.daemons.runtime.http import HttpConnectionHandler, HttpRequest, HttpResponse, bound_address, open_listeners
-from tests.fedserver.certs import make_tls
 
 SIGNED = [(b"flwr-public-key", b"AAAApublic=="), (b"flwr-signature", b"c2lnbmF0dXJl"),
           (b"flwr-timestamp", b"2026-11-21T17:00:00+00:00")]
