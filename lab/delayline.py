@@ -8,7 +8,8 @@ process accepts each one once ``delay`` has passed, or drops it with
 probability ``loss`` on arrival. The delay of a queue is the sender's link
 delay plus this host's (one way across both links); jitter draws uniformly in
 ``+-jitter`` and never reorders a queue (a packet leaves no earlier than the
-one before it), so TCP sees variable delay, not reordering.
+one before it), so TCP sees variable delay, not reordering (under dense traffic the mean
+delay therefore rises above ``delay``, towards ``delay + jitter``).
 
 Only metadata crosses to user space, one batch verdict releases every packet
 due in a queue, so the cost is per batch, not per byte. Rates are the
@@ -110,6 +111,14 @@ class DelayLine:
 
 def serve(path: Path) -> int:
     line = DelayLine(load(path))
+    # A packet's delay is only as exact as this process is prompt: run it ahead
+    # of ordinary processes (the lowest real-time priority; it sleeps in select,
+    # and the kernel's RT throttling keeps a runaway from starving the machine).
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except OSError as exc:
+        print(f"delayline: running without real-time priority ({exc.strerror}); delays may overshoot under load",
+              file=sys.stderr)
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     sock.bind((0, 0))
     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)

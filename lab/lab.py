@@ -52,6 +52,7 @@ from typing import Any, TextIO
 import trio
 
 from shoal.lab import net as labnet
+from shoal.lab.errors import LabError
 from shoal.lab.scenario import Fault, Scenario
 
 __all__ = ["Lab", "LabError", "RUNS_DIR", "records", "teardown", "shoal_argv"]
@@ -59,10 +60,6 @@ __all__ = ["Lab", "LabError", "RUNS_DIR", "records", "teardown", "shoal_argv"]
 RUNS_DIR = Path("/run/shoal-lab")
 #: Daemons that others connect to at start: they start (and are ready) first.
 FIRST = frozenset({"tracker", "fedserver", "dispatcher", "checkpoint"})
-
-
-class LabError(Exception):
-    """The lab cannot go on; one line, for the user."""
 
 
 def shoal_argv() -> list[str]:

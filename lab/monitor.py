@@ -15,12 +15,11 @@ import shutil
 import time
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-if TYPE_CHECKING:
-    from shoal.lab.lab import Lab
+from shoal.lab.errors import LabError
 
 __all__ = ["Prometheus", "PROMETHEUS_PORT"]
 
@@ -28,15 +27,13 @@ PROMETHEUS_PORT = 9090
 
 
 class Prometheus:
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Any) -> None:  # a shoal.lab.lab.Lab (which imports this module)
         self.lab = lab
         self.host = lab.scenario.monitor.host
         self.address = lab.address(self.host)
         self.started = time.time()
 
     async def start(self) -> None:
-        from shoal.lab.lab import LabError
-
         exe = shutil.which("prometheus")
         if exe is None:
             raise LabError("monitor.host is set but Debian's prometheus is not installed (apt-get install prometheus)")
@@ -63,8 +60,6 @@ class Prometheus:
         body = await self.lab.http_get(self.host, self.address, PROMETHEUS_PORT, f"/api/v1/{path}?{query}")
         doc = json.loads(body)
         if doc.get("status") != "success":
-            from shoal.lab.lab import LabError
-
             raise LabError(f"prometheus: {path}: {doc.get('error', doc)}")
         return doc["data"]
 

@@ -188,15 +188,15 @@ def subnet_conflicts(subnet: ipaddress.IPv4Network) -> list[str]:
     return sorted(set(out))
 
 
-def _tbf(ns: NetNS, index: int, rate_mib: float, queue: int, command: str = "add") -> None:
-    if command == "replace":
-        with contextlib.suppress(NetlinkError):  # no qdisc yet: the link was unshaped
-            ns.tc("del", index=index, handle="1:")
+def _tbf(ns: NetNS, index: int, rate_mib: float, queue: int) -> None:
+    """Shape the interface's egress to ``rate_mib`` (0: unshaped), replacing what was there."""
     if rate_mib <= 0:
+        with contextlib.suppress(NetlinkError):  # ENOENT: it was unshaped already
+            ns.tc("del", index=index, root=True)
         return
     rate = int(rate_mib * MIB)
     # burst: at least a whole GSO packet (64 KiB), so tbf never splits one; 2 ms of rate beyond
-    ns.tc("add", "tbf", index, handle="1:", rate=f"{rate * 8}bit", burst=65536 + rate // 500,
+    ns.tc("replace", "tbf", index, root=True, rate=f"{rate * 8}bit", burst=65536 + rate // 500,
           limit=queue * MTU_FRAME)
 
 
@@ -315,10 +315,10 @@ class Network:
         h.link = dataclasses.replace(h.link, **changes)
         if "upload" in changes:
             with NetNS(h.netns) as ns:
-                _tbf(ns, ns.link_lookup(ifname="eth0")[0], h.link.upload, h.link.queue, "replace")
+                _tbf(ns, ns.link_lookup(ifname="eth0")[0], h.link.upload, h.link.queue)
         if "download" in changes:
             with NetNS(self.switch) as sw:
-                _tbf(sw, sw.link_lookup(ifname=h.port)[0], h.link.download, h.link.queue, "replace")
+                _tbf(sw, sw.link_lookup(ifname=h.port)[0], h.link.download, h.link.queue)
         if {"delay", "jitter", "loss"} & changes.keys():
             for r in self.hosts.values():
                 proc = self.delaylines.get(r.host.name)

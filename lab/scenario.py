@@ -156,7 +156,7 @@ class Host:
     index: int  # 0-based, in file order: the host's address and interface names follow it
     daemons: tuple[str, ...]
     link: Link
-    #: the daemon config overrides, ``{daemon: {table: {key: value}}}``, already validated
+    #: the daemon config overrides, ``{daemon: {table: {key: value}}}`` (validated by the render)
     config: dict[str, dict[str, Any]]
 
 
@@ -303,7 +303,13 @@ def _table(doc: dict[str, Any], key: str, source: str, prefix: str = "") -> dict
 
 
 def _overrides(raw: Any, daemons: tuple[str, ...], source: str, key: str) -> dict[str, dict[str, Any]]:
-    """Each ``[host.config.DAEMON]`` table, checked against the daemon's own schema."""
+    """Each ``[host.config.DAEMON]`` table: for a daemon the host runs, and a table.
+
+    Its keys and values are checked when the lab renders the host's configs
+    (:func:`shoal.lab.render.render`, run by ``shoal lab check`` too): only the
+    merged config can be judged, since an override of a listener, say, is valid
+    only with the token the renderer adds.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(source, key, "expected a table")
     out: dict[str, dict[str, Any]] = {}
@@ -312,11 +318,6 @@ def _overrides(raw: Any, daemons: tuple[str, ...], source: str, key: str) -> dic
             raise ConfigError(source, f"{key}.{name}", "the host does not run this daemon")
         if not isinstance(table, dict):
             raise ConfigError(source, f"{key}.{name}", "expected a table")
-        schema = DAEMONS[name].load_schema()
-        try:
-            build_config(table, schema, source=source, prefix=f"{key}.{name}.")
-        except ConfigError as exc:
-            raise ConfigError(source, exc.key, exc.reason) from None
         out[name] = table
     return out
 

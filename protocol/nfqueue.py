@@ -28,9 +28,12 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from shoal.protocol.errors import RemoteProtocolError
+from shoal.protocol.errors import LocalProtocolError, RemoteProtocolError
 
-__all__ = ["Ack", "Decoder", "Packet", "bind", "unbind", "verdict", "verdict_batch", "ACCEPT", "DROP"]
+__all__ = ["Ack", "Decoder", "Packet", "bind", "unbind", "verdict", "verdict_batch", "ACCEPT", "DROP", "REASONS"]
+
+#: The ``reason`` of every RemoteProtocolError the decoder raises.
+REASONS = ("too_long", "truncated", "bad_length", "no_packet_header")
 
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET = 0
@@ -71,7 +74,7 @@ def _attr(kind: int, payload: bytes) -> bytes:
 
 def _message(kind: int, queue: int, attrs: bytes, *, flags: int = NLM_F_REQUEST, seq: int = 0) -> bytes:
     if not 0 <= queue < 65536:
-        raise ValueError(f"queue number {queue} out of range")
+        raise LocalProtocolError(f"queue number {queue} out of range")
     body = _NFGENMSG.pack(0, 0, struct.unpack("=H", struct.pack("!H", queue))[0]) + attrs
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), (NFNL_SUBSYS_QUEUE << 8) | kind, flags, seq, 0) + body
 
@@ -124,18 +127,18 @@ class Decoder:
 
     def feed(self, data: bytes) -> list[Packet | Ack]:
         if len(data) > MAX_MESSAGE:
-            raise RemoteProtocolError(f"netlink datagram of {len(data)} bytes")
+            raise RemoteProtocolError(f"netlink datagram of {len(data)} bytes", reason="too_long")
         events: list[Packet | Ack] = []
         off = 0
         while off < len(data):
             if len(data) - off < _NLMSGHDR.size:
-                raise RemoteProtocolError("truncated netlink header")
+                raise RemoteProtocolError("truncated netlink header", reason="truncated")
             length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, off)
             if length < _NLMSGHDR.size or off + length > len(data):
-                raise RemoteProtocolError(f"netlink message length {length} out of bounds")
+                raise RemoteProtocolError(f"netlink message length {length} out of bounds", reason="bad_length")
             if kind == NLMSG_ERROR:
                 if length < _NLMSGHDR.size + 4:
-                    raise RemoteProtocolError("truncated netlink error")
+                    raise RemoteProtocolError("truncated netlink error", reason="truncated")
                 (error,) = struct.unpack_from("=i", data, off + _NLMSGHDR.size)
                 events.append(Ack(seq, error))
             elif kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
@@ -147,17 +150,17 @@ class Decoder:
     def _packet(data: bytes, off: int, length: int) -> Packet:
         start = off + _NLMSGHDR.size
         if length < _NLMSGHDR.size + _NFGENMSG.size:
-            raise RemoteProtocolError("truncated nfgenmsg")
+            raise RemoteProtocolError("truncated nfgenmsg", reason="truncated")
         queue = struct.unpack_from("!H", data, start + 2)[0]
         a = start + _NFGENMSG.size
         end = off + length
         while a + _NLATTR.size <= end:
             alen, akind = _NLATTR.unpack_from(data, a)
             if alen < _NLATTR.size or a + alen > end:
-                raise RemoteProtocolError(f"netlink attribute length {alen} out of bounds")
+                raise RemoteProtocolError(f"netlink attribute length {alen} out of bounds", reason="bad_length")
             if akind & 0x3FFF == NFQA_PACKET_HDR:
                 if alen < _NLATTR.size + 4:
-                    raise RemoteProtocolError("truncated packet header")
+                    raise RemoteProtocolError("truncated packet header", reason="truncated")
                 return Packet(queue, struct.unpack_from("!I", data, a + _NLATTR.size)[0])
             a += (alen + 3) & ~3
-        raise RemoteProtocolError("queued packet without NFQA_PACKET_HDR")
+        raise RemoteProtocolError("queued packet without NFQA_PACKET_HDR", reason="no_packet_header")
