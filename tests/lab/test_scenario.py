@@ -121,7 +121,15 @@ def test_lab_check_accepts_a_good_scenario(tmp_path: Path):
     assert "ok: 4 hosts, 5 daemons, experiment none, 2 faults" in done.stdout
 
 
-@pytest.mark.parametrize("shipped", sorted(str(p) for p in (Path(__file__).parents[2] / "configs" / "lab").glob("*.toml")))
+SHIPPED = sorted(str(p) for p in (Path(__file__).parents[2] / "configs" / "lab").glob("*.toml"))
+
+
+def test_scenarios_are_shipped():
+    names = {Path(p).stem for p in SHIPPED}
+    assert {"swarm", "dispatch", "checkpoint", "telemetry"} <= names, names
+
+
+@pytest.mark.parametrize("shipped", SHIPPED)
 def test_shipped_scenarios_check(shipped: str):
     done = shoal_lab("check", shipped)
     assert done.returncode == 0, done.stderr
