@@ -249,8 +249,12 @@ def cmd_down(args: argparse.Namespace) -> int:
                 if not _alive(pid):
                     break
                 time.sleep(0.1)
-        removed = teardown(run_id)
-        print(f"run {run_id}: down ({len(removed)} namespaces and directories removed)")
+            removed = teardown(run_id)  # what it could not remove, if anything
+            print(f"run {run_id}: taken down by its lab process {pid}"
+                  + (f"; removed {len(removed)} namespaces and directories it left" if removed else ""))
+        else:
+            removed = teardown(run_id)
+            print(f"run {run_id}: its lab process is gone; removed {len(removed)} namespaces and directories")
     # Namespaces of a run with no record (the record was lost): remove them too.
     orphans = sorted({run_of(n) for n in lab_namespaces()} - set(recs))
     if args.run:

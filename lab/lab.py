@@ -58,6 +58,7 @@ from shoal.lab.scenario import Fault, Scenario
 __all__ = ["Lab", "LabError", "RUNS_DIR", "records", "teardown", "shoal_argv"]
 
 RUNS_DIR = Path("/run/shoal-lab")
+START_LIMIT_BURST, START_LIMIT_INTERVAL = 5, 10.0
 #: Daemons that others connect to at start: they start (and are ready) first.
 FIRST = frozenset({"tracker", "fedserver", "dispatcher", "checkpoint"})
 
@@ -142,7 +143,8 @@ class Lab:
         if conflicts:
             raise LabError(f"{self.scenario.source}: lab.subnet: {self.scenario.subnet} overlaps this machine's "
                            f"routes ({', '.join(conflicts)}); choose another")
-        self.workdir.mkdir(mode=0o700)
+        self.workdir.mkdir(mode=0o711)  # task users pass through to their task directories
+        self.workdir.chmod(0o711)
         RUNS_DIR.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 -- a tmpfs directory, at start
         self._write_record()
         self._start_reaper()
@@ -240,7 +242,11 @@ class Lab:
 
     def _daemon_proc(self, host: str, plan: Any) -> DaemonProc:
         state = self.workdir / "state" / host / plan.daemon
-        state.mkdir(parents=True, mode=0o700)
+        # as systemd makes a StateDirectory: the unit's mode (the worker's task
+        # user must enter its own; 0700 otherwise), its parents passable
+        (self.workdir / "state" / host).mkdir(parents=True, exist_ok=True, mode=0o711)
+        state.mkdir(mode=_state_mode(plan.daemon))
+        state.chmod(_state_mode(plan.daemon))
         env = dict(os.environ)
         env.update({
             "STATE_DIRECTORY": str(state),
@@ -258,17 +264,25 @@ class Lab:
         await sock.bind(str(p.notify))
         assert self._nursery is not None
         self._nursery.start_soon(self._notifications, p, sock)
+        recent: list[float] = []
         while not self._stopping and p.host not in self.down_hosts:
             with open(p.log, "ab") as log:  # noqa: ASYNC230 -- a local log file; opening does not block
                 p.process = await trio.lowlevel.open_process(
                     p.argv, env=p.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                     preexec_fn=labnet.enter_netns(self.net.hosts[p.host].netns), start_new_session=True)
             p.starts += 1
+            started = time.monotonic()
             self._write_record()
             code = await p.process.wait()
             p.exits.append((self.now(), code))
             if self._stopping or p.host in self.down_hosts:
                 return
+            # systemd's default start limit: 5 starts in 10 s, then the unit fails
+            recent.append(started)
+            if len(recent) >= START_LIMIT_BURST and started - recent[-START_LIMIT_BURST] < START_LIMIT_INTERVAL:
+                last = self._last_log_line(f"{p.host}/{p.daemon}")
+                raise LabError(f"{p.host}/{p.daemon} failed {START_LIMIT_BURST} times in "
+                               f"{START_LIMIT_INTERVAL:g}s ({_describe(code)}): {last}")
             self.progress(f"{p.host}/{p.daemon} exited ({_describe(code)}); restarting in "
                           f"{self.scenario.restart_delay:g}s")
             await trio.sleep(self.scenario.restart_delay)
@@ -454,6 +468,13 @@ def measure_rates(network: labnet.Network, interval: float) -> dict[str, tuple[f
     b = network.counters()
     return {h: ((b[h][0] - a[h][0]) / interval / labnet.MIB, (b[h][1] - a[h][1]) / interval / labnet.MIB)
             for h in a if h in b}
+
+
+def _state_mode(daemon: str) -> int:
+    from shoal.daemons.runtime.registry import DAEMONS
+
+    modes = [v for k, v, _ in DAEMONS[daemon].service if k == "StateDirectoryMode" and v]
+    return int(modes[0], 8) if modes else 0o700
 
 
 def _describe(code: int | None) -> str:
