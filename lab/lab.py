@@ -46,6 +46,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -126,7 +127,8 @@ class Lab:
         self.exp_t0: float | None = None
         self.daemons: dict[tuple[str, str], DaemonProc] = {}
         self.down_hosts: set[str] = set()
-        self.applied: list[dict] = []  # the fault log: what was applied when
+        self.applied: list[dict] = []  # the fault log: what was applied (or restored) when
+        self._applied_changed = trio.Event()
         self.shoal = shoal_argv()
         self._nursery: trio.Nursery | None = None
         self._reaper: subprocess.Popen | None = None
@@ -417,7 +419,8 @@ class Lab:
             await trio.to_thread.run_sync(self.net.set_carrier, fault.host, False)
             if fault.duration > 0:
                 assert self._nursery is not None
-                self._nursery.start_soon(self._later, fault.duration, self.net.set_carrier, fault.host, True)
+                self._nursery.start_soon(partial(self._later, fault.duration, self.net.set_carrier, fault.host, True,
+                                                 entry={"kind": "link-up", "host": fault.host}))
         elif fault.kind == "link":
             changes = {k: getattr(fault, k) for k in ("upload", "download", "delay", "jitter", "loss")
                        if getattr(fault, k) >= 0}
@@ -427,22 +430,36 @@ class Lab:
             if fault.duration > 0:
                 restore = {k: getattr(before, k) for k in changes}
                 assert self._nursery is not None
-                self._nursery.start_soon(self._later, fault.duration,
-                                         lambda: self.net.set_link(fault.host, **restore))
+                self._nursery.start_soon(partial(self._later, fault.duration,
+                                                 lambda: self.net.set_link(fault.host, **restore),
+                                                 entry={"kind": "link-restored", "host": fault.host,
+                                                        "changes": restore}))
         elif fault.kind == "inject":
             argv = [*self.shoal, "telemetry", "inject", fault.inject, "--duration", f"{fault.duration:g}"]
             assert self._nursery is not None
             await self.spawn(fault.host, argv, name=f"inject-{fault.inject}")
             entry["inject"] = fault.inject
-        entry["applied"] = round(self.now(), 3)
-        self.applied.append(entry)
+        self._log_fault(entry)
         self.progress(f"fault: {fault.kind} on {fault.host}"
                       + (f" ({fault.daemon})" if fault.daemon else "")
                       + (f" for {fault.duration:g}s" if fault.duration else ""))
 
-    async def _later(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
+    def _log_fault(self, entry: dict[str, Any]) -> None:
+        entry["applied"] = round(self.now(), 3)
+        self.applied.append(entry)
+        self._applied_changed.set()
+        self._applied_changed = trio.Event()
+
+    async def wait_faults(self, count: int) -> list[dict]:
+        """Wait until ``count`` entries (faults applied, links restored) are in the fault log."""
+        while len(self.applied) < count:
+            await self._applied_changed.wait()
+        return self.applied
+
+    async def _later(self, delay: float, fn: Callable[..., Any], *args: Any, entry: dict[str, Any]) -> None:
         await trio.sleep(delay)
         await trio.to_thread.run_sync(fn, *args)
+        self._log_fault(entry)
 
     async def _schedule(self) -> None:
         assert self.exp_t0 is not None
