@@ -110,6 +110,7 @@ class DaemonProc:
     status: str = ""
     starts: int = 0
     exits: list[tuple[float, int | None]] = field(default_factory=list)  # (lab time, returncode)
+    launched: list[float] = field(default_factory=list)  # wall-clock time of each start
 
     @property
     def pid(self) -> int | None:
@@ -273,6 +274,7 @@ class Lab:
                     p.argv, env=p.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                     preexec_fn=labnet.enter_netns(self.net.hosts[p.host].netns), start_new_session=True)
             p.starts += 1
+            p.launched.append(time.time())
             started = time.monotonic()
             self._write_record()
             code = await p.process.wait()
