@@ -307,8 +307,10 @@ class Lab:
             await trio.sleep(0.5)
             dead = self.net.failed_delaylines()
             if dead:
-                raise LabError(f"the delay line of {', '.join(dead)} died: its link no longer behaves as "
-                               f"configured (see {self.workdir}/delayline-{dead[0]}.log)")
+                log = (self.workdir / f"delayline-{dead[0]}.log").read_text(errors="replace").strip().splitlines()
+                raise LabError(f"the delay line of {', '.join(dead)} died (exit "
+                               f"{self.net.delaylines[dead[0]].returncode}): its link no longer behaves as "
+                               f"configured: {log[-1] if log else '(no output)'}")
 
     # -- time and output -------------------------------------------------------------------
     def now(self) -> float:

@@ -188,6 +188,13 @@ def subnet_conflicts(subnet: ipaddress.IPv4Network) -> list[str]:
     return sorted(set(out))
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """The delay line may re-read its config at any moment: it must never see half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
 def _tbf(ns: NetNS, index: int, rate_mib: float, queue: int) -> None:
     """Shape the interface's egress to ``rate_mib`` (0: unshaped), replacing what was there."""
     if rate_mib <= 0:
@@ -277,7 +284,7 @@ class Network:
             if not self._needs_line(h):
                 continue
             path = self.workdir / f"delayline-{h.host.name}.json"
-            path.write_text(json.dumps(self._delay_config(h)))
+            _write_atomic(path, json.dumps(self._delay_config(h)))
             with open(self.workdir / f"delayline-{h.host.name}.log", "ab") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "shoal.lab.delayline", str(path)],
                                         stdout=subprocess.PIPE, stderr=log,
@@ -327,7 +334,7 @@ class Network:
                         raise RuntimeError(f"{r.host.name} had no delay on its links at start; give its link a "
                                            "delay above 0 in the scenario to change it during the run")
                     continue
-                (self.workdir / f"delayline-{r.host.name}.json").write_text(json.dumps(self._delay_config(r)))
+                _write_atomic(self.workdir / f"delayline-{r.host.name}.json", json.dumps(self._delay_config(r)))
                 proc.send_signal(signal.SIGHUP)
         return h.link
 
