@@ -29,8 +29,8 @@ from typing import Any
 import trio
 
 from shoal.ckpt.apps import load
-from shoal.ckpt.rank import Rank
-from shoal.daemons.runtime.config import ListenAddr, parse_config
+from shoal.ckpt.rank import ANY_LOOPBACK_PORT, Rank
+from shoal.daemons.runtime.config import ListenAddr, parse_config, read_token
 from shoal.daemons.runtime.daemon import DaemonContext, serve
 from shoal.daemons.runtime.registry import DAEMONS
 from shoal.daemons.runtime.rpc import connect_tcp
@@ -83,6 +83,24 @@ async def serve_role(nursery: trio.Nursery, role: str, tmp: Path, *, backup: Lis
     return ctx, scope
 
 
+def rank_argv(app: str, rank: int, n: int, coordinator: ListenAddr, *, group: str, mode: str, interval: float,
+              size: int, block_size: int, shards: int, out: Path, token_file: Path | None = None,
+              listen: ListenAddr | None = None) -> list[str]:
+    """The command line of one rank process (``python -m shoal.ckpt.launcher rank ...``).
+
+    It writes its part of the result to ``out`` and its statistics to ``out`` with a ``.json`` suffix.
+    """
+    argv = [sys.executable, "-m", "shoal.ckpt.launcher", "rank", "--app", app,
+            "--rank", str(rank), "--n", str(n), "--coordinator", str(coordinator), "--group", group,
+            "--mode", mode, "--interval", str(interval), "--size", str(size),
+            "--block-size", str(block_size), "--shards", str(shards), "--out", str(out)]
+    if token_file is not None:
+        argv += ["--token-file", str(token_file)]
+    if listen is not None:
+        argv += ["--listen", str(listen)]
+    return argv
+
+
 async def run_app(app: str, ranks: int, *, size: int, kills: Sequence[tuple[int, float]] = (), mode: str = "enhanced",
                   interval: float = 0.2, block_size: int = 65536, shards: int = 1, out=sys.stdout,
                   timeout: float = 120.0, group: str = "demo") -> Outcome:
@@ -101,11 +119,8 @@ async def run_app(app: str, ranks: int, *, size: int, kills: Sequence[tuple[int,
                   f"backup rpc={bctx.addresses['rpc']}", file=out)
 
             def argv(i: int) -> list[str]:
-                return [sys.executable, "-m", "shoal.ckpt.launcher", "rank", "--app", app,
-                        "--rank", str(i), "--n", str(ranks), "--coordinator", str(coord), "--group", group,
-                        "--mode", mode, "--interval", str(interval), "--size", str(size),
-                        "--block-size", str(block_size), "--shards", str(shards),
-                        "--out", str(tmp / f"rank{i}")]
+                return rank_argv(app, i, ranks, coord, group=group, mode=mode, interval=interval, size=size,
+                                 block_size=block_size, shards=shards, out=tmp / f"rank{i}")
 
             procs: dict[int, trio.Process] = {}
             exits: dict[int, int] = {}
@@ -200,7 +215,8 @@ def describe(outcome: Outcome, out=sys.stdout) -> None:
 async def _rank(args: argparse.Namespace) -> int:
     module = load(args.app)
     rank = Rank(ListenAddr.parse(args.coordinator), args.group, args.rank, args.n, mode=args.mode,
-                interval=args.interval, block_size=args.block_size, parity_shards=args.shards)
+                interval=args.interval, block_size=args.block_size, parity_shards=args.shards,
+                token=read_token(args.token_file, "--token-file"), listen=ListenAddr.parse(args.listen))
     module.setup(rank, args.size)
     result = await rank.run(module.main)
     out = Path(args.out)
@@ -223,6 +239,10 @@ def rank_main(argv: list[str]) -> int:
     p.add_argument("--block-size", type=int, default=65536)
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--out", required=True)
+    # Off loopback (ranks on other hosts, as in the lab): the group's shared token, and the
+    # address this rank's own server listens on (its peers deliver their messages there).
+    p.add_argument("--token-file", default=None, help="the group's RPC token (needed off loopback)")
+    p.add_argument("--listen", default=str(ANY_LOOPBACK_PORT), help="this rank's server, HOST:PORT (0: any port)")
     args = p.parse_args(argv)
     from shoal.daemons.runtime.logs import setup_logging
 
