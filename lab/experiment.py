@@ -104,8 +104,9 @@ async def run_scenario(scenario: Scenario, out: Path, *, echo: TextIO = sys.stdo
                            f"{scenario.experiment.timeout:g}s (experiment.timeout)")
         for (host, daemon), p in lab.daemons.items():
             unexpected = [code for _, code in p.exits]
-            if unexpected and not any(f.kind in ("kill", "host-down") and f.host == host
-                                      for f in scenario.faults) and host not in lab.down_hosts:
+            # lab.applied: the schedule's faults and those the experiment applied itself
+            if unexpected and not any(f["kind"] in ("kill", "host-down") and f["host"] == host
+                                      for f in lab.applied) and host not in lab.down_hosts:
                 result.check(f"{host}/{daemon} kept running", False,
                              f"exited {len(unexpected)} times with no fault scheduled (codes {unexpected})")
         prom: dict[str, Any] = {}

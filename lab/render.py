@@ -400,7 +400,7 @@ class _Renderer:
             t["federation"] = {"enabled": True, "superlink": str(fed.superlink.listen),
                                "root_certificates": f"{root}/{CA_FILE}", "auth_private_key": f"{root}/{NODE_KEY}",
                                "fedserver": str(fed.rpc.listen), "token_file": f"{root}/{TOKENS['fedserver']}"}
-        return _merge(t, host.config.get(daemon, {}))
+        return _merge(_merge(t, swarm_hook(host, daemon, root)), host.config.get(daemon, {}))
 
     def render_one(self, host: Host, daemon: str) -> DaemonPlan:
         spec = DAEMONS[daemon]
@@ -409,6 +409,7 @@ class _Renderer:
                   f"`shoal lab render` from {self.s.source}.\nEvery key is documented in configs/{spec.config_file}.")
         target = self.tables(host, daemon, self.target_root(host))
         _write(path, toml_dumps(target, header))
+        _make_socket_dir(self.out, target)
         local_root = str(self.local_dir(host).resolve())
         try:
             if local_root == self.target_root(host):
@@ -430,6 +431,44 @@ class _Renderer:
         for d in host.daemons:
             _write(folder / DAEMONS[d].unit, units[DAEMONS[d].unit])
         _write(folder / TARGET, units[TARGET])
+
+
+# --- swarm inputs: a worker fetches `swarm:` task inputs through its host's peer --------
+
+#: The peer's control socket on a host that also runs a worker, under the host's file
+#: system root: where the peer puts it by default under systemd (its StateDirectory=).
+PEER_CONTROL_SOCKET = "var/lib/shoal-peer/control.sock"
+ETC_SHOAL = "/etc/shoal"  # a config root ending so is <the host's file system root>/etc/shoal
+
+
+def swarm_hook(host: Host, daemon: str, root: str) -> dict[str, Any]:
+    """On a host running both a peer and a worker, point the worker's swarm hook at that peer.
+
+    Both get the one control socket path: the peer's own ``control_socket``
+    override if the scenario sets one, else :data:`PEER_CONTROL_SOCKET` under
+    the host's root (``/`` on a real machine, where it is the peer's default;
+    the bundle's ``hosts/<host>/`` for the emulated lab, whose peers would
+    otherwise each put theirs in a state directory the render does not know).
+    Other hosts get nothing (``swarm:`` inputs then fail with a one-line reason).
+    """
+    if not {"peer", "worker"} <= set(host.daemons):
+        return {}
+    socket = host.config.get("peer", {}).get("peer", {}).get("control_socket", "")
+    if not socket:
+        base = root[: -len(ETC_SHOAL)] if root.endswith(ETC_SHOAL) else ""
+        socket = f"{base}/{PEER_CONTROL_SOCKET}"
+    if daemon == "peer":
+        return {"peer": {"control_socket": socket}}
+    if daemon == "worker":
+        return {"worker": {"peer_socket": socket}}
+    return {}
+
+
+def _make_socket_dir(out: Path, tables: Mapping[str, Any]) -> None:
+    """The directory of a peer's control socket, when it lies in the bundle (the emulated lab's case)."""
+    socket = tables.get("peer", {}).get("control_socket", "")
+    if socket and Path(socket).is_relative_to(out):
+        Path(socket).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 def _metrics(config: Any) -> str:
