@@ -69,6 +69,9 @@ from shoal.lab.scenario import Fault
 __all__ = ["Params", "run"]
 
 POLL = 0.05  # s between looks at the coordinator's status (a condition polled under a deadline)
+#: Runs with a failure per mode and rate: when the group finished before the failure's moment (it ran
+#: faster than the failure-free run, as on a loaded machine), the run is made again with the moment halved.
+ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,7 @@ class Run:
     fail_at: float = float("nan")  # s after checkpoint 0
     phase_at_failure: str = ""
     error: str = ""  # why the run did not finish
+    attempt: int = 1  # a failure run made again (ATTEMPTS)
 
 
 class Experiment:
@@ -139,6 +143,7 @@ class Experiment:
         self.workers = workers
         self.base = lab.workdir / "checkpoint"
         self.base.mkdir()
+        self.history: list[Run] = []  # every run, in order (a failure run made again included)
 
     async def status(self, client: RpcClient, group: str) -> dict[str, Any] | None:
         reply = await client.call("status")
@@ -157,10 +162,10 @@ class Experiment:
         self.lab.progress(f"worker hosts' links: {rate:g} MiB/s up and down" if rate else
                           "worker hosts' links: unshaped")
 
-    async def one(self, mode: str, rate: float, *, fail_after: float | None) -> Run:
+    async def one(self, mode: str, rate: float, *, fail_after: float | None, attempt: int = 1) -> Run:
         p, lab = self.p, self.lab
-        run = Run(f"{p.app}-{mode}-{rate:g}-{'fail' if fail_after is not None else 'ref'}", mode, rate,
-                  list(self.ranks))
+        kind = "ref" if fail_after is None else "fail" if attempt == 1 else f"fail{attempt}"
+        run = Run(f"{p.app}-{mode}-{rate:g}-{kind}", mode, rate, list(self.ranks), attempt=attempt)
         out = self.base / run.group
         out.mkdir()
         procs: dict[int, trio.Process] = {}
@@ -208,6 +213,7 @@ class Experiment:
             stats = path.with_suffix(".json")
             if stats.exists():
                 run.stats[i] = json.loads(stats.read_text())
+        self.history.append(run)
         lab.progress(f"{run.group}: " + (run.error or f"finished in {run.seconds:.2f}s after checkpoint 0, "
                                                       f"epoch {run.status.get('epoch')}"))
         if run.error and lab.out is not None:
@@ -243,7 +249,8 @@ def _ms(x: Any) -> float:
     return round(float(x) * 1e3, 2) if isinstance(x, (int, float)) else float("nan")
 
 
-def _report(params: Params, reference: list[bytes], runs: list[tuple[Run, Run]], result: Result) -> None:
+def _report(params: Params, reference: list[bytes], runs: list[tuple[Run, Run]], history: list[Run],
+            result: Result) -> None:
     for ref, failed in runs:
         what = f"{ref.mode} at {ref.rate:g} MiB/s"
         same_ref = not ref.error and ref.results == reference
@@ -279,9 +286,9 @@ def _report(params: Params, reference: list[bytes], runs: list[tuple[Run, Run]],
         return {"group": r.group, "mode": r.mode, "rate": r.rate, "hosts": r.hosts, "seconds": r.seconds,
                 "status": r.status, "exits": r.exits, "stats": r.stats, "failed_host": r.failed_host,
                 "replacement": r.replacement, "fail_at": r.fail_at, "phase_at_failure": r.phase_at_failure,
-                "error": r.error}
+                "error": r.error, "attempt": r.attempt}
 
-    result.data["runs"] = [record(r) for pair in runs for r in pair]
+    result.data["runs"] = [record(r) for r in history]
 
 
 def _plot(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -321,11 +328,15 @@ async def run(lab: Lab, params: Params) -> Result:
         await exp.set_rate(rate)
         for mode in params.modes:
             ref = await exp.one(mode, rate, fail_after=None)
-            window = exp.rng.uniform(params.fail_from, params.fail_to)
-            failed = await exp.one(mode, rate, fail_after=window * ref.seconds if not ref.error else 0.0)
+            moment = exp.rng.uniform(params.fail_from, params.fail_to) * (0.0 if ref.error else ref.seconds)
+            for attempt in range(1, ATTEMPTS + 1):
+                failed = await exp.one(mode, rate, fail_after=moment, attempt=attempt)
+                if failed.failed_host or failed.error:
+                    break
+                moment /= 2  # the group ran faster than the failure-free run did (a loaded machine)
             runs.append((ref, failed))
     result = Result()
-    _report(params, reference, runs, result)
+    _report(params, reference, runs, exp.history, result)
     if lab.out is not None and result.rows:
         result.plots.append(_plot(lab.out / "checkpoint.png", result.rows))
     result.series = {
