@@ -55,6 +55,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import signal
 import statistics
@@ -184,6 +185,7 @@ class Swarm:
         self.base_url = f"http://{lab.address(self.seed)}:{HTTP_PORT}"
         self.rounds = 0
         self.procs: list[trio.Process] = []
+        self.server: trio.Process | None = None
 
     # -- helpers ---------------------------------------------------------------------------
     def socket(self, host: str) -> Path:
@@ -235,7 +237,7 @@ class Swarm:
 
     async def start_server(self) -> None:
         listen = f"{self.lab.address(self.seed)}:{HTTP_PORT}"
-        _, lines = await self.agent(self.seed, ["serve", str(self.www), listen], "fileserver")
+        self.server, lines = await self.agent(self.seed, ["serve", str(self.www), listen], "fileserver")
         with trio.fail_after(SETUP_TIMEOUT):
             await lines.next()
 
@@ -298,11 +300,23 @@ class Swarm:
             if got != want:
                 d.errors[h] = f"sha256 {got[:12]} is not the original's {want[:12]}"
 
-    async def timed(self, d: Distribution, start: Callable[[trio.Nursery, float], None]) -> None:
-        """Run ``start(nursery, t0)``'s tasks with the distribution's deadline; who did not finish is an error."""
+    async def timed(self, d: Distribution, start: Callable[[trio.Nursery, float], None], pids: list[int]) -> None:
+        """Run ``start(nursery, t0)``'s tasks with the distribution's deadline; who did not finish is an error.
+
+        ``pids`` are the client's processes (seed's included): their CPU time over the distribution is recorded.
+        """
+        before = await trio.to_thread.run_sync(self.lab.net.counters)
+        cpu0 = _cpu_seconds(pids)
         with trio.move_on_after(self.p.timeout) as scope:
             async with trio.open_nursery() as nursery:
                 start(nursery, time.monotonic())
+        after = await trio.to_thread.run_sync(self.lab.net.counters)
+        d.info["cpu_s"] = _cpu_seconds(pids) - cpu0
+        if d.times:
+            # How busy each host's uplink was over the distribution: where the time went.
+            s, span = self.lab.scenario, max(d.times.values())
+            d.info["uplink_busy"] = {h: (after[h][0] - before[h][0]) / span / (s.host(h).link.upload * MIB)
+                                     for h in [self.seed, *self.leeches[:d.n]] if s.host(h).link.upload > 0}
         if scope.cancelled_caught:
             for h in self.leeches[:d.n]:
                 if h not in d.times:
@@ -327,7 +341,8 @@ class Swarm:
                 nursery.start_soon(leech, h, t0)
 
         try:
-            await self.timed(d, start)
+            pids = [pid for h in [self.seed, *hosts] if (pid := self.lab.daemons[(h, "peer")].pid) is not None]
+            await self.timed(d, start, pids)
             up = {}
             for h in [self.seed, *hosts]:
                 async with await self.rpc(h) as c:
@@ -357,7 +372,7 @@ class Swarm:
                                                      self.lab.address(h), "--timeout", str(self.p.timeout)], "lt")
                 for _, lines in agents.values():
                     await lines.next()  # ready: waiting for the go
-            await self.go(d, agents)
+            await self.go(d, agents, [seed])
         finally:
             for proc, _ in [*agents.values(), (seed, seed_lines)]:
                 await self.stop(proc)
@@ -373,13 +388,14 @@ class Swarm:
                     agents[h] = await self.agent(h, ["http", url, str(dest), "--timeout", str(self.p.timeout)], "http")
                 for _, lines in agents.values():
                     await lines.next()
-            await self.go(d, agents)
+            await self.go(d, agents, [self.server])
         finally:
             for proc, _ in agents.values():
                 await self.stop(proc)
         await self.check_copies(d, shared, lambda h: self.dest(h, shared) / shared.path.name)
 
-    async def go(self, d: Distribution, agents: dict[str, tuple[trio.Process, Lines]]) -> None:
+    async def go(self, d: Distribution, agents: dict[str, tuple[trio.Process, Lines]],
+                 others: Sequence[trio.Process | None] = ()) -> None:
         """Signal every agent at once; each says when its copy is complete (on its own clock, the same one)."""
         async def one(h: str, lines: Lines, t0: float) -> None:
             try:
@@ -394,7 +410,8 @@ class Swarm:
                 proc.send_signal(signal.SIGUSR1)
                 nursery.start_soon(one, h, lines, t0)
 
-        await self.timed(d, start)
+        procs = [*others, *(proc for proc, _ in agents.values())]
+        await self.timed(d, start, [p.pid for p in procs if p is not None])
 
     # -- streaming -------------------------------------------------------------------------
     async def streaming(self, result: Result) -> dict:
@@ -486,6 +503,20 @@ def _sha256(path: Path) -> str:
     except FileNotFoundError:
         return "missing"
     return h.hexdigest()
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (those gone count 0)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat(5))
+    return total / tick
 
 
 def _read(path: Path, n: int) -> bytes:
