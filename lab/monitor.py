@@ -69,7 +69,9 @@ class Prometheus:
         return {f"{r['metric']['job']}/{r['metric'].get('host', r['metric']['instance'])}": r["value"][1] == "1"
                 for r in data["result"]}
 
-    async def range(self, expr: str, *, step: float = 1.0) -> list[dict]:
+    async def range(self, expr: str, *, step: float | None = None) -> list[dict]:
+        """``expr`` over the run, one point per scrape (the scrape interval is the default step)."""
+        step = step or self.lab.scenario.monitor.scrape_interval
         end = time.time()
         data = await self.api("query_range", query=expr, start=f"{self.started:.3f}", end=f"{end:.3f}",
                               step=f"{step:g}")
