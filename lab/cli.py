@@ -39,7 +39,7 @@ def add_arguments(lab: argparse.ArgumentParser) -> None:
     s.add_argument("--run", help="one run id (default: every run)")
     s.set_defaults(func=cmd_status)
 
-    e = sub.add_parser("exec", help="run a command inside a lab host: shoal lab exec HOST -- CMD ...")
+    e = sub.add_parser("exec", help="run a command inside a lab host: shoal lab exec [--run ID] HOST -- CMD ...")
     e.add_argument("host")
     e.add_argument("cmd", nargs=argparse.REMAINDER)
     e.add_argument("--run", help="the run id (needed when several labs run)")

@@ -148,3 +148,31 @@ def _cmdline(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
     except OSError:
         return []
+
+
+def test_status_and_exec_see_the_running_lab(tmp_path: Path):
+    before = root_interfaces()
+    proc, run_id, pids = start_up(tmp_path)
+    try:
+        lab = [sys.executable, "-m", "shoal.cli.main", "lab"]
+        status = subprocess.run([*lab, "status", "--run", run_id], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        out = status.stdout
+        assert f"run {run_id}: " in out and "running" in out
+        assert "198.18.0.1" in out and "198.18.0.2" in out
+        assert "up 4 down 4 MiB/s, delay 1+-0 ms, loss 0%" in out
+        assert "daemons: tracker, dispatcher" in out and "daemons: peer, worker" in out and "(down)" not in out
+        # a command inside host b: its interfaces are b's (eth0 with b's address), not this machine's
+        shown = subprocess.run([*lab, "exec", "--run", run_id, "b", "--", sys.executable, "-c",
+                                "import socket, fcntl, struct; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
+                                "print(socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915,"
+                                " struct.pack('256s', b'eth0'))[20:24]))"],
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.strip() == "198.18.0.2"
+        missing = subprocess.run([*lab, "exec", "nohost", "--", "true"], capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 2 and "no running lab has a host 'nohost'" in missing.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    assert_nothing_left(run_id, pids, before)
