@@ -53,6 +53,7 @@ from typing import Any, TextIO
 import trio
 
 from shoal.lab import net as labnet
+from shoal.lab.cgroups import HostCgroups, remove_cgroups
 from shoal.lab.errors import LabError
 from shoal.lab.scenario import Fault, Scenario
 
@@ -87,9 +88,11 @@ def teardown(run_id: str) -> list[str]:
     removed = labnet.remove(run_id)
     rec = RUNS_DIR / f"{run_id}.json"
     try:
-        workdir = json.loads(rec.read_text()).get("workdir", "")
+        record = json.loads(rec.read_text())
     except (OSError, ValueError):
-        workdir = ""
+        record = {}
+    workdir = record.get("workdir", "")
+    removed += remove_cgroups([t for t in record.get("cgroups", []) if Path(t).name == f"shoal-lab-{run_id}"])
     if workdir and Path(workdir).name.startswith(f"shoal-lab-{run_id}"):
         shutil.rmtree(workdir, ignore_errors=True)
         removed.append(workdir)
@@ -135,6 +138,7 @@ class Lab:
         self._reaper: subprocess.Popen | None = None
         self._stopping = False
         self.net = labnet.Network(self.run_id, scenario, self.workdir)
+        self.cgroups = HostCgroups(self.run_id, [h.name for h in scenario.hosts])
         self.bundle: Any = None
         self.prometheus: Any = None
 
@@ -151,6 +155,7 @@ class Lab:
         RUNS_DIR.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 -- a tmpfs directory, at start
         self._write_record()
         self._start_reaper()
+        self.cgroups.create()
         self._cm = trio.open_nursery()
         self._nursery = await self._cm.__aenter__()
         try:
@@ -185,6 +190,7 @@ class Lab:
                                "netns": f"shoal-{self.run_id}.{h.name}"} for h in self.scenario.hosts},
             "pids": {f"{h}/{d}": p.pid for (h, d), p in self.daemons.items()},
             "down": sorted(self.down_hosts),
+            "cgroups": [str(t) for t in self.cgroups.tops],
             "links": {name: {**dataclasses.asdict(h.link), "port": h.port}
                       for name, h in self.net.hosts.items()},
         }
@@ -272,7 +278,7 @@ class Lab:
             with open(p.log, "ab") as log:  # noqa: ASYNC230 -- a local log file; opening does not block
                 p.process = await trio.lowlevel.open_process(
                     p.argv, env=p.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    preexec_fn=labnet.enter_netns(self.net.hosts[p.host].netns), start_new_session=True)
+                    preexec_fn=self._enter(p.host), start_new_session=True)
             p.starts += 1
             p.launched.append(time.time())
             started = time.monotonic()
@@ -312,6 +318,16 @@ class Lab:
                                f"{self.net.delaylines[dead[0]].returncode}): its link no longer behaves as "
                                f"configured: {log[-1] if log else '(no output)'}")
 
+    def _enter(self, host: str) -> Callable[[], None]:
+        """The ``preexec_fn`` of every process the lab starts on ``host``: its namespace and cgroups."""
+        netns = labnet.enter_netns(self.net.hosts[host].netns)
+
+        def enter() -> None:
+            netns()
+            self.cgroups.enter(host)
+
+        return enter
+
     # -- time and output -------------------------------------------------------------------
     def now(self) -> float:
         """Seconds since the experiment started (or since the lab started, before it)."""
@@ -338,7 +354,7 @@ class Lab:
         with trio.fail_after(timeout):
             done = await trio.run_process(argv, stdin=input, capture_stdout=True, capture_stderr=True, check=False,
                                           env=self.host_env(host, env),
-                                          preexec_fn=labnet.enter_netns(self.net.hosts[host].netns),
+                                          preexec_fn=self._enter(host),
                                           start_new_session=True)
         if check and done.returncode != 0:
             err = done.stderr.decode(errors="replace").strip().splitlines()
@@ -356,7 +372,7 @@ class Lab:
             return await trio.lowlevel.open_process(
                 argv, env=self.host_env(host, env), stdin=subprocess.DEVNULL,
                 stdout=f if stdout is None else stdout, stderr=f,
-                preexec_fn=labnet.enter_netns(self.net.hosts[host].netns), start_new_session=True)
+                preexec_fn=self._enter(host), start_new_session=True)
 
     async def connect(self, host: str, address: str, port: int) -> trio.SocketStream:
         """A TCP connection made from inside ``host`` (the root namespace has no route into the lab)."""

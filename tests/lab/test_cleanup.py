@@ -20,6 +20,7 @@ import trio
 from pyroute2 import IPRoute
 
 from shoal.lab import net as labnet
+from shoal.lab.cgroups import HostCgroups
 from shoal.lab.lab import RUNS_DIR, Lab
 from shoal.lab.scenario import parse_scenario
 
@@ -64,6 +65,7 @@ def assert_nothing_left(run_id: str, pids: list[int], interfaces_before: set[str
     assert not Path(f"/tmp/shoal-lab-{run_id}").exists()
     assert [p for p in pids if alive(p)] == []
     assert root_interfaces() == interfaces_before  # no veth, bridge or qdisc'd port left here
+    assert [t for t in HostCgroups(run_id, []).tops if t.exists()] == []
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -82,6 +84,7 @@ async def test_a_normal_end_leaves_nothing():
             pids = lab_pids(run_id)
             assert len(pids) >= 6  # four daemons and two delay lines
             assert all(p.pid for p in lab.daemons.values())
+            assert all(t.is_dir() for t in lab.cgroups.tops)
     assert_nothing_left(run_id, pids, before)
 
 

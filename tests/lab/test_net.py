@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 import statistics
+import sys
 import time
 
 import pytest
@@ -153,4 +154,30 @@ async def test_link_changes_and_link_down_take_effect():
             await trio.to_thread.run_sync(lab.net.set_carrier, "b", True)
             rtt = await connect_rtt(lab, "a", "b")
             assert abs(rtt - 30.0) < 2.0, rtt
+    assert_nothing_left(run_id)
+
+
+async def test_each_host_is_a_cgroup_of_its_own():
+    """A host's CPU time is its cgroup's: what runs on a is not charged to b."""
+    with trio.fail_after(60):
+        async with Lab(scenario(), echo=None) as lab:
+            run_id = lab.run_id
+
+            def usage(host: str) -> float:
+                """CPU seconds: cpuacct.usage (v1, ns) or cpu.stat's usage_usec (v2)."""
+                for d in lab.cgroups.dirs(host):
+                    if (d / "cpuacct.usage").exists():
+                        return int((d / "cpuacct.usage").read_text()) / 1e9
+                    if (d / "cpu.stat").exists():
+                        return int((d / "cpu.stat").read_text().split()[1]) / 1e6
+                raise AssertionError(f"no CPU accounting for {host}: {lab.cgroups.dirs(host)}")
+
+            a0, b0 = usage("a"), usage("b")
+            burn = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.5: pass')"
+            done = await lab.exec("a", [sys.executable, "-c", burn])
+            assert done.returncode == 0
+            spent_a, spent_b = usage("a") - a0, usage("b") - b0
+            assert spent_a >= 0.5 and spent_b < 0.05, (spent_a, spent_b)
+            with open("/proc/self/cgroup") as f:  # noqa: ASYNC230 - procfs; reading does not block
+                assert f"shoal-lab-{run_id}" not in f.read()  # the lab itself stays where it was
     assert_nothing_left(run_id)
