@@ -28,7 +28,9 @@ and partial message logging), two runs of the app, each its own group:
    (a closed connection or the heartbeat timeout), receives the lost image
    decoded from the survivors' checkpoints and the parity, and the survivors
    roll back. R is the coordinator's: failure detected to every rank running
-   again.
+   again. If the group finished before that moment (it ran faster than the
+   failure-free run did, as on a loaded machine), the run is made again with
+   the moment halved, up to :data:`ATTEMPTS` runs; every run stays on record.
 
 A failed host never comes back in this lab: host-down killed every process in
 its namespace (the lab's delay line too, when the links have a delay) and its
@@ -46,6 +48,7 @@ byte-identical to the failure-free run's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -114,6 +117,7 @@ class Run:
     stats: dict[int, dict[str, Any]] = field(default_factory=dict)  # rank -> its own statistics
     failed_host: str = ""
     replacement: str = ""
+    victim: int = -1  # the failed host's rank
     fail_at: float = float("nan")  # s after checkpoint 0
     phase_at_failure: str = ""
     error: str = ""  # why the run did not finish
@@ -236,7 +240,7 @@ class Experiment:
                               f"({fail_after:.2f}s); nothing to fail")
             return
         host, spare = self.ranks[victim], self.spares.pop(0)
-        run.failed_host, run.fail_at = host, time.monotonic() - t0
+        run.failed_host, run.victim, run.fail_at = host, victim, time.monotonic() - t0
         await self.lab.apply(Fault(at=round(self.lab.now(), 3), kind="host-down", host=host))
         self.ranks[victim] = spare  # the failed host never comes back in this lab
         run.replacement = spare
@@ -266,10 +270,12 @@ def _report(params: Params, reference: list[bytes], runs: list[tuple[Run, Run]],
                                       if failed.failed_host else
                                       f"no failure: the group was {failed.phase_at_failure or 'not running'} "
                                       "at the failure moment"))
-        once = all(codes[-1] == 0 and all(c == -9 for c in codes[:-1]) and len(codes) <= 2
-                   for codes in failed.exits.values()) and len(failed.exits) == params.ranks
+        # The killed process's own code is not judged: the lab's host-down may reap it before
+        # trio does, and trio then reports 0 for it. It was killed: it never wrote a result.
+        once = len(failed.exits) == params.ranks and all(
+            codes[-1] == 0 and len(codes) == (2 if i == failed.victim else 1) for i, codes in failed.exits.items())
         result.check(f"{what}: every rank ended with one process that exited 0", once,
-                     f"exit codes per rank {dict(sorted(failed.exits.items()))}")
+                     f"exit codes per rank {dict(sorted(failed.exits.items()))} (rank {failed.victim} failed)")
         identical = failed.results == ref.results and all(r is not None for r in failed.results)
         result.check(f"{what}: the result after the failure is byte-identical to the failure-free run", identical,
                      f"{sum(a == b and a is not None for a, b in zip(failed.results, ref.results, strict=True))}/"
@@ -282,13 +288,7 @@ def _report(params: Params, reference: list[bytes], runs: list[tuple[Run, Run]],
             "failed": failed.failed_host or "-", "identical": identical,
         })
 
-    def record(r: Run) -> dict[str, Any]:
-        return {"group": r.group, "mode": r.mode, "rate": r.rate, "hosts": r.hosts, "seconds": r.seconds,
-                "status": r.status, "exits": r.exits, "stats": r.stats, "failed_host": r.failed_host,
-                "replacement": r.replacement, "fail_at": r.fail_at, "phase_at_failure": r.phase_at_failure,
-                "error": r.error, "attempt": r.attempt}
-
-    result.data["runs"] = [record(r) for r in history]
+    result.data["runs"] = [{k: v for k, v in dataclasses.asdict(r).items() if k != "results"} for r in history]
 
 
 def _plot(path: Path, rows: list[dict[str, Any]]) -> Path:
