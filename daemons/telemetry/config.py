@@ -25,12 +25,18 @@ class CollectorSection:
     # Scrape an existing node_exporter too ("" disables), e.g. "http://127.0.0.1:9100/metrics".
     node_exporter_url: str = setting("")
     node_exporter_prefixes: tuple[str, ...] = setting(("node_",))
+    # Also read one cgroup's CPU, memory and IO: "self" (the cgroup this daemon runs in: a
+    # container's or an emulated lab host's workload), an absolute cgroup path, or "" (off).
+    cgroup: str = setting("")
 
     def __post_init__(self) -> None:
         if not self.root.startswith("/"):
             raise ValueError("root: must be an absolute path")
         if self.window < 2 * self.interval:
             raise ValueError("window: must hold at least two samples (window >= 2 * interval)")
+        if self.cgroup not in ("", "self") and (not self.cgroup.startswith("/") or ".." in self.cgroup.split("/")
+                                                or "\0" in self.cgroup):
+            raise ValueError('cgroup: must be "", "self" or an absolute cgroup path such as "/system.slice"')
         if self.node_exporter_url and not self.node_exporter_url.startswith(("http://", "https://")):
             raise ValueError("node_exporter_url: must be an http:// or https:// URL")
 

@@ -86,7 +86,7 @@ class TelemetryApp:
         c = cfg.collector
         self.collector = Collector(
             default_sources(Path(c.root), gpu=c.gpu, node_exporter_url=c.node_exporter_url,
-                            node_exporter_prefixes=c.node_exporter_prefixes),
+                            node_exporter_prefixes=c.node_exporter_prefixes, cgroup=c.cgroup),
             on_error=lambda name: self.metrics.source_errors.labels(name).inc(),
         )
         self.metrics.sources_absent.set(len(self.collector.absent))

@@ -27,7 +27,8 @@ Sources: ``cpu`` (/proc/stat), ``cpufreq``, ``load`` (/proc/loadavg),
 ``memory`` (/proc/meminfo), ``disk`` (/proc/diskstats), ``net``
 (/proc/net/dev), ``hwmon`` (temperatures and fans), ``rapl``
 (/sys/class/powercap energy counters -> watts), ``gpu`` (nvidia-smi, where
-installed) and ``node_exporter`` (scrape an existing endpoint, optional).
+installed), ``node_exporter`` (scrape an existing endpoint, optional) and
+``cgroup`` (one cgroup's CPU, memory and IO: the node's workload, optional).
 """
 
 from __future__ import annotations
@@ -389,8 +390,124 @@ def parse_prometheus_text(text: str, prefixes: tuple[str, ...]) -> Reading:
     return r
 
 
+#: cgroup v1 hierarchies the cgroup source reads, each mounted at sys/fs/cgroup/<name>
+CGROUP_V1 = ("cpuacct", "cpu", "memory", "blkio")
+
+
+class CgroupSource(Source):
+    """One cgroup's workload: CPU seconds/s, memory in use, IO bytes/s, CPU throttled time/s.
+
+    ``cgroup`` is ``"self"`` (the cgroup this process is in, per hierarchy, from
+    /proc/self/cgroup: under systemd its unit, in a container or a lab host the
+    node's workload) or an absolute cgroup path ("/", "/system.slice"). cgroup v1
+    (cpuacct.usage, cpu.stat throttled_time, memory.usage_in_bytes,
+    blkio.throttle.io_service_bytes) is read where its hierarchy is mounted, else
+    the unified v2 tree (cpu.stat usage_usec and throttled_usec, memory.current,
+    io.stat). A file that is missing (the root cgroup has no memory.current on
+    v2; a v1 blkio counts no buffered writes, the kernel's flusher writes them
+    back from the root cgroup) just leaves its metric out.
+    """
+
+    name = "cgroup"
+
+    def __init__(self, root: Path, cgroup: str) -> None:
+        super().__init__(root)
+        self.cgroup = cgroup
+        self._dirs: dict[str, Path] | None = None
+
+    def dirs(self) -> dict[str, Path]:
+        """Hierarchy (a v1 controller, or "v2") -> the cgroup's directory there; resolved once."""
+        if self._dirs is None:
+            base = self.path("sys/fs/cgroup")
+            v2 = base if (base / "cgroup.controllers").is_file() else base / "unified"
+            own: dict[str, str] = {}
+            if self.cgroup == "self":
+                for line in _read_text(self.path("proc/self/cgroup")).splitlines():
+                    _, _, rest = line.partition(":")  # "ID:controllers:path"; v2's controllers are ""
+                    controllers, sep, rel = rest.partition(":")
+                    for c in (controllers.split(",") if controllers else ["v2"]) if sep else []:
+                        own[c] = rel
+            found = {}
+            for h in CGROUP_V1 + ("v2",):
+                mount = v2 if h == "v2" else base / h
+                want = own.get(h) if self.cgroup == "self" else self.cgroup
+                if want is not None and (mount / "cgroup.procs").is_file() and (mount / want.lstrip("/")).is_dir():
+                    found[h] = mount / want.lstrip("/")
+            self._dirs = found
+        return self._dirs
+
+    def available(self) -> bool:
+        return bool(self.dirs())
+
+    def read(self) -> Reading:
+        d = self.dirs()
+        r = Reading()
+        v2 = d.get("v2")  # read for what the v1 hierarchies do not give
+        if "cpuacct" in d:
+            _read_into(r.counters, "cgroup_cpu.seconds", d["cpuacct"] / "cpuacct.usage", scale=1e-9)
+        if "cpu" in d:
+            stat = _keyed(d["cpu"] / "cpu.stat")
+            if "throttled_time" in stat:
+                r.counters["cgroup_throttled.seconds"] = stat["throttled_time"] * 1e-9
+        if "memory" in d:
+            _read_into(r.gauges, "cgroup_memory.bytes", d["memory"] / "memory.usage_in_bytes")
+        if "blkio" in d:
+            io = d["blkio"] / "blkio.throttle.io_service_bytes_recursive"
+            io = io if io.is_file() else d["blkio"] / "blkio.throttle.io_service_bytes"
+            if io.is_file():
+                r.counters.update(_blkio_v1(_read_text(io)))
+        if v2 is not None:
+            stat = _keyed(v2 / "cpu.stat")
+            if "cpuacct" not in d and "usage_usec" in stat:
+                r.counters["cgroup_cpu.seconds"] = stat["usage_usec"] * 1e-6
+            if "cpu" not in d and "throttled_usec" in stat:
+                r.counters["cgroup_throttled.seconds"] = stat["throttled_usec"] * 1e-6
+            if "memory" not in d:
+                _read_into(r.gauges, "cgroup_memory.bytes", v2 / "memory.current")
+            if "blkio" not in d and (v2 / "io.stat").is_file():
+                r.counters.update(_io_stat_v2(_read_text(v2 / "io.stat")))
+        if not r.gauges and not r.counters:
+            raise OSError(f"cgroup {self.cgroup}: none of its accounting files can be read (removed?)")
+        return r
+
+
+def _read_into(out: dict[str, float], key: str, path: Path, scale: float = 1.0) -> None:
+    """``out[key]`` = the number in ``path`` times ``scale``; nothing when the file is missing."""
+    with contextlib.suppress(FileNotFoundError):
+        out[key] = float(_read_text(path).split()[0]) * scale
+
+
+def _keyed(path: Path) -> dict[str, float]:
+    """A flat-keyed cgroup file ("key value" lines: cpu.stat); {} when missing."""
+    try:
+        text = _read_text(path)
+    except FileNotFoundError:
+        return {}
+    return {p[0]: float(p[1]) for p in (line.split() for line in text.splitlines()) if len(p) == 2}
+
+
+def _blkio_v1(text: str) -> dict[str, float]:
+    """blkio.throttle.io_service_bytes ("MAJ:MIN Read|Write|... BYTES" lines) -> bytes read and written."""
+    out = {"cgroup_read.bytes": 0.0, "cgroup_written.bytes": 0.0}
+    for p in (line.split() for line in text.splitlines()):
+        if len(p) == 3 and p[1] in ("Read", "Write"):
+            out["cgroup_read.bytes" if p[1] == "Read" else "cgroup_written.bytes"] += float(p[2])
+    return out
+
+
+def _io_stat_v2(text: str) -> dict[str, float]:
+    """io.stat ("MAJ:MIN rbytes=N wbytes=N rios=N ..." lines) -> bytes read and written."""
+    out = {"cgroup_read.bytes": 0.0, "cgroup_written.bytes": 0.0}
+    for line in text.splitlines():
+        for kv in line.split()[1:]:
+            k, _, v = kv.partition("=")
+            if k in ("rbytes", "wbytes"):
+                out["cgroup_read.bytes" if k == "rbytes" else "cgroup_written.bytes"] += float(v)
+    return out
+
+
 def default_sources(root: Path, *, gpu: bool = True, node_exporter_url: str = "",
-                    node_exporter_prefixes: Iterable[str] = ()) -> list[Source]:
+                    node_exporter_prefixes: Iterable[str] = (), cgroup: str = "") -> list[Source]:
     sources: list[Source] = [
         CpuSource(root), CpuFreqSource(root), LoadSource(root), MemorySource(root),
         DiskSource(root), NetSource(root), HwmonSource(root), RaplSource(root),
@@ -399,6 +516,8 @@ def default_sources(root: Path, *, gpu: bool = True, node_exporter_url: str = ""
         sources.append(GpuSource(root))
     if node_exporter_url:
         sources.append(NodeExporterSource(root, node_exporter_url, node_exporter_prefixes))
+    if cgroup:
+        sources.append(CgroupSource(root, cgroup))
     return sources
 
 
