@@ -208,7 +208,7 @@ class Lab:
         t = time.monotonic()
         bundle_dir = self.workdir / "bundle"
         self.bundle = render(self.scenario, bundle_dir, config_root=str(bundle_dir) + "/hosts/{host}/etc/shoal",
-                             exe=self.shoal[0])
+                             exe=self.shoal[0], emulated=True)
         await trio.to_thread.run_sync(self.net.up)
         self.progress(f"network up: {len(self.scenario.hosts)} hosts on {self.scenario.subnet} "
                       f"in {time.monotonic() - t:.1f}s")

@@ -38,8 +38,12 @@ fedserver) reads that one's final address, overrides included:
 ``config_root`` is where the configs live on the target: every path written
 into a config is under it. The emulated lab passes the bundle's own
 ``hosts/{host}/etc/shoal`` (``{host}`` is replaced per host), so its daemons
-read the rendered files where they are; the two renderings differ only in
-those paths. Validation always reads the bundle's own copies of the files.
+read the rendered files where they are. The two renderings differ in those
+paths and in one setting (:func:`emulated_hook`, ``render(..., emulated=True)``):
+the emulated hosts share one kernel, so their telemetry also reads the host's
+own cgroup (``[collector] cgroup = "self"``), the one thing that tells one
+host's workload from another's there. Validation always reads the bundle's
+own copies of the files.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ from shoal.daemons.runtime.registry import DAEMONS, METRICS_PORTS, PORTS
 from shoal.daemons.runtime.systemd import TARGET, _packaged, render_units
 from shoal.lab.scenario import Host, Scenario
 
-__all__ = ["Bundle", "DaemonPlan", "render", "START_ORDER", "toml_dumps"]
+__all__ = ["Bundle", "DaemonPlan", "emulated_hook", "render", "START_ORDER", "toml_dumps"]
 
 #: Daemons in the order they start (and are rendered): those others point at
 #: come first. The checkpoint backup precedes its coordinator.
@@ -291,8 +295,9 @@ def _prometheus_yml(scenario: Scenario, plans: dict[str, list[DaemonPlan]], inte
 
 
 class _Renderer:
-    def __init__(self, scenario: Scenario, out: Path, config_root: str, exe: str) -> None:
+    def __init__(self, scenario: Scenario, out: Path, config_root: str, exe: str, emulated: bool = False) -> None:
         self.s = scenario
+        self.emulated = emulated
         self.out = out
         self.config_root = config_root
         self.exe = exe
@@ -400,7 +405,8 @@ class _Renderer:
             t["federation"] = {"enabled": True, "superlink": str(fed.superlink.listen),
                                "root_certificates": f"{root}/{CA_FILE}", "auth_private_key": f"{root}/{NODE_KEY}",
                                "fedserver": str(fed.rpc.listen), "token_file": f"{root}/{TOKENS['fedserver']}"}
-        return _merge(_merge(t, swarm_hook(host, daemon, root)), host.config.get(daemon, {}))
+        t = _merge(_merge(t, swarm_hook(host, daemon, root)), emulated_hook(daemon, self.emulated))
+        return _merge(t, host.config.get(daemon, {}))
 
     def render_one(self, host: Host, daemon: str) -> DaemonPlan:
         spec = DAEMONS[daemon]
@@ -464,6 +470,21 @@ def swarm_hook(host: Host, daemon: str, root: str) -> dict[str, Any]:
     return {}
 
 
+def emulated_hook(daemon: str, emulated: bool) -> dict[str, Any]:
+    """What only an emulated lab's hosts get: their telemetry reads the host's own cgroup.
+
+    The emulated hosts share one kernel, whose /proc/stat, /proc/meminfo and
+    /proc/diskstats are the same from every host; the lab makes each host a
+    cgroup (lab/cgroups.py), and ``[collector] cgroup = "self"`` makes that
+    host's CPU, memory and IO features of its windows. A real machine's /proc is
+    its own, so a LAN bundle leaves the key at its default (off). A scenario's
+    own ``[host.config.telemetry.collector]`` overrides this.
+    """
+    if emulated and daemon == "telemetry":
+        return {"collector": {"cgroup": "self"}}
+    return {}
+
+
 def _make_socket_dir(out: Path, tables: Mapping[str, Any]) -> None:
     """The directory of a peer's control socket, when it lies in the bundle (the emulated lab's case)."""
     socket = tables.get("peer", {}).get("control_socket", "")
@@ -503,13 +524,15 @@ Point Prometheus at monitor/prometheus.yml (alert rules beside it); manifest.jso
 
 
 def render(scenario: Scenario, out: Path, *, config_root: str = "/etc/shoal", exe: str = "/usr/local/bin/shoal",
-           scrape_interval: float | None = None) -> Bundle:
+           scrape_interval: float | None = None, emulated: bool = False) -> Bundle:
     """Render ``scenario`` into the bundle directory ``out`` (see the module docstring).
 
     ``out`` must be empty, absent, or a bundle rendered before (which is
     replaced). ``config_root`` is where the configs live on the targets
     (``{host}`` is replaced by each host's name); ``exe`` is the ``shoal``
-    executable the units run. Raises :class:`ConfigError` (one line) if the
+    executable the units run. ``emulated`` (the emulated lab's own render) is the
+    one difference in settings: telemetry reads the host's cgroup, because the
+    emulated hosts share one kernel (:func:`emulated_hook`). Raises :class:`ConfigError` (one line) if the
     scenario cannot be wired or a rendered config does not validate.
     """
     try:  # the units name both paths, which must need no escaping
@@ -517,7 +540,7 @@ def render(scenario: Scenario, out: Path, *, config_root: str = "/etc/shoal", ex
     except ValueError as exc:
         raise ConfigError(scenario.source, "render", str(exc)) from None
     out = Path(out).absolute()
-    r = _Renderer(scenario, out, config_root, exe)  # refuses what cannot be wired before writing anything
+    r = _Renderer(scenario, out, config_root, exe, emulated)  # refuses what cannot be wired before writing anything
     _prepare(out)
     try:
         return _render(r, scenario, out, config_root, exe, scrape_interval)

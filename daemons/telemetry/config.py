@@ -69,6 +69,9 @@ class TrainingSection:
     max_windows: int = setting(20000, min=10, max=1_000_000)
     # ... and refuse to train on fewer than this.
     min_windows: int = setting(10, min=2, max=1_000_000)
+    # Train on the features whose names start with one of these (e.g. ["cgroup_"]: the
+    # node's own workload where the kernel is shared); [] = every feature of the node.
+    features: tuple[str, ...] = setting(())
 
 
 @dataclass(frozen=True, slots=True)

@@ -406,7 +406,7 @@ class TelemetryApp:
             try:
                 res = await trio.to_thread.run_sync(partial(
                     train_local, windows, self.candidate_path, epochs=epochs, batch_size=batch, lr=lr,
-                    percentile=t.percentile, min_windows=t.min_windows))
+                    percentile=t.percentile, min_windows=t.min_windows, prefixes=t.features))
                 await self._install_candidate("local")
             except ModelError as exc:
                 raise RpcError("train_failed", str(exc)) from None

@@ -59,8 +59,14 @@ def training_matrix(windows: list[StoredWindow], features: list[str] | None = No
 
 
 def train_local(windows: list[StoredWindow], out: Path, *, epochs: int, batch_size: int, lr: float,
-                percentile: float, min_windows: int, seed: int = 0) -> TrainResult:
-    X, names = training_matrix(windows)
+                percentile: float, min_windows: int, seed: int = 0, prefixes: Sequence[str] = ()) -> TrainResult:
+    """``prefixes``: only the features whose names start with one of them (none: every feature)."""
+    features = None
+    if prefixes and windows:
+        features = sorted(n for n in windows[-1].features if n.startswith(tuple(prefixes)))
+        if not features:
+            raise ModelError(f"no feature of this node starts with {', '.join(prefixes)} ([training] features)")
+    X, names = training_matrix(windows, features)
     if X.shape[0] < min_windows:
         raise ModelError(f"only {X.shape[0]} training windows with the node's current features; "
                          f"at least {min_windows} are needed")

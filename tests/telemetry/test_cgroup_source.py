@@ -129,6 +129,26 @@ def test_bad_cgroup_value_is_one_line_naming_the_key(bad):
         assert parse_config(f'[collector]\ncgroup = "{good}"\n', TelemetryConfig).collector.cgroup == good
 
 
+def test_training_on_feature_prefixes_names_only_those(tmp_path):
+    """[training] features = ["cgroup_"]: the model is trained on, and names, the cgroup features only."""
+    from shoal.core.telemetry.model import Detector, ModelError
+    from shoal.daemons.telemetry.store import StoredWindow
+    from shoal.daemons.telemetry.trainer import train_local
+
+    windows = [StoredWindow(float(i), i + 1.0, 10, {"cgroup_cpu.seconds_per_s:mean": 0.01 * (i % 3),
+                                                    "cgroup_memory.bytes:mean": 1e6 + i,
+                                                    "cpu_all_util:mean": 0.5}, None, None, None, None)
+               for i in range(12)]
+    kw = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "percentile": 98.0, "min_windows": 10}
+    res = train_local(windows, tmp_path / "m.onnx", prefixes=["cgroup_"], **kw)
+    assert res.features == 2 and res.windows == 12
+    assert sorted(Detector.load(tmp_path / "m.onnx").feature_names) == ["cgroup_cpu.seconds_per_s:mean",
+                                                                    "cgroup_memory.bytes:mean"]
+    assert train_local(windows, tmp_path / "all.onnx", **kw).features == 3
+    with pytest.raises(ModelError, match=r"no feature of this node starts with gpu_ \(\[training\] features\)"):
+        train_local(windows, tmp_path / "none.onnx", prefixes=["gpu_"], **kw)
+
+
 def _own_dir(hierarchy: str) -> Path | None:
     """This process's own cgroup directory in a v1 hierarchy, or in the unified tree (hierarchy "")."""
     for line in Path("/proc/self/cgroup").read_text().splitlines():
