@@ -18,7 +18,11 @@ kernel's business (tbf qdiscs on the veths, :mod:`shoal.lab.net`).
 Config is a JSON file::
 
     {"maxlen": 10000, "seed": 7,
-     "queues": {"3": {"delay": 0.010, "jitter": 0.0, "loss": 0.0}, ...}}
+     "queues": {"3": {"delay": 0.010, "jitter": 0.0, "loss": 0.0}, ...},
+     "iptables": "*mangle\n-A PREROUTING ... -j NFQUEUE --queue-num 3\nCOMMIT\n"}
+
+The rules are installed (``iptables-restore``) once every queue is bound: a
+rule whose queue nobody holds would drop the host's packets.
 
 SIGHUP re-reads it (a ``link`` fault changes delay or loss this way). Once
 every queue is bound the process prints ``ready`` on stdout. It never lets a
@@ -36,6 +40,7 @@ import random
 import select
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -133,6 +138,12 @@ def serve(path: Path) -> int:
                     print(f"delayline: binding queue failed: {os.strerror(-ev.error)}", file=sys.stderr)
                     return 1
                 pending_acks -= 1
+    rules = load(path).get("iptables")
+    if rules:
+        done = subprocess.run(["iptables-restore"], input=rules, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            print(f"delayline: iptables-restore: {done.stderr.strip()}", file=sys.stderr)
+            return 1
     reload = False
 
     def on_hup(_sig, _frame) -> None:

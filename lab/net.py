@@ -33,8 +33,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from pyroute2 import IPRoute, NetNS, netns
+from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from shoal.lab.scenario import Host, Link, Scenario
@@ -43,6 +44,7 @@ __all__ = ["Network", "NETNS_DIR", "enter_netns", "netns_socket", "lab_namespace
            "processes_in", "kill_namespace_processes"]
 
 NETNS_DIR = Path("/run/netns")
+T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 MIB = 1 << 20
 MTU_FRAME = 1514
@@ -73,12 +75,13 @@ def enter_netns(name: str) -> Callable[[], None]:
 _ns_lock = threading.Lock()
 
 
-def netns_socket(name: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """A socket that lives in namespace ``name``; the calling thread's namespace is restored.
+def made_in(name: str, make: Callable[[], T]) -> T:
+    """``make()`` called inside namespace ``name``; the calling thread's namespace is restored.
 
-    A socket belongs to the namespace it was made in, for its whole life, so
-    the experiment driver (in the root namespace) reaches a lab address with a
-    socket made here. Call it from a worker thread (``trio.to_thread``).
+    A socket belongs to the namespace it was made in, for its whole life: a
+    netlink socket made here configures that namespace, a TCP socket made here
+    reaches the lab's addresses from the root namespace (which has no route
+    into the lab). Only this thread moves, and only for the call.
     """
     with _ns_lock:
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
@@ -86,12 +89,22 @@ def netns_socket(name: str, family: int = socket.AF_INET, kind: int = socket.SOC
         try:
             _setns(target)
             try:
-                return socket.socket(family, kind)
+                return make()
             finally:
                 _setns(own)
         finally:
             os.close(target)
             os.close(own)
+
+
+def netns_socket(name: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket of namespace ``name`` (call it from a worker thread: ``trio.to_thread``)."""
+    return made_in(name, lambda: socket.socket(family, kind))
+
+
+def ns_route(name: str) -> IPRoute:
+    """A netlink (rtnetlink) handle on namespace ``name``; close it after use (``with``)."""
+    return made_in(name, IPRoute)
 
 
 _RUN_NS = re.compile(r"^shoal-([0-9a-f]{6})(\.[a-z][a-z0-9-]*)?$")
@@ -195,7 +208,7 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.rename(path)
 
 
-def _tbf(ns: NetNS, index: int, rate_mib: float, queue: int) -> None:
+def _tbf(ns: IPRoute, index: int, rate_mib: float, queue: int) -> None:
     """Shape the interface's egress to ``rate_mib`` (0: unshaped), replacing what was there."""
     if rate_mib <= 0:
         with contextlib.suppress(NetlinkError):  # ENOENT: it was unshaped already
@@ -240,7 +253,7 @@ class Network:
         for h in self.hosts.values():
             netns.create(h.netns)
         prefix = self.scenario.subnet.prefixlen
-        with NetNS(self.switch) as sw:
+        with ns_route(self.switch) as sw:
             sw.link("add", ifname="lan", kind="bridge")
             bridge = sw.link_lookup(ifname="lan")[0]
             sw.link("set", index=bridge, state="up")
@@ -250,7 +263,7 @@ class Network:
                 sw.link("set", index=port, master=bridge, state="up")
                 _tbf(sw, port, h.link.download, h.link.queue)
         for h in self.hosts.values():
-            with NetNS(h.netns) as ns:
+            with ns_route(h.netns) as ns:
                 lo = ns.link_lookup(ifname="lo")[0]
                 ns.link("set", index=lo, state="up")
                 eth = ns.link_lookup(ifname="eth0")[0]
@@ -284,7 +297,15 @@ class Network:
             if not self._needs_line(h):
                 continue
             path = self.workdir / f"delayline-{h.host.name}.json"
-            _write_atomic(path, json.dumps(self._delay_config(h)))
+            rules = ["*mangle"]
+            for sender in self.hosts.values():
+                if sender is not h:
+                    rules.append(f"-A PREROUTING -i eth0 -s {sender.address}/32 -j NFQUEUE "
+                                 f"--queue-num {sender.host.index}")
+            rules.append("COMMIT")
+            # the delay line installs the rules itself, once its queues are bound
+            # (a rule without its queue drops packets), so hosts start in parallel
+            _write_atomic(path, json.dumps({**self._delay_config(h), "iptables": "\n".join(rules) + "\n"}))
             with open(self.workdir / f"delayline-{h.host.name}.log", "ab") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "shoal.lab.delayline", str(path)],
                                         stdout=subprocess.PIPE, stderr=log,
@@ -296,14 +317,6 @@ class Network:
             if line.strip() != b"ready":
                 raise RuntimeError(f"the delay line of {name} did not start: "
                                    f"{(self.workdir / f'delayline-{name}.log').read_text().strip()[-300:]}")
-            h = self.hosts[name]
-            rules = ["*mangle"]
-            for sender in self.hosts.values():
-                if sender is not h:
-                    rules.append(f"-A PREROUTING -i eth0 -s {sender.address}/32 -j NFQUEUE "
-                                 f"--queue-num {sender.host.index}")
-            rules.append("COMMIT")
-            self.run_in(name, ["iptables-restore"], input="\n".join(rules) + "\n")
 
     def run_in(self, host: str, argv: list[str], *, input: str | None = None) -> str:
         """Run a short command inside ``host``'s namespace; its stdout, or an error naming its stderr."""
@@ -321,10 +334,10 @@ class Network:
         h = self.hosts[host]
         h.link = dataclasses.replace(h.link, **changes)
         if "upload" in changes:
-            with NetNS(h.netns) as ns:
+            with ns_route(h.netns) as ns:
                 _tbf(ns, ns.link_lookup(ifname="eth0")[0], h.link.upload, h.link.queue)
         if "download" in changes:
-            with NetNS(self.switch) as sw:
+            with ns_route(self.switch) as sw:
                 _tbf(sw, sw.link_lookup(ifname=h.port)[0], h.link.download, h.link.queue)
         if {"delay", "jitter", "loss"} & changes.keys():
             for r in self.hosts.values():
@@ -340,7 +353,7 @@ class Network:
 
     def set_carrier(self, host: str, up: bool) -> None:
         """Take a host's link down (its switch port) or bring it back."""
-        with NetNS(self.switch) as sw:
+        with ns_route(self.switch) as sw:
             sw.link("set", index=sw.link_lookup(ifname=self.hosts[host].port)[0], state="up" if up else "down")
 
     def counters(self) -> dict[str, tuple[int, int]]:
@@ -363,7 +376,7 @@ class Network:
 def switch_counters(run_id: str) -> dict[str, tuple[int, int]]:
     """``switch port -> (bytes from the host, bytes to the host)`` of a run's switch."""
     out = {}
-    with NetNS(f"shoal-{run_id}") as sw:
+    with ns_route(f"shoal-{run_id}") as sw:
         for link in sw.get_links():
             stats = link.get_attr("IFLA_STATS64")
             out[link.get_attr("IFLA_IFNAME")] = (stats["rx_bytes"], stats["tx_bytes"])
