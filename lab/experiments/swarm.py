@@ -559,7 +559,7 @@ def plot(path: Path, dists: list[Distribution], f_mib: float) -> None:
     ax.set_xticks(sorted({d.n for d in dists}))
     ax.set_title(f"Distributing {f_mib:g} MiB from one seed (seed 001)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
