@@ -206,7 +206,11 @@ class Experiment:
                     run.seconds = time.monotonic() - t0
                     run.status = await self.status(client, run.group) or {}
             if deadline.cancelled_caught:
-                run.error = f"did not finish in {p.run_timeout:g}s (experiment.params.run_timeout)"
+                with trio.move_on_after(10.0):  # where the group got stuck, for the record
+                    async with await self.client() as client:
+                        run.status = await self.status(client, run.group) or {}
+                run.error = (f"did not finish in {p.run_timeout:g}s (experiment.params.run_timeout); the group "
+                             f"is {run.status.get('phase', 'unknown')}, checkpoints {run.status.get('numbers')}")
         finally:
             for proc in procs.values():
                 if proc.returncode is None:
@@ -223,7 +227,8 @@ class Experiment:
         if run.error and lab.out is not None:
             logs = lab.out / f"logs-{run.group}"
             logs.mkdir(exist_ok=True)
-            for f in (lab.workdir / "logs").glob(f"{run.group}.*"):
+            for f in [*(lab.workdir / "logs").glob(f"*.{run.group}.*"), self.lab.daemons[(self.coord_host,
+                                                                                       "checkpoint")].log]:
                 shutil.copy(f, logs / f.name)
         return run
 
