@@ -311,7 +311,8 @@ class Lab:
     async def _watch_delaylines(self) -> None:
         while True:
             await trio.sleep(0.5)
-            dead = self.net.failed_delaylines()
+            # a host taken down loses its delay line with everything else it ran
+            dead = [h for h in self.net.failed_delaylines() if h not in self.down_hosts]
             if dead:
                 log = (self.workdir / f"delayline-{dead[0]}.log").read_text(errors="replace").strip().splitlines()
                 raise LabError(f"the delay line of {', '.join(dead)} died (exit "
@@ -386,7 +387,22 @@ class Lab:
         return trio.SocketStream(sock)
 
     async def http_get(self, host: str, url_host: str, port: int, path: str, *, timeout: float = 10.0) -> bytes:
-        """GET ``path`` from ``url_host:port`` from inside ``host``; the body (raises LabError unless 200)."""
+        """GET ``path`` from ``url_host:port`` from inside ``host``: the body.
+
+        Anything but a whole 200 answer in time (refused, reset, cut short,
+        not HTTP, another status) raises :class:`LabError`, one line.
+        """
+        import h11
+
+        url = f"http://{url_host}:{port}{path}"
+        try:
+            return await self._get(host, url_host, port, path, timeout)
+        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
+            raise LabError(f"GET {url} from {host}: {exc}") from None
+        except trio.TooSlowError:
+            raise LabError(f"GET {url} from {host}: no answer in {timeout:g}s") from None
+
+    async def _get(self, host: str, url_host: str, port: int, path: str, timeout: float) -> bytes:
         import h11
 
         with trio.fail_after(timeout):

@@ -48,7 +48,7 @@ class Prometheus:
                 try:
                     await self.lab.http_get(self.host, self.address, PROMETHEUS_PORT, "/-/ready", timeout=2)
                     break
-                except (OSError, trio.TooSlowError, LabError):
+                except LabError:  # not listening yet
                     await trio.sleep(0.2)
         if scope.cancelled_caught:
             raise LabError(f"prometheus on {self.host} not ready in 30s (log {self.lab.workdir}/logs)")

@@ -168,18 +168,20 @@ def kill_namespace_processes(names: list[str]) -> int:
 
 
 def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:  # not our child: wait for it to go from /proc
-        for _ in range(1000):
-            if not os.path.exists(f"/proc/{pid}"):
-                return
-            with open(f"/proc/{pid}/stat", "rb") as f:  # noqa: SIM117 - a zombie of another parent is gone enough
+    """Wait for a killed process to be gone or a zombie; never reap it.
+
+    Its parent reaps it: a process of the lab's own (a daemon, a spawned
+    command) is trio's to wait for, and reaping it here would make trio see
+    "no such child" and report exit 0 for a process that was killed.
+    """
+    for _ in range(1000):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
                 if b") Z " in f.read():
                     return
-            threading.Event().wait(0.001)
-    except OSError:
-        pass
+        except OSError:  # gone
+            return
+        threading.Event().wait(0.001)
 
 
 def subnet_conflicts(subnet: ipaddress.IPv4Network) -> list[str]:
