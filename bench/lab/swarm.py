@@ -3,8 +3,9 @@
     .venv/bin/python bench/lab/swarm.py [--sizes 8,16,32] [--file-mib 16] [--clients shoal,libtorrent]
         [--upload 2] [--download 8] [--delay 5] [--piece-kib 64] [--out DIR]
 
-Runs as root (the lab makes namespaces). One lab: a seed host (tracker and
-peer daemon) and max(sizes) leech hosts, every link shaped (default 2 MiB/s up,
+Runs as root (the lab makes namespaces). One lab, the shipped
+configs/lab/swarm.toml grown to max(sizes) leech hosts: a seed host (tracker
+and peer daemon) and the leech hosts (a peer daemon each), every link shaped (default 2 MiB/s up,
 8 MiB/s down, 5 ms delay). For each N, shoal's peer daemons and then libtorrent
 (one process per host) distribute a fresh F MiB file from the seed to the first N
 leech hosts -- the same lab, the same links, one after the other, so the
@@ -23,6 +24,7 @@ of the file, and the CPU seconds of the client's processes on all hosts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -34,38 +36,24 @@ from pathlib import Path
 import trio
 
 from shoal.lab.experiment import run_scenario
-from shoal.lab.scenario import parse_scenario
+from shoal.lab.scenario import Link, Scenario, load_scenario, replace_params
 
 HERE = Path(__file__).resolve().parent
 
-TEMPLATE = """
-[lab]
-seed = 1
-[link]
-upload = {upload}
-download = {download}
-delay = {delay}
-[[host]]
-name = "seed"
-daemons = ["tracker", "peer"]
-[host.config.tracker.tracker]
-announce_interval = 10
-min_interval = 1
-[[host]]
-name = "leech"
-count = {leeches}
-daemons = ["peer"]
-[experiment]
-kind = "swarm"
-timeout = 7200.0
-[experiment.params]
-file_mib = {file_mib}
-sizes = {sizes}
-clients = {clients}
-piece_kib = {piece_kib}
-stream = false
-timeout = 600.0
-"""
+SHIPPED = HERE.parents[1] / "configs" / "lab" / "swarm.toml"
+
+
+def bench_scenario(args: argparse.Namespace, sizes: list[int], clients: list[str]) -> Scenario:
+    """The shipped swarm scenario with max(sizes) leech hosts, the links and parameters asked for."""
+    shipped = load_scenario(SHIPPED)
+    link = Link(upload=args.upload, download=args.download, delay=args.delay)
+    seed, leech = shipped.host("seed"), shipped.host("leech1")
+    hosts = (dataclasses.replace(seed, index=0, link=link),
+             *(dataclasses.replace(leech, name=f"leech{i}", index=i, link=link) for i in range(1, max(sizes) + 1)))
+    scenario = dataclasses.replace(shipped, source="bench/lab/swarm.py", hosts=hosts,
+                                   experiment=dataclasses.replace(shipped.experiment, timeout=7200.0))
+    return replace_params(scenario, file_mib=args.file_mib, sizes=tuple(sizes), clients=tuple(clients),
+                          piece_kib=args.piece_kib, stream=False, timeout=600.0)
 
 
 def cpu_times() -> tuple[float, float]:
@@ -89,10 +77,7 @@ def main() -> int:
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     clients = args.clients.split(",")
-    text = TEMPLATE.format(upload=args.upload, download=args.download, delay=args.delay, leeches=max(sizes),
-                           file_mib=args.file_mib, sizes=json.dumps(sizes), clients=json.dumps(clients),
-                           piece_kib=args.piece_kib)
-    scenario = parse_scenario(text, source="bench/lab/swarm.py")
+    scenario = bench_scenario(args, sizes, clients)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-lab-swarm-"))
     busy0, total0 = cpu_times()
     t0 = time.monotonic()

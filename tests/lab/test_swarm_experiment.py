@@ -1,6 +1,7 @@
 """The swarm experiment (seed 001) end to end in a small lab, and its bounds.
 
-One seed host and four leech hosts with shaped links: a 4 MiB file goes to all
+The shipped configs/lab/swarm.toml cut down to one seed host and four leech
+hosts (its links: 2 MiB/s up, 8 MiB/s down, 5 ms): a 4 MiB file goes to all
 four with shoal's peer daemons, with libtorrent and client-server, then a
 track is streamed from a web seed and peers. Every check must hold (each copy
 byte-identical to the original, for every client), the JSON and the plot must
@@ -10,6 +11,7 @@ experiment, never asserted here (bench/lab/swarm.py measures them).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,39 +25,22 @@ from shoal.lab.agents_swarm import range_of
 from shoal.lab.experiment import run_scenario
 from shoal.lab.experiments.swarm import bounds
 from shoal.lab.lab import RUNS_DIR
-from shoal.lab.scenario import parse_scenario
+from shoal.lab.scenario import Scenario, load_scenario, replace_params
 
 root_only = pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"),
                                reason="the lab makes network namespaces: root only (CI runs as root)")
 
-SCENARIO = """
-[lab]
-seed = 7
-[link]
-upload = 2.0
-download = 8.0
-delay = 5.0
-[[host]]
-name = "seed"
-daemons = ["tracker", "peer"]
-[host.config.tracker.tracker]
-announce_interval = 10
-min_interval = 1
-[[host]]
-name = "leech"
-count = 4
-daemons = ["peer"]
-[experiment]
-kind = "swarm"
-timeout = 150.0
-[experiment.params]
-file_mib = 4.0
-sizes = [4]
-stream_mib = 2.0
-stream_peers = 2
-stream_trials = 2
-timeout = 60.0
-"""
+SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "lab" / "swarm.toml"
+
+
+def small_scenario() -> Scenario:
+    """The shipped scenario cut down: its seed and first four leech hosts, 4 MiB, N = 4."""
+    shipped = load_scenario(SHIPPED)
+    assert [h.name for h in shipped.hosts[:5]] == ["seed", "leech1", "leech2", "leech3", "leech4"]
+    small = dataclasses.replace(shipped, hosts=shipped.hosts[:5],
+                                experiment=dataclasses.replace(shipped.experiment, timeout=150.0))
+    return replace_params(small, file_mib=4.0, sizes=(4,), stream_mib=2.0, stream_peers=2, stream_trials=2,
+                          timeout=60.0)
 
 
 def run_processes(run_id: str) -> list[int]:
@@ -84,7 +69,7 @@ def assert_nothing_left(run_id: str) -> None:
 
 @root_only
 async def test_swarm_experiment_small(tmp_path: Path) -> None:
-    scenario = parse_scenario(SCENARIO, source="test-swarm.toml")
+    scenario = small_scenario()
     out = tmp_path / "out"
     with trio.fail_after(180):
         result = await run_scenario(scenario, out, echo=None)
