@@ -42,6 +42,32 @@ while a task process runs under it (seen in /proc), and each task it was running
 must be recorded done once by a run that started after the kill (the killed
 attempt never reports). The bytes the store host uploaded in each run are read from
 its link's counters: the bottleneck made visible.
+
+Anomaly-aware dispatch (``anomaly_host``; :class:`AnomalyPart`). Every worker
+host also runs a telemetry daemon with short windows (scenario overrides). The
+hosts share one kernel, so /proc/stat is the machine's on every host; what tells
+them apart is the host's cgroup (lab/cgroups.py), which the emulated render has
+each telemetry daemon read (``[collector] cgroup = "self"``), and the scenario has
+them train on those features only (``[training] features = ["cgroup_"]``): a
+model on the machine-wide features would see a fault on one host from every host.
+First a warm-up: jobs of the experiment's tasks run on every worker until each
+host stored ``normal_windows`` windows more, so "normal" has both idle and
+working windows; then every host trains its own model (``shoal telemetry train``
+inside the host) and the experiment waits until every worker reports its node
+``normal`` to the dispatcher. Then two runs, ``exclude_anomalous`` off and then on
+(the dispatcher's rendered config rewritten and reloaded with SIGHUP, as
+``systemctl reload`` does): a CPU hog (``shoal telemetry inject cpu``, every core)
+starts on ``anomaly_host``; once the dispatcher's ``workers`` view reports that
+node anomalous, a job of ``anomaly_tasks`` tasks is submitted, each a real
+process that hashes ``anomaly_cpu_mib`` MiB of zeros (its CPU work: the result
+must be the known SHA-256) and then waits ``anomaly_sleep`` seconds. The
+makespan is the dispatcher's own submit-to-done time. The dispatcher's view is
+polled throughout (every worker's verdict, with the time it was seen); after
+the runs every host's telemetry windows are read back with their verdicts.
+Checks: every unit done exactly once, every result exact, the faulted host
+flagged in both runs, with ``exclude_anomalous`` on no unit of the job started
+on it while the dispatcher saw it flagged, and no other host was ever flagged,
+neither in the dispatcher's view nor in its own scored windows.
 """
 
 from __future__ import annotations
@@ -66,6 +92,7 @@ from shoal.lab.lab import Lab, LabError
 from shoal.lab.net import MIB
 from shoal.lab.scenario import Fault
 from shoal.protocol.dispatch import Exclude, JobQuery, Submit
+from shoal.protocol.telemetry import Status
 
 __all__ = ["Params", "run"]
 
@@ -88,13 +115,23 @@ class Params:
     http_port: int = setting(8080, min=1, max=65535, help="the store's HTTP port")
     kill_worker: str = setting("", help="kill -9 this worker's daemon in the first run, while it runs a task")
     task_timeout: float = setting(300.0, min=1.0, max=86_400.0, help="s; a task (its input fetch included)")
+    anomaly_host: str = setting("", help="anomaly-aware dispatch: the worker host that gets a CPU fault ('' = off)")
+    anomaly_tasks: int = setting(12, min=1, max=10_000, help="tasks in each anomaly-aware dispatch job")
+    anomaly_cpu_mib: int = setting(64, min=1, max=65_536, help="MiB of zeros each of those tasks hashes (its CPU work)")
+    anomaly_sleep: float = setting(0.5, min=0.0, max=3600.0, help="s each of those tasks waits after hashing")
+    normal_windows: int = setting(12, min=2, max=100_000,
+                                  help="windows each worker host stores with warm-up jobs running, and again idle, "
+                                       "before it trains")
+    fault_seconds: float = setting(40.0, min=1.0, max=3600.0, help="s the CPU fault lasts in each anomaly run")
 
     def __post_init__(self) -> None:
-        if 1 not in self.workers:
+        if not self.modes and not self.anomaly_host:
+            raise ValueError("modes: nothing to run (no input mode and no anomaly_host)")
+        if self.modes and 1 not in self.workers:
             raise ValueError("workers: must include 1 (the one-worker time T1 of RPE)")
         if len(set(self.workers)) != len(self.workers) or min(self.workers) < 1:
             raise ValueError("workers: distinct numbers of at least 1")
-        if not self.modes or any(m not in MODES for m in self.modes) or len(set(self.modes)) != len(self.modes):
+        if any(m not in MODES for m in self.modes) or len(set(self.modes)) != len(self.modes):
             raise ValueError(f"modes: distinct values among {', '.join(MODES)}")
 
 
@@ -245,13 +282,8 @@ class Experiment:
         if scope.cancelled_caught:
             raise LabError(f"{mode} n={n}: job {job_id} not finished after {limit:g}s")
         store_upload = (await trio.to_thread.run_sync(lab.net.counters))[self.store][0] - before
-        view = await self.client.call("job", JobQuery(id=job_id, logs=True).encode())
-        tasks = view["tasks"]
-        while len(tasks) < view["total"]:
-            more = await self.client.call("job", JobQuery(id=job_id, logs=True, offset=len(tasks)).encode())
-            if not more["tasks"]:
-                break
-            tasks += more["tasks"]
+        view = await self.client.call("job", JobQuery(id=job_id).encode())
+        tasks = await _job_tasks(self.client, job_id)
         want = {f"r{r}-{i}": ds.sha256 for r, ds in enumerate(data) for i in range(n)}
         rows = [{"task": t["task"], "unit": t["unit"], "state": t["state"], "worker": t["worker"],
                  "exit_code": t["exit_code"], "attempts": t["attempts"], "want": want.get(t["task"], ""),
@@ -265,6 +297,206 @@ class Experiment:
             await trio.to_thread.run_sync(ds.path.unlink)
         return RunRecord(mode, n, job_id, seconds if view["state"] == "done" else float("nan"), rows,
                          store_upload, killed, self.killed_at if killed else 0.0)
+
+
+#: An anomaly-part task ($0 its name): hash $1 bytes of zeros (its CPU work), print the SHA-256, wait $2 s.
+HASH_SCRIPT = 'head -c "$1" /dev/zero | sha256sum | cut -d" " -f1; sleep "$2"'
+
+
+def _zeros_sha256(size: int) -> str:
+    h = hashlib.sha256()
+    block = bytes(1 << 20)
+    while size:
+        h.update(block[:min(size, len(block))])
+        size -= min(size, len(block))
+    return h.hexdigest()
+
+
+@dataclass
+class AnomalyRun:
+    exclude: bool  # the dispatcher's exclude_anomalous in this run
+    job: int
+    seconds: float  # makespan: the dispatcher's submit-to-done time
+    tasks: list[dict[str, Any]]
+    fault: tuple[float, float]  # wall-clock start of the CPU fault, and when the injector exited
+    flagged: tuple[float, float]  # wall clock: first and last poll of the dispatcher's view with the host anomalous
+    submitted: float
+
+
+class AnomalyPart:
+    """Anomaly-aware dispatch: telemetry flags a host with a CPU fault, the dispatcher stops using it."""
+
+    def __init__(self, lab: Lab, params: Params, client: RpcClient, workers: list[str]) -> None:
+        self.lab = lab
+        self.p = params
+        self.client = client
+        self.workers = workers
+        self.host = params.anomaly_host
+        self.size = params.anomaly_cpu_mib * MIB
+        self.want = _zeros_sha256(self.size)
+        #: (wall-clock time, {worker: verdict}) from every look at the dispatcher's ``workers`` view
+        self.timeline: list[tuple[float, dict[str, str | None]]] = []
+        head = lab.scenario.running("dispatcher")[0].name
+        self.dispatcher = lab.daemons[(head, "dispatcher")]
+        self.dispatcher_config = lab.bundle.plan(head, "dispatcher").config
+        self.jobs = 0
+        self.trained_at = 0.0
+        self.window = load_config(lab.bundle.plan(self.host, "telemetry").config,
+                                  DAEMONS["telemetry"].load_schema()).collector.window
+
+    def socket(self, host: str) -> str:
+        return str(Path(self.lab.daemons[(host, "telemetry")].env["STATE_DIRECTORY"]) / "control.sock")
+
+    async def telemetry(self, host: str, method: str, params: Any = None) -> Any:
+        from shoal.daemons.runtime.rpc import connect_unix
+
+        async with await connect_unix(self.socket(host)) as c:
+            return await c.call(method, None if params is None else params.encode(), timeout=60.0)
+
+    async def verdicts(self) -> dict[str, str | None]:
+        seen = {w["id"]: w.get("verdict") for w in await self.client.call("workers")}
+        self.timeline.append((time.time(), seen))
+        return seen
+
+    def flagged_around(self, host: str, t: float) -> bool:
+        """The dispatcher's views just before and just after ``t`` both had ``host`` anomalous."""
+        before = [v for at, v in self.timeline if at <= t]
+        after = [v for at, v in self.timeline if at >= t]
+        return bool(before and after) and before[-1].get(host) == after[0].get(host) == "anomalous"
+
+    def spec(self, name: str) -> dict[str, Any]:
+        tasks = [{"name": f"a{k}", "command": ["sh", "-c", HASH_SCRIPT, f"a{k}", str(self.size),
+                                                f"{self.p.anomaly_sleep:g}"],
+                  "timeout": self.p.task_timeout} for k in range(self.p.anomaly_tasks)]
+        return {"name": name, "policy": "least-load", "tasks": tasks}
+
+    async def submit(self, name: str) -> int:
+        reply = await self.client.call("submit", Submit(spec=json.dumps(self.spec(name)).encode()).encode())
+        return int(reply["job"])
+
+    async def wait_job(self, job: int, what: str) -> dict[str, Any]:
+        limit = self.p.anomaly_tasks * (self.p.task_timeout + 30) + 60
+        with trio.move_on_after(limit):
+            while (view := await self.client.call("job", JobQuery(id=job).encode()))["state"] == "running":
+                await self.verdicts()
+                await trio.sleep(POLL)
+            return view
+        raise LabError(f"{what}: job {job} not finished after {limit:g}s")
+
+    async def wait_verdict(self, host: str, verdict: str, timeout: float, what: str) -> float:
+        with trio.move_on_after(timeout):
+            while (await self.verdicts()).get(host) != verdict:  # noqa: ASYNC110 - another process's state
+                await trio.sleep(POLL)
+            return time.time()
+        raise LabError(f"{what}: the dispatcher did not see {host} {verdict} within {timeout:g}s "
+                       f"(last: {self.timeline[-1][1].get(host) if self.timeline else '-'})")
+
+    async def stored(self) -> dict[str, int]:
+        out = {}
+        for w in self.workers:
+            out[w] = (await self.telemetry(w, "status", Status(windows=0)))["stored"]
+        return out
+
+    async def train(self) -> dict[str, Any]:
+        """Warm up (jobs on every worker while windows accumulate), then every host trains its own model."""
+        lab = self.lab
+        start = await self.stored()
+        lab.progress(f"anomaly: warm-up jobs until every worker host stored {self.p.normal_windows} more "
+                     f"windows (now {min(start.values())}..{max(start.values())}), then as many idle ones")
+        while True:
+            job = await self.submit(f"warm-up-{self.jobs}")
+            self.jobs += 1
+            await self.wait_job(job, "warm-up")
+            now = await self.stored()
+            if all(now[w] - start[w] >= self.p.normal_windows for w in self.workers):
+                break
+        # as many idle windows: a model that saw only working windows flags an idle node
+        with trio.move_on_after(self.p.normal_windows * self.window + 60):
+            while not all(n - now[w] >= self.p.normal_windows  # noqa: ASYNC110 - other processes' state
+                          for w, n in (await self.stored()).items()):
+                await trio.sleep(POLL)
+        trained: dict[str, Any] = {}
+
+        async def one(host: str) -> None:
+            done = await lab.exec(host, [*lab.shoal, "telemetry", "train", "--socket", self.socket(host)],
+                                  timeout=300)
+            trained[host] = done.stdout.decode(errors="replace").strip()
+
+        async with trio.open_nursery() as nursery:
+            for w in self.workers:
+                nursery.start_soon(one, w)
+        lab.progress(f"anomaly: trained {len(trained)} hosts on their own windows: {trained[self.workers[0]]}")
+        for w in self.workers:
+            await self.wait_verdict(w, "normal", 60.0, "after training")
+        self.trained_at = time.time()
+        return trained
+
+    async def set_exclude(self, on: bool) -> None:
+        """Rewrite the dispatcher's rendered config with ``exclude_anomalous`` and reload it (SIGHUP)."""
+        import signal
+        import tomllib
+
+        from shoal.lab.render import toml_dumps
+
+        doc = tomllib.loads(self.dispatcher_config.read_text())
+        doc.setdefault("dispatcher", {})["exclude_anomalous"] = on
+        self.dispatcher_config.write_text(toml_dumps(doc, "rewritten by the dispatch experiment (anomaly part)"))
+        log = self.dispatcher.log
+        mark = log.stat().st_size
+        assert self.dispatcher.process is not None
+        self.dispatcher.process.send_signal(signal.SIGHUP)
+        line = f"exclude_anomalous is now {on}"
+        with trio.move_on_after(30):
+            while line not in log.read_bytes()[mark:].decode(errors="replace"):  # noqa: ASYNC110
+                await trio.sleep(POLL)
+            return
+        raise LabError(f"the dispatcher did not log {line!r} within 30s of SIGHUP")
+
+    async def run_one(self, exclude: bool) -> AnomalyRun:
+        lab = self.lab
+        if exclude:
+            await self.set_exclude(True)
+        fault_start = time.time()
+        # `shoal telemetry inject cpu --duration S` inside the host: a busy process per core, S seconds
+        await lab.apply(Fault(at=lab.now(), kind="inject", host=self.host, inject="cpu",
+                              duration=self.p.fault_seconds))
+        flag_seen = await self.wait_verdict(self.host, "anomalous", self.p.fault_seconds, "CPU fault")
+        lab.progress(f"anomaly: {self.host} flagged {flag_seen - fault_start:.1f}s into its CPU fault; "
+                     f"submitting {self.p.anomaly_tasks} tasks (exclude_anomalous = {str(exclude).lower()})")
+        submitted = time.time()
+        job = await self.submit(f"anomaly-exclude-{int(exclude)}")
+        view = await self.wait_job(job, "anomaly run")
+        while time.time() < fault_start + self.p.fault_seconds:  # the injector's own deadline
+            await self.verdicts()
+            await trio.sleep(POLL)
+        fault_end = fault_start + self.p.fault_seconds
+        await self.wait_verdict(self.host, "normal", 60.0, "after the CPU fault")
+        tasks = await _job_tasks(self.client, job)
+        flagged = [t for t, v in self.timeline if t >= fault_start and v.get(self.host) == "anomalous"]
+        seconds = float(view["finished"] - view["submitted"]) if view["state"] == "done" else float("nan")
+        lab.progress(f"anomaly: job {job} {view['state']} in {seconds:.2f}s with exclude_anomalous = "
+                     f"{str(exclude).lower()}; {sum(t['worker'] == self.host for t in tasks)} of its units ran on "
+                     f"{self.host}")
+        rows = [{"task": t["task"], "unit": t["unit"], "state": t["state"], "worker": t["worker"],
+                 "exit_code": t["exit_code"], "started": t["started"] or 0.0, "finished": t["finished"] or 0.0,
+                 "got": (t.get("stdout") or b"").decode(errors="replace").strip(), "want": self.want,
+                 "error": t.get("error", "")} for t in tasks]
+        return AnomalyRun(exclude, job, seconds, rows, (fault_start, fault_end), (flagged[0], flagged[-1]), submitted)
+
+    async def windows(self) -> dict[str, list[dict[str, Any]]]:
+        """Every worker host's recent windows with the verdicts its own detector gave them."""
+        return {w: (await self.telemetry(w, "status", Status(windows=1000)))["windows"] for w in self.workers}
+
+
+async def _job_tasks(client: RpcClient, job: int) -> list[dict[str, Any]]:
+    view = await client.call("job", JobQuery(id=job, logs=True).encode())
+    tasks = view["tasks"]
+    while len(tasks) < view["total"]:
+        more = await client.call("job", JobQuery(id=job, logs=True, offset=len(tasks)).encode())
+        if not more["tasks"]:
+            break
+        tasks += more["tasks"]
+    return list(tasks)
 
 
 async def _dispatcher(lab: Lab) -> RpcClient:
@@ -282,14 +514,21 @@ def _check_scenario(lab: Lab, params: Params) -> list[str]:
     s = lab.scenario
     workers = [h.name for h in s.running("worker")]
     where = f"{s.source}: experiment.params"
-    if max(params.workers) > len(workers):
+    if params.modes and max(params.workers) > len(workers):
         raise LabError(f"{where}.workers: {max(params.workers)} workers asked for, {len(workers)} hosts run one")
     names = {h.name for h in s.hosts}
-    if params.store not in names:
+    if params.modes and params.store not in names:
         raise LabError(f"{where}.store: no host is named {params.store!r}")
     if params.kill_worker and params.kill_worker not in workers[:max(params.workers)]:
         raise LabError(f"{where}.kill_worker: {params.kill_worker!r} is not among the first "
                        f"{max(params.workers)} worker hosts")
+    if params.anomaly_host:
+        if params.anomaly_host not in workers:
+            raise LabError(f"{where}.anomaly_host: {params.anomaly_host!r} is not a worker host")
+        lacking = [w for w in workers if "telemetry" not in s.host(w).daemons]
+        if lacking:
+            raise LabError(f"{where}.anomaly_host: anomaly-aware dispatch needs telemetry on every worker host "
+                           f"(none on {', '.join(lacking)})")
     if "swarm" in params.modes:
         if not s.running("tracker"):
             raise LabError(f"{where}.modes: swarm inputs need a host running the tracker")
@@ -330,25 +569,42 @@ async def run(lab: Lab, params: Params) -> Result:
     records: list[RunRecord] = []
     async with client:
         exp = Experiment(lab, params, client, workers)
-        await exp.wait_registered(workers[:max(params.workers)])
+        await exp.wait_registered(workers[:max(params.workers)] if params.modes else workers)
         for mode in params.modes:
             for n in sorted(params.workers, reverse=True):
                 records.append(await exp.run_one(mode, n))
         await client.call("exclude", Exclude(workers=[]).encode())
+        anomaly: AnomalyPart | None = None
+        runs: list[AnomalyRun] = []
+        if params.anomaly_host:
+            anomaly = AnomalyPart(lab, params, client, workers)
+            trained = await anomaly.train()
+            for exclude in (False, True):
+                runs.append(await anomaly.run_one(exclude))
+            windows = await anomaly.windows()
     _report(lab, params, records, result)
+    if anomaly is not None:
+        _report_anomaly(lab, anomaly, runs, trained, windows, result)
     return result
 
 
-def _report(lab: Lab, params: Params, records: list[RunRecord], result: Result) -> None:
+def _completions(lab: Lab, jobs: list[int]) -> dict[int, dict[str, int]]:
+    """job -> unit -> times recorded done, from the dispatcher's own completions log."""
     from shoal.daemons.dispatcher.daemon import STORE_FILE
     from shoal.daemons.dispatcher.store import Store
 
     head = lab.scenario.running("dispatcher")[0].name
     store = Store(Path(lab.daemons[(head, "dispatcher")].env["STATE_DIRECTORY"]) / STORE_FILE)
     try:
-        counts = {r.job: store.completion_counts(r.job) for r in records}
+        return {j: store.completion_counts(j) for j in jobs}
     finally:
         store.close()
+
+
+def _report(lab: Lab, params: Params, records: list[RunRecord], result: Result) -> None:
+    if not records:
+        return
+    counts = _completions(lab, [r.job for r in records])
     t1 = {r.mode: r.seconds for r in records if r.n == 1}
     for r in records:
         fetches = len({(t["worker"], t["task"].split("-")[0]) for t in r.tasks})
@@ -395,6 +651,99 @@ def _report(lab: Lab, params: Params, records: list[RunRecord], result: Result) 
                      "dispatcher_queue_depth": "shoal_dispatcher_queue_depth"}
     if lab.out is not None:
         result.plots.append(_plot(lab.out / "dispatch.png", result.rows, params))
+
+
+def _report_anomaly(lab: Lab, a: AnomalyPart, runs: list[AnomalyRun], trained: dict[str, Any],
+                    windows: dict[str, list[dict[str, Any]]], result: Result) -> None:
+    host = a.host
+    counts = _completions(lab, [r.job for r in runs])
+    bad_once = [f"job {r.job} unit {u}: {counts[r.job].get(u, 0)}x" for r in runs
+                for u in sorted({t["unit"] for t in r.tasks} | set(counts[r.job])) if counts[r.job].get(u, 0) != 1]
+    result.check("anomaly runs: every task recorded done exactly once", not bad_once and all(
+        len(r.tasks) == a.p.anomaly_tasks for r in runs),
+        f"{sum(len(r.tasks) for r in runs)} units in {len(runs)} jobs, per the dispatcher's completions log"
+        + (f"; wrong: {', '.join(bad_once[:5])}" if bad_once else ""))
+    wrong = [f"job {r.job}/{t['task']}: {t['state']} exit {t['exit_code']} {t['error'] or t['got'][:16]}"
+             for r in runs for t in r.tasks if t["state"] != "done" or t["exit_code"] != 0 or t["got"] != a.want]
+    result.check("anomaly runs: every task's result is exact", not wrong,
+                 f"every task printed the SHA-256 of {a.p.anomaly_cpu_mib} MiB of zeros ({a.want[:16]}...)"
+                 if not wrong else "; ".join(wrong[:5]))
+    for r in runs:
+        result.check(f"{host} flagged by its telemetry, seen by the dispatcher (exclude_anomalous = "
+                     f"{str(r.exclude).lower()})", r.flagged[0] > 0,
+                     f"{r.flagged[0] - r.fault[0]:.1f}s into the fault; flagged until "
+                     f"{r.flagged[1] - r.fault[0]:.1f}s, the fault ended at {r.fault[1] - r.fault[0]:.1f}s")
+    ex = next(r for r in runs if r.exclude)
+    during = [t for t in ex.tasks if t["worker"] == host and a.flagged_around(host, t["started"])]
+    result.check(f"with exclude_anomalous, {host} got no new unit while flagged", not during,
+                 f"{sum(t['worker'] == host for t in ex.tasks)} of {len(ex.tasks)} units ran on {host}, none "
+                 "started while the dispatcher's views before and after said it was anomalous"
+                 if not during else f"started there while flagged: {', '.join(t['task'] for t in during)}")
+    others_seen = sorted({w for t, v in a.timeline for w, verdict in v.items()
+                          if t >= a.trained_at and w != host and verdict == "anomalous"})
+    others_windows = {w: sum(1 for x in ws if x["anomalous"] and x["start"] >= a.trained_at)
+                      for w, ws in windows.items() if w != host}
+    scored = {w: sum(1 for x in ws if x["score"] is not None) for w, ws in windows.items()}
+    flagged_own = sum(1 for x in windows[host] if x["anomalous"])
+    result.check("no other host was flagged", not others_seen and not any(others_windows.values()),
+                 f"the dispatcher's view ({len(a.timeline)} looks) and the {sum(scored.values()) - scored[host]} "
+                 f"windows the other hosts scored show no anomaly; {host} flagged {flagged_own} of its "
+                 f"{scored[host]} windows" if not others_seen and not any(others_windows.values()) else
+                 f"also flagged: {', '.join(others_seen) or '-'} (dispatcher); windows: "
+                 f"{', '.join(f'{w} {n}' for w, n in others_windows.items() if n) or '-'}")
+    for r in runs:
+        on_host = sum(t["worker"] == host for t in r.tasks)
+        result.rows.append({"run": f"anomaly, exclude_anomalous = {str(r.exclude).lower()}", "tasks": len(r.tasks),
+                            "makespan_s": r.seconds, f"units_on_{host}": on_host,
+                            "flagged_after_s": r.flagged[0] - r.fault[0]})
+    _square(result.rows)
+    if lab.out is not None:
+        result.plots.append(_plot_anomaly(lab.out / "dispatch-anomaly.png", a, runs))
+    result.data["anomaly"] = {
+        "host": host, "separated_by": "the host's cgroup ([collector] cgroup = \"self\"; the hosts share one "
+        "kernel, so /proc/stat is the same on every host)",
+        "trained": trained, "want_sha256": a.want,
+        "runs": [{"exclude_anomalous": r.exclude, "job": r.job, "makespan": r.seconds, "fault": r.fault,
+                  "flagged": r.flagged, "submitted": r.submitted, "tasks": r.tasks} for r in runs],
+        "dispatcher_view": [{"t": t, "verdicts": v} for t, v in a.timeline],
+        "windows": windows,
+    }
+
+
+def _plot_anomaly(path: Path, a: AnomalyPart, runs: list[AnomalyRun]) -> Path:
+    """Per run: each worker's units as bars in time, the fault and the span the dispatcher saw it flagged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2 + 0.4 * len(a.workers) * len(runs)), squeeze=False)
+    for ax, r in zip(axes[:, 0], runs, strict=True):
+        t0 = r.submitted
+        for i, w in enumerate(a.workers):
+            spans = [(t["started"] - t0, t["finished"] - t["started"]) for t in r.tasks if t["worker"] == w]
+            ax.broken_barh(spans, (i - 0.35, 0.7), color="tab:red" if w == a.host else "tab:blue")
+        ax.axvspan(r.fault[0] - t0, r.fault[1] - t0, color="orange", alpha=0.15, label=f"CPU fault on {a.host}")
+        ax.axvspan(r.flagged[0] - t0, r.flagged[1] - t0, ymin=0.0, ymax=0.04, color="red",
+                   label="dispatcher sees it anomalous")
+        ax.set_yticks(range(len(a.workers)), a.workers)
+        ax.set_xlim(min(-1.0, r.fault[0] - t0), max(r.seconds, 0) + 2)
+        ax.set_title(f"exclude_anomalous = {str(r.exclude).lower()}: makespan {r.seconds:.1f}s")
+        ax.set_xlabel("s since the job was submitted")
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _square(rows: list[dict[str, Any]]) -> None:
+    """Give every row every key (rows of the RPE part and the anomaly part differ): "" where it has none."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    for i, r in enumerate(rows):
+        rows[i] = {k: r.get(k, "") for k in keys}
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], params: Params) -> Path:

@@ -113,3 +113,72 @@ def test_bad_params_are_refused_in_one_line(line, bad, reason):
     with pytest.raises(ConfigError) as err:
         parse_scenario(SMALL.replace(line, bad), source="bad.toml")
     assert reason in str(err.value) and "\n" not in str(err.value)
+
+
+ANOMALY = """
+[lab]
+seed = 5
+[link]
+upload = 8.0
+download = 8.0
+[[host]]
+name = "head"
+daemons = ["dispatcher"]
+[[host]]
+name = "worker"
+count = 3
+daemons = ["worker", "telemetry"]
+[host.config.worker.worker]
+slots = 1
+heartbeat_interval = 0.5
+[host.config.telemetry.collector]
+interval = 0.2
+window = 1.0
+gpu = false
+[host.config.telemetry.training]
+features = ["cgroup_cpu"]   # the host's own CPU: the machine-wide features are every host's
+min_windows = 8
+epochs = 30
+batch_size = 4
+percentile = 100.0
+[experiment]
+kind = "dispatch"
+timeout = 240.0
+[experiment.params]
+modes = []
+anomaly_host = "worker2"
+anomaly_tasks = 6
+anomaly_cpu_mib = 64
+anomaly_sleep = 0.5
+normal_windows = 10
+fault_seconds = 15.0
+"""
+
+
+def test_emulated_render_alone_gives_telemetry_the_host_cgroup(tmp_path):
+    scenario = parse_scenario(ANOMALY, source="anomaly.toml")
+    lab = render(scenario, tmp_path / "lab", config_root=str(tmp_path / "lab") + "/hosts/{host}/etc/shoal",
+                 emulated=True)
+    assert tomllib.loads(lab.plan("worker1", "telemetry").config.read_text())["collector"]["cgroup"] == "self"
+    lan = render(scenario, tmp_path / "lan")
+    assert "cgroup" not in tomllib.loads(lan.plan("worker1", "telemetry").config.read_text())["collector"]
+
+
+@root_only
+async def test_anomaly_aware_dispatch_keeps_units_off_the_flagged_host(tmp_path):
+    out = tmp_path / "out"
+    echo = io.StringIO()
+    with trio.fail_after(280):
+        result = await run_scenario(parse_scenario(ANOMALY, source="dispatch-anomaly.toml"), out, echo=echo)
+    assert result.ok, "\n".join(f"{c.name}: {c.detail}" for c in result.checks) + "\n" + echo.getvalue()[-3000:]
+    names = [c.name for c in result.checks]
+    assert any("got no new unit while flagged" in n for n in names) and "no other host was flagged" in names
+    record = json.loads((out / "results.json").read_text())
+    runs = record["data"]["anomaly"]["runs"]
+    assert [r["exclude_anomalous"] for r in runs] == [False, True]
+    on = runs[1]
+    assert all(t["worker"] != "worker2" or t["started"] < on["flagged"][0] or t["started"] > on["flagged"][1]
+               for t in on["tasks"])
+    assert [f["kind"] for f in record["faults"]] == ["inject", "inject"]
+    assert (out / "dispatch-anomaly.png").stat().st_size > 0
+    assert_nothing_left(record["run_id"])
