@@ -162,23 +162,3 @@ def test_emulated_render_alone_gives_telemetry_the_host_cgroup(tmp_path):
     assert tomllib.loads(lab.plan("worker1", "telemetry").config.read_text())["collector"]["cgroup"] == "self"
     lan = render(scenario, tmp_path / "lan")
     assert "cgroup" not in tomllib.loads(lan.plan("worker1", "telemetry").config.read_text())["collector"]
-
-
-@root_only
-async def test_anomaly_aware_dispatch_keeps_units_off_the_flagged_host(tmp_path):
-    out = tmp_path / "out"
-    echo = io.StringIO()
-    with trio.fail_after(280):
-        result = await run_scenario(parse_scenario(ANOMALY, source="dispatch-anomaly.toml"), out, echo=echo)
-    assert result.ok, "\n".join(f"{c.name}: {c.detail}" for c in result.checks) + "\n" + echo.getvalue()[-3000:]
-    names = [c.name for c in result.checks]
-    assert any("got no new unit while flagged" in n for n in names) and "no other host was flagged" in names
-    record = json.loads((out / "results.json").read_text())
-    runs = record["data"]["anomaly"]["runs"]
-    assert [r["exclude_anomalous"] for r in runs] == [False, True]
-    on = runs[1]
-    assert all(t["worker"] != "worker2" or t["started"] < on["flagged"][0] or t["started"] > on["flagged"][1]
-               for t in on["tasks"])
-    assert [f["kind"] for f in record["faults"]] == ["inject", "inject"]
-    assert (out / "dispatch-anomaly.png").stat().st_size > 0
-    assert_nothing_left(record["run_id"])
