@@ -34,10 +34,10 @@ SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "lab" / "swarm.toml"
 
 
 def small_scenario() -> Scenario:
-    """The shipped scenario cut down: its seed and first four leech hosts, 4 MiB, N = 4."""
+    """The shipped scenario cut down: its seed, first four leech hosts and its monitor, 4 MiB, N = 4."""
     shipped = load_scenario(SHIPPED)
     assert [h.name for h in shipped.hosts[:5]] == ["seed", "leech1", "leech2", "leech3", "leech4"]
-    small = dataclasses.replace(shipped, hosts=shipped.hosts[:5],
+    small = dataclasses.replace(shipped, hosts=(*shipped.hosts[:5], shipped.host(shipped.monitor.host)),
                                 experiment=dataclasses.replace(shipped.experiment, timeout=150.0))
     return replace_params(small, file_mib=4.0, sizes=(4,), stream_mib=2.0, stream_peers=2, stream_trials=2,
                           timeout=60.0)
@@ -81,6 +81,11 @@ async def test_swarm_experiment_small(tmp_path: Path) -> None:
     assert sum(name.startswith("stream on ") for name in names) == 2
     record = json.loads((out / "results.json").read_text())
     assert (out / "swarm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the monitor host's Prometheus scraped the peers during the run: their payload rates are saved
+    prom = json.loads((out / "prometheus.json").read_text())
+    rates = prom["series"]["peer_payload_bytes_per_s"]["result"]
+    assert {r["metric"]["host"] for r in rates} >= {"seed", "leech1"}, rates
+    assert "alerts_fired" in record["data"]
     dists = record["data"]["distributions"]
     assert {(d["client"], d["n"]) for d in dists} == {("shoal", 4), ("libtorrent", 4), ("client-server", 4)}
     for d in dists:
