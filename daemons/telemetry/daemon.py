@@ -66,7 +66,13 @@ from shoal.daemons.telemetry.config import TelemetryConfig
 from shoal.daemons.telemetry.metrics import TelemetryMetrics
 from shoal.daemons.telemetry.sources import Collector, default_sources
 from shoal.daemons.telemetry.store import WindowStore
-from shoal.daemons.telemetry.trainer import feature_row, model_from_global, train_local, training_matrix
+from shoal.daemons.telemetry.trainer import (
+    feature_row,
+    model_from_global,
+    selected_features,
+    train_local,
+    training_matrix,
+)
 from shoal.protocol.telemetry import Install, Label, Status, Train
 
 log = logging.getLogger("shoal.telemetry")
@@ -215,7 +221,13 @@ class TelemetryApp:
 
     async def _write_training_data(self) -> None:
         def write() -> None:
-            X, names = training_matrix(self.store.training(self.config.training.max_windows))
+            windows = self.store.training(self.config.training.max_windows)
+            try:
+                features = selected_features(windows, self.config.training.features)
+            except ModelError as exc:  # the node has none of [training] features (yet): nothing to offer
+                log.error("federated training data not written: %s", exc)
+                return
+            X, names = training_matrix(windows, features)
             atomic_write(self.train_npz, encode_training_npz(X, names))
 
         await trio.to_thread.run_sync(write)

@@ -58,15 +58,24 @@ def training_matrix(windows: list[StoredWindow], features: list[str] | None = No
     return X, names
 
 
+def selected_features(windows: list[StoredWindow], prefixes: Sequence[str]) -> list[str] | None:
+    """The node's current features whose names start with one of ``prefixes``; None (all) without prefixes.
+
+    ``[training] features``: the same choice for a local model and for the
+    training data a federated round reads, so both learn the same signals.
+    """
+    if not prefixes or not windows:
+        return None
+    features = sorted(n for n in windows[-1].features if n.startswith(tuple(prefixes)))
+    if not features:
+        raise ModelError(f"no feature of this node starts with {', '.join(prefixes)} ([training] features)")
+    return features
+
+
 def train_local(windows: list[StoredWindow], out: Path, *, epochs: int, batch_size: int, lr: float,
                 percentile: float, min_windows: int, seed: int = 0, prefixes: Sequence[str] = ()) -> TrainResult:
     """``prefixes``: only the features whose names start with one of them (none: every feature)."""
-    features = None
-    if prefixes and windows:
-        features = sorted(n for n in windows[-1].features if n.startswith(tuple(prefixes)))
-        if not features:
-            raise ModelError(f"no feature of this node starts with {', '.join(prefixes)} ([training] features)")
-    X, names = training_matrix(windows, features)
+    X, names = training_matrix(windows, selected_features(windows, prefixes))
     if X.shape[0] < min_windows:
         raise ModelError(f"only {X.shape[0]} training windows with the node's current features; "
                          f"at least {min_windows} are needed")

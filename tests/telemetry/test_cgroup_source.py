@@ -202,3 +202,41 @@ def _rmdir(d: Path, timeout: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.01)  # polled under the deadline above
+
+
+async def test_federated_training_data_holds_the_same_features_as_a_local_model(tmp_path):
+    """[training] features applies to what a FedAvg round trains on too, not only to `shoal telemetry train`.
+
+    Before, the daemon wrote every feature into fed/train.npz: a lab host's global
+    model then learned the machine-wide signals its neighbours share.
+    """
+    import dataclasses
+    import logging
+
+    from prometheus_client import CollectorRegistry
+
+    from shoal.core.telemetry.formats import decode_training_npz
+    from shoal.core.telemetry.windows import Window
+    from shoal.daemons.runtime.daemon import DaemonContext
+    from shoal.daemons.runtime.metrics import runtime_metrics
+    from shoal.daemons.runtime.sdnotify import Notifier
+    from shoal.daemons.telemetry.daemon import TelemetryApp
+
+    base = TelemetryConfig()
+    cfg = dataclasses.replace(base, training=dataclasses.replace(base.training, features=("cgroup_",)))
+    registry = CollectorRegistry()
+    ctx = DaemonContext("telemetry", None, cfg, registry, tmp_path, Notifier({}),
+                        runtime_metrics(registry, "telemetry"), logging.getLogger("test"))
+    app = TelemetryApp(ctx)
+    for i in range(3):
+        app.store.add(Window(float(i), i + 1.0, 4,
+                             {"cgroup_cpu.seconds_per_s:mean": 0.1 * i, "cpu_all_util:mean": 0.5}))
+    await app._write_training_data()
+    X, names = decode_training_npz(app.train_npz.read_bytes())
+    assert names == ["cgroup_cpu.seconds_per_s:mean"] and X.shape == (3, 1)
+    # a node with none of the features offers no data rather than crashing
+    cfg = dataclasses.replace(base, training=dataclasses.replace(base.training, features=("gpu_",)))
+    app.config = cfg
+    app.train_npz.unlink()
+    await app._write_training_data()
+    assert not app.train_npz.exists()
