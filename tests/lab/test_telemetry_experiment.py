@@ -54,6 +54,8 @@ window = 2.0
 gpu = false
 [host.config.telemetry.federation]
 catch_up_interval = 3600.0  # a catch-up downloads the whole model: traffic the net features see
+[host.config.telemetry.training]
+features = ["net_", "cgroup_"]  # the host's own signals: its interface and its cgroup
 [experiment]
 kind = "telemetry"
 timeout = 360.0
