@@ -50,11 +50,16 @@ them apart is the host's cgroup (lab/cgroups.py), which the emulated render has
 each telemetry daemon read (``[collector] cgroup = "self"``), and the scenario has
 them train on those features only (``[training] features = ["cgroup_"]``): a
 model on the machine-wide features would see a fault on one host from every host.
-First a warm-up: jobs of the experiment's tasks run on every worker until each
-host stored ``normal_windows`` windows more, so "normal" has both idle and
-working windows; then every host trains its own model (``shoal telemetry train``
-inside the host) and the experiment waits until every worker reports its node
-``normal`` to the dispatcher. Then two runs, ``exclude_anomalous`` off and then on
+First a warm-up, three phases of ``normal_windows`` windows each on every host:
+jobs (twice a run's tasks, so some run back to back, as on the hosts left when
+one is excluded) on a quiet machine; the same with a CPU hog on the dispatcher's
+host (no worker, no model), since the hosts share the cores and the others' tasks
+run slower while the fault runs; then idle. So "normal" has idle, working and
+working-on-a-busy-machine windows. Then every host trains its own model
+(``shoal telemetry train`` inside the host); the training's own CPU is in the
+host's cgroup, so the experiment waits until every host scored a window that
+started after it and every worker reports its node ``normal`` to the dispatcher
+(``trained_at``: the checks look at what follows). Then two runs, ``exclude_anomalous`` off and then on
 (the dispatcher's rendered config rewritten and reloaded with SIGHUP, as
 ``systemctl reload`` does): a CPU hog (``shoal telemetry inject cpu``, every core)
 starts on ``anomaly_host``; once the dispatcher's ``workers`` view reports that
@@ -237,7 +242,9 @@ class Experiment:
     async def live_workers(self) -> dict[str, dict[str, Any]]:
         return {w["id"]: w for w in await self.client.call("workers")}
 
-    async def wait_registered(self, ids: list[str], timeout: float = 60.0) -> None:
+    async def wait_registered(self, ids: list[str]) -> None:
+        # as long as the daemons may take to start: [lab] ready_timeout, the knob for a loaded machine
+        timeout = self.lab.scenario.ready_timeout
         with trio.move_on_after(timeout):
             while not set(ids) <= (await self.live_workers()).keys():  # noqa: ASYNC110 - another process's state
                 await trio.sleep(POLL)
@@ -364,14 +371,14 @@ class AnomalyPart:
         after = [v for at, v in self.timeline if at >= t]
         return bool(before and after) and before[-1].get(host) == after[0].get(host) == "anomalous"
 
-    def spec(self, name: str) -> dict[str, Any]:
+    def spec(self, name: str, n: int = 0) -> dict[str, Any]:
         tasks = [{"name": f"a{k}", "command": ["sh", "-c", HASH_SCRIPT, f"a{k}", str(self.size),
                                                 f"{self.p.anomaly_sleep:g}"],
-                  "timeout": self.p.task_timeout} for k in range(self.p.anomaly_tasks)]
+                  "timeout": self.p.task_timeout} for k in range(n or self.p.anomaly_tasks)]
         return {"name": name, "policy": "least-load", "tasks": tasks}
 
-    async def submit(self, name: str) -> int:
-        reply = await self.client.call("submit", Submit(spec=json.dumps(self.spec(name)).encode()).encode())
+    async def submit(self, name: str, n: int = 0) -> int:
+        reply = await self.client.call("submit", Submit(spec=json.dumps(self.spec(name, n)).encode()).encode())
         return int(reply["job"])
 
     async def wait_job(self, job: int, what: str) -> dict[str, Any]:
@@ -397,19 +404,47 @@ class AnomalyPart:
             out[w] = (await self.telemetry(w, "status", Status(windows=0)))["stored"]
         return out
 
+    async def warm_up(self, start: dict[str, int]) -> dict[str, int]:
+        """Jobs of the anomaly tasks until every worker host stored ``normal_windows`` windows past ``start``."""
+        while True:
+            # twice the tasks of a run: with the faulted host excluded the others run more
+            # of them back to back, and that is normal too
+            job = await self.submit(f"warm-up-{self.jobs}", 2 * self.p.anomaly_tasks)
+            self.jobs += 1
+            await self.wait_job(job, "warm-up")
+            now = await self.stored()
+            if all(now[w] - start[w] >= self.p.normal_windows for w in self.workers):
+                return now
+
+    async def scored_since(self, t: float) -> bool:
+        """Every worker host's newest window started at or after ``t`` and was scored."""
+        for w in self.workers:
+            ws = (await self.telemetry(w, "status", Status(windows=1)))["windows"]
+            if not ws or ws[0]["start"] < t or ws[0]["score"] is None:
+                return False
+        return True
+
     async def train(self) -> dict[str, Any]:
         """Warm up (jobs on every worker while windows accumulate), then every host trains its own model."""
         lab = self.lab
         start = await self.stored()
         lab.progress(f"anomaly: warm-up jobs until every worker host stored {self.p.normal_windows} more "
                      f"windows (now {min(start.values())}..{max(start.values())}), then as many idle ones")
-        while True:
-            job = await self.submit(f"warm-up-{self.jobs}")
-            self.jobs += 1
-            await self.wait_job(job, "warm-up")
-            now = await self.stored()
-            if all(now[w] - start[w] >= self.p.normal_windows for w in self.workers):
-                break
+        now = await self.warm_up(start)
+        # The hosts share the machine's cores: while the CPU fault runs on one host, the
+        # others' tasks run slower, and their own cgroups' CPU looks unlike a quiet
+        # machine's. That is normal for them, so it is in "normal": as many warm-up
+        # windows again with the same hog on the dispatcher's host (no worker, no model).
+        head = self.lab.scenario.running("dispatcher")[0].name
+        busy = self.p.normal_windows * self.window + 5  # s
+        hog = await lab.spawn(head, [*lab.shoal, "telemetry", "inject", "cpu", "--duration", f"{busy:g}"],
+                              name="warm-up-cpu")
+        lab.progress(f"anomaly: {self.p.normal_windows} more warm-up windows with a CPU hog on {head} for {busy:g}s")
+        now = await self.warm_up(now)
+        with trio.move_on_after(busy + 60):
+            await hog.wait()  # its own deadline (killing the injector would orphan its busy processes)
+        if hog.returncode is None:
+            raise LabError(f"the warm-up CPU hog on {head} still runs {busy + 60:g}s after it started")
         # as many idle windows: a model that saw only working windows flags an idle node
         with trio.move_on_after(self.p.normal_windows * self.window + 60):
             while not all(n - now[w] >= self.p.normal_windows  # noqa: ASYNC110 - other processes' state
@@ -426,6 +461,13 @@ class AnomalyPart:
             for w in self.workers:
                 nursery.start_soon(one, w)
         lab.progress(f"anomaly: trained {len(trained)} hosts on their own windows: {trained[self.workers[0]]}")
+        # The training ran in each host's cgroup (the daemon's fit, the CLI's start-up): the
+        # window holding it is the experiment's doing. From here on it is the workload's:
+        # once every host scored a window that started after the training, and is normal.
+        done = time.time()
+        with trio.move_on_after(60.0):
+            while not await self.scored_since(done):  # noqa: ASYNC110 - other processes' state
+                await trio.sleep(POLL)
         for w in self.workers:
             await self.wait_verdict(w, "normal", 60.0, "after training")
         self.trained_at = time.time()

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tomllib
+from pathlib import Path
 
 import pytest
 import trio
@@ -115,48 +116,12 @@ def test_bad_params_are_refused_in_one_line(line, bad, reason):
     assert reason in str(err.value) and "\n" not in str(err.value)
 
 
-ANOMALY = """
-[lab]
-seed = 5
-[link]
-upload = 8.0
-download = 8.0
-[[host]]
-name = "head"
-daemons = ["dispatcher"]
-[[host]]
-name = "worker"
-count = 3
-daemons = ["worker", "telemetry"]
-[host.config.worker.worker]
-slots = 1
-heartbeat_interval = 0.5
-[host.config.telemetry.collector]
-interval = 0.2
-window = 1.0
-gpu = false
-[host.config.telemetry.training]
-features = ["cgroup_cpu"]   # the host's own CPU: the machine-wide features are every host's
-min_windows = 8
-epochs = 30
-batch_size = 4
-percentile = 100.0
-[experiment]
-kind = "dispatch"
-timeout = 240.0
-[experiment.params]
-modes = []
-anomaly_host = "worker2"
-anomaly_tasks = 6
-anomaly_cpu_mib = 64
-anomaly_sleep = 0.5
-normal_windows = 10
-fault_seconds = 15.0
-"""
+#: the shipped anomaly-aware dispatch scenario (no live test: see docs/lab.md, "Dispatch")
+ANOMALY = (Path(__file__).resolve().parents[2] / "configs" / "lab" / "dispatch-anomaly.toml").read_text()
 
 
 def test_emulated_render_alone_gives_telemetry_the_host_cgroup(tmp_path):
-    scenario = parse_scenario(ANOMALY, source="anomaly.toml")
+    scenario = parse_scenario(ANOMALY, source="dispatch-anomaly.toml")
     lab = render(scenario, tmp_path / "lab", config_root=str(tmp_path / "lab") + "/hosts/{host}/etc/shoal",
                  emulated=True)
     assert tomllib.loads(lab.plan("worker1", "telemetry").config.read_text())["collector"]["cgroup"] == "self"
