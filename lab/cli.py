@@ -128,9 +128,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         async with Lab(scenario) as lab:
-            print(f"lab {lab.run_id} is up; `shoal lab status`, `shoal lab exec HOST -- CMD`; "
-                  "Ctrl-C or `shoal lab down` takes it down", flush=True)
+            # listen for the signals before saying "up": a Ctrl-C right after it is a clean stop
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                print(f"lab {lab.run_id} is up; `shoal lab status`, `shoal lab exec HOST -- CMD`; "
+                      "Ctrl-C or `shoal lab down` takes it down", flush=True)
                 async for _ in signals:
                     break
         return 0

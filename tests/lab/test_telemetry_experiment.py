@@ -60,7 +60,7 @@ features = ["net_", "cgroup_"]  # the host's own signals: its interface and its 
 kind = "telemetry"
 timeout = 360.0
 [experiment.params]
-normal_windows = 10
+normal_windows = 14  # min_windows is 10; a node's first windows may lack a rate feature (no prior sample)
 steady_windows = 5
 rounds = 1
 baseline_windows = 2
