@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from shoal.daemons.runtime.config import MAX_CONFIG_BYTES, ConfigError, build_config, setting
+from shoal.daemons.runtime.config import ConfigError, build_config, read_config_text, setting
 from shoal.daemons.runtime.registry import DAEMONS
 
 __all__ = ["Fault", "Host", "Link", "Scenario", "load_scenario", "parse_scenario", "EXPERIMENTS"]
@@ -193,19 +193,7 @@ _TOP = {"lab", "link", "host", "monitor", "experiment", "fault"}
 
 
 def load_scenario(path: str | Path) -> Scenario:
-    source = str(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(source, "-", f"cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(source, "-", f"larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(source, "-", f"not UTF-8 (byte {exc.start})") from None
-    return parse_scenario(text, source=source)
+    return parse_scenario(read_config_text(path), source=str(path))
 
 
 def parse_scenario(text: str, *, source: str = "<string>") -> Scenario:

@@ -43,6 +43,7 @@ __all__ = [
     "load_config",
     "build_config",
     "parse_config",
+    "read_config_text",
     "setting",
 ]
 
@@ -129,6 +130,11 @@ class DaemonSection:
 
 def load_config(path: str | Path, schema: type[T]) -> T:
     """Read and validate a TOML file into ``schema``; raise :class:`ConfigError`."""
+    return parse_config(read_config_text(path), schema, source=str(path))
+
+
+def read_config_text(path: str | Path) -> str:
+    """A config file's text: readable, at most MAX_CONFIG_BYTES, UTF-8; else :class:`ConfigError`."""
     source = str(path)
     try:
         with open(path, "rb") as f:
@@ -141,7 +147,7 @@ def load_config(path: str | Path, schema: type[T]) -> T:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(source, "-", f"not UTF-8 (byte {exc.start})") from None
-    return parse_config(text, schema, source=source)
+    return text
 
 
 def parse_config(text: str, schema: type[T], *, source: str = "<string>") -> T:
