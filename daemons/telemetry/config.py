@@ -65,6 +65,13 @@ class TrainingSection:
     batch_size: int = setting(10, min=1, max=65536)
     lr: float = setting(1e-3, min=1e-9, max=1.0)
     percentile: float = setting(98.0, min=50.0, max=100.0)
+    # The live recipe (docs/telemetry-model.md): more epochs when there are few windows, so
+    # that training takes at least this many gradient steps in all ...
+    min_steps: int = setting(500, min=0, max=10_000_000)
+    # ... and the threshold is the percentile of each window's error under a model trained
+    # on the other windows (this many contiguous folds); 0 = of the training errors (the
+    # seed's rule, which flags far more than 2 % of new normal windows on small data).
+    folds: int = setting(5, min=0, max=100)
     # Train on at most this many of the newest normal (or unlabelled) windows ...
     max_windows: int = setting(20000, min=10, max=1_000_000)
     # ... and refuse to train on fewer than this.

@@ -29,7 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from shoal.core.telemetry.model import Autoencoder, MinMaxScaler, ModelError, onnx_bytes, threshold_from_errors
+from shoal.core.telemetry.model import (
+    Autoencoder,
+    MinMaxScaler,
+    ModelError,
+    fit_detector,
+    onnx_bytes,
+    threshold_from_errors,
+)
 from shoal.daemons.runtime.state import atomic_write
 from shoal.daemons.telemetry.store import StoredWindow
 
@@ -73,19 +80,20 @@ def selected_features(windows: list[StoredWindow], prefixes: Sequence[str]) -> l
 
 
 def train_local(windows: list[StoredWindow], out: Path, *, epochs: int, batch_size: int, lr: float,
-                percentile: float, min_windows: int, seed: int = 0, prefixes: Sequence[str] = ()) -> TrainResult:
-    """``prefixes``: only the features whose names start with one of them (none: every feature)."""
+                percentile: float, min_windows: int, min_steps: int = 0, folds: int = 0, seed: int = 0,
+                prefixes: Sequence[str] = ()) -> TrainResult:
+    """``prefixes``: only the features whose names start with one of them (none: every feature).
+
+    ``min_steps`` and ``folds``: the live recipe (:func:`shoal.core.telemetry.model.fit_detector`).
+    """
     X, names = training_matrix(windows, selected_features(windows, prefixes))
-    if X.shape[0] < min_windows:
+    if X.shape[0] < max(min_windows, folds):
         raise ModelError(f"only {X.shape[0]} training windows with the node's current features; "
-                         f"at least {min_windows} are needed")
-    scaler = MinMaxScaler().fit(X)
-    Xs = scaler.transform(X)
-    ae = Autoencoder(len(names), seed=seed)
-    losses = ae.fit(Xs, epochs=epochs, batch_size=batch_size, lr=lr)
-    threshold = threshold_from_errors(ae.reconstruction_error(Xs), percentile)
-    export_onnx(ae, scaler, names, threshold, out, extra_metadata={"shoal.origin": "local"})
-    return TrainResult(X.shape[0], len(names), threshold, losses[-1])
+                         f"at least {max(min_windows, folds)} are needed")
+    fit = fit_detector(X, epochs=epochs, batch_size=batch_size, lr=lr, percentile=percentile,
+                       min_steps=min_steps, folds=folds, seed=seed)
+    export_onnx(fit.ae, fit.scaler, names, fit.threshold, out, extra_metadata={"shoal.origin": "local"})
+    return TrainResult(X.shape[0], len(names), fit.threshold, fit.losses[-1])
 
 
 def model_from_global(weights: list[np.ndarray], features: list[str], windows: list[StoredWindow], out: Path,
