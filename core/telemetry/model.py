@@ -243,6 +243,37 @@ def fit_detector(X_raw, *, epochs: int, batch_size: int, lr: float, percentile: 
     return Fitted(ae, scaler, threshold_from_errors(errors, percentile), n_epochs, losses)
 
 
+class NodeVerdict:
+    """The node's verdict from its windows' verdicts, with hysteresis.
+
+    A window's verdict alone flags about one normal window in fifty (the 98th
+    percentile); a dispatcher that stopped using a node on each of those would
+    lose healthy nodes all the time. The node turns anomalous after ``confirm``
+    anomalous windows in a row, and normal again after ``confirm`` normal ones
+    (as an alert's ``for`` and ``keep_firing_for``). With independent windows at
+    a 2 % false-alarm rate, 3 in a row is 8 in a million windows; a fault is
+    reported ``confirm - 1`` windows later than its first flagged window.
+    ``confirm = 1`` is the window's own verdict.
+    """
+
+    def __init__(self, confirm: int) -> None:
+        if confirm < 1:
+            raise ValueError(f"confirm must be >= 1, got {confirm}")
+        self.confirm = confirm
+        self.anomalous = False
+        self._streak = 0  # windows in a row that disagree with the current verdict
+
+    def update(self, window_anomalous: bool) -> bool:
+        """Feed one scored window; returns the node's verdict after it."""
+        if window_anomalous == self.anomalous:
+            self._streak = 0
+        else:
+            self._streak += 1
+            if self._streak >= self.confirm:
+                self.anomalous, self._streak = window_anomalous, 0
+        return self.anomalous
+
+
 # -------------------------------------------------------------------- autoencoder
 
 

@@ -421,3 +421,19 @@ def test_a_value_past_the_training_range_raises_the_score():
 def test_fold_errors_need_enough_windows():
     with pytest.raises(ValueError, match="5 folds"):
         fold_errors(np.zeros((3, 2), np.float32), folds=5, epochs=1, batch_size=1, lr=1e-3)
+
+
+def test_node_verdict_needs_confirm_windows_in_a_row_both_ways():
+    from shoal.core.telemetry.model import NodeVerdict
+
+    v = NodeVerdict(3)
+    # lone false alarms (and pairs) never flag the node
+    seen = [v.update(w) for w in [True, False, True, True, False, False, True]]
+    assert seen == [False] * 7
+    # three in a row do, on the third
+    assert [v.update(True) for _ in range(3)] == [False, True, True]  # the 7th above was the first
+    # a lone normal window inside a fault does not clear it; three do
+    assert [v.update(w) for w in [False, True, False, False, False]] == [True, True, True, True, False]
+    assert [NodeVerdict(1).update(w) for w in (True, False)] == [True, False]
+    with pytest.raises(ValueError, match="confirm"):
+        NodeVerdict(0)
