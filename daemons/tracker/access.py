@@ -137,31 +137,42 @@ def _read_passkeys(path: Path) -> list[bytes]:
 
 
 class ConnectionIds:
-    """Stateless BEP 15 connection ids.
+    """Stateless BEP 15 connection ids that survive a restart.
 
     An id is a keyed hash of the client's IP and the current minute, so the
     tracker stores nothing per client and an id used from another IP fails:
     a spoofed source cannot announce without first receiving the id sent to
     it. The port is left out on purpose: NAT rebinding changes it, and
-    libtorrent caches one id per tracker for the whole process. BEP 15: a client may use an id for one minute and
-    a tracker should accept it for two, so ids from the current and the
-    previous minute are valid. The key is random per process: after a restart
-    old ids fail and clients connect again, as the BEP expects.
+    libtorrent caches one id per tracker for the whole process. BEP 15: a
+    client may use an id for one minute and a tracker should accept it for
+    two, so ids from the current and the previous minute are valid.
+
+    Surviving a restart takes two things: the daemon keeps ``secret`` in its
+    state directory, and the minute is counted on a clock that a restart
+    does not move. ``now`` is the caller's monotonic time (trio's clock
+    starts at a random offset in every process), so the daemon passes
+    ``clock_offset`` = wall time minus monotonic time, read once at start:
+    minutes are then wall-clock minutes, and a wall-clock step while the
+    daemon runs changes nothing.
     """
 
     EPOCH = 60.0
     _U64 = struct.Struct(">Q")
 
-    def __init__(self, secret: bytes | None = None) -> None:
+    def __init__(self, secret: bytes | None = None, clock_offset: float = 0.0) -> None:
         self.secret = secret or os.urandom(32)
+        self.clock_offset = clock_offset
 
     def _make(self, ip: str, epoch: int) -> int:
         h = hashlib.blake2b(f"{ip}|{epoch}".encode(), key=self.secret, digest_size=8)
         return self._U64.unpack(h.digest())[0]
 
+    def _epoch(self, now: float) -> int:
+        return int((now + self.clock_offset) // self.EPOCH)
+
     def issue(self, ip: str, now: float) -> int:
-        return self._make(ip, int(now // self.EPOCH))
+        return self._make(ip, self._epoch(now))
 
     def valid(self, connection_id: int, ip: str, now: float) -> bool:
-        epoch = int(now // self.EPOCH)
+        epoch = self._epoch(now)
         return connection_id == self._make(ip, epoch) or connection_id == self._make(ip, epoch - 1)

@@ -43,7 +43,9 @@ class TrackerApp:
             max_torrents=t.max_torrents, max_peers_per_torrent=t.max_peers_per_torrent, max_peers=t.max_peers
         )
         self.metrics = TrackerMetrics(ctx.registry, self.table.stats)
-        ids = ConnectionIds(self._secret(ctx.state_dir / SECRET_FILE))
+        # Connection ids count wall-clock minutes (see ConnectionIds), so an
+        # id handed out before a restart is still accepted after it.
+        ids = ConnectionIds(self._secret(ctx.state_dir / SECRET_FILE), time.time() - trio.current_time())
         self.service = TrackerService(t, load_policy(cfg.access), self.table, self.metrics, ids)
         self.state_file: Path = ctx.state_dir / STATE_FILE
         self.saver = StateSaver("swarm", self.state_file, lambda: self.table.snapshot(trio.current_time()),

@@ -85,3 +85,18 @@ def test_connection_ids_are_bound_to_ip_and_expire():
     assert not ids.valid(cid, "192.0.2.1", now=1000.0 + 120.1)
     assert not ids.valid(cid, "192.0.2.2", now=1000.0)
     assert not ConnectionIds(b"j" * 32).valid(cid, "192.0.2.1", now=1000.0)
+
+
+def test_connection_ids_count_wall_minutes_whatever_the_monotonic_origin():
+    # Two processes of one tracker: the same key, monotonic clocks with
+    # different origins (trio's starts at a random offset), the same wall
+    # clock. Each passes clock_offset = wall - monotonic, read at its start.
+    wall = 1_800_000_000.0
+    before = ConnectionIds(b"k" * 32, clock_offset=wall - 12_345.0)
+    cid = before.issue("192.0.2.1", now=12_345.0)
+    after = ConnectionIds(b"k" * 32, clock_offset=(wall + 5.0) - 98_765.0)  # restarted 5 s later
+    assert after.valid(cid, "192.0.2.1", now=98_765.0)
+    assert after.valid(cid, "192.0.2.1", now=98_765.0 + 55.0)
+    assert not after.valid(cid, "192.0.2.1", now=98_765.0 + 125.0)
+    # Without the offset the minutes would not line up.
+    assert not ConnectionIds(b"k" * 32).valid(cid, "192.0.2.1", now=98_765.0)

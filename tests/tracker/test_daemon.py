@@ -14,9 +14,10 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from shoal.daemons.peer.announce import HttpTracker, TrackerUrl, UdpTracker, http_get
+from shoal.protocol import udp_tracker as udp_wire
 from shoal.protocol.tracker import Announce, AnnounceResponse, Event, Failure
 
-from .conftest import start_tracker
+from .conftest import free_udp_port, next_host, start_tracker, write_config
 
 IH_A = b"\xaa" * 20
 IH_B = b"\xbb" * 20
@@ -139,6 +140,44 @@ async def test_graceful_restart_keeps_the_swarm(config, tmp_path):
         assert (state / "udp-secret").read_bytes() == secret
 
 
+async def udp_exchange(sock: trio.socket.SocketType, request) -> object:
+    await sock.send(udp_wire.encode_request(request))
+    with trio.fail_after(5):
+        return udp_wire.parse_response(await sock.recv(2048))
+
+
+async def test_udp_connection_id_survives_a_restart(tmp_path):
+    """BEP 15: an id handed out before a restart is accepted after it.
+
+    libtorrent caches one id per tracker IP for a minute, process-wide; if a
+    restart voided it, every such client would be refused until its cache
+    ran out. The restart here is a graceful stop and start on the same state
+    directory and address, and the client keeps its socket.
+    """
+    host = next_host()
+    config = write_config(tmp_path / "tracker.toml", host=host, udp_port=free_udp_port(host))
+    state = tmp_path / "state"
+    with trio.fail_after(60):
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            async with await start_tracker(config, state) as d:
+                u = d.addresses["udp"]
+                await sock.connect((u.host, u.port))
+                reply = await udp_exchange(sock, udp_wire.ConnectRequest(7))
+                assert isinstance(reply, udp_wire.ConnectResponse)
+                cid = reply.connection_id
+                assert await d.terminate() == 0
+            async with await start_tracker(config, state) as d:
+                assert d.addresses["udp"] == u  # the same address (the config names the host)
+                reply = await udp_exchange(sock, udp_wire.AnnounceRequest(cid, 8, ann(1)))
+                assert isinstance(reply, udp_wire.AnnounceResponse), reply
+                assert (reply.transaction_id, reply.leechers) == (8, 1)
+                m = await metrics(d)
+                assert rejected(m, "udp") == {}
+                assert m[("shoal_tracker_announces_total", (("event", "started"), ("protocol", "udp")))] == 1
+                assert await d.terminate() == 0
+
+
 async def test_kill_9_during_announce_storm_then_serves_again(config, tmp_path):
     state = tmp_path / "state"
     with trio.fail_after(90):
@@ -183,8 +222,6 @@ async def test_kill_9_during_announce_storm_then_serves_again(config, tmp_path):
 
 
 async def test_sighup_reloads_access_lists_and_refuses_a_bad_one(tmp_path):
-    from .conftest import write_config
-
     wl = tmp_path / "whitelist"
     wl.write_text(IH_A.hex() + "\n")
     config = write_config(tmp_path / "tracker.toml",
