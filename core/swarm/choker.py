@@ -40,6 +40,16 @@ the previous one; a peer that connected less than ``newcomer_age`` seconds
 ago weighs ``newcomer_weight`` (3) times as much, as in the mainline client.
 Not-interested peers are choked (they want nothing) and hold no slot.
 
+Slots go to peers that use them. Interest alone counts for nothing: a slot
+holder that has neither sent a Request nor been sent a block for
+``request_grace`` seconds since it was unchoked (or since its last request
+or block) loses the slot at once, and the slot goes to the next candidate.
+Each such loss is a *strike*; candidates are ranked by fewest strikes right
+after their rate, so a crowd that sends Interested and never requests gets
+each slot for ``request_grace`` once, and a real peer behind it gets its
+turn within ``ceil(crowd / slots) * request_grace``. :meth:`strikes` lets the
+caller drop a peer that keeps wasting slots.
+
 :class:`ChokeDecision` is the whole picture, not a delta: ``unchoke`` and
 ``choke`` partition the known peers. The caller sends Choke/Unchoke only to
 peers whose state differs from what it last sent.
@@ -75,7 +85,7 @@ class ChokeDecision:
 
 class _PeerState:
     __slots__ = ("joined", "seq", "interested", "we_interested", "last_block", "down", "up",
-                 "last_slot", "received")
+                 "last_slot", "received", "unchoked_at", "last_used", "strikes")
 
     def __init__(self, now: float, seq: int, rate_window: float) -> None:
         self.joined = now
@@ -87,6 +97,9 @@ class _PeerState:
         self.up = RateMeter(rate_window)  # us -> them
         self.last_slot = -1  # grant number of the last regular slot (round robin)
         self.received = 0  # bytes of piece data they ever sent us
+        self.unchoked_at: float | None = None  # since when it holds a slot (None: choked)
+        self.last_used = -float("inf")  # its last Request to us, or our last block to it
+        self.strikes = 0  # slots it held without using them
 
 
 class Choker:
@@ -96,10 +109,11 @@ class Choker:
                  snub_after: float = 60.0,
                  seeding_policy: Literal["upload_rate", "round_robin"] = "upload_rate",
                  optimistic_slots: int = 1, newcomer_age: float = 60.0, newcomer_weight: float = 3.0,
-                 rate_window: float = 20.0, rng: random.Random) -> None:
+                 rate_window: float = 20.0, request_grace: float = 5.0, rng: random.Random) -> None:
         if slots < 0 or optimistic_slots < 0:
             raise ValueError("slots must be >= 0")
-        if not (interval > 0 and optimistic_interval > 0 and snub_after > 0 and rate_window > 0):
+        if not (interval > 0 and optimistic_interval > 0 and snub_after > 0 and rate_window > 0
+                and request_grace > 0):
             raise ValueError("intervals must be > 0")
         if seeding_policy not in ("upload_rate", "round_robin"):
             raise ValueError(f"seeding_policy must be upload_rate or round_robin, got {seeding_policy!r}")
@@ -112,12 +126,15 @@ class Choker:
         self.newcomer_age = newcomer_age
         self.newcomer_weight = newcomer_weight
         self.rate_window = rate_window
+        self.request_grace = request_grace
         self.rng = rng
         self.seeding = False
         #: regular rounds run (a metric: shoal_peer_choke_rounds_total)
         self.rounds = 0
         #: optimistic rotations run
         self.optimistic_rounds = 0
+        #: slots taken back from holders that did not use them (strikes given)
+        self.unused_slots = 0
         self._peers: dict[Peer, _PeerState] = {}
         self._seq = 0
         self._grants = 0
@@ -160,7 +177,13 @@ class Choker:
 
     def record_upload(self, peer: Peer, nbytes: int, now: float) -> None:
         """We sent the peer ``nbytes`` of piece data."""
-        self._peers[peer].up.add(nbytes, now)
+        st = self._peers[peer]
+        st.up.add(nbytes, now)
+        st.last_used = now
+
+    def record_request(self, peer: Peer, now: float) -> None:
+        """The peer sent us a Request: it uses its slot (or will, once unchoked)."""
+        self._peers[peer].last_used = now
 
     def set_seeding(self, seeding: bool) -> None:
         """We have every piece: rank by upload (or round robin), no snubbing. Applies from the next round."""
@@ -173,6 +196,10 @@ class Choker:
 
     def upload_rate(self, peer: Peer, now: float) -> float:
         return self._peers[peer].up.rate(now)
+
+    def strikes(self, peer: Peer) -> int:
+        """Slots this peer held without using them."""
+        return self._peers[peer].strikes
 
     def is_snubbed(self, peer: Peer, now: float) -> bool:
         st = self._peers[peer]
@@ -204,6 +231,15 @@ class Choker:
         for held in (self._regular, self._optimistic):
             for p in [p for p in held if not self._peers[p].interested]:
                 del held[p]
+        # Holders that have not used their slot lose it now, whatever the round.
+        grace = self.request_grace
+        for held in (self._regular, self._optimistic):
+            for p in list(held):
+                st = self._peers[p]
+                if st.unchoked_at is not None and now - max(st.unchoked_at, st.last_used) >= grace:
+                    del held[p]
+                    st.strikes += 1
+                    self.unused_slots += 1
 
         previous_optimistic = list(self._optimistic)
         if due_optimistic:
@@ -221,6 +257,11 @@ class Choker:
         elif len(self._optimistic) < self.optimistic_slots:
             self._fill_optimistic(now, avoid=set())
         unchoke = frozenset(self._regular) | frozenset(self._optimistic)
+        for p, st in self._peers.items():
+            if p not in unchoke:
+                st.unchoked_at = None
+            elif st.unchoked_at is None:
+                st.unchoked_at = now
         return ChokeDecision(unchoke=unchoke, choke=frozenset(self._peers.keys() - unchoke),
                              optimistic=self.optimistic, recomputed=due_round)
 
@@ -234,7 +275,7 @@ class Choker:
         peers = self._peers
         if self.seeding and self.seeding_policy == "round_robin":
             # least recently served first; join order breaks ties so the rotation is fair
-            return sorted(cands, key=lambda p: (peers[p].last_slot, peers[p].seq))
+            return sorted(cands, key=lambda p: (peers[p].strikes, peers[p].last_slot, peers[p].seq))
         if self.seeding:
             def rate(p: Peer) -> float:
                 return peers[p].up.rate(now)
@@ -246,11 +287,12 @@ class Choker:
         # that never uploads loses every tie to one that ever did; and a
         # holder keeps its slot on a tie only if it ever gave us anything.
         if self.seeding:
-            keyed = [(-rate(p), 0, p not in self._regular, rnd(), peers[p].seq, p) for p in cands]
+            keyed = [(-rate(p), peers[p].strikes, 0, p not in self._regular, rnd(), peers[p].seq, p)
+                     for p in cands]
         else:
-            keyed = [(-rate(p), -peers[p].received, not (p in self._regular and peers[p].received), rnd(),
-                      peers[p].seq, p) for p in cands]
-        keyed.sort(key=lambda k: k[:5])
+            keyed = [(-rate(p), peers[p].strikes, -peers[p].received,
+                      not (p in self._regular and peers[p].received), rnd(), peers[p].seq, p) for p in cands]
+        keyed.sort(key=lambda k: k[:6])
         return [k[-1] for k in keyed]
 
     def _grant(self, peers: list[Peer]) -> None:
@@ -274,6 +316,9 @@ class Choker:
         fresh = [p for p in cands if p not in avoid]
         if fresh:
             cands = fresh
+        if cands:  # the fewest strikes first: a peer that wasted slots waits for the others
+            fewest = min(self._peers[p].strikes for p in cands)
+            cands = [p for p in cands if self._peers[p].strikes == fewest]
         while cands and len(self._optimistic) < self.optimistic_slots:
             weights = [self.newcomer_weight if now - self._peers[p].joined < self.newcomer_age else 1.0
                        for p in cands]

@@ -406,6 +406,11 @@ class PiecePicker:
         """A seed: a full bitfield or BEP 6 Have All. O(1) for a new peer."""
         self._make_seed(self._info(peer))
 
+    def is_seed(self, peer: Peer) -> bool:
+        """The peer has every piece (a full bitfield, Have All, or Haves for all)."""
+        info = self._peers.get(peer)
+        return info is not None and info.bits is None
+
     def peer_gone(self, peer: Peer) -> list[Block]:
         """The peer disconnected: forget its pieces and release its requests.
 

@@ -24,6 +24,11 @@ class PeerSection:
     # The seeds (Spotify): stop dialling at the soft limit, refuse at the hard one.
     max_connections_soft: int = setting(50, min=1, max=10_000)
     max_connections_hard: int = setting(60, min=1, max=10_000)
+    # Admission (docs/peer.md): incoming connections from one IP; the handshake's
+    # deadline; the deadline for a peer's first message after it.
+    max_per_address: int = setting(8, min=1, max=10_000)
+    handshake_timeout: float = setting(10.0, min=0.1, max=600.0)
+    first_message_timeout: float = setting(10.0, min=0.1, max=600.0)
     # The seeds (BitTorrent): ask the tracker again when fewer peers than this are connected.
     reannounce_below: int = setting(20, min=0, max=1000)
     numwant: int = setting(50, min=0, max=1000)
@@ -59,6 +64,8 @@ class ChokerSection:
     seeding_policy: Literal["upload_rate", "round_robin"] = "upload_rate"
     # Rates used for ranking are averaged over this many seconds.
     rate_window: float = setting(20.0, min=1.0, max=600.0)
+    # An unchoked peer that neither requests nor is sent a block for this long loses its slot.
+    request_grace: float = setting(5.0, min=0.1, max=600.0)
 
 
 @dataclass(frozen=True, slots=True)

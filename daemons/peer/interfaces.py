@@ -42,11 +42,16 @@ if TYPE_CHECKING:
 
 
 class Banned(Exception):
-    """The peer misbehaved; ``reason`` is a metric label (see metrics.BAN_REASONS)."""
+    """The peer misbehaved: close its connection and count an offence against it.
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    ``reason`` is a metric label (see metrics.BAN_REASONS); ``points`` is the
+    offence's weight (core.swarm.bans: 2 bans at once, 1 only on a repeat).
+    """
+
+    def __init__(self, reason: str, detail: str = "", points: int = 2) -> None:
         super().__init__(detail or reason)
         self.reason = reason
+        self.points = points
 
 
 class Peer(Protocol):
@@ -77,11 +82,11 @@ class SessionHost(Protocol):
     @property
     def local_host(self) -> str | None: ...
 
-    def ban(self, ip: str, reason: str) -> None: ...
+    def offend(self, info_hash: bytes, keys: list[tuple[str, Any]], reason: str, points: int = 1) -> bool: ...
+
+    def banned(self, info_hash: bytes, keys: list[tuple[str, Any]]) -> str | None: ...
 
     def ban_address(self, addr: tuple[str, int], reason: str) -> None: ...
-
-    def is_banned(self, ip: str) -> bool: ...
 
     async def connect(self, addr: tuple[str, int]) -> trio.SocketStream: ...
 
@@ -115,5 +120,7 @@ class TorrentHost(Protocol):
     async def wake_requesters(self) -> None: ...
 
     def on_peer_pieces(self, link: Any, index: int | None) -> None: ...
+
+    def on_peer_seed(self, link: Any) -> None: ...
 
     async def on_extended(self, link: Any, ev: pw.Extended) -> None: ...

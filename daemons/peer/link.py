@@ -4,10 +4,21 @@ A :class:`PeerLink` runs three tasks in one nursery:
 
 * the reader turns bytes into events and acts on them (choke state, piece
   availability, incoming blocks, requests to serve);
-* the writer sends queued frames, in order, from a bounded channel, so a peer
-  that stops reading blocks our sends instead of growing memory;
+* the writer sends queued frames from two lanes. The *control lane* (every
+  message but Piece: Choke, Have, Request, PEX, metadata, ...) always goes
+  first and is never dropped; the *upload lane* carries Piece messages and
+  holds at most ``UPLOAD_WATERMARK`` bytes, so a peer that stops reading
+  blocks our uploader instead of growing memory, and still learns, as soon
+  as it reads again, that we choked it or have a new piece. A peer that lets
+  ``CONTROL_LIMIT`` bytes of control messages pile up is not reading at all
+  and is disconnected (a message is never silently lost);
 * the uploader serves the peer's requests one block at a time, through the
-  session's upload throttle, and only while we unchoke it.
+  session's upload throttle, and only while we unchoke it. Choking drops the
+  blocks still waiting in the upload lane (rejected, with BEP 6).
+
+The four BEP 3 choke/interest flags live in one place, the protocol's
+:class:`~shoal.protocol.peer_wire.PeerConnection` (set as messages are
+parsed and queued); the link only reads them.
 
 Domain decisions (which blocks to ask for, whom to unchoke) are made by the
 torrent's picker and choker; the link reports facts to them and carries out
@@ -29,9 +40,13 @@ from shoal.protocol import peer_wire as pw
 
 log = logging.getLogger("shoal.peer")
 
-# Frames waiting for the writer. A 16 KiB block is the largest common frame,
-# so this bounds a link's send buffer to about 2 MiB.
-SEND_QUEUE = 128
+# Piece bytes that may wait for the writer (libtorrent's send buffer
+# watermark is 500 KiB): our uploader waits below this.
+UPLOAD_WATERMARK = 512 * 1024
+# Control bytes that may wait: Haves for every piece of a large torrent, PEX
+# and metadata replies fit many times over. Beyond this the peer is not
+# reading at all and is disconnected.
+CONTROL_LIMIT = 1 << 20
 # Requests a peer may have queued with us (libtorrent advertises reqq 500).
 MAX_PEER_REQUESTS = 500
 # How long a peer may stay silent before we give up (BEP 3 keep-alives come
@@ -56,10 +71,6 @@ class PeerLink:
         self.addr = addr
         self.peer_id = peer_id
         self.outgoing = outgoing
-        self.am_choking = True
-        self.am_interested = False
-        self.peer_choking = True
-        self.peer_interested = False
         self.ext: pw.ExtHandshake | None = None
         self.pex_sent: set[tuple[str, int]] = set()  # addresses this peer has heard of from us
         self.requests: collections.deque[pw.Request] = collections.deque()
@@ -72,41 +83,120 @@ class PeerLink:
         # crosses the Piece in flight), and are then dropped without blame.
         self.cancelled: dict[tuple[int, int], None] = {}
         self.closed = False
-        self._send, self._outbox = trio.open_memory_channel[bytes](SEND_QUEUE)
+        now = trio.current_time()
+        self.joined = now
+        self.last_payload = now  # last Piece in either direction (eviction ranks by it)
+        self.messages = 0  # messages received, keep-alives excepted
+        self.close_reason = ""  # why we ended the link (an eviction, a full control lane)
+        self._control: collections.deque[bytes] = collections.deque()
+        self._control_bytes = 0
+        self._upload: collections.deque[tuple[bytes, pw.Request]] = collections.deque()
+        self._upload_bytes = 0
+        self._wake_writer = trio.Event()
+        self._upload_room = trio.Event()
         self._scope = trio.CancelScope()
 
     def __repr__(self) -> str:
         return f"<peer {self.addr[0]}:{self.addr[1]}>"
 
+    def ban_keys(self) -> list[tuple[str, object]]:
+        """What names this peer for bans (core.swarm.bans): its peer_id, and its
+        listening port when known (we dialled it, or its BEP 10 handshake said)."""
+        keys: list[tuple[str, object]] = [(self.addr[0], self.peer_id)]
+        if self.outgoing:
+            keys.append(self.addr)
+        elif self.ext is not None and self.ext.p:
+            keys.append((self.addr[0], self.ext.p))
+        return keys
+
+    # -- the four flags, kept by the protocol's connection state --------------
+
+    @property
+    def am_choking(self) -> bool:
+        return self.conn.am_choking
+
+    @property
+    def am_interested(self) -> bool:
+        return self.conn.am_interested
+
+    @property
+    def peer_choking(self) -> bool:
+        return self.conn.peer_choking
+
+    @property
+    def peer_interested(self) -> bool:
+        return self.conn.peer_interested
+
     # -- sending ---------------------------------------------------------------
 
-    async def send(self, event) -> None:
-        await self._send.send(self.conn.send(event))
+    def send_nowait(self, event) -> None:
+        """Queue a control message (anything but Piece); it goes before any queued block.
 
-    def send_nowait(self, event) -> bool:
-        """Queue a small control frame without blocking; False if the queue is full."""
-        try:
-            self._send.send_nowait(self.conn.send(event))
-        except trio.WouldBlock:
-            return False
-        return True
+        Never blocks and never drops: a peer whose control lane overflows is
+        disconnected instead.
+        """
+        if self.closed:
+            return
+        frame = self.conn.send(event)
+        self._control.append(frame)
+        self._control_bytes += len(frame)
+        self._wake_writer.set()
+        if self._control_bytes > CONTROL_LIMIT:
+            log.info("%s does not read (%d control bytes waiting): closing", self, self._control_bytes)
+            self.close("control_overflow")
+
+    async def send(self, event) -> None:
+        """Queue a control message (kept for callers that await)."""
+        self.send_nowait(event)
+
+    async def _send_block(self, r: pw.Request, block: bytes) -> None:
+        """Queue a Piece in the upload lane, waiting while the lane is at its watermark."""
+        while self._upload_bytes >= UPLOAD_WATERMARK:
+            self._upload_room = trio.Event()
+            await self._upload_room.wait()
+        if self.am_choking:  # choked while it waited: set_choking rejected the queue, not this one
+            if self.conn.fast:
+                self.send_nowait(pw.RejectRequest(r.index, r.begin, r.length))
+            return
+        frame = self.conn.send(pw.Piece(r.index, r.begin, block))
+        self._upload.append((frame, r))
+        self._upload_bytes += len(frame)
+        self._wake_writer.set()
 
     async def _writer(self) -> None:
-        """Send queued frames, joining whatever is already waiting into one write.
+        """Send the control lane, then blocks, joining what is waiting into one write.
 
         A burst of Requests, or several Piece messages, then costs one system
-        call instead of one each.
+        call instead of one each. Piece bytes are counted as uploaded once
+        they are written to the socket.
         """
-        async for frame in self._outbox:
-            frames, size = [frame], len(frame)
-            while size < WRITE_COALESCE:
-                try:
-                    frame = self._outbox.receive_nowait()
-                except trio.WouldBlock:
-                    break
+        t = self.torrent
+        while True:
+            if not self._control and not self._upload:
+                self._wake_writer = trio.Event()
+                await self._wake_writer.wait()
+                continue
+            frames = list(self._control)
+            size = self._control_bytes
+            self._control.clear()
+            self._control_bytes = 0
+            sent = 0
+            while self._upload and size < WRITE_COALESCE:
+                frame, r = self._upload.popleft()
+                self._upload_bytes -= len(frame)
                 frames.append(frame)
                 size += len(frame)
+                sent += r.length
+            if self._upload_bytes < UPLOAD_WATERMARK:
+                self._upload_room.set()
             await self.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+            if sent:
+                now = trio.current_time()
+                self.last_payload = now
+                self.uploaded += sent
+                t.uploaded += sent
+                t.metrics.up.inc(sent)
+                t.choker.record_upload(self, sent, now)
 
     async def _keepalive(self) -> None:
         while True:
@@ -130,19 +220,33 @@ class PeerLink:
         """End this link now (another task decided the peer is not to be trusted)."""
         self._scope.cancel()
 
+    def close(self, reason: str) -> None:
+        """End this link now for ``reason`` (a metric label: see metrics.CLOSE_REASONS)."""
+        if not self.close_reason:
+            self.close_reason = reason
+        self._scope.cancel()
+
     async def _reader(self) -> None:
+        """Read and act on messages. The first one must come within the
+        session's ``first_message_timeout`` (a peer that handshakes and then
+        says nothing is holding a slot for nothing), later ones within
+        ``IDLE_TIMEOUT``."""
         conn = self.conn
+        first = self.torrent.session.config.peer.first_message_timeout
         while True:
             event = conn.next_event()
             if event is pw.NEED_DATA:
-                with trio.move_on_after(IDLE_TIMEOUT) as idle:
+                with trio.move_on_after(IDLE_TIMEOUT if self.messages else first) as idle:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
                 if idle.cancelled_caught:
+                    self.close("idle" if self.messages else "silent")
                     return
                 conn.receive_data(data)
                 continue
             if isinstance(event, pw.ConnectionClosed):
                 return
+            if type(event) is not pw.KeepAlive:
+                self.messages += 1
             await self._handle(event)
 
     # -- events ----------------------------------------------------------------
@@ -159,28 +263,27 @@ class PeerLink:
             t.on_peer_pieces(self, ev.index)
             if not t.picker.have(ev.index):
                 await self._set_interested(True)
-        elif kind is pw.Unchoke:
-            self.peer_choking = False
+            t.on_peer_seed(self)
+        elif kind is pw.Unchoke:  # the connection state has the flag already
             self.fill_requests()
         elif kind is pw.Choke:
-            self.peer_choking = True
             self._release_requests()
             await t.wake_requesters()  # the released blocks can go to other peers now
         elif kind is pw.Interested:
-            self.peer_interested = True
             t.choker.set_interested(self, True)
             t.wake_choker.set()  # a free slot is filled now, not at the next tick
         elif kind is pw.NotInterested:
-            self.peer_interested = False
             t.choker.set_interested(self, False)
         elif kind is pw.Bitfield:
             t.picker.peer_bitfield(self, ev.bits)
             t.on_peer_pieces(self, None)
             await self._set_interested(not t.picker.complete)
+            t.on_peer_seed(self)
         elif kind is pw.HaveAll:
             t.picker.peer_have_all(self)
             t.on_peer_pieces(self, None)
             await self._set_interested(not t.picker.complete)
+            t.on_peer_seed(self)
         elif kind is pw.HaveNone:  # a later one replaces what the peer had (aria2 sends it twice)
             t.picker.peer_bitfield(self, ())
         elif kind is pw.Cancel:
@@ -196,9 +299,11 @@ class PeerLink:
         # KeepAlive, Port, SuggestPiece, AllowedFast: nothing to do.
 
     async def _set_interested(self, interested: bool) -> None:
+        self.set_interested(interested)
+
+    def set_interested(self, interested: bool) -> None:
         if interested != self.am_interested:
-            self.am_interested = interested
-            await self.send(pw.Interested() if interested else pw.NotInterested())
+            self.send_nowait(pw.Interested() if interested else pw.NotInterested())
             self.torrent.choker.set_we_interested(self, interested, trio.current_time())
 
     def forget_request(self, index: int, begin: int) -> None:
@@ -231,8 +336,9 @@ class PeerLink:
                 raise Banned("unrequested_piece", f"{self} sent {self.unrequested} unrequested blocks")
             return
         if len(ev.block) != t.picker.block(ev.index, ev.begin).length:
-            raise Banned("protocol", f"{self} sent a block of the wrong length")
+            raise Banned("protocol", f"{self} sent a block of the wrong length", points=1)
         now = trio.current_time()
+        self.last_payload = now
         if sent is not None:
             t.metrics.request_latency.observe(now - sent)
         n = len(ev.block)
@@ -248,6 +354,7 @@ class PeerLink:
 
     def _on_request(self, ev: pw.Request) -> None:
         t = self.torrent
+        t.choker.record_request(self, trio.current_time())
         if self.am_choking or not t.storage.is_verified(ev.index) or (
                 t.super is not None and not t.super.may_serve(self, ev.index)):
             if self.conn.fast:
@@ -276,24 +383,25 @@ class PeerLink:
                     self.send_nowait(pw.RejectRequest(r.index, r.begin, r.length))
                 continue
             block = await t.read_block(r.index, r.begin, r.length)
-            await self.send(pw.Piece(r.index, r.begin, block))
-            self.uploaded += r.length
-            t.uploaded += r.length
-            t.metrics.up.inc(r.length)
-            t.choker.record_upload(self, r.length, trio.current_time())
+            await self._send_block(r, block)
 
     # -- choking and requesting ---------------------------------------------------
 
     def set_choking(self, choking: bool) -> None:
-        if choking == self.am_choking:
+        if choking == self.am_choking or self.closed:
             return
-        self.am_choking = choking
         if choking:
+            # Blocks not yet written go no further: a choked peer is owed none.
+            # (The uploader may also hold one waiting for room; it checks again.)
+            dropped = [r for _frame, r in self._upload]
+            self._upload.clear()
+            self._upload_bytes = 0
+            self._upload_room.set()
+            self.send_nowait(pw.Choke())
             if self.conn.fast:
-                for r in self.requests:
+                for r in (*dropped, *self.requests):
                     self.send_nowait(pw.RejectRequest(r.index, r.begin, r.length))
             self.requests.clear()
-            self.send_nowait(pw.Choke())
         else:
             self.send_nowait(pw.Unchoke())
 
@@ -313,8 +421,5 @@ class PeerLink:
         """Send Requests for blocks the picker just assigned to this peer."""
         for b in blocks:
             self.sent_at[(b.index, b.begin)] = now
-            if not self.send_nowait(pw.Request(b.index, b.begin, b.length)):
-                # Our own queue to this peer is full: hand the block back.
-                del self.sent_at[(b.index, b.begin)]
-                self.torrent.picker.request_failed(self, b.index, b.begin)
+            self.send_nowait(pw.Request(b.index, b.begin, b.length))
 

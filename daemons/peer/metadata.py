@@ -71,7 +71,7 @@ async def fetch_metadata(session: Session, magnet: Magnet) -> Fetched:
     def offer(addrs) -> None:
         for addr in addrs:
             addr = (addr[0], int(addr[1]))
-            if addr not in seen and not session.is_banned(addr[0]):
+            if addr not in seen and not session.banned(magnet.info_hash, [addr]):
                 seen.add(addr)
                 queue_send.send_nowait(addr)
 
@@ -149,7 +149,7 @@ async def _try_peer(session: Session, info_hash: bytes, addr: tuple[str, int], l
         log.info("metadata from %s:%d: %s", *addr, exc)
         session.metrics.protocol_errors.labels(exc.reason).inc()
         if exc.reason == "info_hash_mismatch":
-            session.ban(addr[0], "bad_metadata")
+            session.offend(info_hash, [addr], "bad_metadata", 2)
         if exc.reason == "bad_handshake" and retry is not None:
             retry()
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:

@@ -14,6 +14,10 @@ from shoal.protocol import metainfo, peer_wire
 # Why a peer was disconnected and banned; bounded set of tokens.
 BAN_REASONS = ("bad_metadata", "bad_hash", "protocol", "wrong_info_hash", "unrequested_piece", "self_connection")
 
+# Why a connection was refused or closed by us, other than for an offence.
+DISCONNECT_REASONS = ("per_address", "handshakes", "handshake_timeout", "full", "banned", "evicted",
+                      "seed_to_seed", "silent", "idle", "control_overflow", "unused_slots")
+
 # A 16 KiB block on loopback takes well under a millisecond; on a busy WAN
 # link several seconds. Requests time out at 30 s by default.
 REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -41,8 +45,14 @@ class PeerMetrics:
         self.webseed_errors = Counter("shoal_peer_webseed_errors_total",
                                       "Failed web seed requests (HTTP status, size, connection).", registry=registry)
         self.choke_rounds = Counter("shoal_peer_choke_rounds_total", "Choke rounds run.", registry=registry)
-        self.bans = Counter("shoal_peer_bans_total", "Peers disconnected and banned, by reason.",
+        self.bans = Counter("shoal_peer_bans_total", "Peers banned for a time (repeated offences), by reason.",
                             ["reason"], registry=registry)
+        self.offences = Counter("shoal_peer_offences_total",
+                                "Offences counted against a peer (its connection is closed), by reason.",
+                                ["reason"], registry=registry)
+        self.disconnects = Counter("shoal_peer_disconnects_total",
+                                   "Connections refused or closed by us for a reason other than an offence.",
+                                   ["reason"], registry=registry)
         self.protocol_errors = Counter("shoal_peer_protocol_errors_total",
                                        "Connections closed for breaking the wire protocol, by reason.",
                                        ["reason"], registry=registry)
@@ -56,6 +66,9 @@ class PeerMetrics:
                                       ["reason"], registry=registry)
         for reason in BAN_REASONS:
             self.bans.labels(reason)
+            self.offences.labels(reason)
+        for reason in DISCONNECT_REASONS:
+            self.disconnects.labels(reason)
         for reason in PROTOCOL_ERROR_REASONS:  # a panel sees zeros, not "No data", on a healthy peer
             self.protocol_errors.labels(reason)
         for reason in TRACKER_ERROR_REASONS:

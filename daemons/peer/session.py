@@ -6,10 +6,18 @@ buckets, which is also how an experiment gives each node its own upload
 capacity). Incoming connections are handshaken here and handed to the
 torrent they name; outgoing ones are dialled from the listen address, so a
 peer on 127.0.0.7 is seen as 127.0.0.7 by everyone.
+
+Admission (docs/peer.md): one source address may hold at most
+``max_per_address`` incoming connections; handshakes in progress are capped
+at the hard connection limit per torrent, and each must finish within
+``handshake_timeout``. Bans are graded and expire (core.swarm.bans): they
+name a peer of one torrent (address and port, or address and peer_id),
+never a whole address.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -19,10 +27,11 @@ from pathlib import Path
 
 import trio
 
+from shoal.core.swarm.bans import BanList
 from shoal.daemons.peer.config import PeerConfig
 from shoal.daemons.peer.metrics import PeerMetrics
 from shoal.daemons.peer.throttle import Throttle
-from shoal.daemons.peer.torrent import HANDSHAKE_TIMEOUT, Torrent
+from shoal.daemons.peer.torrent import Torrent
 from shoal.daemons.runtime.config import ListenAddr
 from shoal.protocol import peer_wire as pw
 from shoal.protocol.errors import RemoteProtocolError
@@ -30,9 +39,8 @@ from shoal.protocol.metainfo import Metainfo
 
 log = logging.getLogger("shoal.peer")
 
-# Bans are kept per IP, at most this many (oldest dropped first).
+# Peers with offences remembered, at most this many (oldest dropped first).
 MAX_BANS = 10_000
-# One peer may not hold more half-open incoming handshakes than the hard limit.
 RECEIVE_SIZE = 65536
 # One tracker exchange (HTTP request, or one UDP try) must finish in this time.
 TRACKER_TIMEOUT = 5.0
@@ -53,7 +61,7 @@ class Session:
         self.download_dir = download_dir
         self.resume_dir = resume_dir
         self.torrents: dict[bytes, Torrent] = {}
-        self.bans: dict[str, str] = {}
+        self.bans = BanList(max_keys=MAX_BANS)
         self.listen_addr: ListenAddr | None = None
         self.upload_throttle = Throttle(config.limits.upload_rate)
         self.download_throttle = Throttle(config.limits.download_rate)
@@ -63,7 +71,8 @@ class Session:
         except PackageNotFoundError:
             self.version = "0"
         self._nursery: trio.Nursery | None = None
-        self._incoming = 0
+        self._handshaking = 0  # incoming connections not yet handshaken
+        self._per_address: collections.Counter[str] = collections.Counter()  # incoming, by source IP
         # Not config keys (yet): tests and experiments set them on the session.
         self.tracker_timeout = TRACKER_TIMEOUT
         self.announce_retry_first = ANNOUNCE_RETRY_FIRST
@@ -128,20 +137,25 @@ class Session:
 
     # -- bans --------------------------------------------------------------------
 
-    def ban(self, ip: str, reason: str) -> None:
+    def offend(self, info_hash: bytes, keys: list[tuple[str, object]], reason: str, points: int = 1) -> bool:
+        """Count an offence against a peer of one torrent; True if it is now banned."""
+        self.metrics.offences.labels(reason).inc()
+        until = self.bans.offend([(info_hash, *k) for k in keys], reason, trio.current_time(), points)
+        if until is None:
+            return False
         self.metrics.bans.labels(reason).inc()
-        if len(self.bans) >= MAX_BANS:
-            del self.bans[next(iter(self.bans))]
-        self.bans[ip] = reason
+        log.info("banned %s for %.0fs (%s)", keys[0][0], until - trio.current_time(), reason)
+        return True
+
+    def banned(self, info_hash: bytes, keys: list[tuple[str, object]]) -> str | None:
+        """Why a peer of this torrent is banned now, or None."""
+        return self.bans.banned([(info_hash, *k) for k in keys], trio.current_time())
 
     def ban_address(self, addr: tuple[str, int], reason: str) -> None:
         """Forget an address without banning its IP (e.g. ourselves)."""
         self.metrics.bans.labels(reason).inc()
         for t in self.torrents.values():
             t.known.pop(addr, None)
-
-    def is_banned(self, ip: str) -> bool:
-        return ip in self.bans
 
     # -- connections ---------------------------------------------------------------
 
@@ -182,18 +196,23 @@ class Session:
 
     async def _accept(self, stream: trio.SocketStream) -> None:
         addr = stream.socket.getpeername()[:2]
-        if self.is_banned(addr[0]):
+        cfg = self.config.peer
+        refused = None
+        if self._per_address[addr[0]] >= cfg.max_per_address:
+            refused = "per_address"
+        elif self._handshaking >= cfg.max_connections_hard * max(1, len(self.torrents)):
+            refused = "handshakes"
+        if refused:
+            self.metrics.disconnects.labels(refused).inc()
             await trio.aclose_forcefully(stream)
             return
-        hard = self.config.peer.max_connections_hard
-        if self._incoming >= hard * max(1, len(self.torrents)):
-            await trio.aclose_forcefully(stream)
-            return
-        self._incoming += 1
+        self._per_address[addr[0]] += 1
+        self._handshaking += 1
+        handshaking = True
         try:
             conn = self._new_conn(None)
             try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                with trio.fail_after(cfg.handshake_timeout):
                     hs = await _receive_handshake(stream, conn)
                     torrent = self.torrents.get(hs.info_hash)
                     if torrent is None:
@@ -205,13 +224,21 @@ class Session:
                 log.debug("incoming %s:%d: %s", *addr, exc)
                 if isinstance(exc, RemoteProtocolError):
                     self.metrics.protocol_errors.labels(reason).inc()
+                elif isinstance(exc, trio.TooSlowError):
+                    self.metrics.disconnects.labels("handshake_timeout").inc()
                 await trio.aclose_forcefully(stream)
                 return
+            self._handshaking -= 1
+            handshaking = False
             # The incoming connection's source port is ephemeral; remember
             # nothing about it for dialling.
             await torrent.attach(stream, conn, addr, outgoing=False)
         finally:
-            self._incoming -= 1
+            if handshaking:
+                self._handshaking -= 1
+            self._per_address[addr[0]] -= 1
+            if not self._per_address[addr[0]]:
+                del self._per_address[addr[0]]
 
 
 async def _receive_handshake(stream: trio.SocketStream, conn: pw.PeerConnection) -> pw.Handshake:

@@ -12,7 +12,16 @@ its peers. Its tasks:
   itself recomputes every 10 s and rotates the optimistic unchoke every 30 s);
 * **timeouts**: requests unanswered for ``request_timeout`` go to other peers;
 * **pex**: every ``pex_interval`` each peer that speaks ut_pex (BEP 11) hears
-  which listening addresses we connected to and lost since its last message.
+  which listening addresses we connected to and lost since its last message
+  (never for a ``private`` torrent, BEP 27: it learns peers from its trackers
+  only, and neither offers nor acts on PEX).
+
+Admission and eviction (docs/peer.md): at the soft connection limit a new
+connection replaces the least useful peer -- a seed when we are seeding too,
+then one not interested either way, then one that has moved no block for
+``EVICT_IDLE`` seconds, the longest idle first; with none of those it is
+refused at the hard limit. Seeds disconnect from seeds. Offences close the
+connection and count against that peer (core.swarm.bans).
 """
 
 from __future__ import annotations
@@ -61,6 +70,14 @@ HANDSHAKE_TIMEOUT = 10.0
 RETRY_AFTER = 30.0
 # BEP 11: at most 50 added and 50 dropped peers in one message.
 PEX_MAX = 50
+# A peer that has moved no block either way for this long may be evicted
+# for a newcomer at the soft connection limit.
+EVICT_IDLE = 30.0
+# A peer unchoked this many times that never used its slot is disconnected.
+MAX_STRIKES = 3
+# Where an address was learned: BEP 27 allows only trackers (and the user)
+# for a private torrent.
+SOURCES = ("tracker", "manual", "pex", "magnet")
 
 
 class Torrent:
@@ -228,12 +245,14 @@ class Torrent:
             self.metrics.failed.inc()
             culprits = self.picker.piece_failed(index)
             log.warning("piece %d failed its hash check (from %d peers)", index, len(culprits))
-            if len(culprits) == 1:
-                (culprit,) = culprits
-                if culprit is link:
+            # Every peer that sent blocks of it is suspect: a sole sender is
+            # certainly guilty (banned now), several each get one point.
+            points = 2 if len(culprits) == 1 else 1
+            for culprit in culprits:
+                if culprit is link and points == 2:
                     raise Banned("bad_hash", f"{link} sent piece {index} with a wrong hash")
-                self.session.ban(culprit.addr[0], "bad_hash")
-                culprit.abort()
+                if self.session.offend(self.info_hash, self._ban_keys(culprit), "bad_hash", points):
+                    culprit.abort()
             return
         self.metrics.verified.inc()
         self.piece_verified.set()
@@ -248,9 +267,9 @@ class Torrent:
             log.info("%s: complete", self.meta.name)
             self._reannounce.set()
             for other in list(self.links):
-                if other.am_interested:
-                    other.am_interested = False
-                    other.send_nowait(pw.NotInterested())
+                other.set_interested(False)
+                if self.picker.is_seed(other):
+                    other.close("seed_to_seed")
 
     def _write_batch(self, index: int, batch: list[tuple[int, bytes]]) -> None:
         for begin, block in batch:
@@ -315,9 +334,13 @@ class Torrent:
     async def on_extended(self, link: PeerLink, ev: pw.Extended) -> None:
         if ev.ext_id == 0:
             link.ext = pw.decode_ext_handshake(ev.payload)
+            if self.session.banned(self.info_hash, link.ban_keys()):
+                link.close("banned")  # its listening port names a banned peer
         elif ev.ext_id == EXT_IDS["ut_pex"]:
+            if self.meta.private:
+                return  # BEP 27: we never offered ut_pex; a peer that sends it anyway is ignored
             pex = pw.decode_pex(ev.payload)
-            self.add_addresses(list(pex.added) + list(pex.added6))
+            self.add_addresses(list(pex.added) + list(pex.added6), "pex")
         elif ev.ext_id == EXT_IDS["ut_metadata"]:
             msg = pw.decode_metadata(ev.payload)
             their_id = link.ext.m.get("ut_metadata") if link.ext else None
@@ -332,7 +355,12 @@ class Torrent:
 
     # -- peers -------------------------------------------------------------------
 
-    def add_addresses(self, addrs: Iterable[tuple[str, int]]) -> None:
+    def add_addresses(self, addrs: Iterable[tuple[str, int]], source: str = "manual") -> None:
+        """Remember addresses to dial; ``source`` is one of SOURCES."""
+        if source not in SOURCES:
+            raise ValueError(f"unknown address source {source!r}")
+        if self.meta.private and source not in ("tracker", "manual"):
+            return  # BEP 27: a private torrent's peers come from its trackers only
         me = self.session.listen_addr
         added = False
         for addr in addrs:
@@ -348,14 +376,13 @@ class Torrent:
 
     async def attach(self, stream: trio.SocketStream, conn: pw.PeerConnection, addr: tuple[str, int],
                      outgoing: bool) -> None:
-        """Run a link whose handshake is done, until it ends."""
+        """Run a link whose handshake is done, until it ends (the stream is closed then)."""
         peer_id = conn.their_handshake.peer_id
-        if peer_id == self.session.peer_id:
-            self.session.ban_address(addr, "self_connection")
-            return
-        if any(link.peer_id == peer_id for link in self.links):
-            return  # already connected to this peer (both dialled at once)
-        if len(self.links) >= self.session.config.peer.max_connections_hard:
+        refused = self._refuse(addr, peer_id, outgoing)
+        if refused is not None:
+            if refused:
+                self.metrics.disconnects.labels(refused).inc()
+            await trio.aclose_forcefully(stream)
             return
         link = PeerLink(self, stream, conn, addr, peer_id, outgoing)
         now = trio.current_time()
@@ -373,16 +400,19 @@ class Torrent:
             await link.run()
         except* Banned as group:
             exc = first_leaf(group)
-            log.info("banning %s: %s", link, exc)
-            self.session.ban(addr[0], exc.reason)
+            log.info("closing %s: %s", link, exc)
+            self.session.offend(self.info_hash, link.ban_keys(), exc.reason, exc.points)
         except* RemoteProtocolError as group:
             bad = first_leaf(group)
             log.info("%s broke the protocol (%s): %s", link, bad.reason, bad)
             self.metrics.protocol_errors.labels(bad.reason).inc()
-            self.session.ban(addr[0], "protocol")
+            self.session.offend(self.info_hash, link.ban_keys(), "protocol", 1)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
             log.debug("%s: connection lost: %s", link, group.exceptions[0])
         finally:
+            if link.close_reason:
+                log.debug("%s closed: %s", link, link.close_reason)
+                self.metrics.disconnects.labels(link.close_reason).inc()
             link.closed = True
             self.links.discard(link)
             self._peers_changed()
@@ -398,11 +428,63 @@ class Torrent:
                 self._reannounce.set()
             await self.wake_requesters()
 
+    def _refuse(self, addr: tuple[str, int], peer_id: bytes, outgoing: bool) -> str | None:
+        """Why a handshaken connection may not join (None: it may; "": quietly).
+
+        At the soft limit the least useful link makes room for it (see the
+        module docstring); at the hard limit with nobody to evict, it is refused.
+        """
+        if peer_id == self.session.peer_id:
+            self.session.ban_address(addr, "self_connection")
+            return ""
+        if any(link.peer_id == peer_id for link in self.links):
+            return ""  # already connected to this peer (both dialled at once)
+        keys: list[tuple[str, object]] = [(addr[0], peer_id)] + ([addr] if outgoing else [])
+        if self.session.banned(self.info_hash, keys):
+            return "banned"
+        cfg = self.session.config.peer
+        live = [link for link in self.links if not link.close_reason]
+        if len(live) >= cfg.max_connections_soft:
+            victim = self._least_useful(live, trio.current_time())
+            if victim is not None:
+                victim.close("evicted")
+            elif len(live) >= cfg.max_connections_hard:
+                return "full"
+        return None
+
+    def _least_useful(self, links: list[PeerLink], now: float) -> PeerLink | None:
+        """The link to evict for a newcomer, or None if every link is useful."""
+        best: tuple[int, float] | None = None
+        victim = None
+        seeding = self.picker.complete
+        for link in links:
+            if seeding and self.picker.is_seed(link):
+                key = (0, link.last_payload)
+            elif not link.peer_interested and not link.am_interested:
+                key = (1, link.last_payload)
+            elif now - link.last_payload >= EVICT_IDLE:
+                key = (2, link.last_payload)
+            else:
+                continue
+            if best is None or key < best:
+                best, victim = key, link
+        return victim
+
+    def _ban_keys(self, peer: Peer) -> list[tuple[str, object]]:
+        keys = getattr(peer, "ban_keys", None)
+        return keys() if keys is not None else [peer.addr]
+
+    def on_peer_seed(self, link: PeerLink) -> None:
+        """A peer turned out to have every piece: two seeds have nothing to trade."""
+        if self.picker.complete and self.picker.is_seed(link):
+            link.close("seed_to_seed")
+
     def _greet(self, link: PeerLink) -> None:
         """Queue our extended handshake and piece state (the link's queue is empty)."""
         conn = link.conn
         if conn.extensions:
-            hs = pw.ExtHandshake(m=dict(EXT_IDS), metadata_size=len(self.meta.raw_info),
+            ours = {k: v for k, v in EXT_IDS.items() if k != "ut_pex" or not self.meta.private}
+            hs = pw.ExtHandshake(m=ours, metadata_size=len(self.meta.raw_info),
                                  v=f"shoal {self.session.version}", reqq=500,
                                  p=self.session.listen_addr.port if self.session.listen_addr else None,
                                  yourip=None)
@@ -450,6 +532,8 @@ class Torrent:
         return found
 
     async def _pex(self) -> None:
+        if self.meta.private:
+            return  # BEP 27
         while True:
             await trio.sleep(self.session.config.peer.pex_interval)  # BEP 11's pace, not synchronisation
             current = self.listen_addresses()
@@ -474,7 +558,7 @@ class Torrent:
             for addr, not_before in list(self.known.items()):
                 if len(self.links) + len(self.connecting) >= limit:
                     break
-                if addr in busy or not_before > now or self.session.is_banned(addr[0]):
+                if addr in busy or not_before > now or self.session.banned(self.info_hash, [addr]):
                     continue
                 self.connecting.add(addr)
                 self.nursery.start_soon(self._dial, addr)
@@ -508,6 +592,8 @@ class Torrent:
             decision = self.choker.tick(trio.current_time())
             for link in list(self.links):
                 link.set_choking(link not in decision.unchoke)
+                if self.choker.strikes(link) >= MAX_STRIKES:
+                    link.close("unused_slots")  # unchoked again and again, never asked for a block
             if self.choker.rounds > self._rounds_seen:
                 self.metrics.choke_rounds.inc(self.choker.rounds - self._rounds_seen)
                 self._rounds_seen = self.choker.rounds
@@ -582,7 +668,7 @@ class Torrent:
             # HTTP replies carry a min interval; BEP 15 replies do not.
             interval = float(reply.interval)
             min_interval = float(getattr(reply, "min_interval", None) or min(interval, 60.0))
-            self.add_addresses((p.ip, p.port) for p in reply.peers)
+            self.add_addresses(((p.ip, p.port) for p in reply.peers), "tracker")
             self.metrics.announces.labels("ok").inc()
         return (interval, min_interval) if answered or not self.trackers else None
 

@@ -18,12 +18,17 @@ def join(c: Choker, peers, now=0.0, interested=True):
 
 
 def feed(c: Choker, rates: dict, t0: float, t1: float, upload=False):
-    """Each peer sends (or is sent) rates[p] bytes every second in [t0, t1)."""
+    """Each peer sends (or is sent) rates[p] bytes every second in [t0, t1).
+
+    Every interested peer also keeps requesting from us, as a real one does:
+    slots go only to peers that use them (see the request_grace tests).
+    """
     record = c.record_upload if upload else c.record_download
     t = t0
     while t < t1:
         for p, r in rates.items():
             record(p, r, t)
+            c.record_request(p, t)
         t += 1.0
 
 

@@ -81,8 +81,12 @@ async def test_hostile_peer_is_cut_off_while_a_leecher_completes(lab, tmp_path, 
             await closed_by_peer(stream)
 
         assert count(seeder.metrics.protocol_errors, reason) == 1
-        if case != "wrong_info_hash":  # a wrong info-hash is only refused, not banned
-            assert seeder.bans.get(ip) == "protocol"
+        if case != "wrong_info_hash":  # a wrong info-hash is only refused, not counted against anyone
+            # A first protocol error closes the connection and counts one
+            # point against that peer; it takes a repeat to ban it.
+            peer_key = (meta.info_hash, ip, conn.our_handshake.peer_id)
+            assert seeder.bans.offences(peer_key, trio.current_time()) == (1, 0)
+            assert count(seeder.metrics.offences, "protocol") == 1
         await leecher.completed.wait()
         assert sha1(leecher.save_dir / "data.bin") == sha1(shared.path)
 
@@ -98,7 +102,7 @@ async def test_unrequested_pieces_get_a_peer_banned(lab, tmp_path):
             block = b"\x00" * 16384
             await stream.send_all(b"".join(conn.send(pw.Piece(0, k * 16384, block)) for k in range(12)))
             await closed_by_peer(stream)
-        assert leecher_session.bans.get(ip) == "unrequested_piece"
+        assert leecher_session.banned(meta.info_hash, [(ip, conn.our_handshake.peer_id)]) == "unrequested_piece"
         assert count(leecher_session.metrics.bans, "unrequested_piece") == 1
 
 
@@ -131,7 +135,7 @@ async def test_a_peer_sending_bad_data_is_banned_and_the_download_finishes_elsew
                         break  # banned and hung up on: the point of the test
                     served += 1
         assert served >= meta.piece_length // 16384
-        assert leecher_session.bans.get(ip) == "bad_hash"
+        assert leecher_session.banned(meta.info_hash, [(ip, conn.our_handshake.peer_id)]) == "bad_hash"
         assert leecher_session.metrics.failed._value.get() >= 1
         assert not leecher.completed.is_set()
 
@@ -184,7 +188,7 @@ async def test_a_peer_serving_the_wrong_metadata_is_banned(lab, tmp_path, nurser
         limiter = trio.CapacityLimiter(1)
         await limiter.acquire_on_behalf_of(hostile)
         await _try_peer(leecher, meta.info_hash, hostile, limiter, None)
-        assert leecher.is_banned(hostile[0])
+        assert leecher.banned(meta.info_hash, [hostile]) == "bad_metadata"
         assert count(leecher.metrics.bans, "bad_metadata") == 1
 
         # With the liar and an honest seeder both named, the right dictionary wins.
