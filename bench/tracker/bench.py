@@ -201,6 +201,8 @@ udp_listen = "127.0.0.1:0"
 peer_timeout = 7200
 numwant_max = 200
 max_request_bytes = 4096
+# Every load-generating connection comes from 127.0.0.1.
+max_http_connections_per_ip = 1024
 [access]
 mode = "whitelist"
 whitelist_file = "{whitelist}"

@@ -87,6 +87,30 @@ class AccessPolicy:
         return exempt or self.limiter.allow(ip, now)
 
 
+class AddressSlots:
+    """Connections open per client IP, against a cap: one address cannot fill
+    the server's global connection limit and lock everyone else out."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.open: dict[str, int] = {}
+
+    def acquire(self, ip: str) -> bool:
+        """Take a slot for ``ip``; False (and nothing taken) if it has ``cap``."""
+        n = self.open.get(ip, 0)
+        if n >= self.cap:
+            return False
+        self.open[ip] = n + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        n = self.open[ip] - 1
+        if n:
+            self.open[ip] = n
+        else:
+            del self.open[ip]
+
+
 def load_policy(section: AccessSection, source: str = "access") -> AccessPolicy:
     """Read the whitelist and passkey files; raise ConfigError if unreadable or bad."""
     whitelist = None

@@ -36,6 +36,15 @@ class TrackerSection:
     max_scrape_hashes: int = setting(64, min=1, max=74)
     # An announce request line with headers is well under 2 KiB.
     max_request_bytes: int = setting(4096, min=512, max=65536)
+    # Seconds a connection has to deliver a complete request (and to take its
+    # reply); a client that sends nothing, or junk without a blank line, is
+    # closed then and counted as rejected{reason="timeout"}. Also how long a
+    # quiet keep-alive connection is kept.
+    header_timeout: float = setting(5.0, min=0.5, max=300.0)
+    # HTTP connections served at once, in all and from one client IP; one
+    # more is closed unread (too_many_connections, ip_connection_limit).
+    max_http_connections: int = setting(1024, min=1, max=1_000_000)
+    max_http_connections_per_ip: int = setting(32, min=1, max=1_000_000)
     # Honour the client's ip= parameter (UDP: ip field). Only behind a proxy you trust.
     trust_client_ip: bool = setting(False)
     # The swarm view is saved on a graceful stop and every save_interval seconds.
@@ -48,6 +57,8 @@ class TrackerSection:
             raise ValueError("peer_timeout: must exceed announce_interval, or live peers expire")
         if self.numwant_default > self.numwant_max:
             raise ValueError("numwant_default: must not exceed numwant_max")
+        if self.max_http_connections_per_ip > self.max_http_connections:
+            raise ValueError("max_http_connections_per_ip: must not exceed max_http_connections")
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,12 +13,18 @@ import trio
 
 from shoal.daemons.runtime.config import ConfigError, ListenAddr
 from shoal.daemons.runtime.daemon import DaemonContext
-from shoal.daemons.runtime.http import HttpRequest, HttpResponse, serve_http
+from shoal.daemons.runtime.http import (
+    HttpConnectionHandler,
+    HttpRequest,
+    HttpResponse,
+    bound_address,
+    open_listeners,
+)
 from shoal.daemons.runtime.state import StateSaver, atomic_write
-from shoal.daemons.tracker.access import ConnectionIds, load_policy
+from shoal.daemons.tracker.access import AddressSlots, ConnectionIds, load_policy
 from shoal.daemons.tracker.config import TrackerConfig
 from shoal.daemons.tracker.metrics import TrackerMetrics
-from shoal.daemons.tracker.service import TrackerService
+from shoal.daemons.tracker.service import TrackerService, client_ip
 from shoal.daemons.tracker.swarm import SwarmTable
 
 log = logging.getLogger("shoal.tracker")
@@ -47,6 +53,14 @@ class TrackerApp:
         # id handed out before a restart is still accepted after it.
         ids = ConnectionIds(self._secret(ctx.state_dir / SECRET_FILE), time.time() - trio.current_time())
         self.service = TrackerService(t, load_policy(cfg.access), self.table, self.metrics, ids)
+        self.http = HttpConnectionHandler(
+            self._handle_http,
+            max_request_bytes=t.max_request_bytes,
+            idle_timeout=t.header_timeout,
+            max_connections=t.max_http_connections,
+            on_error=partial(self.metrics.reject, "http"),
+        )
+        self.http_slots = AddressSlots(t.max_http_connections_per_ip)
         self.state_file: Path = ctx.state_dir / STATE_FILE
         self.saver = StateSaver("swarm", self.state_file, lambda: self.table.snapshot(trio.current_time()),
                                 t.save_interval, metrics=ctx.metrics, log=log)
@@ -79,15 +93,7 @@ class TrackerApp:
             async with trio.open_nursery() as nursery:
                 addresses: dict[str, ListenAddr] = {}
                 if t.http_listen is not None:
-                    addresses["http"] = await nursery.start(
-                        partial(
-                            serve_http,
-                            self._handle_http,
-                            t.http_listen,
-                            max_request_bytes=t.max_request_bytes,
-                            on_error=partial(self.metrics.reject, "http"),
-                        )
-                    )
+                    addresses["http"] = await nursery.start(self._serve_http, t.http_listen)
                 if t.udp_listen is not None:
                     addresses["udp"] = await nursery.start(self._serve_udp, t.udp_listen)
                 nursery.start_soon(self._housekeeping)
@@ -110,10 +116,41 @@ class TrackerApp:
         self.table.max_peers = t.max_peers
         self.service.section = t
         self.service.access = policy
+        self.http.max_request_bytes = t.max_request_bytes
+        self.http.idle_timeout = t.header_timeout
+        self.http.max_connections = t.max_http_connections
+        self.http_slots.cap = t.max_http_connections_per_ip
         self.saver.interval = t.save_interval  # from the next save on
         self.config = new
 
     # -- listeners -------------------------------------------------------------
+
+    async def _serve_http(self, listen: ListenAddr, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await open_listeners(listen)
+        task_status.started(bound_address(listeners[0]))
+        # One task per connection; serve_listeners backs off on EMFILE.
+        await trio.serve_listeners(self._admit_http, listeners)
+
+    async def _admit_http(self, stream: trio.SocketStream) -> None:
+        """Serve one HTTP connection, unless its address already has its share.
+
+        The global cap (max_http_connections) alone lets one address hold
+        every slot with idle connections; the per-address cap leaves room
+        for the others. A refused connection is closed unread.
+        """
+        try:
+            ip = client_ip(stream.socket.getpeername()[0])
+        except OSError:  # reset before we looked
+            await trio.aclose_forcefully(stream)
+            return
+        if not self.http_slots.acquire(ip):
+            self.metrics.reject("http", "ip_connection_limit")
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await self.http(stream)
+        finally:
+            self.http_slots.release(ip)
 
     async def _handle_http(self, req: HttpRequest) -> HttpResponse:
         start = time.perf_counter()

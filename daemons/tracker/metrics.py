@@ -31,6 +31,7 @@ ACCESS_REASONS = (
     "bad_method",
     "scrape_all_refused",
     "send_failed",
+    "ip_connection_limit",
 )
 
 # Announce handling takes tens of microseconds; the tail is what matters.
