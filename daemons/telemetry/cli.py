@@ -1,4 +1,4 @@
-"""``shoal telemetry label|status|train|install|inject|experiment``."""
+"""``shoal telemetry label|status|train|install|features|inject|experiment``."""
 
 from __future__ import annotations
 
@@ -6,12 +6,20 @@ import argparse
 import os
 import time
 from datetime import UTC
-from pathlib import Path
 from typing import Any
 
 from shoal.daemons.runtime.cli import call, fail
 from shoal.protocol.contract import Contract
-from shoal.protocol.telemetry import Install, Label, Status, Train
+from shoal.protocol.telemetry import (
+    MAX_INSTALL_BYTES,
+    MAX_MODEL_CHUNK,
+    MAX_MODEL_NAME,
+    Features,
+    Install,
+    Label,
+    Status,
+    Train,
+)
 
 DEFAULT_SOCKET = "/var/lib/shoal-telemetry/control.sock"
 
@@ -43,6 +51,11 @@ def add_commands(tel: argparse._SubParsersAction, top: argparse._SubParsersActio
     i = with_socket(tel.add_parser("install", help="install an ONNX model (refused if corrupt or mismatched)"))
     i.add_argument("model", help="an .onnx file with shoal metadata")
     i.set_defaults(func=cmd_install)
+
+    f = with_socket(tel.add_parser("features", help="this node's window feature names (what a model may use)"))
+    f.add_argument("--prefix", default="", help="only names starting with this (e.g. cgroup_, net_)")
+    f.add_argument("--model", action="store_true", help="mark each name the installed model uses")
+    f.set_defaults(func=cmd_features)
 
     inj = with_socket(tel.add_parser("inject", help="make this node anomalous for a while (fault injector)"))
     inj.add_argument("kind", choices=["cpu", "mem", "io", "net"])
@@ -130,13 +143,37 @@ def cmd_train(args) -> int:
 
 
 def cmd_install(args) -> int:
+    """Send the file in chunks of MAX_MODEL_CHUNK (one RPC frame each), up to MAX_INSTALL_BYTES."""
     try:
-        data = Path(args.model).read_bytes()
+        with open(args.model, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_INSTALL_BYTES:
+                return fail(f"{args.model}: {size} bytes, over the {MAX_INSTALL_BYTES >> 20} MiB cap of "
+                            f"`shoal telemetry install`")
+            data = f.read(MAX_INSTALL_BYTES + 1)
     except OSError as exc:
         return fail(f"{args.model}: {exc.strerror}")
-    r = _rpc(args, "install", Install(model=data))
+    if len(data) > MAX_INSTALL_BYTES:  # grew while we read it
+        return fail(f"{args.model}: over the {MAX_INSTALL_BYTES >> 20} MiB cap of `shoal telemetry install`")
+    name = args.model[:MAX_MODEL_NAME]
+    r = _rpc(args, "install", Install(model=data[:MAX_MODEL_CHUNK], total=len(data) or None, name=name))
+    while "upload" in r:
+        off = r["received"]
+        r = _rpc(args, "install", Install(model=data[off:off + MAX_MODEL_CHUNK], upload=r["upload"], offset=off,
+                                          name=name))
     print(f"installed {args.model}: {r['features']} features, threshold {r['threshold']:.6g}")
     return 0
+
+
+def cmd_features(args) -> int:
+    offset = 0
+    while True:
+        r = _rpc(args, "features", Features(prefix=args.prefix, offset=offset))
+        for name, used in zip(r["features"], r["in_model"], strict=True):
+            print(f"{name}\t{'model' if used else '-'}" if args.model else name)
+        offset += len(r["features"])
+        if not r["features"] or offset >= r["total"]:
+            return 0
 
 
 def cmd_inject(args) -> int:

@@ -38,8 +38,11 @@ is restarted with back-off (runtime/supervise.py). The files shared with
 the ClientApp are in the formats of ``shoal.core.telemetry.formats``.
 
 Control RPC (runtime transport, Unix socket, mode 0600): ``status``,
-``label``, ``train``, ``install``, their parameters the contracts of
-``shoal.protocol.telemetry``.
+``label``, ``train``, ``install`` (a large model in chunks: :class:`Uploads`),
+``features``, their parameters the contracts of ``shoal.protocol.telemetry``.
+A model is checked against the features the collector declares (its sources'
+metrics now, see ``Collector.declared_features``), so a model for another
+node is refused even before the first window is stored.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shlex
 import time
 from functools import partial
@@ -73,11 +77,56 @@ from shoal.daemons.telemetry.trainer import (
     train_local,
     training_matrix,
 )
-from shoal.protocol.telemetry import Install, Label, Status, Train
+from shoal.protocol.telemetry import MAX_FEATURES_PAGE, Features, Install, Label, Status, Train
 
 log = logging.getLogger("shoal.telemetry")
 
 HOOK_TIMEOUT = 30.0
+# A model sent to the control socket before the collector's first sample waits this long for it.
+FIRST_SAMPLE_TIMEOUT = 30.0
+# Chunked installs (protocol.telemetry.Install): uploads in progress at once, and how long one
+# may sit idle between two chunks before it is dropped (its memory freed).
+MAX_UPLOADS = 2
+UPLOAD_IDLE_SECONDS = 60.0
+
+
+class Uploads:
+    """Chunked model uploads in progress: at most MAX_UPLOADS, each at most MAX_INSTALL_BYTES,
+    dropped after UPLOAD_IDLE_SECONDS without a chunk. Time is passed in (tests use any clock)."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[bytearray, int, float]] = {}  # id -> (data, total, last chunk)
+
+    def add(self, p: Install, now: float) -> bytes | dict:
+        """The whole file once ``p`` completes it, else ``{"upload", "received"}``; RpcError
+        ``bad_upload`` for a chunk that does not continue an open upload exactly."""
+        for uid, (_, _, last) in list(self._open.items()):
+            if now - last > UPLOAD_IDLE_SECONDS:
+                del self._open[uid]
+                log.warning("model upload %s dropped: no chunk for %.0f s", uid, UPLOAD_IDLE_SECONDS)
+        if p.upload is None:
+            if p.total is None or p.total == len(p.model):
+                return p.model
+            if len(self._open) >= MAX_UPLOADS:
+                raise RpcError("busy", f"{MAX_UPLOADS} model uploads are already in progress")
+            uid = secrets.token_hex(8)
+            self._open[uid] = (bytearray(p.model), p.total, now)
+            return {"upload": uid, "received": len(p.model)}
+        if p.upload not in self._open:
+            raise RpcError("bad_upload", f"no model upload {p.upload[:16]!r} in progress (finished, or idle "
+                                         f"for over {UPLOAD_IDLE_SECONDS:.0f} s)")
+        buf, total, _ = self._open[p.upload]
+        if p.offset != len(buf) or p.total not in (None, total) or len(buf) + len(p.model) > total \
+                or not p.model:
+            del self._open[p.upload]
+            raise RpcError("bad_upload", f"model upload {p.upload}: a chunk of {len(p.model)} bytes at offset "
+                                         f"{p.offset} does not continue {len(buf)} of {total} bytes; upload dropped")
+        buf += p.model
+        if len(buf) < total:
+            self._open[p.upload] = (buf, total, now)
+            return {"upload": p.upload, "received": len(buf)}
+        del self._open[p.upload]
+        return bytes(buf)
 BLOCKING_SOURCES = {"gpu", "node_exporter"}
 
 
@@ -110,6 +159,8 @@ class TelemetryApp:
         self.model_info: dict = {}
         self.last_verdict: bool | None = None
         self.model_lock = trio.Lock()
+        self.uploads = Uploads()
+        self._first_sample = trio.Event()
         self._global_seen: tuple[int, int] | None = None
         self._nursery: trio.Nursery | None = None
         self.fed_token = read_token(cfg.federation.token_file, "federation.token_file")
@@ -164,6 +215,7 @@ class TelemetryApp:
                 sample = await trio.to_thread.run_sync(self._sample, now)
             else:
                 sample = self._sample(now)
+            self._first_sample.set()
             for w in self.acc.add(now, sample):
                 await self._close_window(w)
             next_tick += interval
@@ -245,16 +297,24 @@ class TelemetryApp:
             self.metrics.model_installs.labels("startup", "refused").inc()
             log.error("not using the stored model: %s", exc)
 
-    def _check_fit(self, det: Detector) -> None:
+    async def node_features(self) -> list[str]:
+        """The window features this node has now: what its collector declares (every present
+        source's metrics, as ``:mean``/``:std``), known from the first sample on, so a model
+        is checked against them even before any window is stored."""
+        if not self.collector.sampled:
+            with trio.move_on_after(FIRST_SAMPLE_TIMEOUT):
+                await self._first_sample.wait()
+        return self.collector.declared_features()
+
+    async def _check_fit(self, det: Detector) -> None:
         """Refuse a model whose features this node does not have."""
-        recent = self.store.recent(1)
-        if not recent:
-            return
-        have = recent[0].features
+        have = set(await self.node_features())
         missing = [n for n in det.feature_names if n not in have]
         if len(missing) > self.config.detector.max_missing_features * det.n_features:
-            raise ModelError(f"model mismatch: it expects {det.n_features} features and this node lacks "
-                             f"{len(missing)} of them (e.g. {missing[0]!r})")
+            example = f" (e.g. {missing[0]!r})" if missing else ""
+            raise ModelError(f"model mismatch: {det.source} expects {det.n_features} features and this node "
+                             f"lacks {len(missing)} of them{example}; `shoal telemetry features` lists the "
+                             f"node's {len(have)}")
 
     def _accept(self, det: Detector, origin: str) -> None:
         self.detector = det
@@ -271,16 +331,22 @@ class TelemetryApp:
         self.last_verdict = None
         log.info("model installed (%s): %d features, threshold %.6g", origin, det.n_features, det.threshold)
 
-    async def _install_candidate(self, origin: str) -> Detector:
-        """Load candidate.onnx; if it fits, make it model.onnx and run it. Raises ModelError."""
+    async def _install_candidate(self, origin: str, data: bytes | None = None, name: str = "") -> Detector:
+        """Load candidate.onnx (or ``data``, the file ``name`` of the user's); if it fits, make
+        it model.onnx and run it. Raises ModelError, naming the user's file, not ours."""
         try:
-            det = await trio.to_thread.run_sync(Detector.load, self.candidate_path)
-            self._check_fit(det)
+            if data is None:
+                det = await trio.to_thread.run_sync(Detector.load, self.candidate_path)
+            else:
+                det = await trio.to_thread.run_sync(partial(Detector.from_bytes, data, source=name or "(rpc)"))
+            await self._check_fit(det)
         except ModelError as exc:
             self.metrics.model_installs.labels(origin, "refused").inc()
             log.error("model refused (%s); the previous model keeps running: %s", origin, exc)
             self.candidate_path.unlink(missing_ok=True)
             raise
+        if data is not None:
+            await trio.to_thread.run_sync(partial(atomic_write, self.candidate_path, data))
         os.replace(self.candidate_path, self.model_path)
         self._accept(det, origin)
         return det
@@ -418,7 +484,8 @@ class TelemetryApp:
             try:
                 res = await trio.to_thread.run_sync(partial(
                     train_local, windows, self.candidate_path, epochs=epochs, batch_size=batch, lr=lr,
-                    percentile=t.percentile, min_windows=t.min_windows, prefixes=t.features))
+                    percentile=t.percentile, min_windows=t.min_windows, min_steps=t.min_steps, folds=t.folds,
+                    prefixes=t.features))
                 await self._install_candidate("local")
             except ModelError as exc:
                 raise RpcError("train_failed", str(exc)) from None
@@ -426,13 +493,23 @@ class TelemetryApp:
 
     @rpc_method("install", Install)
     async def rpc_install(self, params: Install) -> dict:
+        data = self.uploads.add(params, time.monotonic())
+        if isinstance(data, dict):  # more chunks to come
+            return data
         async with self.model_lock:
-            await trio.to_thread.run_sync(partial(atomic_write, self.candidate_path, params.model))
             try:
-                det = await self._install_candidate("rpc")
+                det = await self._install_candidate("rpc", data, params.name)
             except ModelError as exc:
                 raise RpcError("model_refused", str(exc)) from None
         return {"features": det.n_features, "threshold": det.threshold}
+
+    @rpc_method("features", Features)
+    async def rpc_features(self, params: Features) -> dict:
+        names = [n for n in await self.node_features() if n.startswith(params.prefix)]
+        page = names[params.offset:params.offset + MAX_FEATURES_PAGE]
+        model = set(self.detector.feature_names) if self.detector is not None else set()
+        return {"features": page, "total": len(names), "offset": params.offset,
+                "in_model": [n in model for n in page]}
 
 
 def _iso(t: float) -> str:

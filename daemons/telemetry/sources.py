@@ -521,6 +521,22 @@ def default_sources(root: Path, *, gpu: bool = True, node_exporter_url: str = ""
     return sources
 
 
+_JIFFY_RATIOS = ("_busy.jiffies", "_iowait.jiffies")
+# A metric not read for this many samples is no longer one the node declares (Collector.metric_names).
+NAMES_MEMORY = 60
+
+
+def rate_name(counter: str) -> str | None:
+    """The metric a counter becomes: ``X_per_s``; ``.watts`` (energy) as is; CPU jiffies as
+    ``_util``/``_iowait`` ratios of the total (which itself gives none)."""
+    if counter.endswith("_total.jiffies"):
+        return None
+    if counter.endswith(_JIFFY_RATIOS):
+        base = counter.rsplit("_", 1)[0]
+        return f"{base}_{'util' if counter.endswith('_busy.jiffies') else 'iowait'}"
+    return counter if counter.endswith(".watts") else counter + "_per_s"
+
+
 class Collector:
     """Reads every present source and turns counters into rates.
 
@@ -547,6 +563,29 @@ class Collector:
         self._failing: set[str] = set()
         self._prev: dict[str, float] = {}
         self._prev_time: float | None = None
+        # metric name (rates included) -> the number of the last reading that gave it
+        self._names: dict[str, int] = {}
+        self._readings = 0
+
+    @property
+    def sampled(self) -> bool:
+        """True once some source has been read (``metric_names`` means something)."""
+        return bool(self._names)
+
+    def metric_names(self) -> list[str]:
+        """The metrics this node produces: those its sources gave in the last NAMES_MEMORY samples.
+
+        Rates are named from the counters themselves, so a counter's rate is
+        declared from the first reading on. A source that fails, or gives a
+        partial reading, for a moment does not make the node "lack" a feature;
+        a sensor gone for NAMES_MEMORY samples is no longer declared.
+        """
+        oldest = self._readings - NAMES_MEMORY
+        return sorted(n for n, seen in self._names.items() if seen > oldest)
+
+    def declared_features(self) -> list[str]:
+        """The window features this node's windows have: ``<metric>:mean`` and ``<metric>:std``."""
+        return sorted(f"{m}:{stat}" for m in self.metric_names() for stat in ("mean", "std"))
 
     def sample(self, now: float) -> dict[str, float]:
         gauges: dict[str, float] = {}
@@ -565,6 +604,13 @@ class Collector:
                 log.info("telemetry source %s recovered", s.name)
             gauges.update(r.gauges)
             counters.update(r.counters)
+            for n in (*r.gauges, *map(rate_name, r.counters)):
+                if n is not None:
+                    self._names[n] = self._readings + 1
+        self._readings += 1
+        if self._readings % NAMES_MEMORY == 0:  # forget names gone for long (bounds the map)
+            oldest = self._readings - NAMES_MEMORY
+            self._names = {n: seen for n, seen in self._names.items() if seen > oldest}
         out = dict(gauges)
         prev, dt = self._prev, (now - self._prev_time) if self._prev_time is not None else 0.0
         if dt > 0:
@@ -573,16 +619,15 @@ class Collector:
                 if k in prev and v >= prev[k]:
                     deltas[k] = v - prev[k]
             for k, d in deltas.items():
-                if k.endswith("_total.jiffies"):
+                name = rate_name(k)
+                if name is None:
                     continue
-                if k.endswith("_busy.jiffies") or k.endswith("_iowait.jiffies"):
-                    base = k.rsplit("_", 1)[0]
-                    total = deltas.get(base + "_total.jiffies")
+                if k.endswith(_JIFFY_RATIOS):
+                    total = deltas.get(k.rsplit("_", 1)[0] + "_total.jiffies")
                     if total:
-                        what = "util" if k.endswith("_busy.jiffies") else "iowait"
-                        out[f"{base}_{what}"] = d / total
+                        out[name] = d / total
                     continue
-                out[k + "_per_s" if not k.endswith(".watts") else k] = d / dt
+                out[name] = d / dt
         self._prev = counters
         self._prev_time = now
         return out

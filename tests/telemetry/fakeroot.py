@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+
+def _put(path: Path, text: str) -> None:
+    """Replace a file whole, as the kernel's files change: a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class FakeNode:
@@ -33,29 +41,29 @@ class FakeNode:
         for i, j in enumerate(self.jiffies):
             lines.append(f"cpu{i} " + " ".join(str(int(v)) for v in j) + " 0 0 0 0 0")
         lines += ["ctxt 12345", "processes 678", "procs_running 3", "procs_blocked 0"]
-        (r / "proc/stat").write_text("\n".join(lines) + "\n")
-        (r / "proc/loadavg").write_text("0.50 0.40 0.30 2/345 6789\n")
-        (r / "proc/meminfo").write_text(
+        _put(r / "proc/stat", "\n".join(lines) + "\n")
+        _put(r / "proc/loadavg", "0.50 0.40 0.30 2/345 6789\n")
+        _put(r / "proc/meminfo",
             f"MemTotal:       8000000 kB\nMemFree:        1000000 kB\n"
             f"MemAvailable:   {self.mem_available_kb} kB\nBuffers:          10000 kB\n"
             f"Cached:         2000000 kB\nSwapTotal:      1000000 kB\nSwapFree:        900000 kB\n"
         )
-        (r / "proc/diskstats").write_text(
+        _put(r / "proc/diskstats",
             f"   8       0 sda 100 0 {int(self.disk_sectors)} 0 50 0 {int(self.disk_sectors)} 0 0 10 20 0 0 0 0\n"
             "   7       0 loop0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
         )
-        (r / "proc/net/dev").write_text(
+        _put(r / "proc/net/dev",
             "Inter-|   Receive |  Transmit\n face |bytes packets errs drop fifo frame compressed multicast|bytes\n"
             "    lo: 999 9 0 0 0 0 0 0 999 9 0 0 0 0 0 0\n"
             f"  eth0: {int(self.net_rx)} 10 0 0 0 0 0 0 500 5 0 0 0 0 0 0\n"
         )
         hw = r / "sys/class/hwmon/hwmon0"
         if hw.exists():
-            (hw / "temp1_input").write_text(f"{self.temp_mc}\n")
-            (hw / "fan1_input").write_text("1200\n")
+            _put(hw / "temp1_input", f"{self.temp_mc}\n")
+            _put(hw / "fan1_input", "1200\n")
         rapl = r / "sys/class/powercap/intel-rapl:0"
         if rapl.exists():
-            (rapl / "energy_uj").write_text(f"{int(self.energy_uj)}\n")
+            _put(rapl / "energy_uj", f"{int(self.energy_uj)}\n")
 
     def tick(self, seconds: float = 1.0, busy: float = 0.25) -> None:
         """Advance counters as a node at ``busy`` CPU would over ``seconds``."""

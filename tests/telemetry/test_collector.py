@@ -143,3 +143,27 @@ def test_unreachable_node_exporter_is_an_error_not_a_crash(tmp_path):
     src = NodeExporterSource(tmp_path, "http://127.0.0.1:9/metrics", ("node_",), timeout=1.0)
     col = Collector([src], on_error=errors.append)
     assert col.sample(0.0) == {} and errors == ["node_exporter"]
+
+
+def test_declared_features_from_the_first_reading_and_forgotten_when_gone(tmp_path):
+    from shoal.daemons.telemetry.sources import NAMES_MEMORY
+
+    node, col, _ = make(tmp_path)
+    assert not col.sampled and col.declared_features() == []
+    first = col.sample(0.0)
+    declared = col.declared_features()
+    # Rates are declared before they can be computed: the node has them from the next sample on.
+    assert "net_eth0_rx.bytes_per_s" not in first and "net_eth0_rx.bytes_per_s:mean" in declared
+    assert "cpu_0_util:std" in declared and not any("total.jiffies" in n for n in declared)
+    node.tick(1.0)
+    second = col.sample(1.0)
+    assert {f"{m}:mean" for m in second} <= set(declared)
+    # A sensor that vanishes stays declared for a while (a flaky read), then is forgotten.
+    (tmp_path / "sys/class/hwmon/hwmon0/fan1_input").unlink()
+    for t in range(2, NAMES_MEMORY + 1):
+        col.sample(float(t))
+    assert "hwmon_hwmon0.coretemp_fan1.rpm:mean" in col.declared_features()
+    for t in range(NAMES_MEMORY + 1, NAMES_MEMORY + 3):
+        col.sample(float(t))
+    assert "hwmon_hwmon0.coretemp_fan1.rpm:mean" not in col.declared_features()
+    assert "hwmon_hwmon0.coretemp_temp1.celsius:mean" in col.declared_features()
