@@ -49,9 +49,13 @@ class StoreSection:
 
 @dataclass(frozen=True, slots=True)
 class DetectorSection:
-    # A command run (no shell) when a window's verdict flips between normal and anomalous;
+    # A command run (no shell) when the node's verdict flips between normal and anomalous;
     # it gets SHOAL_ANOMALOUS, SHOAL_SCORE, SHOAL_THRESHOLD and SHOAL_WINDOW_START. "" = none.
     on_change_command: str = setting("")
+    # The node's verdict (shoal_telemetry_node_anomalous, the worker's report to the dispatcher,
+    # on_change_command) turns anomalous after this many anomalous windows in a row and normal
+    # after as many normal ones: a window alone flags ~1 normal window in 50. 1 = each window.
+    confirm: int = setting(3, min=1, max=1000)
     # A window (or a model) missing more than this share of the model's features is not scored
     # (or the model is refused as mismatched).
     max_missing_features: float = setting(0.1, min=0.0, max=1.0)

@@ -36,6 +36,10 @@ class TelemetryMetrics:
                            registry=registry)
         self.anomalous = Gauge("shoal_telemetry_window_anomalous",
                                "1 if the last scored window was anomalous, else 0.", registry=registry)
+        self.node_anomalous = Gauge(
+            "shoal_telemetry_node_anomalous",
+            "1 while the node is anomalous: [detector] confirm anomalous windows in a row set it, as many "
+            "normal ones clear it.", registry=registry)
         self.threshold = Gauge("shoal_telemetry_threshold", "Anomaly threshold of the installed model.",
                                registry=registry)
         self.model_features = Gauge("shoal_telemetry_model_features", "Features of the installed model (0: none).",
