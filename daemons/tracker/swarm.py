@@ -75,12 +75,18 @@ class PeerEntry:
 
 
 class Swarm:
-    """The peers of one torrent, in two lists (seeders, leechers) plus an index."""
+    """The peers of one torrent, in two lists (seeders, leechers) plus two indexes.
 
-    __slots__ = ("peers", "seeds", "leeches", "downloaded")
+    ``peers`` finds an entry by peer_id, ``by_addr`` by the ip:port it listens
+    on (its compact form, which the entry holds anyway): one address is one
+    listening client, so it has one entry at most.
+    """
+
+    __slots__ = ("peers", "by_addr", "seeds", "leeches", "downloaded")
 
     def __init__(self) -> None:
         self.peers: dict[bytes, PeerEntry] = {}
+        self.by_addr: dict[bytes, PeerEntry] = {}
         self.seeds: list[PeerEntry] = []
         self.leeches: list[PeerEntry] = []
         # BEP 48 "downloaded": how many times a completed event was seen.
@@ -106,6 +112,7 @@ class Swarm:
         entry.index = len(pool)
         pool.append(entry)
         self.peers[entry.peer_id] = entry
+        self.by_addr[entry.peer.compact] = entry
 
     def _unlink(self, entry: PeerEntry) -> None:
         pool = self._list(entry)
@@ -117,6 +124,7 @@ class Swarm:
     def remove(self, entry: PeerEntry) -> None:
         self._unlink(entry)
         del self.peers[entry.peer_id]
+        del self.by_addr[entry.peer.compact]
 
     def update_left(self, entry: PeerEntry, left: int) -> None:
         if (left == 0) != (entry.left == 0):
@@ -193,11 +201,17 @@ class SwarmTable:
             self._drop(req.info_hash, swarm, entry, keep_empty=True)
             entry = None
         if entry is None:
+            entry = PeerEntry(req.peer_id, ip, req.port, req.left, now)
+            old = swarm.by_addr.get(entry.peer.compact)
+            if old is not None:
+                # A new peer_id on a known ip:port: the client restarted (most
+                # make a new peer_id per run). Its old entry goes, or the
+                # address would be listed twice and handed to itself.
+                self._drop(req.info_hash, swarm, old, keep_empty=True)
             if len(swarm.peers) >= self.max_peers_per_torrent or self.peer_count >= self.max_peers:
                 if not swarm.peers:
                     del self.swarms[req.info_hash]
                 raise TableFull("peer_limit")
-            entry = PeerEntry(req.peer_id, ip, req.port, req.left, now)
             swarm.add(entry)
             self.peer_count += 1
         else:

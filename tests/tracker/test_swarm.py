@@ -87,6 +87,50 @@ def test_peer_that_moves_address_is_replaced_not_duplicated():
     assert t.peer_count == 1
 
 
+def test_client_restarted_with_new_peer_id_on_same_address_replaces_its_entry():
+    # Most clients make a new peer_id per run; the old entry's ip:port is the
+    # same listening socket, so it is the same client.
+    t = table()
+    t.announce(ann(1, event=Event.STARTED, port=6881), "10.0.0.1", 0, now=0.0)
+    t.announce(ann(2, event=Event.STARTED, port=7000), "10.0.0.2", 0, now=0.0)
+    restarted = t.announce(ann(3, event=Event.STARTED, port=6881), "10.0.0.1", 50, now=10.0)
+    # It is not handed its own address, only the other peer.
+    assert [(p.ip, p.port) for p in restarted.peers] == [("10.0.0.2", 7000)]
+    assert (restarted.complete, restarted.incomplete) == (0, 2)
+    assert set(t.swarms[IH].peers) == {pid(2), pid(3)} and t.peer_count == 2
+    # Others see the address once, under its new peer_id.
+    other = t.announce(ann(2, port=7000), "10.0.0.2", 50, now=11.0)
+    assert [(p.ip, p.port, p.peer_id) for p in other.peers] == [("10.0.0.1", 6881, pid(3))]
+    # The replaced peer_id is gone for good: its stopped announce removes nothing.
+    t.announce(ann(1, event=Event.STOPPED, port=6881), "10.0.0.1", 0, now=12.0)
+    assert set(t.swarms[IH].peers) == {pid(2), pid(3)}
+
+
+def test_same_ip_other_port_is_another_client():
+    # Behind a NAT, clients share the IP and differ by port.
+    t = table()
+    t.announce(ann(1, port=6881), "10.0.0.1", 0, now=0.0)
+    t.announce(ann(2, port=6882), "10.0.0.1", 0, now=0.0)
+    res = t.announce(ann(3, port=6883), "10.0.0.1", 50, now=0.0)
+    assert sorted(p.port for p in res.peers) == [6881, 6882]
+    assert t.peer_count == 3
+
+
+def test_peer_moving_onto_an_address_held_by_another_peer_id_replaces_both():
+    t = table()
+    t.announce(ann(1, port=6881), "10.0.0.1", 0, now=0.0)
+    t.announce(ann(2, port=7000), "10.0.0.2", 0, now=0.0)
+    t.announce(ann(1, port=7000), "10.0.0.2", 0, now=1.0)  # 1 moved to where 2 was
+    (entry,) = t.swarms[IH].order
+    assert (entry.peer_id, entry.ip, entry.port) == (pid(1), "10.0.0.2", 7000)
+    assert t.peer_count == 1
+    # The replacement frees its slot: a full swarm takes a restarted client.
+    full = table(max_peers_per_torrent=1)
+    full.announce(ann(1, port=6881), "10.0.0.1", 0, now=0.0)
+    full.announce(ann(9, port=6881), "10.0.0.1", 0, now=1.0)
+    assert set(full.swarms[IH].peers) == {pid(9)}
+
+
 def test_expiry_drops_only_silent_peers():
     t = table()
     t.announce(ann(1), "10.0.0.1", 0, now=0.0)
