@@ -11,8 +11,10 @@ up across the cluster. Each window that closes is, in this order:
    survives ``kill -9``; the open window is lost on a crash, by design;
 2. scored by the installed model, if any (onnxruntime, one thread): the score
    is the mean squared reconstruction error; above the model's threshold the
-   window is anomalous. The verdict goes into the store and the metrics,
-   and ``on_change_command`` runs when the verdict flips;
+   window is anomalous. The verdict goes into the store and the metrics, and
+   into the node's verdict (:class:`NodeVerdict`: ``[detector] confirm``
+   windows in a row flip it; ``shoal_telemetry_node_anomalous``, what a worker
+   reports to the dispatcher); ``on_change_command`` runs when that flips;
 3. with federation on, the node's training windows are re-exported to
    ``fed/train.npz`` for the ClientApp.
 
@@ -59,7 +61,7 @@ from pathlib import Path
 import trio
 
 from shoal.core.telemetry.formats import decode_model_npz, encode_training_npz
-from shoal.core.telemetry.model import Detector, ModelError
+from shoal.core.telemetry.model import Detector, ModelError, NodeVerdict
 from shoal.core.telemetry.windows import Window, WindowAccumulator
 from shoal.daemons.runtime.config import ListenAddr, read_token
 from shoal.daemons.runtime.daemon import DaemonContext
@@ -157,7 +159,7 @@ class TelemetryApp:
         self.control_path = Path(cfg.control.socket) if cfg.control.socket else state / "control.sock"
         self.detector: Detector | None = None
         self.model_info: dict = {}
-        self.last_verdict: bool | None = None
+        self.node = NodeVerdict(cfg.detector.confirm)  # the node's verdict, from the windows'
         self.model_lock = trio.Lock()
         self.uploads = Uploads()
         self._first_sample = trio.Event()
@@ -253,10 +255,16 @@ class TelemetryApp:
         self.metrics.windows.labels("anomalous" if anomalous else "normal").inc()
         log.info("window %s: score %.6g, threshold %.6g: %s%s", _iso(w.start), score, det.threshold,
                  "ANOMALOUS" if anomalous else "normal", f" (label {label})" if label else "")
-        if self.last_verdict is not None and anomalous != self.last_verdict and self.config.detector.on_change_command:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._run_hook, anomalous, score, det.threshold, w.start)
-        self.last_verdict = anomalous
+        was = self.node.anomalous
+        self.node.confirm = self.config.detector.confirm  # a reload may change it
+        node = self.node.update(anomalous)
+        self.metrics.node_anomalous.set(int(node))
+        if node != was:
+            log.warning("the node is now %s (%d %s windows in a row)", "ANOMALOUS" if node else "normal",
+                        self.node.confirm, "anomalous" if node else "normal")
+            if self.config.detector.on_change_command:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._run_hook, node, score, det.threshold, w.start)
 
     async def _run_hook(self, anomalous: bool, score: float, threshold: float, start: float) -> None:
         argv = shlex.split(self.config.detector.on_change_command)
@@ -328,7 +336,8 @@ class TelemetryApp:
         self.metrics.model_features.set(det.n_features)
         self.metrics.model_installed.set(self.model_info["installed"])
         self.metrics.model_installs.labels(origin, "ok").inc()
-        self.last_verdict = None
+        self.node = NodeVerdict(self.config.detector.confirm)  # a new model judges afresh
+        self.metrics.node_anomalous.set(0)
         log.info("model installed (%s): %d features, threshold %.6g", origin, det.n_features, det.threshold)
 
     async def _install_candidate(self, origin: str, data: bytes | None = None, name: str = "") -> Detector:

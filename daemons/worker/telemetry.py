@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 **Anomaly verdict.** The telemetry daemon on this node scores every closed
-window and publishes the verdict of the last one on its Prometheus endpoint:
-``shoal_telemetry_window_anomalous`` (1 or 0) next to
+window and publishes the node's verdict on its Prometheus endpoint:
+``shoal_telemetry_node_anomalous`` (1 or 0; ``[detector] confirm`` windows in
+a row flip it, so one odd window does not take a healthy node out) next to
 ``shoal_telemetry_model_features`` (0 while no model is installed, when
 nothing is scored). The worker reads that endpoint on loopback (the control
 socket is private to the telemetry daemon's user; ``/metrics`` is not, and it
@@ -38,7 +39,7 @@ from shoal.core.dispatch.policy import QueuePolicy, TaskInfo
 
 __all__ = ["verdict_from_metrics", "read_verdict", "feed_team_rewards", "MAX_METRICS_BYTES"]
 
-ANOMALOUS = "shoal_telemetry_window_anomalous"
+ANOMALOUS = "shoal_telemetry_node_anomalous"
 FEATURES = "shoal_telemetry_model_features"
 MAX_METRICS_BYTES = 4 << 20  # a telemetry /metrics page is a few KiB
 

@@ -16,8 +16,19 @@ def telemetry_page(features: int | None, anomalous: int | None) -> str:
     if features is not None:
         m.model_features.set(features)
     if anomalous is not None:
-        m.anomalous.set(anomalous)
+        m.node_anomalous.set(anomalous)
     return generate_latest(registry).decode()
+
+
+def test_one_odd_window_does_not_take_a_healthy_node_out():
+    """The worker reports the node's confirmed verdict, not its last window's (issue 12: a lone
+    false alarm on a healthy host had the dispatcher stop using it)."""
+    registry = CollectorRegistry()
+    m = TelemetryMetrics(registry)
+    m.model_features.set(40)
+    m.anomalous.set(1)  # the last window alone was flagged
+    m.node_anomalous.set(0)  # fewer than [detector] confirm in a row
+    assert verdict_from_metrics(generate_latest(registry).decode()) == "normal"
 
 
 def test_verdict_follows_the_detector_gauges():
