@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 A job is a DAG of tasks. :func:`parse_spec` takes the bytes a user submitted
-(``shoal submit JOB``), decodes them as JSON (if they start with ``{``) or
-TOML, and builds a :class:`Job`. Everything is checked here, once, before the
+(``shoal submit JOB``), decodes them as JSON (if they start with ``{``, or
+``[`` and parse as JSON) or TOML, and builds a :class:`Job`. Everything is checked here, once, before the
 dispatcher acknowledges anything: field types and bounds, task names, that
 every dependency names a task of the job, and that the graph has no cycle.
 Any problem raises one :class:`SpecError` whose ``reason`` is a fixed token
@@ -39,6 +39,7 @@ import json
 import math
 import re
 import tomllib
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -189,11 +190,20 @@ def parse_spec(data: bytes, limits: Limits = Limits()) -> Job:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError("syntax", f"spec is not UTF-8 (byte {exc.start})") from None
-    if text.lstrip().startswith("{"):
+    head = text.lstrip()[:1]
+    if head == "{":
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SpecError("syntax", f"invalid JSON: {exc}") from None
+    elif head == "[":  # a JSON array, or TOML that opens with a table ([[tasks]])
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            try:
+                doc = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as texc:
+                raise SpecError("syntax", f"neither JSON ({exc}) nor TOML ({texc})") from None
     else:
         try:
             doc = tomllib.loads(text)
@@ -203,6 +213,8 @@ def parse_spec(data: bytes, limits: Limits = Limits()) -> Job:
 
 
 def job_from_dict(doc: Any, limits: Limits = Limits()) -> Job:
+    if isinstance(doc, list):
+        raise SpecError("invalid", "a job spec is a table (a JSON object) with name and tasks, not an array")
     if not isinstance(doc, dict):
         raise SpecError("invalid", "a job spec is a table with name and tasks")
     unknown = set(doc) - JOB_KEYS
@@ -365,10 +377,10 @@ def _topological(tasks: Mapping[str, Task]) -> list[str]:
     for n, t in tasks.items():
         for d in t.deps:
             children[d].append(n)
-    ready = [n for n, k in indegree.items() if k == 0]
+    ready = deque(n for n, k in indegree.items() if k == 0)  # first in, first out: the spec's order
     order: list[str] = []
     while ready:
-        n = ready.pop()
+        n = ready.popleft()
         order.append(n)
         for c in children[n]:
             indegree[c] -= 1

@@ -160,3 +160,24 @@ def test_topological_order_and_units_cover_every_task_once(doc):
         for t in u.tasks:
             for d in job.tasks[t].deps:
                 assert head[d] == u.id or head[d] in u.deps
+
+
+def test_a_json_spec_starting_with_a_bracket_is_read_as_json():
+    """A JSON array (a list of tasks, say) is a JSON mistake, not "invalid TOML"; TOML that opens with
+    [[tasks]] still parses as TOML."""
+    tasks = [{"name": "a", "builtin": "sleep 0"}]
+    with pytest.raises(SpecError) as info:
+        parse_spec(json.dumps(tasks).encode())
+    assert info.value.reason == "invalid" and "not an array" in str(info.value) and "TOML" not in str(info.value)
+    with pytest.raises(SpecError) as info:
+        parse_spec(b'  [{"name": "a", ')
+    assert info.value.reason == "syntax" and "JSON" in str(info.value)
+    job = parse_spec(b'[[tasks]]\nname = "a"\nbuiltin = "sleep 0"\n')
+    assert list(job.tasks) == ["a"]
+
+
+def test_independent_tasks_keep_the_spec_order():
+    names = ["zeta", "alpha", "mid", "beta", "omega"]
+    job = job_from_dict({"tasks": [{"name": n, "builtin": "sleep 0"} for n in names]
+                         + [{"name": "last", "builtin": "sleep 0", "deps": ["zeta"]}]})
+    assert list(job.tasks) == [*names, "last"] and list(job.units) == [*names, "last"]
