@@ -36,6 +36,7 @@ from typing import Any
 from shoal.protocol.contract import BadParams, Contract, bounded
 
 __all__ = [
+    "KILLED",
     "VERDICTS",
     "MAX_WORKER_ID",
     "MAX_WAIT",
@@ -54,9 +55,15 @@ __all__ = [
     "PullReply",
     "HeartbeatReply",
     "Report",
+    "ReportReply",
+    "Cancel",
     "Exclude",
+    "MAX_HELD",
 ]
 
+#: the error of a task the worker killed because the dispatcher said its job had ended
+#: (``cancel`` in a heartbeat or report reply); the dispatcher records it as cancelled
+KILLED = "killed: the dispatcher ended its job"
 #: a node's telemetry verdict, as workers report it
 VERDICTS = ("normal", "anomalous", "unknown")
 MAX_WORKER_ID = 128  # characters: a host name with room to spare
@@ -75,6 +82,9 @@ MAX_ERROR = 4096  # characters of a task's error line kept
 MAX_LOG = 1 << 20  # bytes of stdout or stderr per task (max_log_bytes is at most this)
 MAX_EXCLUDE = 100_000  # workers the anomaly hook may name at once
 MAX_REWARDS = 4096  # team-reward rows in one reply (the dispatcher sends at most 512)
+MAX_HELD = 4096  # unit keys a worker lists in one heartbeat or report (4096 keys of 160 chars: 640 KiB)
+MAX_JOBS_PAGE = 1000  # jobs in one `jobs` reply
+MAX_STATES = 8  # states named in one filter
 INFO_FIELDS = 7
 
 
@@ -255,6 +265,14 @@ def _check_worker(worker: str) -> None:
         raise BadParams(f"worker: expected 1 .. {MAX_WORKER_ID} printable characters")
 
 
+def _check_keys(keys: list[str], what: str) -> None:
+    for k in keys:
+        try:
+            UnitKey.parse(k)
+        except BadParams as exc:
+            raise BadParams(f"{what}: {exc}") from None
+
+
 def _check_verdict(verdict: str | None) -> None:
     if verdict is not None and verdict not in VERDICTS:
         raise BadParams(f"verdict: expected one of {', '.join(VERDICTS)}")
@@ -305,10 +323,14 @@ class Heartbeat(Contract):
     running: int = bounded(0, min=0)
     verdict: str | None = bounded(None, max_len=16)
     rewards: bool = False  # send the team reward (seed 004's shared reward) back
+    # the units the worker holds (running first, then queued): the reply's ``cancel`` names
+    # those whose job has ended, to kill or drop
+    units: list[str] | None = bounded(None, max_len=MAX_HELD)
 
     def __post_init__(self) -> None:
         _check_worker(self.worker)
         _check_verdict(self.verdict)
+        _check_keys(self.units or [], "units")
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +348,21 @@ class Pull(Contract):
 class HeartbeatReply(Contract):
     # [[unit key, worker, response time], ...]
     rewards: list[list[Any]] = bounded(max_len=MAX_REWARDS)
+    # of the heartbeat's ``units``, those to kill (running) or drop (queued): their job ended
+    cancel: list[str] | None = bounded(None, max_len=MAX_HELD)
+
+    def __post_init__(self) -> None:
+        _check_keys(self.cancel or [], "cancel")
+
+
+@dataclass(frozen=True, slots=True)
+class ReportReply(Contract):
+    applied: int = bounded(0, min=0)
+    duplicates: int = bounded(0, min=0)
+    cancel: list[str] | None = bounded(None, max_len=MAX_HELD)  # as in HeartbeatReply
+
+    def __post_init__(self) -> None:
+        _check_keys(self.cancel or [], "cancel")
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,9 +375,18 @@ class PullReply(Contract):
 class Report(Contract):
     worker: str = bounded(max_len=MAX_WORKER_ID)
     results: Any = None  # compact rows, decoded by decode_results (the daemon knows max_log_bytes)
+    units: list[str] | None = bounded(None, max_len=MAX_HELD)  # as in Heartbeat: the reply says which to cancel
 
     def __post_init__(self) -> None:
         _check_worker(self.worker)
+        _check_keys(self.units or [], "units")
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Contract):
+    """``shoal cancel JOB`` (an operator method, authenticated like ``submit``)."""
+
+    id: int = bounded(min=0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,11 +70,13 @@ from shoal.core.dispatch.lifecycle import (
     ASSIGN,
     ASSIGNED,
     CANCEL,
+    CANCELLED,
     DONE,
     FAIL,
     FAILED,
     FINAL,
     LEASE,
+    LEASED,
     READY,
     RELEASE,
     REQUEUE,
@@ -102,6 +104,7 @@ class StoredJob:
     state: str
     unit_state: dict[str, str]  # unit id -> a stored state (lifecycle.STORED)
     attempts: dict[str, int]
+    lost: dict[str, int] = field(default_factory=dict)  # unit id -> leases lost (worker died, lease expired)
 
 
 class JobStore(Protocol):
@@ -112,7 +115,12 @@ class JobStore(Protocol):
     def record(self, outcomes: Sequence[tuple[int, str, str, str, Sequence[TaskResult]]],
                now: float) -> list[bool]: ...
 
-    def finish_job(self, job: int, state: str, now: float, cancel_units: Iterable[str] = ()) -> None: ...
+    def finish_job(self, job: int, state: str, now: float, cancel_units: Iterable[str] = (),
+                   reason: str = "", leased: dict[str, str] | None = None) -> None: ...
+
+    def record_late(self, rows: Sequence[tuple[int, str, list[TaskResult]]], worker: str, now: float) -> int: ...
+
+    def lost_lease(self, units: Sequence[tuple[int, str]]) -> None: ...
 
     def unfinished_jobs(self) -> list[StoredJob]: ...
 
@@ -134,7 +142,8 @@ class UnitRec:
     info: TaskInfo
     state: str = WAITING
     missing: int = 0  # dependencies not done yet
-    attempts: int = 0
+    attempts: int = 0  # reported attempts (failures count against retries)
+    lost: int = 0  # leases lost to a dead worker or an expired lease: runs that may have started
     worker: str | None = None
     lease_until: float = 0.0
     lease_hard: float = 0.0
@@ -181,6 +190,14 @@ class WorkerRec:
             queue_len=len(self.assigned) + len(self.leased) - running, running=running,
             queued_work=self.work_reserved,
         )
+
+
+def _failure_reason(u: UnitRec, results: list[TaskResult]) -> str:
+    bad = next((r for r in results if not r.ok), None)
+    if bad is None:
+        return f"job failed: unit {u.unit.id} did not finish"
+    why = bad.error or f"exit {bad.exit_code}"
+    return f"job failed: task {bad.task} {why}"[:200]
 
 
 def _by_priority(priority: Callable[[TaskInfo], float], u: UnitRec) -> float:
@@ -245,7 +262,7 @@ class Core:
         """Load unfinished jobs from the store after a restart; returns how many."""
         stored = self.store.unfinished_jobs()
         for s in stored:
-            rec = self._load(s.id, s.job, s.policy, s.submitted, s.unit_state, s.attempts)
+            rec = self._load(s.id, s.job, s.policy, s.submitted, s.unit_state, s.attempts, s.lost)
             self.policy_for(s.policy).plan([u.info for u in rec.units.values()],
                                            [(f"{s.id}/{a}", f"{s.id}/{b}") for a, b in s.job.edges()], [], now)
             if rec.left == 0:  # killed between the last unit and the job row
@@ -255,7 +272,7 @@ class Core:
         return len(stored)
 
     def _load(self, job_id: int, job: Job, policy: str, submitted: float,
-              states: dict[str, str], attempts: dict[str, int]) -> JobRec:
+              states: dict[str, str], attempts: dict[str, int], lost: dict[str, int] | None = None) -> JobRec:
         units: dict[str, UnitRec] = {}
         children: dict[str, list[str]] = {u: [] for u in job.units}
         for u in job.units.values():
@@ -266,7 +283,8 @@ class Core:
                 submitted=submitted, depth=job.depth[u.id],
             )
             stored = states.get(u.id, "pending")
-            rec = UnitRec(f"{job_id}/{u.id}", job_id, u, info, attempts=attempts.get(u.id, 0))
+            rec = UnitRec(f"{job_id}/{u.id}", job_id, u, info, attempts=attempts.get(u.id, 0),
+                          lost=(lost or {}).get(u.id, 0))
             if stored in FINAL:  # the store's names are the life cycle's
                 rec.state = stored
             units[u.id] = rec
@@ -411,13 +429,18 @@ class Core:
         writes: list[tuple[int, str, str, str, list[TaskResult]]] = []
         recs: list[tuple[UnitRec, str, list[TaskResult]]] = []
         found: list[tuple[UnitRec | None, list[TaskResult]]] = []
+        late: list[tuple[int, str, list[TaskResult]]] = []  # units of jobs that have ended
         for key, results in batch:
             k = key if isinstance(key, UnitKey) else UnitKey.parse(key)
             jr = self.jobs.get(k.job)
             u = jr.units.get(k.unit) if jr is not None else None
             if u is not None and [r.task for r in results] != list(u.unit.tasks[:len(results)]):
                 raise CoreError("bad_params", f"{k}: results must name the unit's tasks in order")
+            if jr is None:
+                late.append((k.job, k.unit, results))
             found.append((u, results))
+        if late:  # a killed unit's own account of its run (the store checks the unit and its tasks)
+            self.store.record_late(late, worker_id, now)
         for u, results in found:
             if u is None or u.state in FINAL:
                 if self.metrics is not None:
@@ -441,6 +464,8 @@ class Core:
             if not did:
                 continue
             applied += 1
+            if u.state in FINAL:  # an earlier unit of this batch ended the job: the store has the result
+                continue
             self._drop_lease(u)
             u.attempts += 1
             jr = self.jobs[u.job]
@@ -456,7 +481,7 @@ class Core:
                     self.metrics.failed(len(u.unit.tasks))
                 u.to(FAIL)
                 self.unfinished_units -= 1
-                self._finish_job(jr, FAILED, now)
+                self._finish_job(jr, FAILED, now, _failure_reason(u, results))
         self._release([u for u in released if u.state == READY], now)
         self._retry_pending(now)
         return applied
@@ -486,17 +511,48 @@ class Core:
         if jr.left == 0:
             self._finish_job(jr, DONE, now)
 
-    def _finish_job(self, jr: JobRec, state: str, now: float) -> None:
+    def _finish_job(self, jr: JobRec, state: str, now: float, reason: str = "") -> None:
+        """End a job: its open units are cancelled. Those leased to a worker are named in the
+        record and killed there: the worker's next heartbeat or report is answered with their
+        keys (:meth:`to_cancel`), and its kill report fills in their records (:meth:`report`)."""
         cancel = []
+        leased: dict[str, str] = {}
         for u in jr.units.values():
             if u.state not in FINAL:
                 cancel.append(u.unit.id)
+                if u.state == LEASED and u.worker is not None:
+                    leased[u.unit.id] = u.worker
                 self._drop_lease(u)
                 u.to(CANCEL)  # if it sits in self.pending, _release skips it
         self.unfinished_units -= len(cancel)
-        self.store.finish_job(jr.id, state, now, cancel)
+        self.store.finish_job(jr.id, state, now, cancel, reason, leased)
         del self.jobs[jr.id]
+        if self.metrics is not None and cancel:
+            self.metrics.cancelled(len(cancel), len(leased))
         self.on_job_done(jr.id, state)
+
+    def cancel(self, job_id: int, now: float, who: str) -> dict[str, int]:
+        """``shoal cancel``: end a running job; its running units are killed on their workers."""
+        jr = self.jobs.get(job_id)
+        if jr is None:
+            raise CoreError("not_running", f"job {job_id} is not running (unknown, or already finished)")
+        leased = sum(1 for u in jr.units.values() if u.state == LEASED)
+        open_units = sum(1 for u in jr.units.values() if u.state not in FINAL)
+        self._finish_job(jr, CANCELLED, now, f"job cancelled by {who}")
+        return {"cancelled": open_units, "killing": leased}
+
+    def to_cancel(self, keys: Iterable[str]) -> list[str]:
+        """Of the units a worker holds (queued or running), those it must drop or kill: their job
+        has ended, or the unit was already recorded (a duplicate run after a lost lease).
+        Stateless, so it holds across a dispatcher restart and a lost reply."""
+        out = []
+        for key in keys:
+            k = UnitKey.parse(key)
+            jr = self.jobs.get(k.job)
+            u = jr.units.get(k.unit) if jr is not None else None
+            if u is None or u.state in FINAL:
+                out.append(key)
+        return out
 
     # -- time --------------------------------------------------------------------
 
@@ -516,6 +572,7 @@ class Core:
         if expired:
             if self.metrics is not None:
                 self.metrics.requeued(len(expired))
+            self._lost(expired)
             self._release(expired, now)
         self._retry_pending(now)
         return [w.id for w in dead]
@@ -533,6 +590,7 @@ class Core:
 
     def _requeue_worker(self, w: WorkerRec, now: float) -> None:
         units = list(w.assigned) + list(w.leased.values())
+        self._lost(list(w.leased.values()))
         w.assigned.clear()
         w.leased.clear()
         for u in units:
@@ -542,6 +600,13 @@ class Core:
             if self.metrics is not None:
                 self.metrics.requeued(len(units))
             self._release(units, now)
+
+    def _lost(self, units: list[UnitRec]) -> None:
+        """Leased units taken back: each may have started, so its next run is a later attempt."""
+        if units:
+            self.store.lost_lease([(u.job, u.unit.id) for u in units])
+            for u in units:
+                u.lost += 1
 
     def _drop_lease(self, u: UnitRec) -> None:
         """Take the unit off whichever worker holds it (queued or leased)."""
@@ -610,7 +675,7 @@ class Core:
         i = u.info
         tasks = self.jobs[u.job].job.tasks
         return Lease.make(
-            UnitKey(u.job, u.unit.id), u.attempts + 1, u.unit.timeout,
+            UnitKey(u.job, u.unit.id), u.attempts + u.lost + 1, u.unit.timeout,
             [TaskSpec(**task_payload(tasks[t])) for t in u.unit.tasks],
             LeaseFacts(i.work, i.data_size, i.mem, i.cpus, i.deadline, i.submitted, i.depth),
         ).encode()

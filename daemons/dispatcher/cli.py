@@ -1,4 +1,4 @@
-"""``shoal submit JOB``, ``shoal jobs``, ``shoal job ID [--logs]``, ``shoal dispatch simulate``,
+"""``shoal submit JOB``, ``shoal cancel JOB``, ``shoal jobs``, ``shoal job ID [--logs]``, ``shoal dispatch simulate``,
 and ``shoal dispatcher workers|exclude``."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from shoal.daemons.runtime import cli
-from shoal.protocol.dispatch import Exclude, JobQuery, JobsQuery, Submit
+from shoal.protocol.dispatch import Cancel, Exclude, JobQuery, JobsQuery, Submit
 
 DEFAULT_SOCKET = "/run/shoal-dispatcher/submit.sock"  # the unit's RuntimeDirectory= and submit.sock
 MAX_SPEC_BYTES = 900 * 1024  # the dispatcher's own limit may be lower (max_spec_bytes)
@@ -33,6 +33,10 @@ def add_commands(dispatcher: argparse._SubParsersAction, top: argparse._SubParse
     s.add_argument("--policy", help="dispatch policy for this job (default: the spec's, else the dispatcher's)")
     s.add_argument("--wait", action="store_true", help="show progress until the job finishes; exit 1 if it fails")
     s.set_defaults(func=cmd_submit)
+
+    k = conn(top.add_parser("cancel", help="cancel a running job: its running tasks are killed, no new ones start"))
+    k.add_argument("id", type=int, help="the job id")
+    k.set_defaults(func=cmd_cancel)
 
     j = conn(top.add_parser("jobs", help="list recent jobs"))
     j.add_argument("--limit", type=int, default=20)
@@ -86,6 +90,14 @@ def cmd_submit(args) -> int:
         time.sleep(0.5)  # a display refresh
 
 
+def cmd_cancel(args) -> int:
+    reply = cli.call(target(args), "cancel", Cancel(id=args.id), what="the dispatcher",
+                     token_file=args.token_file if args.dispatcher else None, message_only=("not_running",))
+    print(f"job {args.id} cancelled: {reply['cancelled']} units cancelled, {reply['killing']} of them leased "
+          "to workers, which kill those running (`shoal job` shows what each unit did)")
+    return 0
+
+
 def progress_line(view: dict) -> str:
     counts = view["counts"]
     done, total = counts.get("done", 0), view["total"]
@@ -123,6 +135,8 @@ def _all_tasks(args, view: dict):
 def cmd_job(args) -> int:
     view = rpc(args, "job", JobQuery(id=args.id, logs=args.logs))
     print(progress_line(view) + f"  submitted by {view.get('submitted_by') or '-'}")
+    if view.get("reason"):
+        print(f"  {view['reason']}")
     for t in _all_tasks(args, view):
         took = f"{t['finished'] - t['started']:.3f}s" if t["finished"] is not None else "-"
         line = (f"  {t['task']:<24} {t['state']:<9} exit {t['exit_code'] if t['exit_code'] is not None else '-':<4} "

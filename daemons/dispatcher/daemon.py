@@ -14,12 +14,15 @@ every request sees a consistent state without locks. Methods:
 ``register``    a worker's capacity ``{worker, cpus, memory, cpu_speed, bandwidth, rtt,
                 verdict?}``
 ``ping``        nothing; workers time it to measure their RTT
-``heartbeat``   ``{worker, running, verdict?, rewards?}``: keeps the worker's leases
-                alive → ``{rewards}``
+``heartbeat``   ``{worker, running, verdict?, rewards?, units?}``: keeps the worker's leases
+                alive → ``{rewards, cancel}``
 ``pull``        ``{worker, max, wait, rewards?}``: leases the worker's queue, waiting up
                 to ``wait`` seconds (long poll) for something to arrive
                 → ``{units, rewards}``
-``report``      ``{worker, results}``: a batch of unit outcomes (compact rows)
+``report``      ``{worker, results, units?}``: a batch of unit outcomes (compact rows)
+                → ``{applied, duplicates, cancel}``
+``cancel``      ``{id}``: end a running job (an operator method): its open units are
+                cancelled, and those running are killed on their workers
 ``workers``     the live workers
 ``exclude``     ``{workers: [...]}``: the anomaly hook (telemetry's flagged nodes)
 ==============  ===========================================================
@@ -27,14 +30,22 @@ every request sees a consistent state without locks. Methods:
 ``verdict`` is the worker's node telemetry verdict (``normal``, ``anomalous``,
 ``unknown``; omitted when the worker does not read telemetry): with
 ``exclude_anomalous`` on, a worker reported anomalous gets no new units until it
-reports otherwise (:meth:`Core.set_verdict`). ``rewards: true`` asks for the
+reports otherwise (:meth:`Core.set_verdict`).
+
+``units`` in a heartbeat or a report lists the units the worker holds (running,
+then queued); ``cancel`` in the reply names those whose job has ended (failed,
+cancelled, or done by a duplicate run): the worker kills the running ones (their
+whole process group) and drops the queued ones, and reports what it killed so
+the records say how far each got (:meth:`Core.to_cancel`).
+
+``rewards: true`` asks for the
 team reward of seed 004's multi-agent scheduler: ``[[unit key, worker, response
 time], ...]`` for units recorded done on *other* workers since this worker last asked
 (:meth:`Core.team_rewards`, bounded); otherwise ``rewards`` is empty.
 
 Who may submit
 --------------
-``submit`` and ``exclude`` (the *operator* methods) need a credential, even on
+``submit``, ``cancel`` and ``exclude`` (the *operator* methods) need a credential, even on
 loopback:
 
 * the **submit socket** (``submit_socket``, a unix socket every local user may
@@ -98,6 +109,7 @@ from shoal.daemons.runtime.state import StateSaver
 from shoal.protocol.contract import BadParams
 from shoal.protocol.dispatch import (
     MAX_WAIT,
+    Cancel,
     Exclude,
     Heartbeat,
     JobQuery,
@@ -113,7 +125,7 @@ log = logging.getLogger("shoal.dispatcher")
 
 SUBMIT_SOCKET = "submit.sock"
 #: the operator methods: they need a credential (see "Who may submit")
-OPERATOR_METHODS = ("submit", "exclude")
+OPERATOR_METHODS = ("submit", "cancel", "exclude")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -379,7 +391,7 @@ class DispatcherApp:
             excluded = not self.core.dispatchable(self.core.workers[wid])
             log.warning("worker %s: its node's telemetry says %s%s", wid, verdict,
                         " (excluded from dispatch)" if excluded else "")
-        return {"rewards": self._rewards(wid, params.rewards)}
+        return {"rewards": self._rewards(wid, params.rewards), "cancel": self.core.to_cancel(params.units or [])}
 
     def _rewards(self, wid: str, wanted: bool) -> list[list[Any]]:
         return self._core_call(self.core.team_rewards, wid) if wanted else []
@@ -401,7 +413,16 @@ class DispatcherApp:
         self._tcp_only("report")
         batch = decode_results(params.results, self.section.max_log_bytes)
         applied = self._core_call(self.core.report, params.worker, batch, time.time())
-        return {"applied": applied, "duplicates": len(batch) - applied}
+        return {"applied": applied, "duplicates": len(batch) - applied,
+                "cancel": self.core.to_cancel(params.units or [])}
+
+    @rpc_method("cancel", Cancel)
+    async def rpc_cancel(self, params: Cancel) -> dict[str, int]:
+        who = self._authorize("cancel")
+        reply = self._core_call(self.core.cancel, params.id, time.time(), who)
+        log.warning("job %d cancelled by %s: %d units cancelled, %d leased (killed where running)", params.id, who,
+                    reply["cancelled"], reply["killing"])
+        return reply
 
     @rpc_method("workers")
     async def rpc_workers(self) -> list[dict[str, Any]]:

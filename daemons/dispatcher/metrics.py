@@ -1,7 +1,7 @@
 """The dispatcher's Prometheus metrics (shoal_dispatcher_<thing>_<unit>).
 
 Labels come from fixed sets: ``policy`` is a dispatch policy name, ``reason``
-a :data:`~.jobs.REASONS` token, ``state`` done or failed. Queue depth and the
+a :data:`~.jobs.REASONS` token, ``state`` done, failed or cancelled. Queue depth and the
 worker count are read from the core at scrape time.
 """
 
@@ -41,6 +41,10 @@ class DispatcherMetrics:
             "by reason: no_credential (the TCP RPC without a token), not_allowed (a socket peer not in "
             "submit_users or submit_groups).", ("reason",))
         self.jobs_finished = counter("jobs_finished_total", "Jobs finished, by final state.", ("state",))
+        self.units_cancelled = counter("units_cancelled_total",
+                                       "Units cancelled because their job failed or was cancelled.")
+        self.units_killed = counter("units_killed_total",
+                                    "Cancelled units that were leased to a worker, which is told to kill them.")
         self.anomaly_exclusions = counter(
             "anomaly_exclusions_total", "Times a worker was excluded because telemetry flagged its node anomalous.")
         self.response = Histogram(
@@ -55,7 +59,7 @@ class DispatcherMetrics:
             self.specs_rejected.labels(r)
         for r in REFUSALS:
             self.submit_refused.labels(r)
-        for s in ("done", "failed"):
+        for s in ("done", "failed", "cancelled"):
             self.jobs_finished.labels(s)
 
     # -- the core's hooks -------------------------------------------------------
@@ -80,6 +84,10 @@ class DispatcherMetrics:
 
     def requeued(self, n: int) -> None:
         self.units_requeued.inc(n)
+
+    def cancelled(self, n: int, leased: int) -> None:
+        self.units_cancelled.inc(n)
+        self.units_killed.inc(leased)
 
     def duplicate(self) -> None:
         self.duplicates.inc()

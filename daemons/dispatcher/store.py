@@ -39,7 +39,7 @@ import msgpack
 from shoal.core.dispatch.jobs import Job, job_from_dict
 from shoal.core.dispatch.lifecycle import CANCELLED, DONE, FAILED, PENDING, RETRY
 from shoal.core.dispatch.machine import StoredJob
-from shoal.protocol.dispatch import TaskResult
+from shoal.protocol.dispatch import KILLED, TaskResult
 
 __all__ = ["Store", "StoredJob", "TaskResult"]
 
@@ -53,15 +53,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     spec BLOB NOT NULL,           -- msgpack of Job.to_dict()
     policy TEXT NOT NULL,
     submitted REAL NOT NULL,      -- wall-clock seconds
-    state TEXT NOT NULL,          -- running, done, failed
+    state TEXT NOT NULL,          -- running, done, failed, cancelled
     finished REAL,
-    submitted_by TEXT NOT NULL DEFAULT ''  -- a user name, "uid N", or "token"; '' before it was recorded
+    submitted_by TEXT NOT NULL DEFAULT '',  -- a user name, "uid N", or "token"; '' before it was recorded
+    reason TEXT NOT NULL DEFAULT ''         -- why a failed or cancelled job ended
 );
 CREATE TABLE IF NOT EXISTS units (
     job INTEGER NOT NULL,
     unit TEXT NOT NULL,
     state TEXT NOT NULL,          -- pending, done, failed, cancelled
-    attempts INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,  -- runs reported (failures count against retries)
+    lost INTEGER NOT NULL DEFAULT 0,      -- leases lost (worker dead, lease expired): runs never reported
     PRIMARY KEY (job, unit)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tasks (
@@ -105,6 +107,10 @@ class Store:
         cols = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
         if "submitted_by" not in cols:  # jobs submitted before submissions were authenticated
             self.db.execute("ALTER TABLE jobs ADD COLUMN submitted_by TEXT NOT NULL DEFAULT ''")
+        if "reason" not in cols:  # before jobs could be cancelled
+            self.db.execute("ALTER TABLE jobs ADD COLUMN reason TEXT NOT NULL DEFAULT ''")
+        if "lost" not in {row[1] for row in self.db.execute("PRAGMA table_info(units)")}:
+            self.db.execute("ALTER TABLE units ADD COLUMN lost INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -165,14 +171,60 @@ class Store:
                     )
         return changed
 
-    def finish_job(self, job: int, state: str, now: float, cancel_units: Iterable[str] = ()) -> None:
+    def finish_job(self, job: int, state: str, now: float, cancel_units: Iterable[str] = (), reason: str = "",
+                   leased: dict[str, str] | None = None) -> None:
+        """The job's final state; its open units are cancelled, each task saying why: ``reason``,
+        and for a unit leased to a worker, which one (it is killed there; its kill report, if
+        it had started, fills in the run: :meth:`record_late`)."""
         units = list(cancel_units)
+        leased = leased or {}
         with self._tx() as db:
-            db.execute("UPDATE jobs SET state=?, finished=? WHERE id=?", (state, now, job))
+            db.execute("UPDATE jobs SET state=?, finished=?, reason=? WHERE id=?", (state, now, reason, job))
             if units:
                 db.executemany("UPDATE units SET state='cancelled' WHERE job=? AND unit=? AND state='pending'",
                                [(job, u) for u in units])
-                db.execute("UPDATE tasks SET state='cancelled' WHERE job=? AND state='pending'", (job,))
+                db.executemany(
+                    "UPDATE tasks SET error=?, worker=? WHERE job=? AND unit=? AND state='pending'",
+                    [(f"{reason}; it was leased to {w}", w, job, u) for u, w in leased.items()])
+                db.execute("UPDATE tasks SET state='cancelled', error=coalesce(error, ?) "
+                           "WHERE job=? AND state='pending'", (f"{reason}; not started" if reason else None, job))
+
+    def record_late(self, rows: Sequence[tuple[int, str, list[TaskResult]]], worker: str, now: float) -> int:
+        """A worker's report of units whose job had ended: only a cancelled unit's run is written
+        (once: tasks not yet filled in), a task killed by the worker as ``cancelled``; returns
+        how many units it changed. Anything else (a duplicate of a recorded unit) is left alone."""
+        changed = 0
+        with self._tx() as db:
+            for job, unit, results in rows:
+                got = db.execute("SELECT u.state, j.reason FROM units u JOIN jobs j ON j.id = u.job "
+                                 "WHERE u.job=? AND u.unit=?", (job, unit)).fetchone()
+                if got is None or got[0] != CANCELLED:
+                    continue
+                reason = got[1]
+                n = 0
+                for r in results:
+                    if r.ok:
+                        state, error = DONE, ""
+                    elif r.error == KILLED:
+                        state, error = CANCELLED, f"killed on {worker}: {reason or 'its job ended'}"
+                    else:
+                        state, error = FAILED, r.error
+                    cur = db.execute(
+                        "UPDATE tasks SET state=?, exit_code=?, worker=?, started=?, finished=?, error=?, "
+                        "stdout=?, stderr=?, outputs=? "
+                        "WHERE job=? AND unit=? AND task=? AND state='cancelled' AND started IS NULL",
+                        (state, r.exit_code, worker, r.started, r.finished, error, r.stdout, r.stderr,
+                         msgpack.packb(r.outputs or [], use_bin_type=True), job, unit, r.task))
+                    n += cur.rowcount
+                if n:
+                    db.execute("UPDATE units SET attempts = attempts + 1 WHERE job=? AND unit=?", (job, unit))
+                    changed += 1
+        return changed
+
+    def lost_lease(self, units: Sequence[tuple[int, str]]) -> None:
+        """Leases taken back from dead or silent workers: the unit's next run is a later attempt."""
+        with self._tx() as db:
+            db.executemany("UPDATE units SET lost = lost + 1 WHERE job=? AND unit=?", units)
 
     # -- reads -----------------------------------------------------------------
 
@@ -183,9 +235,9 @@ class Store:
             "SELECT id, spec, policy, submitted, state FROM jobs WHERE state='running' ORDER BY id"
         ).fetchall():
             job = job_from_dict(msgpack.unpackb(spec, raw=False), _NO_LIMITS)
-            rows = self.db.execute("SELECT unit, state, attempts FROM units WHERE job=?", (job_id,)).fetchall()
-            out.append(StoredJob(job_id, job, policy, submitted, state,
-                                 {u: s for u, s, _a in rows}, {u: a for u, _s, a in rows}))
+            rows = self.db.execute("SELECT unit, state, attempts, lost FROM units WHERE job=?", (job_id,)).fetchall()
+            out.append(StoredJob(job_id, job, policy, submitted, state, {u: s for u, s, _a, _l in rows},
+                                 {u: a for u, _s, a, _l in rows}, {u: lost for u, _s, _a, lost in rows if lost}))
         return out
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
@@ -202,11 +254,12 @@ class Store:
             budget: int = 1 << 62) -> dict[str, Any] | None:
         """One job: its row, task counts by state, and up to ``limit`` tasks from ``offset`` in
         topological order, fewer if their logs would pass ``budget`` bytes (at least one)."""
-        row = self.db.execute("SELECT id, name, policy, state, submitted, finished, submitted_by FROM jobs WHERE id=?",
-                              (job_id,)).fetchone()
+        row = self.db.execute("SELECT id, name, policy, state, submitted, finished, submitted_by, reason FROM jobs "
+                              "WHERE id=?", (job_id,)).fetchone()
         if row is None:
             return None
-        out = dict(zip(("id", "name", "policy", "state", "submitted", "finished", "submitted_by"), row, strict=True))
+        out = dict(zip(("id", "name", "policy", "state", "submitted", "finished", "submitted_by", "reason"), row,
+                       strict=True))
         out["counts"] = dict(self.db.execute("SELECT state, count(*) FROM tasks WHERE job=? GROUP BY state",
                                              (job_id,)).fetchall())
         out["total"] = sum(out["counts"].values())
@@ -226,10 +279,12 @@ class Store:
             d["outputs"] = msgpack.unpackb(d["outputs"], raw=False) if d["outputs"] else []
             tasks.append(d)
         units = {d["unit"] for d in tasks}
-        attempts = {u: a for u, a in self.db.execute("SELECT unit, attempts FROM units WHERE job=?", (job_id,))
-                    if u in units}
+        attempts = {u: (a, lost) for u, a, lost in
+                    self.db.execute("SELECT unit, attempts, lost FROM units WHERE job=?", (job_id,)) if u in units}
         for d in tasks:
-            d["attempts"] = attempts.get(d["unit"], 0)
+            a, lost = attempts.get(d["unit"], (0, 0))
+            d["attempts"] = a + lost  # runs started, as far as anyone knows
+            d["lost"] = lost
         out["tasks"] = tasks
         return out
 

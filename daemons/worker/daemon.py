@@ -35,6 +35,16 @@ Every message to and from the dispatcher is a contract of
 :mod:`shoal.protocol.dispatch`; a pull reply that does not fit ends the
 session like any other RPC failure.
 
+**Cancellation.** Every heartbeat and report lists the units this worker holds
+(running, then queued); the reply's ``cancel`` names those whose job has ended
+(``shoal cancel``, a failed job, or a unit already recorded from a duplicate
+run). A queued one is dropped; a running one is killed, its whole process group
+(and its cgroup) at once, and reported with the task it was in marked
+:data:`~shoal.protocol.dispatch.KILLED`, so the dispatcher records how far it got.
+A unit that fails holds back the other units of its job on this worker until
+the report of the failure is answered: the answer says whether the job failed,
+and then they are dropped instead of started.
+
 With ``telemetry_metrics`` set, a loop reads the node's anomaly verdict from
 the telemetry daemon's /metrics every ``heartbeat_interval``
 (:mod:`.telemetry`); every heartbeat carries it, and a change is sent at once
@@ -76,7 +86,20 @@ from shoal.daemons.worker.metrics import WorkerMetrics
 from shoal.daemons.worker.runner import RunLimits, SwarmHook, run_task
 from shoal.daemons.worker.telemetry import feed_team_rewards, read_verdict
 from shoal.protocol.contract import BadParams
-from shoal.protocol.dispatch import Heartbeat, Lease, Pull, PullReply, Register, Report, TaskResult
+from shoal.protocol.dispatch import (
+    KILLED,
+    MAX_HELD,
+    Heartbeat,
+    HeartbeatReply,
+    Lease,
+    Pull,
+    PullReply,
+    Register,
+    Report,
+    ReportReply,
+    TaskResult,
+    UnitKey,
+)
 
 log = logging.getLogger("shoal.worker")
 
@@ -101,6 +124,11 @@ def _trim_logs(results: list[TaskResult], budget: int) -> None:
     share = budget // (2 * len(results))
     for r in results:
         r.stdout, r.stderr = r.stdout[:share], r.stderr[:share]
+
+
+def _failed(results: list[TaskResult]) -> bool:
+    """The unit failed on its own (not killed by us): its job may have failed with it."""
+    return bool(results) and not results[-1].ok and results[-1].error != KILLED
 
 
 def mem_total() -> int:
@@ -147,12 +175,15 @@ class WorkerApp:
         }
         self.queue: list[tuple[Lease, TaskInfo]] = []
         self.running: dict[str, TaskInfo] = {}
+        self.scopes: dict[str, trio.CancelScope] = {}  # running unit -> its scope (cancel kills it)
+        self.held: dict[int, int] = {}  # job -> its failed units not yet reported (see "Cancellation")
+        self.suspect: set[int] = set()  # jobs whose failure was answered, until a reply covered their queued units
         self.unreported: list[list[Any]] = []
         self.changed = trio.Event()  # queue, slots or unreported changed
         self.team_reward = self.policy.name == "marl"  # ask the dispatcher for the others' results
         # the node's telemetry verdict (None: not reading telemetry)
         self.verdict: str | None = "unknown" if w.telemetry_metrics else None
-        self.verdict_changed = trio.Event()
+        self.beat_now = trio.Event()
         self.metrics = WorkerMetrics(ctx.registry, lambda: (
             len(self.running), self.slots, len(self.queue), len(self.unreported)))
         self.metrics.set_verdict(self.verdict)
@@ -256,18 +287,88 @@ class WorkerApp:
                 if batch and size > REPORT_BYTES:
                     break
                 batch.append(entry)
-            await rpc.call("report", Report(worker=self.id, results=batch).encode())
+            sent = self._holding()
+            reply = await rpc.call("report", Report(worker=self.id, results=batch, units=sent).encode())
             del self.unreported[:len(batch)]
+            for key, rows in batch:  # answered: the job's fate is known to the dispatcher
+                if _failed([TaskResult(r[0], r[1], error=r[4]) for r in rows]):
+                    self._unhold(UnitKey.parse(key).job)
+            try:
+                self._cancel(ReportReply.decode(reply).cancel or [], sent)
+            except BadParams as exc:
+                raise RpcError("bad_reply", f"report: {exc}") from None
             self._poke()
 
     async def _heartbeat_loop(self, rpc) -> None:
         while True:
-            changed = self.verdict_changed
+            changed = self.beat_now
+            sent = self._holding()
             reply = await rpc.call("heartbeat", Heartbeat(worker=self.id, running=len(self.running),
-                                                          verdict=self.verdict, rewards=self.team_reward).encode())
-            self._team_rewards(reply.get("rewards") if isinstance(reply, dict) else None)
+                                                          verdict=self.verdict, rewards=self.team_reward,
+                                                          units=sent).encode())
+            try:
+                hb = HeartbeatReply.decode(reply)
+            except BadParams as exc:
+                raise RpcError("bad_reply", f"heartbeat: {exc}") from None
+            self._team_rewards(hb.rewards)
+            self._cancel(hb.cancel or [], sent)
             with trio.move_on_after(self.section.heartbeat_interval):
                 await changed.wait()  # a new verdict goes out at once
+
+    def _holding(self) -> list[str]:
+        """The units this worker holds: running, then queued ones of held jobs, then the rest
+        (at most MAX_HELD: the rest go next time)."""
+        waiting = self.held.keys() | self.suspect
+        first = [lease.key for lease, _i in self.queue if lease.unit_key.job in waiting]
+        rest = [lease.key for lease, _i in self.queue if lease.unit_key.job not in waiting]
+        return (list(self.running) + first + rest)[:MAX_HELD]
+
+    def _cancel(self, keys: list[str], sent: list[str]) -> None:
+        """A reply to a heartbeat or report that listed ``sent``: the dispatcher ended the jobs of
+        ``keys``: drop the queued ones, kill the running ones. A held job whose queued units were
+        all in ``sent`` may start them again; one with units pulled since is asked about at once."""
+        if keys:
+            self._drop_and_kill(set(keys))
+        self._confirm(set(sent) - set(keys))
+
+    def _drop_and_kill(self, gone: set[str]) -> None:
+        kept = [(lease, i) for lease, i in self.queue if lease.key not in gone]
+        if len(kept) != len(self.queue):
+            self.metrics.dropped.inc(len(self.queue) - len(kept))
+            log.info("dropped %d queued units: their job ended", len(self.queue) - len(kept))
+            self.queue[:] = kept
+        for key in gone:
+            scope = self.scopes.get(key)
+            if scope is not None and not scope.cancel_called:
+                log.info("%s: killing it, its job ended", key)
+                self.metrics.killed.inc()
+                scope.cancel()
+        self._poke()
+
+    def _unhold(self, job: int) -> None:
+        n = self.held.get(job, 0) - 1
+        if n > 0:
+            self.held[job] = n
+        else:
+            self.held.pop(job, None)
+            self.suspect.add(job)  # until a reply covers its queued units (_confirm)
+
+    def _confirm(self, alive: set[str]) -> None:
+        """Jobs in ``suspect`` whose every queued unit the dispatcher has just said is alive start again."""
+        if not self.suspect:
+            return
+        for job in list(self.suspect):
+            if job in self.held:
+                continue
+            if all(lease.key in alive for lease, _i in self.queue if lease.unit_key.job == job):
+                self.suspect.discard(job)
+            else:  # units pulled since the last list: ask now
+                self._wake_heartbeat()
+        self._poke()
+
+    def _wake_heartbeat(self) -> None:
+        self.beat_now.set()
+        self.beat_now = trio.Event()
 
     def _team_rewards(self, rows: Any) -> None:
         if self.team_reward and rows:
@@ -292,8 +393,7 @@ class WorkerApp:
                         "node telemetry verdict: %s (was %s)", verdict, self.verdict)
                 self.verdict = verdict
                 self.metrics.set_verdict(verdict)
-                self.verdict_changed.set()
-                self.verdict_changed = trio.Event()
+                self._wake_heartbeat()
             await trio.sleep(interval)
 
     # -- running -------------------------------------------------------------------
@@ -312,8 +412,13 @@ class WorkerApp:
                 if not self.queue or len(self.running) >= self.slots:
                     await self.changed.wait()
                     continue
-                idx = self.policy.pick([i for _p, i in self.queue], self.server_state(), time.time())
-                lease, info = self.queue.pop(idx)
+                free = [n for n, (lease, _i) in enumerate(self.queue)
+                        if lease.unit_key.job not in self.held and lease.unit_key.job not in self.suspect]
+                if not free:  # every queued unit waits for its job's failure to be answered
+                    await self.changed.wait()
+                    continue
+                idx = self.policy.pick([self.queue[n][1] for n in free], self.server_state(), time.time())
+                lease, info = self.queue.pop(free[idx])
                 self.running[lease.key] = info
                 nursery.start_soon(self._run_unit, lease, info)
                 self._poke()
@@ -322,28 +427,44 @@ class WorkerApp:
         key = lease.key
         facts = lease.facts()
         results: list[TaskResult] = []
+        scope = self.scopes[key] = trio.CancelScope()
+        began = [time.time()]  # when the task in progress started
         try:
-            for task in lease.tasks:
-                self.metrics.started.inc()
-                # A fused chain's limits are its largest task's (the unit's facts).
-                r = await run_task(task, key, lease.attempt, self.limits, self.swarm, self.metrics,
-                                   isolation=self.isolation, cpus=facts.cpus, memory=int(facts.mem))
-                self.metrics.duration.observe(r.finished - r.started)
-                outcome = "ok" if r.ok else "timeout" if r.error.startswith("timeout") else (
-                    "failed" if r.exit_code is not None else "error")
-                self.metrics.finished_by[outcome].inc()
-                if not r.ok:
-                    log.info("%s: task %s %s (exit %s) %s", key, r.task, outcome, r.exit_code, r.error)
-                results.append(r)
-                if not r.ok:
-                    break
+            with scope:
+                await self._run_tasks(lease, facts, results, began)
+            if scope.cancelled_caught:  # _cancel: the task in progress was killed, with its process group
+                task = lease.tasks[len(results)] if len(results) < len(lease.tasks) else None
+                if task is not None and not (results and not results[-1].ok):
+                    results.append(TaskResult(task.name, None, began[0], time.time(), error=KILLED))
         finally:
+            del self.scopes[key]
             del self.running[key]
+            if _failed(results):
+                job = lease.unit_key.job
+                self.held[job] = self.held.get(job, 0) + 1  # until its report is answered
             now = time.time()
             self.policy.observe(info, self.id, now - info.submitted, now)
             _trim_logs(results, UNIT_LOG_BYTES)
             self.unreported.append([key, [r.to_row() for r in results]])
             self._poke()
+
+    async def _run_tasks(self, lease: Lease, facts: Any, results: list[TaskResult], began: list[float]) -> None:
+        key = lease.key
+        for task in lease.tasks:
+            self.metrics.started.inc()
+            began[0] = time.time()
+            # A fused chain's limits are its largest task's (the unit's facts).
+            r = await run_task(task, key, lease.attempt, self.limits, self.swarm, self.metrics,
+                               isolation=self.isolation, cpus=facts.cpus, memory=int(facts.mem))
+            self.metrics.duration.observe(r.finished - r.started)
+            outcome = "ok" if r.ok else "timeout" if r.error.startswith("timeout") else (
+                "failed" if r.exit_code is not None else "error")
+            self.metrics.finished_by[outcome].inc()
+            if not r.ok:
+                log.info("%s: task %s %s (exit %s) %s", key, r.task, outcome, r.exit_code, r.error)
+            results.append(r)
+            if not r.ok:
+                break
 
     # -- learned scheduler state ------------------------------------------------------
 

@@ -27,6 +27,12 @@ class WorkerMetrics:
                                     registry=registry)
         self.input_errors = Counter("shoal_worker_input_errors_total", "Task inputs that could not be fetched.",
                                     registry=registry)
+        self.killed = Counter("shoal_worker_units_killed_total",
+                              "Running units killed (their process group) because the dispatcher ended their job.",
+                              registry=registry)
+        self.dropped = Counter("shoal_worker_units_dropped_total",
+                               "Queued units dropped unstarted because the dispatcher ended their job.",
+                               registry=registry)
         self.dispatcher_errors = Counter("shoal_worker_dispatcher_errors_total",
                                          "Lost or refused connections to the dispatcher.", registry=registry)
         self.telemetry_errors = Counter(
