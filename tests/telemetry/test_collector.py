@@ -167,3 +167,79 @@ def test_declared_features_from_the_first_reading_and_forgotten_when_gone(tmp_pa
         col.sample(float(t))
     assert "hwmon_hwmon0.coretemp_fan1.rpm:mean" not in col.declared_features()
     assert "hwmon_hwmon0.coretemp_temp1.celsius:mean" in col.declared_features()
+
+
+PAGE = r'''# HELP node_cpu_seconds_total Seconds the CPUs spent in each mode.
+# TYPE node_cpu_seconds_total counter
+node_cpu_seconds_total{cpu="0",mode="idle"} 1234.5
+node_cpu_seconds_total{mode="user",cpu="0"} 99
+# TYPE node_filesystem_avail_bytes gauge
+node_filesystem_avail_bytes{device="/dev/sda1",fstype="ext4",mountpoint="/my dir, with {braces}"} 5.1e+09
+node_filesystem_avail_bytes{device="a\"quoted\\path\n",fstype="x",mountpoint="/"} 7 1700000000000
+# TYPE node_scrape_collector_success gauge
+node_scrape_collector_success{collector="cpu"} 1
+node_load1 +Inf
+node_weird NaN
+# TYPE node_disk_io_time_weighted counter
+node_disk_io_time_weighted{device="sda",} 3
+# TYPE node_rpc_seconds histogram
+node_rpc_seconds_bucket{le="0.1"} 4
+node_rpc_seconds_bucket{le="+Inf"} 5
+node_rpc_seconds_sum 0.3
+node_rpc_seconds_count 5
+go_goroutines 8
+process_cpu_seconds_total 1.5
+'''
+
+
+def reference_parse(text: str, prefixes: tuple[str, ...]):
+    """The previous implementation, prometheus_client's parser: the oracle for the hand-written one."""
+    import math
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from shoal.daemons.telemetry.sources import clean
+
+    gauges, counters = {}, {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith(prefixes):
+                labels = ".".join(clean(v) for _, v in sorted(s.labels.items()))
+                key = "ne_" + clean(s.name) + (f"_{labels}" if labels else "")
+                v = float(s.value)
+                target = counters if family.type == "counter" or s.name.endswith("_total") else gauges
+                target[key] = "nan" if math.isnan(v) else v
+    return gauges, counters
+
+
+def test_hand_parser_agrees_with_prometheus_clients_and_caches_series(tmp_path):
+    import math
+
+    def norm(d):
+        return {k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
+
+    cache: dict = {}
+    for _ in range(2):  # the second page is served from the cache
+        r = parse_prometheus_text(PAGE, ("node_",), cache)
+        assert (norm(r.gauges), norm(r.counters)) == reference_parse(PAGE, ("node_",))
+    assert r.counters["ne_node_cpu_seconds_total_0.idle"] == 1234.5
+    assert r.counters["ne_node_cpu_seconds_total_0.user"] == 99  # labels sorted by name, not by order
+    assert r.counters["ne_node_disk_io_time_weighted_total_sda"] == 3  # TYPE counter: named *_total
+    assert r.gauges["ne_node_filesystem_avail_bytes_dev_sda1.ext4.my_dir_with_braces"] == 5.1e9
+    assert not any(k.startswith(("ne_go_", "ne_process_")) for k in {**r.gauges, **r.counters})
+    assert len(cache) == 12  # one entry per node_ series
+    both = parse_prometheus_text(PAGE, ("node_", "go_"))
+    assert both.gauges["ne_go_goroutines"] == 8
+
+
+@pytest.mark.parametrize("page", [
+    "node_load1{cpu=\"0\" 1\n",            # labels never closed
+    "node_load1{cpu=0} 1\n",               # unquoted label value
+    "node_load1 one\n",                    # not a number
+    "node_load1\n",                        # no value
+    "<html><body>404 page not found</body></html>\n",  # the wrong URL: nothing to keep
+    "# TYPE node_load1 gauge\n",           # no sample at all
+])
+def test_a_bad_page_is_an_error_not_a_wrong_reading(page):
+    with pytest.raises(OSError):
+        parse_prometheus_text(page, ("node_",), {})
