@@ -137,28 +137,46 @@ class Swarm:
             entry.left = left
 
     def sample(self, numwant: int, exclude: PeerEntry | None, seeder: bool) -> list[PeerEntry]:
-        """Up to ``numwant`` peers other than ``exclude``, from a random window.
+        """Up to ``numwant`` peers other than ``exclude``.
 
-        Like opentracker, the reply is a run of consecutive entries starting
-        at a random position (wrapping around), which costs O(numwant) list
-        slicing instead of a per-element random draw. The order of the lists
-        is join order shuffled by swap-removal, and each request starts
-        elsewhere, so every peer is handed out about equally often. A seeder
-        gets only leechers: it has nothing to gain from other seeders.
+        A leecher gets a window of the whole swarm. A seeder gets leechers
+        first, and the rest of its ``numwant`` from the other seeders: it
+        has nothing to fetch from them, but a client that announces left=0
+        before it has anything (aria2 while it fetches a magnet's metadata
+        announces so) would otherwise be sent back empty-handed from a
+        swarm of seeders, and never find one.
         """
-        pool = self.leeches if seeder else self.leeches + self.seeds
-        n = len(pool)
-        k = numwant + (exclude is not None)
-        if k >= n:
-            chosen = pool  # sliced below, so never the swarm's own list
-        else:
-            start = random.randrange(n)
-            chosen = pool[start : start + k]
-            if start + k > n:
-                chosen += pool[: start + k - n]
-        if exclude is not None:
-            chosen = [p for p in chosen if p is not exclude]
-        return chosen[:numwant]
+        if not seeder:
+            return _window(self.leeches + self.seeds, numwant, exclude)
+        chosen = _window(self.leeches, numwant, None)
+        if len(chosen) < numwant:
+            chosen += _window(self.seeds, numwant - len(chosen), exclude)
+        return chosen
+
+
+def _window(pool: list[PeerEntry], numwant: int, exclude: PeerEntry | None) -> list[PeerEntry]:
+    """Up to ``numwant`` entries of ``pool`` other than ``exclude``, from a random window.
+
+    Like opentracker, the reply is a run of consecutive entries starting at a
+    random position (wrapping around), which costs O(numwant) list slicing
+    instead of a per-element random draw. The order of the lists is join
+    order shuffled by swap-removal, and each request starts elsewhere, so
+    every peer is handed out about equally often. Always a new list.
+    """
+    n = len(pool)
+    k = numwant + (exclude is not None)
+    if numwant <= 0 or n == 0:
+        return []
+    if k >= n:
+        chosen = pool[:]
+    else:
+        start = random.randrange(n)
+        chosen = pool[start : start + k]
+        if start + k > n:
+            chosen += pool[: start + k - n]
+    if exclude is not None:
+        chosen = [p for p in chosen if p is not exclude]
+    return chosen[:numwant]
 
 
 @dataclass(frozen=True, slots=True)

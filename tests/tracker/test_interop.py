@@ -8,15 +8,18 @@ complete a download. Clients never get each other's address any other way.
 
 import hashlib
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import trio
 
 from shoal.daemons.peer.announce import open_tracker
-from shoal.demo.realclients import Aria2Client, LibtorrentClient, make_shared_file
+from shoal.demo.realclients import Aria2Client, LibtorrentClient, aria2_argv, make_shared_file
+from shoal.protocol.metainfo import Magnet
 
 from .conftest import start_tracker
-from .test_daemon import metrics
+from .test_daemon import metrics, rejected
 
 pytestmark = pytest.mark.interop
 
@@ -122,4 +125,46 @@ async def test_libtorrent_over_udp_downloads_from_aria2_over_http(config, tmp_pa
         finally:
             leecher.close()
             aria.close()
+        assert await d.terminate() == 0
+
+
+def start_aria2_magnet(magnet: str, directory: Path, ip: str, log: Path) -> subprocess.Popen:
+    """aria2c fetching a magnet link (aria2_argv ends with what to fetch: a
+    .torrent, replaced here by the link)."""
+    argv = [*aria2_argv(Path("unused.torrent"), directory, seed=False, ip=ip)[:-1], magnet]
+    with open(log, "wb") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+async def test_aria2_fetches_a_magnet_link_through_the_tracker(config, tmp_path):
+    """aria2 is given only a magnet link naming the shoal tracker; a libtorrent
+    seeder is in the swarm. While aria2 fetches the metadata it announces
+    started with left=0, so the tracker takes it for a seeder: it must still
+    be handed the seeder (a seeder gets leechers first, then other seeders),
+    or it never finds a peer (the issue: 0 bytes, forever)."""
+    require_aria2()
+    async with await start_tracker(config) as d:
+        url = f"http://{d.addresses['http']}/announce"
+        shared = make_shared_file(tmp_path / "seed", "data.bin", 4 << 20, url)
+        seeder = LibtorrentClient("127.0.0.8")
+        aria = None
+        log = tmp_path / "aria2.log"
+        try:
+            hs = seeder.add(shared.torrent, shared.path.parent, seed=True)
+            await wait_lt(seeder, lambda: seeder.replies(hs) >= 1)
+            magnet = Magnet(shared.info_hash, "data.bin", (url,)).uri()
+            aria = start_aria2_magnet(magnet, tmp_path / "aria2", "127.0.0.9", log)
+            with trio.fail_after(60):
+                rc = await trio.to_thread.run_sync(aria.wait, abandon_on_cancel=True)
+            assert rc == 0, log.read_text()[-2000:]
+            assert sha1(tmp_path / "aria2" / "data.bin") == sha1(shared.path)
+            m = await metrics(d)
+            # The seeder, aria2's metadata phase (left=0) and its data phase.
+            assert m[("shoal_tracker_announces_total", (("event", "started"), ("protocol", "http")))] >= 3
+            assert rejected(m, "http") == {}
+        finally:
+            seeder.close()
+            if aria is not None and aria.poll() is None:
+                aria.kill()
+                aria.wait()
         assert await d.terminate() == 0

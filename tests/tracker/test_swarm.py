@@ -46,15 +46,39 @@ def test_choice_is_random_not_always_the_same_peers():
     assert len(seen) > 60
 
 
-def test_seeder_gets_only_leechers():
+def test_seeder_gets_leechers_first_then_other_seeders():
     t = table()
     for n in range(5):
         t.announce(ann(n, left=0), "10.0.0.1", 0, now=0.0)
     for n in range(5, 8):
         t.announce(ann(n), "10.0.0.1", 0, now=0.0)
     res = t.announce(ann(0, left=0), "10.0.0.1", 50, now=0.0)
-    assert {p.peer_id for p in res.peers} == {pid(5), pid(6), pid(7)}
+    ids = [p.peer_id for p in res.peers]
+    # Every leecher, before any seeder; then the other seeders, never itself.
+    assert set(ids[:3]) == {pid(5), pid(6), pid(7)}
+    assert set(ids[3:]) == {pid(1), pid(2), pid(3), pid(4)}
     assert (res.complete, res.incomplete) == (5, 3)
+    # With room for fewer than the leechers, only leechers.
+    few = t.announce(ann(1, left=0), "10.0.0.1", 2, now=0.0)
+    assert len(few.peers) == 2 and {p.peer_id for p in few.peers} <= {pid(5), pid(6), pid(7)}
+
+
+def test_left_0_started_with_nothing_yet_still_gets_the_seeders():
+    """aria2 fetching a magnet's metadata announces started with left=0: the
+    swarm holds only seeders, and it must be handed them, or it never finds
+    a peer to fetch the metadata from."""
+    t = table()
+    for n in range(3):
+        assert t.announce(ann(n, left=0, event=Event.STARTED), "10.0.0.1", 50, now=0.0) is not None
+    magnet = t.announce(ann(9, left=0, event=Event.STARTED), "10.0.0.9", 50, now=1.0)
+    assert {p.peer_id for p in magnet.peers} == {pid(0), pid(1), pid(2)}
+    # Nor is any seeder sent back empty-handed while another peer exists.
+    for n in (0, 1, 2, 9):
+        reply = t.announce(ann(n, left=0), "10.0.0.9" if n == 9 else "10.0.0.1", 50, now=2.0)
+        assert len(reply.peers) == 3 and pid(n) not in {p.peer_id for p in reply.peers}
+    # A lone seeder gets nobody: there is nobody else.
+    alone = table()
+    assert alone.announce(ann(1, left=0), "10.0.0.1", 50, now=0.0).peers == []
 
 
 def test_completed_turns_leecher_into_seeder_and_counts_download():
