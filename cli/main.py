@@ -41,10 +41,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(args.daemon, Path(args.config), spec.load_schema(), spec.load_factory())
 
 
+def _daemon_of(file: str) -> str | None:
+    """The one daemon whose config has every table of ``file`` (besides [daemon]), if just one does."""
+    import dataclasses
+    import tomllib
+
+    from shoal.daemons.runtime.config import ConfigError, read_config_text
+
+    try:
+        tables = set(tomllib.loads(read_config_text(file))) - {"daemon"}
+    except (ConfigError, tomllib.TOMLDecodeError):
+        return None  # load_config says what is wrong once a daemon is known
+    fits = [name for name, spec in DAEMONS.items()
+            if tables and tables <= {f.name for f in dataclasses.fields(spec.load_schema())}]
+    return fits[0] if len(fits) == 1 else None
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     from shoal.daemons.runtime.config import ConfigError, load_config
 
     name = args.daemon or Path(args.file).stem
+    if name not in DAEMONS:
+        name = _daemon_of(args.file) or name
     if name not in DAEMONS:
         print(
             f"shoal: cannot tell which daemon {args.file} is for; pass --daemon "
@@ -117,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
     check = csub.add_parser("check", help="validate a config file; exit 2 with one line if it is bad")
     check.add_argument("file")
-    check.add_argument("--daemon", choices=sorted(DAEMONS), help="default: the file name's stem")
+    check.add_argument("--daemon", choices=sorted(DAEMONS),
+                       help="default: the file name's stem, else the daemon whose tables the file has")
     check.set_defaults(func=cmd_config_check)
 
     s = sub.add_parser("systemd", help="systemd units for this installation")

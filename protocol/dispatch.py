@@ -49,6 +49,8 @@ __all__ = [
     "Submit",
     "JobsQuery",
     "JobQuery",
+    "TASK_STATES",
+    "JOB_STATES",
     "Register",
     "Heartbeat",
     "Pull",
@@ -284,16 +286,39 @@ class Submit(Contract):
     policy: str | None = bounded(None, max_len=MAX_NAME)
 
 
+#: a task's recorded states (the store's), for `job` filters
+TASK_STATES = ("pending", "done", "failed", "cancelled")
+#: a job's states, for `jobs` filters
+JOB_STATES = ("running", "done", "failed", "cancelled")
+
+
 @dataclass(frozen=True, slots=True)
 class JobsQuery(Contract):
-    limit: int = bounded(50, min=1, max=1000)
+    """One page of jobs, newest first: ``before`` (a job id) continues after the previous page."""
+
+    limit: int = bounded(50, min=1, max=MAX_JOBS_PAGE)
+    before: int | None = bounded(None, min=0)
+    state: str | None = bounded(None, max_len=16)
+
+    def __post_init__(self) -> None:
+        if self.state is not None and self.state not in JOB_STATES:
+            raise BadParams(f"state: expected one of {', '.join(JOB_STATES)}")
 
 
 @dataclass(frozen=True, slots=True)
 class JobQuery(Contract):
+    """One job, and a page of its tasks from ``offset`` (only those in ``states``, if given;
+    none with ``summary``: counts by state and the first failures only)."""
+
     id: int = bounded(min=0)
     logs: bool = False
     offset: int = bounded(0, min=0)
+    states: list[str] | None = bounded(None, max_len=MAX_STATES)
+    summary: bool = False
+
+    def __post_init__(self) -> None:
+        if any(st not in TASK_STATES for st in self.states or []):
+            raise BadParams(f"states: expected some of {', '.join(TASK_STATES)}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,20 @@ import time
 from pathlib import Path
 
 from shoal.daemons.runtime import cli
-from shoal.protocol.dispatch import Cancel, Exclude, JobQuery, JobsQuery, Submit
+from shoal.protocol.dispatch import (
+    JOB_STATES,
+    MAX_JOBS_PAGE,
+    TASK_STATES,
+    Cancel,
+    Exclude,
+    JobQuery,
+    JobsQuery,
+    Submit,
+)
 
 DEFAULT_SOCKET = "/run/shoal-dispatcher/submit.sock"  # the unit's RuntimeDirectory= and submit.sock
-MAX_SPEC_BYTES = 900 * 1024  # the dispatcher's own limit may be lower (max_spec_bytes)
+MAX_SPEC_BYTES = 900 * 1024  # the largest max_spec_bytes a dispatcher may have: above it, ask for its own
+SPEC_HINT = "use replicas = N for many alike tasks"
 
 
 def add_commands(dispatcher: argparse._SubParsersAction, top: argparse._SubParsersAction) -> None:
@@ -38,13 +48,19 @@ def add_commands(dispatcher: argparse._SubParsersAction, top: argparse._SubParse
     k.add_argument("id", type=int, help="the job id")
     k.set_defaults(func=cmd_cancel)
 
-    j = conn(top.add_parser("jobs", help="list recent jobs"))
-    j.add_argument("--limit", type=int, default=20)
+    j = conn(top.add_parser("jobs", help="list recent jobs, newest first"))
+    j.add_argument("--limit", type=_positive, default=20, help="how many (any number: fetched in pages)")
+    j.add_argument("--before", type=_positive, help="only jobs with ids below this one (the next page)")
+    j.add_argument("--state", choices=JOB_STATES, help="only jobs in this state")
     j.set_defaults(func=cmd_jobs)
 
     one = conn(top.add_parser("job", help="one job's tasks, states and outputs"))
     one.add_argument("id", type=int)
     one.add_argument("--logs", action="store_true", help="also print each task's captured stdout and stderr")
+    one.add_argument("--summary", action="store_true",
+                     help="counts by state and the first failed tasks, not every task (for big jobs)")
+    one.add_argument("--state", action="append", choices=TASK_STATES, dest="states",
+                     help="only tasks in this state (repeat for several)")
     one.set_defaults(func=cmd_job)
 
     w = conn(dispatcher.add_parser("workers", help="the live workers and their queues"))
@@ -53,6 +69,13 @@ def add_commands(dispatcher: argparse._SubParsersAction, top: argparse._SubParse
     x.add_argument("workers", nargs="*")
     x.set_defaults(func=cmd_exclude)
 
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return n
 
 
 def target(args) -> str:
@@ -71,9 +94,9 @@ def cmd_submit(args) -> int:
         spec = sys.stdin.buffer.read() if args.job == "-" else Path(args.job).read_bytes()
     except OSError as exc:
         return cli.fail(f"{args.job}: {exc.strerror}")
-    if len(spec) > MAX_SPEC_BYTES:
-        return cli.fail(f"{args.job}: {len(spec)} bytes; a spec must fit one RPC frame ({MAX_SPEC_BYTES} bytes): "
-                     "use replicas = N for many alike tasks")
+    if len(spec) > MAX_SPEC_BYTES:  # too big to send: say the dispatcher's own limit, as it would
+        limit = rpc(args, "limits")["max_spec_bytes"]
+        return cli.fail(f"spec is {len(spec)} bytes, the limit is {limit}: {SPEC_HINT}")
     # A refused spec reads best as its reason alone: "shoal: cycle: a -> a".
     reply = cli.call(target(args), "submit", Submit(spec=spec, policy=args.policy or None), what="the dispatcher",
                      token_file=args.token_file if args.dispatcher else None,
@@ -110,8 +133,20 @@ def _when(t) -> str:
     return "-" if t is None else time.strftime("%H:%M:%S", time.localtime(t))
 
 
+def job_pages(args):
+    """Up to ``args.limit`` jobs, newest first, one RPC page (at most MAX_JOBS_PAGE) at a time."""
+    left, before = args.limit, args.before
+    while left > 0:
+        page = rpc(args, "jobs", JobsQuery(limit=min(left, MAX_JOBS_PAGE), before=before, state=args.state))
+        yield from page
+        if len(page) < min(left, MAX_JOBS_PAGE):
+            return
+        left -= len(page)
+        before = page[-1]["id"]
+
+
 def cmd_jobs(args) -> int:
-    rows = rpc(args, "jobs", JobsQuery(limit=args.limit))
+    rows = list(job_pages(args))
     if not rows:
         print("no jobs")
         return 0
@@ -127,17 +162,25 @@ def _all_tasks(args, view: dict):
     while True:
         yield from view["tasks"]
         offset = view["offset"] + len(view["tasks"])
-        if not view["tasks"] or offset >= view["total"]:
+        if not view["tasks"] or offset >= view["matching"]:
             return
-        view = rpc(args, "job", JobQuery(id=args.id, logs=args.logs, offset=offset))
+        view = rpc(args, "job", JobQuery(id=args.id, logs=args.logs, offset=offset, states=args.states))
 
 
 def cmd_job(args) -> int:
-    view = rpc(args, "job", JobQuery(id=args.id, logs=args.logs))
+    if args.summary:
+        view = rpc(args, "job", JobQuery(id=args.id, summary=True))
+    else:
+        view = rpc(args, "job", JobQuery(id=args.id, logs=args.logs, states=args.states))
     print(progress_line(view) + f"  submitted by {view.get('submitted_by') or '-'}")
     if view.get("reason"):
         print(f"  {view['reason']}")
-    for t in _all_tasks(args, view):
+    if args.summary:
+        print("  " + ", ".join(f"{st} {view['counts'].get(st, 0)}" for st in TASK_STATES)
+              + f"  (total {view['total']})")
+        if view["tasks"]:
+            print(f"  first failed tasks ({len(view['tasks'])} of {view['counts'].get('failed', 0)}):")
+    for t in _all_tasks(args, view) if not args.summary else view["tasks"]:
         took = f"{t['finished'] - t['started']:.3f}s" if t["finished"] is not None else "-"
         line = (f"  {t['task']:<24} {t['state']:<9} exit {t['exit_code'] if t['exit_code'] is not None else '-':<4} "
                 f"{took:>9} attempts {t['attempts']} {t['worker'] or ''}")

@@ -8,9 +8,11 @@ every request sees a consistent state without locks. Methods:
 
 ==============  ===========================================================
 ``submit``      ``{spec: bytes, policy?}`` → ``{job, tasks, units}`` after the commit
-``jobs``        ``{limit?}`` → the latest jobs with task counts
-``job``         ``{id, logs?, offset?}`` → one job, counts by state, and a page of its
-                tasks (with logs: their output) that fits one RPC frame
+``jobs``        ``{limit?, before?, state?}`` → a page of jobs, newest first, with task
+                counts (``before``: the last id of the previous page)
+``job``         ``{id, logs?, offset?, states?, summary?}`` → one job, counts by state,
+                and a page of its tasks (only those in ``states``; with logs: their
+                output) that fits one RPC frame; ``summary``: the first failed tasks only
 ``register``    a worker's capacity ``{worker, cpus, memory, cpu_speed, bandwidth, rtt,
                 verdict?}``
 ``ping``        nothing; workers time it to measure their RTT
@@ -24,6 +26,7 @@ every request sees a consistent state without locks. Methods:
 ``cancel``      ``{id}``: end a running job (an operator method): its open units are
                 cancelled, and those running are killed on their workers
 ``workers``     the live workers
+``limits``      the bounds on one submission (``max_spec_bytes``, ``max_tasks_per_job``)
 ``exclude``     ``{workers: [...]}``: the anomaly hook (telemetry's flagged nodes)
 ==============  ===========================================================
 
@@ -176,6 +179,7 @@ def _ids(names: tuple[str, ...], lookup: Any, what: str) -> set[int]:
 
 
 STORE_FILE = "jobs.db"
+SUMMARY_FAILURES = 10  # failed tasks a job summary shows
 POLICY_FILE = "policies.msgpack"
 TOKEN_KEY = "dispatcher.token_file"
 
@@ -355,13 +359,17 @@ class DispatcherApp:
 
     @rpc_method("jobs", JobsQuery)
     async def rpc_jobs(self, params: JobsQuery) -> list[dict[str, Any]]:
-        return self.store.jobs(params.limit)
+        return self.store.jobs(params.limit, params.before, params.state)
 
     @rpc_method("job", JobQuery)
     async def rpc_job(self, params: JobQuery) -> dict[str, Any]:
         """One page of a job's tasks: a response must fit one RPC frame (1 MiB)."""
         # ~200 bytes per task row (2000 rows: ~400 KiB), plus logs and outputs up to 512 KiB
-        view = self.store.job(params.id, logs=params.logs, offset=params.offset, limit=2000, budget=512 * 1024)
+        if params.summary:  # counts by state and the first failures
+            view = self.store.job(params.id, offset=0, limit=SUMMARY_FAILURES, states=("failed",))
+        else:
+            view = self.store.job(params.id, logs=params.logs, offset=params.offset, limit=2000, budget=512 * 1024,
+                                  states=params.states or ())
         if view is None:
             raise RpcError("not_found", f"no job {params.id}")
         view["progress"] = self.core.progress(params.id)
@@ -379,6 +387,11 @@ class DispatcherApp:
     @rpc_method("ping")
     async def rpc_ping(self) -> bool:
         return True
+
+    @rpc_method("limits")
+    async def rpc_limits(self) -> dict[str, int]:
+        """The bounds on one submission, for a client to say them before sending."""
+        return {"max_spec_bytes": self.section.max_spec_bytes, "max_tasks_per_job": self.section.max_tasks_per_job}
 
     @rpc_method("heartbeat", Heartbeat)
     async def rpc_heartbeat(self, params: Heartbeat) -> dict[str, Any]:

@@ -240,20 +240,23 @@ class Store:
                                  {u: a for u, _s, a, _l in rows}, {u: lost for u, _s, _a, lost in rows if lost}))
         return out
 
-    def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+    def jobs(self, limit: int = 50, before: int | None = None, state: str | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` jobs with ids below ``before`` (a page), in ``state`` if given."""
         rows = self.db.execute(
             "SELECT j.id, j.name, j.policy, j.state, j.submitted, j.finished, j.submitted_by, "
             "(SELECT count(*) FROM tasks t WHERE t.job=j.id), "
             "(SELECT count(*) FROM tasks t WHERE t.job=j.id AND t.state='done'), "
             "(SELECT count(*) FROM tasks t WHERE t.job=j.id AND t.state='failed') "
-            "FROM jobs j ORDER BY j.id DESC LIMIT ?", (limit,)).fetchall()
+            "FROM jobs j WHERE j.id < ? AND (? IS NULL OR j.state = ?) ORDER BY j.id DESC LIMIT ?",
+            (1 << 62 if before is None else before, state, state, limit)).fetchall()
         keys = ("id", "name", "policy", "state", "submitted", "finished", "submitted_by", "tasks", "done", "failed")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def job(self, job_id: int, *, logs: bool = False, offset: int = 0, limit: int = 1000,
-            budget: int = 1 << 62) -> dict[str, Any] | None:
+            budget: int = 1 << 62, states: Sequence[str] = ()) -> dict[str, Any] | None:
         """One job: its row, task counts by state, and up to ``limit`` tasks from ``offset`` in
-        topological order, fewer if their logs would pass ``budget`` bytes (at least one)."""
+        topological order (of those in ``states``, if given: ``matching`` counts them), fewer if
+        their logs would pass ``budget`` bytes (at least one)."""
         row = self.db.execute("SELECT id, name, policy, state, submitted, finished, submitted_by, reason FROM jobs "
                               "WHERE id=?", (job_id,)).fetchone()
         if row is None:
@@ -263,14 +266,16 @@ class Store:
         out["counts"] = dict(self.db.execute("SELECT state, count(*) FROM tasks WHERE job=? GROUP BY state",
                                              (job_id,)).fetchall())
         out["total"] = sum(out["counts"].values())
+        out["matching"] = sum(n for st, n in out["counts"].items() if st in states) if states else out["total"]
         out["offset"] = offset
         cols = "task, unit, state, exit_code, worker, started, finished, error, outputs"
         if logs:
             cols += ", stdout, stderr"
         tasks: list[dict[str, Any]] = []
         size = 0
-        for r in self.db.execute(f"SELECT {cols} FROM tasks WHERE job=? ORDER BY rowid LIMIT ? OFFSET ?",
-                                 (job_id, limit, offset)):
+        where = f" AND state IN ({', '.join('?' * len(states))})" if states else ""
+        for r in self.db.execute(f"SELECT {cols} FROM tasks WHERE job=?{where} ORDER BY rowid LIMIT ? OFFSET ?",  # noqa: S608 - placeholders only
+                                 (job_id, *states, limit, offset)):
             d = dict(zip(("task", "unit", "state", "exit_code", "worker", "started", "finished", "error",
                           "outputs", "stdout", "stderr"), r, strict=False))  # stdout, stderr only with logs
             size += len(d.get("stdout") or b"") + len(d.get("stderr") or b"") + len(d["outputs"] or b"")
