@@ -100,7 +100,8 @@ class SwarmHook:
                             continue  # still downloading: wait again
                         raise
                     if row["left"] == 0:
-                        return dest_dir / meta.name
+                        # where the peer has it: an earlier task's directory if it was added before
+                        return Path(row["path"]) / meta.name
         except (OSError, RpcError) as exc:
             raise InputError(f"swarm:{torrent}: the swarm peer failed: {exc}") from None
 

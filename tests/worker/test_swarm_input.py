@@ -51,6 +51,11 @@ control_socket = "{sock}"
                 r = await run_task(task, "3/use", 1, limits, SwarmHook(sock))
                 assert r.ok, r
                 assert r.stdout.decode().strip() == want
+                # a second task on the same input: the peer already has it (in the first task's directory)
+                again = {**task, "name": "again"}
+                r = await run_task(again, "3/again", 1, limits, SwarmHook(sock))
+                assert r.ok, r
+                assert r.stdout.decode().strip() == want
                 too_small = RunLimits(tmp_path / "work", max_input_bytes=1000)
                 r = await run_task(task, "4/use", 1, too_small, SwarmHook(sock))
                 assert r.exit_code is None and "above max_input_bytes" in r.error
