@@ -62,6 +62,7 @@ class TrackerApp:
         )
         self.http_slots = AddressSlots(t.max_http_connections_per_ip)
         self.state_file: Path = ctx.state_dir / STATE_FILE
+        self._saver_scope = trio.CancelScope()
         self.saver = StateSaver("swarm", self.state_file, lambda: self.table.snapshot(trio.current_time()),
                                 t.save_interval, metrics=ctx.metrics, log=log)
 
@@ -97,7 +98,7 @@ class TrackerApp:
                 if t.udp_listen is not None:
                     addresses["udp"] = await nursery.start(self._serve_udp, t.udp_listen)
                 nursery.start_soon(self._housekeeping)
-                nursery.start_soon(self.saver.run)
+                nursery.start_soon(self._save_periodically)
                 ctx.announce(**addresses)
                 log.info("tracking on %s", ", ".join(f"{k}={v}" for k, v in addresses.items()))
                 task_status.started()
@@ -120,7 +121,9 @@ class TrackerApp:
         self.http.idle_timeout = t.header_timeout
         self.http.max_connections = t.max_http_connections
         self.http_slots.cap = t.max_http_connections_per_ip
-        self.saver.interval = t.save_interval  # from the next save on
+        if t.save_interval != self.saver.interval:
+            self.saver.interval = t.save_interval
+            self._saver_scope.cancel()  # the next save is save_interval from now, not from the last
         self.config = new
 
     # -- listeners -------------------------------------------------------------
@@ -198,6 +201,18 @@ class TrackerApp:
                             log.debug("udp reply to %s failed: %s", addr, exc)
                             self.metrics.reject("udp", "send_failed")
                     observe(clock() - start)
+
+    async def _save_periodically(self) -> None:
+        """The saver's loop, restarted when a reload changes save_interval.
+
+        Its own timer, not the expiry sweep's (up to 60 s), so any interval
+        is honoured; a reload from 300 s to 5 s takes effect at once rather
+        than after the 300 s sleep in progress.
+        """
+        while True:
+            with self._saver_scope:
+                await self.saver.run()
+            self._saver_scope = trio.CancelScope()
 
     async def _housekeeping(self) -> None:
         t = self.config.tracker

@@ -14,6 +14,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from shoal.daemons.peer.announce import HttpTracker, TrackerUrl, UdpTracker, http_get
+from shoal.daemons.tracker.swarm import SwarmTable
 from shoal.protocol import udp_tracker as udp_wire
 from shoal.protocol.tracker import Announce, AnnounceResponse, Event, Failure
 
@@ -176,6 +177,43 @@ async def test_udp_connection_id_survives_a_restart(tmp_path):
                 assert rejected(m, "udp") == {}
                 assert m[("shoal_tracker_announces_total", (("event", "started"), ("protocol", "udp")))] == 1
                 assert await d.terminate() == 0
+
+
+def saved_peers(state) -> set[bytes]:
+    """The peer_ids in the tracker's last snapshot (none if there is none yet)."""
+    try:
+        blob = (state / "swarms.msgpack").read_bytes()
+    except FileNotFoundError:
+        return set()
+    table = SwarmTable(max_torrents=10, max_peers_per_torrent=100, max_peers=100)
+    table.restore(blob, now=0.0, timeout=1e9)
+    return {pid for swarm in table.swarms.values() for pid in swarm.peers}
+
+
+async def until_saved(state, peer_id: bytes) -> None:
+    """Wait for a periodic snapshot holding ``peer_id`` (the caller bounds the wait)."""
+    while peer_id not in saved_peers(state):  # noqa: ASYNC110 - polls a file: a save sends no event
+        await trio.sleep(0.1)
+
+
+async def test_save_interval_is_honoured_below_the_sweep_and_after_a_reload(tmp_path):
+    """peer_timeout 3600 makes the expiry sweep 60 s; a 1 s save_interval is
+    kept all the same. The tracker starts with 600 s, and a reload to 1 s
+    applies at once, not after the 600 s wait in progress."""
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "tracker.toml", peer_timeout="3600", save_interval="600.0")
+    with trio.fail_after(60):
+        async with await start_tracker(config, state) as d:
+            await http(d).announce(ann(1))
+            write_config(config, host=d.addresses["http"].host, peer_timeout="3600", save_interval="1.0")
+            await d.reload()
+            # 1 s, with room for a loaded machine: far below the 600 s and the 60 s sweep.
+            with trio.fail_after(10):
+                await until_saved(state, ann(1).peer_id)
+            await http(d).announce(ann(2))
+            with trio.fail_after(10):  # and again: every second, not once
+                await until_saved(state, ann(2).peer_id)
+            assert await d.terminate() == 0
 
 
 async def test_kill_9_during_announce_storm_then_serves_again(config, tmp_path):
