@@ -95,7 +95,8 @@ class Torrent:
         c = cfg.choker
         self.choker = Choker(slots=c.slots, interval=c.interval, optimistic_interval=c.optimistic_interval,
                              snub_after=c.snub_after, seeding_policy=c.seeding_policy,
-                             optimistic_slots=c.optimistic_slots, rate_window=c.rate_window, rng=rng)
+                             optimistic_slots=c.optimistic_slots, rate_window=c.rate_window,
+                             request_grace=c.request_grace, rng=rng)
         self.links: set[PeerLink] = set()
         self.writing: dict[int, int] = {}  # piece -> batch writes in progress
         self.pending: dict[int, list[tuple[int, bytes]]] = {}  # piece -> blocks not yet written
