@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import time
 from datetime import UTC
 from typing import Any
 
 from shoal.daemons.runtime.cli import call, fail
+from shoal.daemons.telemetry.inject import ALIASES, KINDS
 from shoal.protocol.contract import Contract
 from shoal.protocol.telemetry import (
     MAX_INSTALL_BYTES,
@@ -57,12 +59,21 @@ def add_commands(tel: argparse._SubParsersAction, top: argparse._SubParsersActio
     f.add_argument("--model", action="store_true", help="mark each name the installed model uses")
     f.set_defaults(func=cmd_features)
 
-    inj = with_socket(tel.add_parser("inject", help="make this node anomalous for a while (fault injector)"))
-    inj.add_argument("kind", choices=["cpu", "mem", "io", "net"])
+    inj = with_socket(tel.add_parser(
+        "inject", help="make this node anomalous for a while (HPAS fault kinds, every resource bounded)"))
+    inj.add_argument("kind", choices=[*KINDS, *ALIASES],
+                     help="cpuoccupy, cachecopy, membw, memleak, memeater, netoccupy, iobandwidth, iometadata "
+                          "(cpu, mem, io, net: the old names of cpuoccupy, memleak, iobandwidth, netoccupy)")
     inj.add_argument("--duration", type=float, required=True, help="seconds")
-    inj.add_argument("--workers", type=int, default=0, help="cpu: busy processes (default: every core)")
-    inj.add_argument("--mib", type=int, default=512, help="mem: MiB to leak; io: scratch file MiB (<= 256)")
-    inj.add_argument("--dir", default=None, help="io: scratch directory (default $TMPDIR)")
+    inj.add_argument("--intensity", type=float, default=None,
+                     help="(0, 1]: the share of the resource (CPU duty, cores, MemTotal, max rate); "
+                          "default 1, memleak/memeater 0.25")
+    inj.add_argument("--workers", type=int, default=0,
+                     help="cpuoccupy, cachecopy, membw: processes (default: sized to the node)")
+    inj.add_argument("--mib", type=int, default=0,
+                     help="memleak, memeater: MiB instead of a share of MemTotal; iobandwidth: scratch file MiB")
+    inj.add_argument("--dir", default=None, help="io kinds: scratch directory (default $TMPDIR)")
+    inj.add_argument("--dry-run", action="store_true", help="print the plan's bounds, inject nothing")
     inj.add_argument("--label", default="", help="label the range in the telemetry daemon first (e.g. cpu-hog)")
     inj.set_defaults(func=cmd_inject)
 
@@ -177,15 +188,23 @@ def cmd_features(args) -> int:
 
 
 def cmd_inject(args) -> int:
-    from shoal.daemons.telemetry.inject import inject
+    from shoal.daemons.telemetry.inject import plan, run, this_node
 
+    try:
+        p = plan(args.kind, args.duration, this_node(args.dir), intensity=args.intensity, workers=args.workers,
+                 mib=args.mib)
+    except (ValueError, OSError) as exc:
+        return fail(str(exc))
+    print(f"{p.kind} for {p.duration:g} s, bounded to: {p.describe()}"
+          + "".join(f"; {n}" for n in p.notes), flush=True)
+    if args.dry_run:
+        return 0
     if args.label:
         now = time.time()
         _rpc(args, "label", Label(start=now, end=now + args.duration, label=args.label))
-    print(f"injecting {args.kind} for {args.duration:g} s ...", flush=True)
     try:
-        result = inject(args.kind, args.duration, workers=args.workers, mib=args.mib, directory=args.dir)
-    except (ValueError, OSError) as exc:
-        return fail(str(exc))
+        result = run(p, directory=args.dir)
+    except (ValueError, OSError, subprocess.SubprocessError) as exc:
+        return fail(f"inject {p.kind}: {exc}")
     print("done: " + ", ".join(f"{k} {v}" for k, v in result.items()))
     return 0

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-SOURCES = ("cpu", "cpufreq", "load", "memory", "disk", "net", "hwmon", "rapl", "gpu", "node_exporter")
+SOURCES = ("cpu", "cpufreq", "load", "memory", "disk", "net", "pressure", "vmstat", "resctrl", "hwmon", "rapl", "gpu",
+           "node_exporter", "cgroup")
 VERDICTS = ("normal", "anomalous", "unscored")
 ORIGINS = ("startup", "local", "federated", "rpc")
 OUTCOMES = ("ok", "refused")

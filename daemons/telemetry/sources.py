@@ -23,9 +23,12 @@ metric, and the detector sees the feature missing.
 Metric names are flat strings, ``<family>_<instance>_<field>``, made only of
 ``[a-z0-9_.]``: they become feature names in windows and models.
 
-Sources: ``cpu`` (/proc/stat), ``cpufreq``, ``load`` (/proc/loadavg),
-``memory`` (/proc/meminfo), ``disk`` (/proc/diskstats), ``net``
-(/proc/net/dev), ``hwmon`` (temperatures and fans), ``rapl``
+Sources: ``cpu`` (/proc/stat: utilisation, context switches, run queue),
+``cpufreq``, ``load`` (/proc/loadavg), ``memory`` (/proc/meminfo), ``disk``
+(/proc/diskstats), ``net`` (/proc/net/dev, per interface and the node's
+total), ``pressure`` (/proc/pressure: PSI), ``vmstat`` (/proc/vmstat: faults,
+reclaim, swap), ``resctrl`` (memory bandwidth and LLC occupancy where the
+kernel monitors them), ``hwmon`` (temperatures and fans), ``rapl``
 (/sys/class/powercap energy counters -> watts), ``gpu`` (nvidia-smi, where
 installed), ``node_exporter`` (scrape an existing endpoint, optional) and
 ``cgroup`` (one cgroup's CPU, memory and IO: the node's workload, optional).
@@ -225,8 +228,12 @@ class NetSource(Source):
     def available(self) -> bool:
         return self.path("proc/net/dev").is_file()
 
+    FIELDS = ((0, "rx.bytes"), (1, "rx_packets"), (2, "rx_errors"), (3, "rx_drops"),
+              (8, "tx.bytes"), (9, "tx_packets"), (10, "tx_errors"), (11, "tx_drops"))
+
     def read(self) -> Reading:
         c: dict[str, float] = {}
+        total = [0.0] * len(self.FIELDS)
         for line in _read_text(self.path("proc/net/dev")).splitlines()[2:]:
             name, sep, rest = line.partition(":")
             p = rest.split()
@@ -234,10 +241,107 @@ class NetSource(Source):
             if not sep or name == "lo" or len(p) < 16:
                 continue
             dev = clean(name)
-            for i, what in ((0, "rx.bytes"), (1, "rx_packets"), (2, "rx_errors"), (3, "rx_drops"),
-                            (8, "tx.bytes"), (9, "tx_packets"), (10, "tx_errors"), (11, "tx_drops")):
+            for j, (i, what) in enumerate(self.FIELDS):
                 c[f"net_{dev}_{what}"] = float(p[i])
+                total[j] += float(p[i])
+        # The node's total over every interface but lo: a feature every model has, whatever
+        # interfaces come and go (a veth made for a while, like the netoccupy fault's). An
+        # interface that vanishes makes the sum go down: the collector skips that one rate.
+        for j, (_, what) in enumerate(self.FIELDS):
+            c[f"net_all_{what}"] = total[j]
         return Reading(counters=c)
+
+
+class PressureSource(Source):
+    """/proc/pressure/{cpu,memory,io}: pressure stall information (PSI, Linux >= 4.20).
+
+    ``total`` is the time (us) some (or all: ``full``) runnable tasks were stalled
+    on the resource; as a rate it is the share of time stalled, 0..1: what tells
+    contention (a hog, a leak that makes the kernel reclaim, an IO storm) from
+    plain load, where utilisation is high but nobody waits.
+    """
+
+    name = "pressure"
+    RESOURCES = ("cpu", "memory", "io")
+
+    def available(self) -> bool:
+        return any(self.path(f"proc/pressure/{r}").is_file() for r in self.RESOURCES)
+
+    def read(self) -> Reading:
+        c: dict[str, float] = {}
+        for res in self.RESOURCES:
+            try:
+                text = _read_text(self.path(f"proc/pressure/{res}"))
+            except FileNotFoundError:
+                continue
+            for line in text.splitlines():
+                kind, *fields = line.split()
+                for f in fields:
+                    k, _, v = f.partition("=")
+                    if k == "total" and kind in ("some", "full"):
+                        c[f"psi_{res}_{kind}.stalled"] = float(v) * 1e-6  # seconds; its rate is a share
+        return Reading(counters=c)
+
+
+#: /proc/vmstat counters kept: page faults, reclaim, swapping, OOM kills, refaults
+VMSTAT_FIELDS = ("pgfault", "pgmajfault", "pswpin", "pswpout", "pgsteal_kswapd", "pgsteal_direct",
+                 "pgscan_kswapd", "pgscan_direct", "allocstall_normal", "allocstall_movable", "oom_kill",
+                 "workingset_refault_anon", "workingset_refault_file", "pgpgin", "pgpgout")
+
+
+class VmstatSource(Source):
+    """/proc/vmstat: page faults, reclaim scans and steals, swap-ins and -outs, OOM kills (rates)."""
+
+    name = "vmstat"
+
+    def available(self) -> bool:
+        return self.path("proc/vmstat").is_file()
+
+    def read(self) -> Reading:
+        c: dict[str, float] = {}
+        want = set(VMSTAT_FIELDS)
+        for line in _read_text(self.path("proc/vmstat")).splitlines():
+            k, _, v = line.partition(" ")
+            if k in want:
+                c[f"vm_{k}"] = float(v)
+        return Reading(counters=c)
+
+
+class ResctrlSource(Source):
+    """Memory bandwidth and last-level-cache occupancy from resctrl (Intel RDT / AMD PQoS).
+
+    Where the kernel mounts resctrl (``mount -t resctrl resctrl /sys/fs/resctrl``)
+    and the CPU monitors memory bandwidth, the root group's
+    ``mon_data/mon_L3_NN/{mbm_total_bytes,mbm_local_bytes,llc_occupancy}`` give
+    bytes moved to and from memory (a counter: bytes/s) and bytes of L3 in use
+    per cache domain. Hardware cache-miss counters (perf_event) are not read:
+    on machines without a CPU PMU exposed (VMs such as this project's CI,
+    /sys/bus/event_source/devices has no ``cpu``), neither exists; the source
+    is then absent, like any other.
+    """
+
+    name = "resctrl"
+
+    def _dirs(self) -> list[Path]:
+        return sorted(self.path("sys/fs/resctrl/mon_data").glob("mon_L3_*"))
+
+    def available(self) -> bool:
+        return bool(self._dirs())
+
+    def read(self) -> Reading:
+        r = Reading()
+        for d in self._dirs():
+            dom = clean(d.name.removeprefix("mon_"))
+            for f, target, name in (("mbm_total_bytes", r.counters, "membw_total.bytes"),
+                                    ("mbm_local_bytes", r.counters, "membw_local.bytes"),
+                                    ("llc_occupancy", r.gauges, "llc_occupancy.bytes")):
+                try:
+                    text = _read_text(d / f).strip()
+                except FileNotFoundError:
+                    continue
+                if text != "Unavailable":  # the kernel's word for a counter it cannot read now
+                    target[f"resctrl_{dom}_{name}"] = float(text)
+        return r
 
 
 class HwmonSource(Source):
@@ -577,6 +681,7 @@ def default_sources(root: Path, *, gpu: bool = True, node_exporter_url: str = ""
     sources: list[Source] = [
         CpuSource(root), CpuFreqSource(root), LoadSource(root), MemorySource(root),
         DiskSource(root), NetSource(root), HwmonSource(root), RaplSource(root),
+        PressureSource(root), VmstatSource(root), ResctrlSource(root),
     ]
     if gpu:
         sources.append(GpuSource(root))

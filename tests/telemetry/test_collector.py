@@ -243,3 +243,49 @@ def test_hand_parser_agrees_with_prometheus_clients_and_caches_series(tmp_path):
 def test_a_bad_page_is_an_error_not_a_wrong_reading(page):
     with pytest.raises(OSError):
         parse_prometheus_text(page, ("node_",), {})
+
+
+def test_pressure_vmstat_resctrl_and_the_net_total(tmp_path):
+    node, _, _ = make(tmp_path)
+    (tmp_path / "proc/pressure").mkdir()
+    mon = tmp_path / "sys/fs/resctrl/mon_data/mon_L3_00"
+    mon.mkdir(parents=True)
+
+    def write(stall_us: int, faults: int, membw: int) -> None:
+        for res in ("cpu", "memory", "io"):
+            (tmp_path / f"proc/pressure/{res}").write_text(
+                f"some avg10=1.00 avg60=0.50 avg300=0.10 total={stall_us}\n"
+                f"full avg10=0.00 avg60=0.00 avg300=0.00 total={stall_us // 2}\n")
+        (tmp_path / "proc/vmstat").write_text(f"nr_free_pages 5\npgfault {faults}\npgmajfault 3\noom_kill 0\n")
+        (mon / "mbm_total_bytes").write_text(f"{membw}\n")
+        (mon / "llc_occupancy").write_text("1048576\n")
+        (mon / "mbm_local_bytes").write_text("Unavailable\n")
+
+    write(1_000_000, 100, 10 << 30)
+    errors: list[str] = []
+    col = Collector(default_sources(tmp_path, gpu=False), on_error=errors.append)
+    assert {"pressure", "vmstat", "resctrl"} <= {s.name for s in col.sources}
+    col.sample(10.0)
+    write(1_500_000, 400, (10 << 30) + (3 << 30))  # over 2 s: 0.5 s stalled, 300 faults, 3 GiB moved
+    node.tick(2.0)
+    s = col.sample(12.0)
+    assert s["psi_cpu_some.stalled_per_s"] == pytest.approx(0.25)  # a quarter of the time stalled
+    assert s["psi_io_full.stalled_per_s"] == pytest.approx(0.125)
+    assert s["psi_memory_some.stalled_per_s"] == pytest.approx(0.25)
+    assert s["vm_pgfault_per_s"] == pytest.approx(150.0) and s["vm_pgmajfault_per_s"] == 0.0
+    assert "vm_nr_free_pages_per_s" not in s
+    assert s["resctrl_l3_00_membw_total.bytes_per_s"] == pytest.approx(1.5 * (1 << 30))
+    assert s["resctrl_l3_00_llc_occupancy.bytes"] == 1048576
+    assert not any("membw_local" in k for k in s)  # "Unavailable": left out, not 0
+    # The node's network total: every interface but lo, one feature whatever comes and goes.
+    assert s["net_all_rx.bytes_per_s"] == pytest.approx(s["net_eth0_rx.bytes_per_s"]) == pytest.approx(1000.0)
+    assert errors == []
+
+
+def test_run_queue_and_context_switches_are_read(tmp_path):
+    node, col, _ = make(tmp_path)
+    col.sample(0.0)
+    (tmp_path / "proc/stat").write_text((tmp_path / "proc/stat").read_text().replace("ctxt 12345", "ctxt 22345"))
+    s = col.sample(2.0)
+    assert s["cpu_ctxt_per_s"] == pytest.approx(5000.0)
+    assert s["proc_running"] == 3 and s["proc_runnable"] == 2  # /proc/stat and /proc/loadavg
