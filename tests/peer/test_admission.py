@@ -27,8 +27,9 @@ def count(metric, label) -> float:
     return metric.labels(label)._value.get()
 
 
-async def open_peer(addr, info_hash: bytes, num_pieces: int, ip: str | None = None, *, rcvbuf: int = 0):
-    """A handshaken raw connection to ``addr`` from ``ip``: (stream, conn)."""
+async def open_peer(addr, info_hash: bytes, num_pieces: int, ip: str | None = None, *, rcvbuf: int = 0,
+                    peer_id: bytes | None = None):
+    """A raw connection to ``addr`` from ``ip``, our handshake sent: (stream, conn)."""
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -36,7 +37,8 @@ async def open_peer(addr, info_hash: bytes, num_pieces: int, ip: str | None = No
     await sock.connect((addr.host, addr.port))
     stream = trio.SocketStream(sock)
     conn = pw.PeerConnection(num_pieces=num_pieces)
-    await stream.send_all(conn.send(pw.Handshake(info_hash, b"-EV0001-" + os.urandom(6).hex().encode())))
+    peer_id = peer_id or b"-EV0001-" + os.urandom(6).hex().encode()
+    await stream.send_all(conn.send(pw.Handshake(info_hash, peer_id)))
     return stream, conn
 
 
@@ -73,8 +75,8 @@ async def links_reach(torrent, n: int) -> None:
         await torrent.peers_changed.wait()
 
 
-def libtorrent_leecher(shared, tmp_path, seeder_session):
-    client = LibtorrentClient(next_client_ip())
+def libtorrent_leecher(shared, tmp_path, seeder_session, ip: str | None = None):
+    client = LibtorrentClient(ip or next_client_ip())
     handle = client.add(shared.torrent, tmp_path / "lt")
     handle.connect_peer((seeder_session.listen_addr.host, seeder_session.listen_addr.port))
     return client
