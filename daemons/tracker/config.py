@@ -27,8 +27,8 @@ class TrackerSection:
     # The seeds: "New clients receive ... 50 randomly chosen active peers".
     numwant_default: int = setting(50, min=0, max=1000)
     numwant_max: int = setting(200, min=1, max=1000)
-    # Memory bounds: about 200 bytes per peer, so the defaults cap the table
-    # near 200 MB even if every swarm is full.
+    # Memory bounds: about 420 bytes per peer (bench/tracker/memory.py), so the
+    # defaults cap the table near 420 MB even if every swarm is full.
     max_torrents: int = setting(100_000, min=1, max=10_000_000)
     max_peers_per_torrent: int = setting(10_000, min=1, max=1_000_000)
     max_peers: int = setting(1_000_000, min=1, max=50_000_000)

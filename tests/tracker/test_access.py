@@ -2,10 +2,10 @@
 
 import pytest
 
-from shoal.daemons.runtime.config import ConfigError
+from shoal.daemons.runtime.config import ConfigError, load_config
 from shoal.daemons.runtime.ratelimit import KeyedRateLimiter, TokenBucket
-from shoal.daemons.tracker.access import ConnectionIds, Route, load_policy
-from shoal.daemons.tracker.config import AccessSection
+from shoal.daemons.tracker.access import AddressSlots, ConnectionIds, Route, load_policy
+from shoal.daemons.tracker.config import AccessSection, TrackerConfig
 
 
 def test_open_routes():
@@ -100,3 +100,27 @@ def test_connection_ids_count_wall_minutes_whatever_the_monotonic_origin():
     assert not after.valid(cid, "192.0.2.1", now=98_765.0 + 125.0)
     # Without the offset the minutes would not line up.
     assert not ConnectionIds(b"k" * 32).valid(cid, "192.0.2.1", now=98_765.0)
+
+
+def test_address_slots_cap_each_address_and_free_on_release():
+    slots = AddressSlots(2)
+    assert slots.acquire("192.0.2.1") and slots.acquire("192.0.2.1")
+    assert not slots.acquire("192.0.2.1")  # a third from the same address
+    assert slots.acquire("192.0.2.2")  # another address has its own share
+    slots.release("192.0.2.1")
+    assert slots.acquire("192.0.2.1")
+    for _ in range(2):
+        slots.release("192.0.2.1")
+    slots.release("192.0.2.2")
+    assert slots.open == {}  # nothing kept for addresses that left
+    slots.cap = 1  # a reload lowers the cap
+    assert slots.acquire("192.0.2.1") and not slots.acquire("192.0.2.1")
+
+
+def test_per_address_cap_above_the_global_cap_is_a_one_line_config_error(tmp_path):
+    f = tmp_path / "tracker.toml"
+    f.write_text("[tracker]\nmax_http_connections = 10\nmax_http_connections_per_ip = 11\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, TrackerConfig)
+    assert "max_http_connections_per_ip: must not exceed max_http_connections" in str(exc.value)
+    assert "\n" not in str(exc.value)
