@@ -502,7 +502,11 @@ class TelemetryApp:
 
     @rpc_method("install", Install)
     async def rpc_install(self, params: Install) -> dict:
-        data = self.uploads.add(params, time.monotonic())
+        try:
+            data = self.uploads.add(params, time.monotonic())
+        except RpcError:
+            self.metrics.model_installs.labels("rpc", "refused").inc()
+            raise
         if isinstance(data, dict):  # more chunks to come
             return data
         async with self.model_lock:

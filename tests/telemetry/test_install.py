@@ -20,6 +20,7 @@ from shoal.protocol.telemetry import MAX_INSTALL_BYTES, MAX_MODEL_CHUNK, Install
 
 from .conftest import keep_ticking, rpc, start_telemetry, write_config
 from .fakeroot import FakeNode
+from .test_daemon import scrape
 
 
 def model_file(path, names, hidden=(3,), threshold=0.5):
@@ -61,7 +62,7 @@ async def test_models_are_checked_against_the_collector_on_an_empty_store(tmp_pa
     with trio.fail_after(90):
         async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
             nursery.start_soon(keep_ticking, node)
-            await stack.enter_async_context(await start_telemetry(config))
+            d = await stack.enter_async_context(await start_telemetry(config))
             names = await all_features(sock)
             assert "cpu_0_util:mean" in names and "net_eth0_rx.bytes_per_s:std" in names
             assert "mem_used.bytes:mean" in names and not any(n.startswith("net_lo") for n in names)
@@ -82,6 +83,13 @@ async def test_models_are_checked_against_the_collector_on_an_empty_store(tmp_pa
             assert st["stored"] == 0 and st["model"]["origin"] == "rpc" and st["model"]["features"] == 10
             marked = await rpc(sock, "features", {})
             assert sum(marked["in_model"]) == 10
+
+            # A chunk for no upload in progress is refused, and counted with the other refusals.
+            with pytest.raises(RpcError) as e:
+                await rpc(sock, "install", {"model": b"x", "upload": "0123456789abcdef", "offset": 5})
+            assert e.value.code == "bad_upload"
+            text = await scrape(d.addresses["metrics"])
+            assert 'shoal_telemetry_model_installs_total{origin="rpc",outcome="refused"} 2.0' in text
 
             # The CLI: feature names one per line; a refusal is one line naming the user's file.
             out = await trio.to_thread.run_sync(lambda: shoal("features", "--socket", str(sock)))
