@@ -32,7 +32,7 @@ from pathlib import Path
 import trio
 
 from shoal.daemons.peer.config import PeerConfig
-from shoal.daemons.peer.metadata import fetch_metadata
+from shoal.daemons.peer.metadata import NoSource, fetch_and_add
 from shoal.daemons.peer.session import Session
 from shoal.daemons.runtime.daemon import DaemonContext
 from shoal.daemons.runtime.rpc import RpcError, RpcServer, handlers_of, rpc_method
@@ -55,6 +55,8 @@ class PeerApp:
         self.control_path = Path(cfg.peer.control_socket) if cfg.peer.control_socket else state / "control.sock"
         # magnet links whose metadata is being fetched: info-hash -> (link, done event, cancel scope)
         self.fetching: dict[bytes, tuple[Magnet, trio.Event, trio.CancelScope]] = {}
+        # magnet links that have no source left: info-hash -> (link, why); status shows them
+        self.stuck: dict[bytes, tuple[Magnet, str]] = {}
 
     async def run(self, ctx: DaemonContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.library.mkdir(mode=0o700, exist_ok=True)
@@ -126,16 +128,24 @@ class PeerApp:
     async def _fetch_then_add(self, magnet: Magnet, dest: Path | None, up: int, down: int, done: trio.Event,
                               scope: trio.CancelScope) -> None:
         stem = self.library / magnet.info_hash.hex()
+
+        def keep(fetched) -> None:
+            atomic_write(stem.with_suffix(".torrent"), fetched.torrent)
+            stem.with_suffix(".magnet").unlink(missing_ok=True)
+            log.info("fetched the metadata of %s (%d bytes)", fetched.meta.name, len(fetched.meta.raw_info))
+
+        self.stuck.pop(magnet.info_hash, None)
         try:
             with scope:
-                fetched = await fetch_metadata(self.session, magnet)
-                atomic_write(stem.with_suffix(".torrent"), fetched.torrent)
-                stem.with_suffix(".magnet").unlink(missing_ok=True)
-                log.info("fetched the metadata of %s (%d bytes)", fetched.meta.name, len(fetched.meta.raw_info))
                 try:
-                    await self.session.add(fetched.meta, dest, upload_rate=up, download_rate=down)
+                    await fetch_and_add(self.session, magnet, dest, upload_rate=up, download_rate=down,
+                                        on_fetched=keep)
+                except NoSource as exc:
+                    # Kept in the library: a restart (or adding it again) tries again.
+                    log.error("magnet %s: %s", magnet.info_hash.hex(), exc)
+                    self.stuck[magnet.info_hash] = (magnet, str(exc))
                 except (ValueError, OSError) as exc:
-                    log.error("cannot start %s: %s", fetched.meta.name, exc)
+                    log.error("cannot start %s: %s", magnet.display_name or magnet.info_hash.hex(), exc)
         finally:
             del self.fetching[magnet.info_hash]
             done.set()
@@ -168,6 +178,9 @@ class PeerApp:
             magnet = parse_magnet(uri)
         except RemoteProtocolError as exc:
             raise RpcError("bad_magnet", str(exc)) from None
+        if not magnet.trackers and not magnet.peers:
+            raise RpcError("bad_magnet", "the magnet link names no tracker (tr=) and no peer (x.pe=): "
+                                         "nothing to fetch it from (there is no DHT)")
         name = magnet.display_name or magnet.info_hash.hex()
         torrent = self.session.torrents.get(magnet.info_hash)
         if torrent is not None:
@@ -184,13 +197,19 @@ class PeerApp:
     @rpc_method("status")
     async def rpc_status(self) -> list:
         rows = [t.status() for t in self.session.torrents.values()]
-        for info_hash, (magnet, _done, _scope) in self.fetching.items():
-            rows.append({
-                "info_hash": info_hash.hex(), "name": magnet.display_name or info_hash.hex(), "state": "metadata",
+        waiting: list[tuple[bytes, Magnet, str, str | None]] = [
+            (ih, m, "metadata", None) for ih, (m, _done, _scope) in self.fetching.items()]
+        waiting += [(ih, m, "error", why) for ih, (m, why) in self.stuck.items() if ih not in self.fetching]
+        for info_hash, magnet, state, why in waiting:
+            row = {
+                "info_hash": info_hash.hex(), "name": magnet.display_name or info_hash.hex(), "state": state,
                 "size": 0, "pieces": 0, "have": 0, "peers": 0, "uploaded": 0, "downloaded": 0,
                 "down_rate": 0.0, "up_rate": 0.0, "left": 0, "path": "", "eta": None,
                 "upload_limit": 0, "download_limit": 0,
-            })
+            }
+            if why:
+                row["error"] = why
+            rows.append(row)
         return rows
 
     @rpc_method("wait", WaitTorrent)
@@ -237,6 +256,8 @@ class PeerApp:
         removed = self.session.remove(info_hash)
         if info_hash in self.fetching:
             self.fetching[info_hash][2].cancel()
+            removed = True
+        if self.stuck.pop(info_hash, None) is not None:
             removed = True
         self._forget(self.library / info_hash.hex())
         return {"removed": removed}

@@ -18,7 +18,16 @@ downloaded, the info dictionary itself has to come from peers that have it:
 
 The result is a :class:`Metainfo` with the link's trackers and web seeds, and
 the bytes of the .torrent file built around the dictionary, which the daemon
-keeps in its library so a restart does not fetch it again.
+keeps in its library so a restart does not fetch it again. :func:`fetch_and_add`
+then starts the torrent and hands it every peer learned on the way -- the
+link's ``x.pe`` addresses and the trackers' -- so a magnet whose only
+sources are ``x.pe`` peers downloads from them too (BEP 27: a ``private``
+torrent takes only the trackers').
+
+A link that names no tracker and no ``x.pe`` peer has no source at all (there
+is no DHT here): :func:`fetch_metadata` raises :class:`NoSource` at once. One
+whose only sources are ``x.pe`` peers raises it when every one of them has
+failed ``ATTEMPTS`` times.
 """
 
 from __future__ import annotations
@@ -56,6 +65,11 @@ MAX_METADATA = 10 << 20
 class Fetched:
     meta: Metainfo
     torrent: bytes  # the .torrent file: the fetched info dictionary and the link's trackers
+    tracker_peers: tuple[tuple[str, int], ...] = ()  # addresses the trackers gave while fetching
+
+
+class NoSource(Exception):
+    """The magnet link has no source left to fetch the metadata from."""
 
 
 class _Found(Exception):
@@ -64,15 +78,24 @@ class _Found(Exception):
 
 
 async def fetch_metadata(session: Session, magnet: Magnet) -> Fetched:
-    """Fetch and verify the info dictionary; runs until it succeeds or is cancelled."""
+    """Fetch and verify the info dictionary; runs until it succeeds, is cancelled,
+    or (no trackers) every ``x.pe`` peer failed: :class:`NoSource`."""
+    if not magnet.trackers and not magnet.peers:
+        raise NoSource("the magnet link names no tracker and no x.pe peer (and there is no DHT here)")
     queue_send, queue_receive = trio.open_memory_channel[tuple[str, int]](math.inf)
     seen: set[tuple[str, int]] = set()
+    from_trackers: list[tuple[str, int]] = []
+    pending = 0  # addresses queued, being tried, or waiting for a retry
 
-    def offer(addrs) -> None:
+    def offer(addrs, tracker: bool = False) -> None:
+        nonlocal pending
         for addr in addrs:
             addr = (addr[0], int(addr[1]))
+            if tracker and addr not in from_trackers:
+                from_trackers.append(addr)
             if addr not in seen and not session.banned(magnet.info_hash, [addr]):
                 seen.add(addr)
+                pending += 1
                 queue_send.send_nowait(addr)
 
     attempts: dict[tuple[str, int], int] = {}
@@ -81,23 +104,49 @@ async def fetch_metadata(session: Session, magnet: Magnet) -> Fetched:
         await trio.sleep(RETRY_AFTER)  # a back-off, not synchronisation
         queue_send.send_nowait(addr)
 
+    def given_up(addr) -> None:
+        nonlocal pending
+        pending -= 1
+        if not pending and not magnet.trackers:
+            raise NoSource(f"no reachable source: the {len(seen)} x.pe peer(s) failed {ATTEMPTS} times each "
+                           "and the magnet link names no tracker")
+
     offer(magnet.peers)
     raw_info: bytes | None = None
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_announcer, session, magnet, offer)
+            nursery.start_soon(_announcer, session, magnet, partial(offer, tracker=True))
             limiter = trio.CapacityLimiter(PARALLEL)
             async for addr in queue_receive:
                 await limiter.acquire_on_behalf_of(addr)
                 attempts[addr] = attempts.get(addr, 0) + 1
                 retry = partial(nursery.start_soon, retry_later, addr) if attempts[addr] < ATTEMPTS else None
-                nursery.start_soon(_try_peer, session, magnet.info_hash, addr, limiter, retry)
+                nursery.start_soon(_try_peer, session, magnet.info_hash, addr, limiter, retry,
+                                   partial(given_up, addr))
     except* _Found as group:
         raw_info = first_leaf(group).raw_info
-    assert raw_info is not None  # the loop above only ends by _Found or cancellation
+    except* NoSource as group:
+        raise first_leaf(group) from None
+    assert raw_info is not None  # the loop above only ends by _Found, NoSource or cancellation
     trackers = [[url] for url in magnet.trackers]
     torrent = metainfo_file(raw_info, trackers, magnet.web_seeds)
-    return Fetched(parse_metainfo(torrent), torrent)
+    return Fetched(parse_metainfo(torrent), torrent, tuple(from_trackers))
+
+
+async def fetch_and_add(session: Session, magnet: Magnet, save_dir=None, *, upload_rate: int = 0,
+                        download_rate: int = 0, on_fetched=None):
+    """Fetch the metadata, start the torrent, and give it the peers found on the way.
+
+    ``on_fetched(fetched)`` runs between the two (the daemon keeps the
+    .torrent file then). Returns the torrent.
+    """
+    fetched = await fetch_metadata(session, magnet)
+    if on_fetched is not None:
+        on_fetched(fetched)
+    torrent = await session.add(fetched.meta, save_dir, upload_rate=upload_rate, download_rate=download_rate)
+    torrent.add_addresses(fetched.tracker_peers, "tracker")
+    torrent.add_addresses(magnet.peers, "magnet")
+    return torrent
 
 
 async def _announcer(session: Session, magnet: Magnet, offer) -> None:
@@ -130,7 +179,7 @@ async def _announcer(session: Session, magnet: Magnet, offer) -> None:
                 session.metrics.announces.labels("refused").inc()
             else:
                 session.metrics.announces.labels("ok").inc()
-                offer((p.ip, p.port) for p in reply.peers)
+                offer([(p.ip, p.port) for p in reply.peers])
         if answered or not magnet.trackers:
             backoff.succeeded()
             delay = ANNOUNCE_EVERY
@@ -139,7 +188,10 @@ async def _announcer(session: Session, magnet: Magnet, offer) -> None:
         await trio.sleep(delay)  # the re-announce period or back-off, not synchronisation
 
 
-async def _try_peer(session: Session, info_hash: bytes, addr: tuple[str, int], limiter, retry) -> None:
+async def _try_peer(session: Session, info_hash: bytes, addr: tuple[str, int], limiter, retry,
+                    given_up=None) -> None:
+    """Try one peer; on a failure that may pass, ``retry()`` (if given), else ``given_up()``."""
+    retried = False
     try:
         with trio.move_on_after(PEER_TIMEOUT):
             raw = await _from_peer(session, info_hash, addr)
@@ -152,12 +204,16 @@ async def _try_peer(session: Session, info_hash: bytes, addr: tuple[str, int], l
             session.offend(info_hash, [addr], "bad_metadata", 2)
         if exc.reason == "bad_handshake" and retry is not None:
             retry()
+            retried = True
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
         log.debug("metadata from %s:%d: %s", *addr, exc)
         if retry is not None:
             retry()
+            retried = True
     finally:
         limiter.release_on_behalf_of(addr)
+    if not retried and given_up is not None:
+        given_up()
 
 
 async def _from_peer(session: Session, info_hash: bytes, addr: tuple[str, int]) -> bytes | None:
