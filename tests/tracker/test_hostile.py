@@ -99,7 +99,7 @@ async def test_one_address_cannot_take_every_http_connection(tmp_path):
     """12 connections in all, 4 per address: a crowd of 20 idle connections
     from one address holds 4, the other 16 are closed unread, and another
     address is served; the crowd's address is refused a 5th even for a
-    real request."""
+    real request. A reload changes the cap for new connections."""
     config = write_config(tmp_path / "tracker.toml", header_timeout="30.0",
                           max_http_connections="12", max_http_connections_per_ip="4")
     crowd_ip, other_ip = next(_clients), next(_clients)
@@ -134,5 +134,33 @@ async def test_one_address_cannot_take_every_http_connection(tmp_path):
                 assert rejected(m, "http") == {"ip_connection_limit": 17}
                 nursery.cancel_scope.cancel()
             for stream in crowd:
+                await stream.aclose()
+
+            # A reload lowers the cap to 1, for new connections at once.
+            write_config(config, host=d.addresses["http"].host, header_timeout="30.0",
+                         max_http_connections="12", max_http_connections_per_ip="1")
+            await d.reload()
+            third = next(_clients)
+            pair = [await connect(d, third), await connect(d, third)]
+            one_closed = trio.Event()
+
+            async def watch_pair(stream: trio.SocketStream) -> None:
+                await until_closed(stream)
+                one_closed.set()
+
+            async with trio.open_nursery() as nursery:
+                for stream in pair:
+                    nursery.start_soon(watch_pair, stream)
+                await one_closed.wait()  # whichever came second; the other is held, idle
+                try:
+                    await http_from(d, third).announce(ann(3))
+                except TrackerError:
+                    pass
+                else:
+                    raise AssertionError("a 2nd connection was served after the cap became 1")
+                assert isinstance(await http_from(d, other_ip).announce(ann(4)), AnnounceResponse)
+                assert rejected(await metrics(d), "http") == {"ip_connection_limit": 19}
+                nursery.cancel_scope.cancel()
+            for stream in pair:
                 await stream.aclose()
             assert await d.terminate() == 0
