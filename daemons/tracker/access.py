@@ -88,27 +88,42 @@ class AccessPolicy:
 
 
 class AddressSlots:
-    """Connections open per client IP, against a cap: one address cannot fill
-    the server's global connection limit and lock everyone else out."""
+    """Connections open per client address, against a cap: one address cannot
+    fill the server's global connection limit and lock everyone else out.
+
+    An IPv4 address counts alone; an IPv6 address counts with its /64, which
+    one subscriber gets whole (and so could walk through to dodge the cap).
+    """
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.open: dict[str, int] = {}
 
-    def acquire(self, ip: str) -> bool:
-        """Take a slot for ``ip``; False (and nothing taken) if it has ``cap``."""
-        n = self.open.get(ip, 0)
-        if n >= self.cap:
-            return False
-        self.open[ip] = n + 1
-        return True
+    @staticmethod
+    def key(ip: str) -> str:
+        if ":" not in ip:
+            return ip
+        try:
+            return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        except ValueError:  # a scoped address (fe80::1%eth0): on its own
+            return ip
 
-    def release(self, ip: str) -> None:
-        n = self.open[ip] - 1
+    def acquire(self, ip: str) -> str | None:
+        """Take a slot for ``ip``: the key to release, or None (nothing
+        taken) if its address already holds ``cap``."""
+        key = self.key(ip)
+        n = self.open.get(key, 0)
+        if n >= self.cap:
+            return None
+        self.open[key] = n + 1
+        return key
+
+    def release(self, key: str) -> None:
+        n = self.open[key] - 1
         if n:
-            self.open[ip] = n
+            self.open[key] = n
         else:
-            del self.open[ip]
+            del self.open[key]
 
 
 def load_policy(section: AccessSection, source: str = "access") -> AccessPolicy:

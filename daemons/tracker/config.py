@@ -41,8 +41,9 @@ class TrackerSection:
     # closed then and counted as rejected{reason="timeout"}. Also how long a
     # quiet keep-alive connection is kept.
     header_timeout: float = setting(5.0, min=0.5, max=300.0)
-    # HTTP connections served at once, in all and from one client IP; one
-    # more is closed unread (too_many_connections, ip_connection_limit).
+    # HTTP connections served at once, in all and from one client IP (IPv6:
+    # one /64); one more is closed unread (too_many_connections,
+    # ip_connection_limit).
     max_http_connections: int = setting(1024, min=1, max=1_000_000)
     max_http_connections_per_ip: int = setting(32, min=1, max=1_000_000)
     # Honour the client's ip= parameter (UDP: ip field). Only behind a proxy you trust.

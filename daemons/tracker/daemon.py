@@ -146,14 +146,15 @@ class TrackerApp:
         except OSError:  # reset before we looked
             await trio.aclose_forcefully(stream)
             return
-        if not self.http_slots.acquire(ip):
+        slot = self.http_slots.acquire(ip)
+        if slot is None:
             self.metrics.reject("http", "ip_connection_limit")
             await trio.aclose_forcefully(stream)
             return
         try:
             await self.http(stream)
         finally:
-            self.http_slots.release(ip)
+            self.http_slots.release(slot)
 
     async def _handle_http(self, req: HttpRequest) -> HttpResponse:
         start = time.perf_counter()

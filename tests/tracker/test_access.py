@@ -104,17 +104,28 @@ def test_connection_ids_count_wall_minutes_whatever_the_monotonic_origin():
 
 def test_address_slots_cap_each_address_and_free_on_release():
     slots = AddressSlots(2)
-    assert slots.acquire("192.0.2.1") and slots.acquire("192.0.2.1")
-    assert not slots.acquire("192.0.2.1")  # a third from the same address
-    assert slots.acquire("192.0.2.2")  # another address has its own share
-    slots.release("192.0.2.1")
-    assert slots.acquire("192.0.2.1")
-    for _ in range(2):
-        slots.release("192.0.2.1")
-    slots.release("192.0.2.2")
+    a = slots.acquire("192.0.2.1")
+    assert a is not None and slots.acquire("192.0.2.1") == a
+    assert slots.acquire("192.0.2.1") is None  # a third from the same address
+    b = slots.acquire("192.0.2.2")  # another address has its own share
+    assert b is not None and b != a
+    slots.release(a)
+    assert slots.acquire("192.0.2.1") == a
+    for key in (a, a, b):
+        slots.release(key)
     assert slots.open == {}  # nothing kept for addresses that left
     slots.cap = 1  # a reload lowers the cap
-    assert slots.acquire("192.0.2.1") and not slots.acquire("192.0.2.1")
+    assert slots.acquire("192.0.2.1") is not None and slots.acquire("192.0.2.1") is None
+
+
+def test_address_slots_count_an_ipv6_slash_64_as_one_address():
+    # One subscriber has a whole /64: walking through it must not dodge the cap.
+    slots = AddressSlots(2)
+    assert slots.acquire("2001:db8:1:2::1") is not None
+    assert slots.acquire("2001:db8:1:2:ffff::9") is not None
+    assert slots.acquire("2001:db8:1:2::77") is None
+    assert slots.acquire("2001:db8:1:3::1") is not None  # the next /64 is someone else
+    assert slots.acquire("fe80::1%eth0") is not None  # scoped: on its own
 
 
 def test_per_address_cap_above_the_global_cap_is_a_one_line_config_error(tmp_path):
