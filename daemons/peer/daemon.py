@@ -163,6 +163,9 @@ class PeerApp:
             meta = parse_metainfo(raw)
         except RemoteProtocolError as exc:
             raise RpcError("bad_torrent", str(exc)) from None
+        running = self.session.torrents.get(meta.info_hash)
+        if running is not None:
+            return {"info_hash": meta.info_hash.hex(), "name": meta.name, "state": running.state, "already": True}
         stem = self.library / meta.info_hash.hex()
         atomic_write(stem.with_suffix(".torrent"), raw)
         self._save_options(stem, dest, up, down)
@@ -184,14 +187,16 @@ class PeerApp:
         name = magnet.display_name or magnet.info_hash.hex()
         torrent = self.session.torrents.get(magnet.info_hash)
         if torrent is not None:
-            return {"info_hash": magnet.info_hash.hex(), "name": torrent.meta.name, "state": torrent.state}
-        if magnet.info_hash not in self.fetching:
-            if len(self.session.torrents) + len(self.fetching) >= self.ctx.config.peer.max_torrents:
-                raise RpcError("refused", f"already {self.ctx.config.peer.max_torrents} torrents (peer.max_torrents)")
-            stem = self.library / magnet.info_hash.hex()
-            atomic_write(stem.with_suffix(".magnet"), uri.encode())
-            self._save_options(stem, dest, up, down)
-            self._start_fetch(magnet, Path(dest) if dest else None, up, down)
+            return {"info_hash": magnet.info_hash.hex(), "name": torrent.meta.name, "state": torrent.state,
+                    "already": True}
+        if magnet.info_hash in self.fetching:
+            return {"info_hash": magnet.info_hash.hex(), "name": name, "state": "metadata", "already": True}
+        if len(self.session.torrents) + len(self.fetching) >= self.ctx.config.peer.max_torrents:
+            raise RpcError("refused", f"already {self.ctx.config.peer.max_torrents} torrents (peer.max_torrents)")
+        stem = self.library / magnet.info_hash.hex()
+        atomic_write(stem.with_suffix(".magnet"), uri.encode())
+        self._save_options(stem, dest, up, down)
+        self._start_fetch(magnet, Path(dest) if dest else None, up, down)
         return {"info_hash": magnet.info_hash.hex(), "name": name, "state": "metadata"}
 
     @rpc_method("status")

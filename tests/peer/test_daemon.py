@@ -70,6 +70,9 @@ async def test_daemon_downloads_what_the_cli_adds_and_seeds_again_after_restart(
                 assert sha1(tmp_path / "downloads" / "dataset" / f) == sha1(data / f)
             status = await shoal("peer", "status", "--socket", sock)
             assert "100.0%" in status.stdout and "seeding" in status.stdout
+            assert status.stdout.startswith(meta.info_hash.hex()[:8])
+            again = await shoal("peer", "add", str(torrent), "--socket", sock)
+            assert again.returncode == 0 and again.stdout.startswith("already added dataset"), again.stdout
             assert await d.terminate() == 0
 
         # Restart: the torrent comes back from the library, already complete.
