@@ -45,6 +45,7 @@ __all__ = [
     "Lease",
     "LeaseFacts",
     "TaskResult",
+    "FetchSource",
     "decode_results",
     "Submit",
     "JobsQuery",
@@ -135,14 +136,45 @@ class TaskSpec(Contract):
     timeout: float = bounded(min=0.0)
     inputs: list[str] = bounded(max_len=MAX_FILES)
     outputs: list[list[Any]] = bounded(max_len=MAX_FILES)  # [[path, max_bytes], ...]
+    # where each ``task:NAME/PATH`` input is: [[input, size, sha256, url, secret, magnet], ...]
+    # (see FetchSource); url "" = not published (the producer ran in this same unit)
+    sources: list[list[Any]] | None = bounded(None, max_len=MAX_FILES)
 
     def __post_init__(self) -> None:
         if any(len(a) > MAX_ARG for a in self.command) or any(len(p) > MAX_PATH for p in self.inputs):
             raise BadParams(f"task {self.name!r}: an argument or input is too long")
+        for src in self.sources or []:
+            FetchSource.from_row(src)
         for o in self.outputs:
             if not (len(o) == 2 and isinstance(o[0], str) and len(o[0]) <= MAX_PATH
                     and isinstance(o[1], int) and not isinstance(o[1], bool)):
                 raise BadParams(f"task {self.name!r}: outputs: expected [path, max_bytes] pairs")
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSource:
+    """Where a ``task:NAME/PATH`` input can be fetched: the producing worker's output server
+    (``url``, with the per-task ``secret`` as a bearer token) and the swarm (``magnet``, ""
+    when not seeded), checked against ``size`` and ``sha256`` as the producer recorded them."""
+
+    input: str
+    size: int
+    sha256: str
+    url: str = ""
+    secret: str = ""
+    magnet: str = ""
+
+    @classmethod
+    def from_row(cls, row: Any) -> FetchSource:
+        ok = (isinstance(row, list) and len(row) == 6 and all(isinstance(v, str) for v in (row[0], *row[2:]))
+              and isinstance(row[1], int) and not isinstance(row[1], bool) and row[1] >= 0
+              and all(len(v) <= MAX_PATH for v in (row[0], *row[2:])))
+        if not ok:
+            raise BadParams("sources: expected [input, size, sha256, url, secret, magnet] rows")
+        return cls(*row)
+
+    def to_row(self) -> list[Any]:
+        return [self.input, self.size, self.sha256, self.url, self.secret, self.magnet]
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,15 +249,19 @@ class TaskResult(Contract):
     stdout: bytes = bounded(b"", max_len=MAX_LOG)
     stderr: bytes = bounded(b"", max_len=MAX_LOG)
     outputs: list[list[Any]] | None = bounded(None, max_len=MAX_FILES)  # [[path, size, sha256hex], ...]
+    # where the outputs are published: {"url": output server, "secret": bearer token,
+    # "magnets": {path: magnet link}} (None: not published)
+    source: dict[str, Any] | None = bounded(None, max_len=3)
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.error
 
     def to_row(self) -> list[Any]:
-        """The compact list form of a report (see the module docstring)."""
-        return [self.task, self.exit_code, self.started, self.finished, self.error, self.stdout, self.stderr,
-                self.outputs or []]
+        """The compact list form of a report (see the module docstring); a 9th field when published."""
+        row = [self.task, self.exit_code, self.started, self.finished, self.error, self.stdout, self.stderr,
+               self.outputs or []]
+        return row if self.source is None else [*row, self.source]
 
 
 def decode_results(raw: Any, max_log_bytes: int) -> list[tuple[UnitKey, list[TaskResult]]]:
@@ -244,9 +280,10 @@ def decode_results(raw: Any, max_log_bytes: int) -> list[tuple[UnitKey, list[Tas
             raise BadParams(f"{key}: too many task results")
         results = []
         for row in rows:
-            if not (isinstance(row, list) and len(row) == 8):
-                raise BadParams(f"{key}: a task result has 8 fields")
-            task, code, started, finished, error, stdout, stderr, outputs = row
+            if not (isinstance(row, list) and len(row) in (8, 9)):
+                raise BadParams(f"{key}: a task result has 8 fields (9 with where its outputs are published)")
+            task, code, started, finished, error, stdout, stderr, outputs = row[:8]
+            source = _source(row[8], key) if len(row) == 9 else None
             code_ok = code is None or (isinstance(code, int) and not isinstance(code, bool))
             if (not isinstance(task, str) or not code_ok
                     or not all(_number(t) for t in (started, finished))
@@ -254,9 +291,22 @@ def decode_results(raw: Any, max_log_bytes: int) -> list[tuple[UnitKey, list[Tas
                     or not isinstance(outputs, list)):
                 raise BadParams(f"{key}: a task result has a field of the wrong type")
             results.append(TaskResult(task[:MAX_NAME], code, float(started), float(finished), error[:MAX_ERROR],
-                                      stdout[:max_log_bytes], stderr[:max_log_bytes], outputs[:MAX_FILES]))
+                                      stdout[:max_log_bytes], stderr[:max_log_bytes], outputs[:MAX_FILES], source))
         out.append((key, results))
     return out
+
+
+def _source(raw: Any, key: UnitKey) -> dict[str, Any]:
+    """A result's publication record: an http(s) URL, a secret, and magnet links by output path."""
+    ok = (isinstance(raw, dict) and set(raw) <= {"url", "secret", "magnets"}
+          and isinstance(raw.get("url", ""), str) and len(raw.get("url", "")) <= MAX_PATH
+          and isinstance(raw.get("secret", ""), str) and len(raw.get("secret", "")) <= 128
+          and isinstance(raw.get("magnets", {}), dict) and len(raw.get("magnets", {})) <= MAX_FILES
+          and all(isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_PATH and len(v) <= MAX_PATH
+                  for k, v in raw.get("magnets", {}).items()))
+    if not ok or not (raw.get("url", "") == "" or raw["url"].startswith(("http://", "https://"))):
+        raise BadParams(f"{key}: a result's source is {{url, secret, magnets}}")
+    return raw
 
 
 # -- RPC parameters ------------------------------------------------------------------------
@@ -351,6 +401,9 @@ class Heartbeat(Contract):
     # the units the worker holds (running first, then queued): the reply's ``cancel`` names
     # those whose job has ended, to kill or drop
     units: list[str] | None = bounded(None, max_len=MAX_HELD)
+    # the jobs whose outputs the worker keeps (data between tasks): the reply's ``ended`` names
+    # those that have ended, so their outputs go after the retention period
+    jobs: list[int] | None = bounded(None, max_len=MAX_HELD)
 
     def __post_init__(self) -> None:
         _check_worker(self.worker)
@@ -375,6 +428,7 @@ class HeartbeatReply(Contract):
     rewards: list[list[Any]] = bounded(max_len=MAX_REWARDS)
     # of the heartbeat's ``units``, those to kill (running) or drop (queued): their job ended
     cancel: list[str] | None = bounded(None, max_len=MAX_HELD)
+    ended: list[int] | None = bounded(None, max_len=MAX_HELD)  # of the heartbeat's ``jobs``
 
     def __post_init__(self) -> None:
         _check_keys(self.cancel or [], "cancel")

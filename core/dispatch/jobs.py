@@ -17,7 +17,9 @@ resources (``cpus``, ``memory``), a ``work`` size in work units (what the
 dispatch policies and seed 004's model call the task size) and a
 ``data_size`` in bytes, an optional ``deadline`` in seconds after the job's
 submission, ``deps``, ``retries``, a ``timeout``, ``inputs`` (a local path,
-an http(s) URL, or ``swarm:FILE.torrent`` for the swarm peer) and
+an http(s) URL, ``swarm:FILE.torrent`` for the swarm peer, or
+``task:NAME/OUTPUT``: a declared output of task NAME of the same job, which
+makes NAME a dependency; the worker fetches it from NAME's worker) and
 ``outputs`` (files the task must leave, each with a size limit).
 ``replicas = N`` expands one entry into N tasks ``name.0 .. name.N-1``; a
 dependency on a replicated name means all its replicas.
@@ -55,6 +57,8 @@ __all__ = [
     "parse_memory",
     "parse_spec",
     "job_from_dict",
+    "task_input",
+    "TASK_INPUT",
 ]
 
 #: ``reason`` tokens of SpecError (a fixed set: they label a metric).
@@ -69,6 +73,7 @@ MAX_TIMEOUT = 7 * 86400.0
 MAX_RETRIES = 100
 MAX_OUTPUT_BYTES = 1 << 30  # per declared output file
 MAX_SLEEP = 86400.0
+TASK_INPUT = "task:"  # an input that is another task's declared output: task:NAME/PATH
 JOB_KEYS = {"name", "policy", "bundle_chains", "tasks"}
 TASK_KEYS = {
     "name", "command", "builtin", "cpus", "memory", "work", "data_size", "deadline", "deps",
@@ -260,6 +265,7 @@ def job_from_dict(doc: Any, limits: Limits = Limits()) -> Job:
         if tname in tasks:
             raise SpecError("invalid", f"task {tname!r}: the name is used twice")
         tasks[tname] = _task(tname, entry, replicas)
+    _check_task_inputs(tasks)
     order = _topological(tasks)
     tasks = {n: tasks[n] for n in order}
     units = _units(tasks, bundle)
@@ -303,6 +309,7 @@ def _task(name: str, e: Mapping[str, Any], replicas: Mapping[str, list[str]]) ->
         if d not in replicas:
             raise SpecError("unknown_dep", f"{where}: depends on {d!r}, which is not a task of this job")
         deps.extend(replicas[d])
+    deps.extend(_task_refs(e, name, replicas))  # a task's output as an input: it runs after that task
     if len(deps) > MAX_DEPS:
         raise SpecError("invalid", f"{where}: more than {MAX_DEPS} dependencies")
     if name in deps:
@@ -346,9 +353,45 @@ def _inputs(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or len(value) > MAX_FILES or not all(isinstance(v, str) and v for v in value):
         raise SpecError("invalid", f"{where}: inputs: expected at most {MAX_FILES} paths or URLs")
     for v in value:
-        if not (v.startswith(("/", "http://", "https://", "swarm:"))):
-            raise SpecError("invalid", f"{where}: inputs: {v!r} is not an absolute path, http(s) URL or swarm:FILE")
+        if not (v.startswith(("/", "http://", "https://", "swarm:", TASK_INPUT))):
+            raise SpecError("invalid", f"{where}: inputs: {v!r} is not an absolute path, http(s) URL, swarm:FILE "
+                                       "or task:NAME/OUTPUT")
     return tuple(value)
+
+
+def task_input(ref: str) -> tuple[str, str]:
+    """``task:NAME/PATH`` -> (NAME, PATH): another task's declared output."""
+    name, sep, path = ref[len(TASK_INPUT):].partition("/")
+    return name, path if sep else ""
+
+
+def _task_refs(entry: Mapping[str, Any], name: str, replicas: Mapping[str, list[str]]) -> list[str]:
+    """The producers named by ``task:`` inputs: each is an implicit dependency."""
+    out = []
+    for ref in entry.get("inputs", []) if isinstance(entry.get("inputs", []), list) else []:
+        if not isinstance(ref, str) or not ref.startswith(TASK_INPUT):
+            continue
+        prod, path = task_input(ref)
+        names = replicas.get(prod)
+        if names is None and prod.rsplit(".", 1)[0] in replicas and prod in replicas[prod.rsplit(".", 1)[0]]:
+            names = [prod]  # one replica by its own name
+        if names is None:
+            raise SpecError("unknown_dep", f"task {name!r}: input {ref!r}: {prod!r} is not a task of this job")
+        if len(names) != 1:
+            raise SpecError("invalid", f"task {name!r}: input {ref!r}: name one replica ({names[0]}, ...)")
+        if not path:
+            raise SpecError("invalid", f"task {name!r}: input {ref!r}: expected task:NAME/OUTPUT")
+        out.append(names[0])
+    return out
+
+
+def _check_task_inputs(tasks: Mapping[str, Task]) -> None:
+    for t in tasks.values():
+        for ref in t.inputs:
+            if ref.startswith(TASK_INPUT):
+                prod, path = task_input(ref)  # _task_refs made sure prod is one task of the job
+                if path not in {o.path for o in tasks[prod].outputs}:
+                    raise SpecError("invalid", f"task {t.name!r}: input {ref!r}: {prod!r} declares no output {path!r}")
 
 
 def _outputs(value: Any, where: str) -> tuple[Output, ...]:

@@ -65,7 +65,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from shoal.core.dispatch.base import DispatchPolicy, ServerState, TaskInfo, admissible
-from shoal.core.dispatch.jobs import Job, Unit, task_payload
+from shoal.core.dispatch.jobs import TASK_INPUT, Job, Unit, task_input, task_payload
 from shoal.core.dispatch.lifecycle import (
     ASSIGN,
     ASSIGNED,
@@ -85,7 +85,7 @@ from shoal.core.dispatch.lifecycle import (
     WAITING,
     move,
 )
-from shoal.protocol.dispatch import VERDICTS, Lease, LeaseFacts, TaskResult, TaskSpec, UnitKey
+from shoal.protocol.dispatch import VERDICTS, FetchSource, Lease, LeaseFacts, TaskResult, TaskSpec, UnitKey
 
 __all__ = ["Core", "CoreError", "JobStore", "StoredJob", "WorkerRec", "UnitRec", "VERDICTS", "MAX_SHARED_PER_REPLY"]
 
@@ -121,6 +121,8 @@ class JobStore(Protocol):
     def record_late(self, rows: Sequence[tuple[int, str, list[TaskResult]]], worker: str, now: float) -> int: ...
 
     def lost_lease(self, units: Sequence[tuple[int, str]]) -> None: ...
+
+    def task_outputs(self, job_id: int, task: str) -> tuple[list[list[Any]], dict[str, Any] | None]: ...
 
     def unfinished_jobs(self) -> list[StoredJob]: ...
 
@@ -674,11 +676,31 @@ class Core:
         """The unit's lease as it travels (:class:`shoal.protocol.dispatch.Lease`)."""
         i = u.info
         tasks = self.jobs[u.job].job.tasks
+        specs = []
+        for t in u.unit.tasks:
+            payload = task_payload(tasks[t])
+            refs = [ref for ref in tasks[t].inputs if ref.startswith(TASK_INPUT)]
+            if refs:
+                payload["sources"] = [self._source(u, ref).to_row() for ref in refs]
+            specs.append(TaskSpec(**payload))
         return Lease.make(
-            UnitKey(u.job, u.unit.id), u.attempts + u.lost + 1, u.unit.timeout,
-            [TaskSpec(**task_payload(tasks[t])) for t in u.unit.tasks],
+            UnitKey(u.job, u.unit.id), u.attempts + u.lost + 1, u.unit.timeout, specs,
             LeaseFacts(i.work, i.data_size, i.mem, i.cpus, i.deadline, i.submitted, i.depth),
         ).encode()
+
+    def _source(self, u: UnitRec, ref: str) -> FetchSource:
+        """Where a ``task:NAME/PATH`` input is: the producer's record (it is done: a dependency),
+        or nowhere yet when the producer runs earlier in the same unit (a fused chain)."""
+        prod, path = task_input(ref)
+        if prod in u.unit.tasks:
+            return FetchSource(ref, 0, "")
+        outputs, source = self.store.task_outputs(u.job, prod)
+        row = next((o for o in outputs if o and o[0] == path), None)
+        if row is None or len(row) < 3:  # done without it: the worker fails the task, loudly
+            return FetchSource(ref, 0, "")
+        src = source or {}
+        return FetchSource(ref, int(row[1]), str(row[2]), str(src.get("url", "")), str(src.get("secret", "")),
+                           str((src.get("magnets") or {}).get(path, "")))
 
     # -- views -------------------------------------------------------------------
 

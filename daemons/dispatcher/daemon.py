@@ -16,8 +16,9 @@ every request sees a consistent state without locks. Methods:
 ``register``    a worker's capacity ``{worker, cpus, memory, cpu_speed, bandwidth, rtt,
                 verdict?}``
 ``ping``        nothing; workers time it to measure their RTT
-``heartbeat``   ``{worker, running, verdict?, rewards?, units?}``: keeps the worker's leases
-                alive → ``{rewards, cancel}``
+``heartbeat``   ``{worker, running, verdict?, rewards?, units?, jobs?}``: keeps the worker's
+                leases alive → ``{rewards, cancel, ended}`` (``ended``: those of ``jobs``,
+                whose outputs the worker keeps, that have ended)
 ``pull``        ``{worker, max, wait, rewards?}``: leases the worker's queue, waiting up
                 to ``wait`` seconds (long poll) for something to arrive
                 → ``{units, rewards}``
@@ -404,7 +405,8 @@ class DispatcherApp:
             excluded = not self.core.dispatchable(self.core.workers[wid])
             log.warning("worker %s: its node's telemetry says %s%s", wid, verdict,
                         " (excluded from dispatch)" if excluded else "")
-        return {"rewards": self._rewards(wid, params.rewards), "cancel": self.core.to_cancel(params.units or [])}
+        return {"rewards": self._rewards(wid, params.rewards), "cancel": self.core.to_cancel(params.units or []),
+                "ended": [j for j in params.jobs or [] if j not in self.core.jobs]}
 
     def _rewards(self, wid: str, wanted: bool) -> list[list[Any]]:
         return self._core_call(self.core.team_rewards, wid) if wanted else []

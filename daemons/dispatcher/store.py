@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     stdout BLOB,
     stderr BLOB,
     outputs BLOB,                 -- msgpack [[path, size, sha256hex], ...]
+    source BLOB,                  -- msgpack {url, secret, magnets}: where the outputs are published
     PRIMARY KEY (job, task)       -- rowid order is the job's topological order
 );
 CREATE TABLE IF NOT EXISTS completions (
@@ -111,6 +112,8 @@ class Store:
             self.db.execute("ALTER TABLE jobs ADD COLUMN reason TEXT NOT NULL DEFAULT ''")
         if "lost" not in {row[1] for row in self.db.execute("PRAGMA table_info(units)")}:
             self.db.execute("ALTER TABLE units ADD COLUMN lost INTEGER NOT NULL DEFAULT 0")
+        if "source" not in {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}:
+            self.db.execute("ALTER TABLE tasks ADD COLUMN source BLOB")
 
     def close(self) -> None:
         self.db.close()
@@ -165,9 +168,10 @@ class Store:
                 for r in results:
                     db.execute(
                         "UPDATE tasks SET state=?, exit_code=?, worker=?, started=?, finished=?, error=?, "
-                        "stdout=?, stderr=?, outputs=? WHERE job=? AND task=?",
+                        "stdout=?, stderr=?, outputs=?, source=? WHERE job=? AND task=?",
                         (DONE if r.ok else FAILED, r.exit_code, worker, r.started, r.finished, r.error,
-                         r.stdout, r.stderr, msgpack.packb(r.outputs or [], use_bin_type=True), job, r.task),
+                         r.stdout, r.stderr, msgpack.packb(r.outputs or [], use_bin_type=True),
+                         None if r.source is None else msgpack.packb(r.source, use_bin_type=True), job, r.task),
                     )
         return changed
 
@@ -292,6 +296,16 @@ class Store:
             d["lost"] = lost
         out["tasks"] = tasks
         return out
+
+    def task_outputs(self, job_id: int, task: str) -> tuple[list[list[Any]], dict[str, Any] | None]:
+        """A done task's recorded outputs ``[[path, size, sha256], ...]`` and where they are published."""
+        row = self.db.execute("SELECT outputs, source FROM tasks WHERE job=? AND task=? AND state='done'",
+                              (job_id, task)).fetchone()
+        if row is None:
+            return [], None
+        outputs, source = row
+        return (msgpack.unpackb(outputs, raw=False) if outputs else [],
+                msgpack.unpackb(source, raw=False) if source else None)
 
     def completion_counts(self, job_id: int) -> dict[str, int]:
         """How many times each unit of a job was recorded done (each must be 1)."""

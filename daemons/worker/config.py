@@ -45,6 +45,13 @@ class WorkerSection:
     reconnect_interval: float = setting(1.0, min=0.05, max=600.0)
     # The swarm hook: the peer daemon's control socket, for swarm:FILE.torrent inputs; "" = none.
     peer_socket: Path | None = setting(None)
+    # Data between tasks: the output server's address, the URL others use for it
+    # ("" = http://<outputs_listen>), how long a job's outputs stay after it ended,
+    # and (with peer_socket) the tracker to seed them through the swarm ("" = HTTP only).
+    outputs_listen: ListenAddr = setting(ListenAddr("127.0.0.1", 0))
+    outputs_url: str = setting("")
+    output_retention: float = setting(3600.0, min=0.0, max=365 * 86400.0)
+    publish_tracker: str = setting("")
     # Seconds between saves of the marl scheduler's weights (also saved on stop).
     policy_save_interval: float = setting(60.0, min=1.0, max=86400.0)
     # This node's telemetry daemon's /metrics URL, read every heartbeat_interval; its
@@ -74,6 +81,10 @@ class WorkerSection:
             raise ValueError("telemetry_metrics: must be an http:// or https:// URL (or empty)")
         if not self.task_user:
             raise ValueError("task_user: required (a user name or a numeric uid)")
+        for key in ("outputs_url", "publish_tracker"):
+            value = getattr(self, key)
+            if value and not value.startswith(("http://", "https://")):
+                raise ValueError(f"{key}: must be an http:// or https:// URL (or empty)")
         if self.cgroup not in ("auto", "off") and not self.cgroup.startswith("/"):
             raise ValueError("cgroup: expected auto, off or an absolute directory")
 

@@ -83,6 +83,7 @@ from shoal.daemons.worker.isolation import (
     resolve_user,
 )
 from shoal.daemons.worker.metrics import WorkerMetrics
+from shoal.daemons.worker.outputs import OutputServer
 from shoal.daemons.worker.runner import RunLimits, SwarmHook, run_task
 from shoal.daemons.worker.telemetry import feed_team_rewards, read_verdict
 from shoal.protocol.contract import BadParams
@@ -164,6 +165,8 @@ class WorkerApp:
         self.limits.work_dir.mkdir(parents=True, exist_ok=True)
         self.isolation = make_isolation(w, self.limits.work_dir, str(ctx.config_path or "worker"))
         self.swarm = SwarmHook(w.peer_socket)
+        self.outputs = OutputServer(self.limits.work_dir, retention=w.output_retention, public_url=w.outputs_url,
+                                    tracker=w.publish_tracker, swarm=self.swarm)
         self.policy = make_queue_policy(w.queue_policy)
         self.policy_file = ctx.state_dir / POLICY_FILE
         self._load_policy()
@@ -187,6 +190,7 @@ class WorkerApp:
         self.metrics = WorkerMetrics(ctx.registry, lambda: (
             len(self.running), self.slots, len(self.queue), len(self.unreported)))
         self.metrics.set_verdict(self.verdict)
+        self.outputs.metrics = self.metrics
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -196,6 +200,8 @@ class WorkerApp:
         reaper = self.isolation.reaper = await Reaper.start(dirs)
         try:
             async with trio.open_nursery() as nursery:
+                addr = await nursery.start(self.outputs.serve, self.section.outputs_listen)
+                ctx.announce(outputs=addr)
                 nursery.start_soon(self._slots)
                 nursery.start_soon(self._sessions)
                 nursery.start_soon(self.saver.run)
@@ -305,13 +311,15 @@ class WorkerApp:
             sent = self._holding()
             reply = await rpc.call("heartbeat", Heartbeat(worker=self.id, running=len(self.running),
                                                           verdict=self.verdict, rewards=self.team_reward,
-                                                          units=sent).encode())
+                                                          units=sent, jobs=self.outputs.jobs()[:MAX_HELD]).encode())
             try:
                 hb = HeartbeatReply.decode(reply)
             except BadParams as exc:
                 raise RpcError("bad_reply", f"heartbeat: {exc}") from None
             self._team_rewards(hb.rewards)
             self._cancel(hb.cancel or [], sent)
+            self.outputs.ended(hb.ended or [], time.time())
+            await self.outputs.sweep(time.time())
             with trio.move_on_after(self.section.heartbeat_interval):
                 await changed.wait()  # a new verdict goes out at once
 
@@ -455,7 +463,8 @@ class WorkerApp:
             began[0] = time.time()
             # A fused chain's limits are its largest task's (the unit's facts).
             r = await run_task(task, key, lease.attempt, self.limits, self.swarm, self.metrics,
-                               isolation=self.isolation, cpus=facts.cpus, memory=int(facts.mem))
+                               isolation=self.isolation, cpus=facts.cpus, memory=int(facts.mem),
+                               publisher=self.outputs)
             self.metrics.duration.observe(r.finished - r.started)
             outcome = "ok" if r.ok else "timeout" if r.error.startswith("timeout") else (
                 "failed" if r.exit_code is not None else "error")

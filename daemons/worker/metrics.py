@@ -33,6 +33,19 @@ class WorkerMetrics:
         self.dropped = Counter("shoal_worker_units_dropped_total",
                                "Queued units dropped unstarted because the dispatcher ended their job.",
                                registry=registry)
+        self.inputs_fetched = Counter("shoal_worker_task_inputs_fetched_total",
+                                      "task:NAME/OUTPUT inputs fetched and verified, by how (local, swarm, http).",
+                                      ["how"], registry=registry)
+        for how in ("local", "swarm", "http"):
+            self.inputs_fetched.labels(how)
+        self.output_refused = Counter("shoal_worker_output_requests_refused_total",
+                                      "Requests to the output server refused, by reason.", ["reason"],
+                                      registry=registry)
+        self.output_bytes_served = Counter("shoal_worker_output_served_bytes_total",
+                                           "Bytes of task outputs served to other workers.", registry=registry)
+        self.outputs_swept = Counter("shoal_worker_outputs_swept_total",
+                                     "Jobs whose outputs were removed after their retention period.",
+                                     registry=registry)
         self.dispatcher_errors = Counter("shoal_worker_dispatcher_errors_total",
                                          "Lost or refused connections to the dispatcher.", registry=registry)
         self.telemetry_errors = Counter(

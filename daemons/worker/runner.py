@@ -12,7 +12,10 @@ A task with inputs or outputs gets its own directory ``<work_dir>/<job>/<task>``
 (emptied first: an earlier attempt's leftovers must not pass for outputs).
 Inputs are staged into it: an absolute path is copied, an http(s) URL
 downloaded, ``swarm:FILE.torrent`` fetched by the swarm peer through
-:class:`SwarmHook`; each is bounded by ``max_input_bytes``. After a zero exit
+:class:`SwarmHook`, ``task:A/PATH`` (another task's output) fetched and
+verified as :mod:`.outputs` says, into ``A/PATH``; each is bounded by
+``max_input_bytes``. A task's declared outputs are published after it
+succeeds (``publisher``: the worker's :class:`~.outputs.OutputServer`). After a zero exit
 every declared output must exist and fit its ``max_bytes``; its size and
 SHA-256 go into the result. Tasks without files run in ``work_dir``.
 
@@ -38,8 +41,10 @@ from typing import Any
 
 import trio
 
+from shoal.core.dispatch.jobs import TASK_INPUT, task_input
 from shoal.daemons.worker.isolation import Isolation, IsolationError, TaskCgroup, task_subprocess_kwargs
-from shoal.protocol.dispatch import TaskResult, TaskSpec, UnitKey
+from shoal.daemons.worker.outputs import FetchError, fetch_task_input
+from shoal.protocol.dispatch import FetchSource, TaskResult, TaskSpec, UnitKey
 
 log = logging.getLogger("shoal.worker")
 
@@ -106,6 +111,70 @@ class SwarmHook:
             raise InputError(f"swarm:{torrent}: the swarm peer failed: {exc}") from None
 
 
+    async def seed(self, path: Path, tracker: str) -> tuple[str, str]:
+        """Seed a finished task's output through the peer; its (info-hash hex, magnet link)."""
+        from shoal.daemons.peer.storage import hash_files
+        from shoal.daemons.runtime.rpc import RpcError, connect_unix
+        from shoal.protocol.metainfo import create_metainfo, parse_metainfo
+
+        if self.socket_path is None:
+            raise ValueError("no swarm peer configured")
+        size = (await trio.Path(path).stat()).st_size
+        piece = 16 * 1024
+        while size // piece > 2000 and piece < 16 << 20:  # about 1,000-2,000 pieces
+            piece *= 2
+        layout = [((path.name,), size)]
+        pieces = await trio.to_thread.run_sync(hash_files, path.parent, layout, piece)
+        raw, _info_hash = create_metainfo(path.name, layout, piece, pieces, [[tracker]])
+        meta = parse_metainfo(raw)
+        try:
+            async with await connect_unix(self.socket_path) as peer:
+                await peer.call("add", {"torrent": raw, "dest": str(path.parent)})
+        except RpcError as exc:
+            raise ValueError(f"the swarm peer refused it: {exc}") from None
+        return meta.info_hash.hex(), meta.magnet().uri()
+
+    async def unseed(self, info_hash: str) -> None:
+        from shoal.daemons.runtime.rpc import RpcError, connect_unix
+
+        if self.socket_path is None:
+            return
+        try:
+            async with await connect_unix(self.socket_path) as peer:
+                await peer.call("remove", {"info_hash": info_hash})
+        except RpcError as exc:
+            raise ValueError(str(exc)) from None
+
+    async def fetch_magnet(self, magnet: str, dest_dir: Path, limit: int) -> Path:
+        """Fetch by info-hash (a magnet link: the metadata comes from the peers, BEP 9)."""
+        from shoal.daemons.runtime.rpc import RpcError, connect_unix
+        from shoal.protocol.errors import RemoteProtocolError
+        from shoal.protocol.metainfo import parse_magnet
+
+        if self.socket_path is None:
+            raise InputError(f"{magnet[:60]}: no swarm peer configured ([worker] peer_socket)")
+        try:
+            info_hash = parse_magnet(magnet).info_hash.hex()
+        except RemoteProtocolError as exc:
+            raise InputError(f"not a magnet link ({exc})") from None
+        try:
+            async with await connect_unix(self.socket_path) as peer:
+                await peer.call("add", {"magnet": magnet, "dest": str(dest_dir)})
+                while True:
+                    try:
+                        row = await peer.call("wait", {"info_hash": info_hash}, timeout=self.WAIT_STEP)
+                    except RpcError as exc:
+                        if exc.code == "timeout":
+                            continue
+                        raise
+                    if row["size"] > limit:
+                        raise InputError(f"{row['name']}: {row['size']} bytes, above max_input_bytes")
+                    if row["left"] == 0:
+                        return Path(row["path"]) / row["name"]
+        except (OSError, RpcError) as exc:
+            raise InputError(f"the swarm peer failed: {exc}") from None
+
+
 def _link_or_copy(src: Path, dest: Path) -> None:
     if src.is_dir():
         shutil.copytree(src, dest, copy_function=_link_or_copy_file)
@@ -137,10 +206,23 @@ def _download(url: str, dest: Path, limit: int, timeout: float) -> None:
             out.write(chunk)
 
 
-async def stage_inputs(inputs: list[str], cwd: Path, limits: RunLimits, swarm: SwarmHook, timeout: float) -> None:
+async def stage_inputs(inputs: list[str], cwd: Path, limits: RunLimits, swarm: SwarmHook, timeout: float,
+                       sources: list[list[Any]] | None = None, job: str = "", metrics: Any = None) -> None:
+    where = {s.input: s for s in map(FetchSource.from_row, sources or [])}
     for src in inputs:
         try:
-            if src.startswith("swarm:"):
+            if src.startswith(TASK_INPUT):  # another task's output: staged as <producer>/<path>
+                if src not in where:
+                    raise InputError(f"{src}: the lease says nothing of where it is")
+                producer, rel = task_input(src)
+                try:
+                    how = await fetch_task_input(where[src], job, limits.work_dir, cwd / producer / rel,
+                                                 limits.max_input_bytes, swarm, timeout)
+                except FetchError as exc:
+                    raise InputError(str(exc)) from None
+                if metrics is not None:
+                    metrics.inputs_fetched.labels(how).inc()
+            elif src.startswith("swarm:"):
                 with trio.fail_after(timeout):
                     got = await swarm.fetch(Path(src[6:]), cwd / ".swarm", limits.max_input_bytes)
                 # A hard link (or a copy across file systems): the peer keeps seeding its path.
@@ -181,7 +263,7 @@ class _Capture:
 
 async def run_task(task: TaskSpec | dict[str, Any], key: str, attempt: int, limits: RunLimits, swarm: SwarmHook,
                    metrics: Any = None, *, isolation: Isolation | None = None, cpus: float = 0.0,
-                   memory: int = 0) -> TaskResult:
+                   memory: int = 0, publisher: Any = None) -> TaskResult:
     """Run one task of the unit ``key`` to completion; never raises for the task's own failures.
 
     ``task`` is a leased :class:`TaskSpec` (or its map form, decoded here).
@@ -211,7 +293,7 @@ async def run_task(task: TaskSpec | dict[str, Any], key: str, attempt: int, limi
         if isolation is not None:
             isolation.prepare_dir(cwd)
         try:
-            await stage_inputs(task.inputs, cwd, limits, swarm, task.timeout)
+            await stage_inputs(task.inputs, cwd, limits, swarm, task.timeout, task.sources, job, metrics)
         except InputError as exc:
             if metrics is not None:
                 metrics.input_errors.inc()
@@ -226,10 +308,13 @@ async def run_task(task: TaskSpec | dict[str, Any], key: str, attempt: int, limi
             except (OSError, IsolationError) as exc:
                 return TaskResult(name, None, started, time.time(), error=f"cannot make the task's cgroup: {exc}")
     try:
-        return await _run_process(task, cwd, env, limits, metrics, isolation, cgroup, started)
+        result = await _run_process(task, cwd, env, limits, metrics, isolation, cgroup, started)
     finally:
         if cgroup is not None:
             await _remove_cgroup(cgroup)
+    if publisher is not None and result.ok and result.outputs:  # for tasks that take them as inputs
+        result.source = await publisher.publish(int(job), name, cwd, result.outputs)
+    return result
 
 
 async def _remove_cgroup(cgroup: TaskCgroup) -> None:

@@ -68,7 +68,8 @@ async def test_failures_retries_timeouts_and_output_limits(tmp_path):
         {"name": "flaky", "retries": 1, "command": [
             py, "-c",
             f"import os,sys; p={str(flaky)!r}; e=os.path.exists(p); open(p,'a').close(); sys.exit(0 if e else 3)"]},
-        {"name": "slow", "timeout": 0.3, "command": [py, "-c", "import time; time.sleep(30)"]},
+        # after flaky: its job fails when slow times out, and must not end before flaky's retry
+        {"name": "slow", "timeout": 0.3, "deps": ["flaky"], "command": [py, "-c", "import time; time.sleep(30)"]},
         {"name": "after_slow", "builtin": "sleep 0", "deps": ["slow"]},
     ]
     big = [{"name": "big", "command": [py, "-c", "open('o','w').write('x'*5000); print('y'*100000)"],

@@ -1,0 +1,102 @@
+"""Data between tasks: task B names task A's output as an input and runs on another worker, with
+its own work directory; the output comes from A's worker, verified by its recorded SHA-256."""
+
+import hashlib
+import json
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+import trio
+
+from shoal.core.dispatch.jobs import SpecError, job_from_dict
+from tests.dispatcher.live import connect, metric, start_dispatcher, start_worker, wait_job, wait_workers
+from tests.harness import scrape
+
+PY = sys.executable
+MAKE = ("import os,hashlib; d=os.urandom(5*2**20+123); open('result.bin','wb').write(d); "
+        "print(hashlib.sha256(d).hexdigest())")
+USE = "import hashlib; print(hashlib.sha256(open('A/result.bin','rb').read()).hexdigest())"
+
+
+def test_task_inputs_name_declared_outputs_and_become_dependencies():
+    a = {"name": "A", "command": ["true"], "outputs": ["result.bin"]}
+    job = job_from_dict({"tasks": [{"name": "B", "command": ["true"], "inputs": ["task:A/result.bin"]}, a]})
+    assert job.tasks["B"].deps == ("A",) and list(job.tasks) == ["A", "B"]
+    fan = {"name": "f", "replicas": 2, "command": ["true"], "outputs": ["o"]}
+    job = job_from_dict({"tasks": [fan, {"name": "j", "command": ["true"], "inputs": ["task:f.0/o", "task:f.1/o"]}]})
+    assert job.tasks["j"].deps == ("f.0", "f.1")
+    for inputs, words in ((["task:A/other"], "declares no output"), (["task:Z/x"], "not a task"),
+                          (["task:f/o"], "name one replica"), (["task:A"], "task:NAME/OUTPUT")):
+        with pytest.raises(SpecError, match=words):
+            job_from_dict({"tasks": [a, fan, {"name": "B", "command": ["true"], "inputs": inputs}]})
+
+
+def _get(url: str, token: str | None) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10):
+            return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_a_task_reads_another_tasks_output_from_another_worker(tmp_path):
+    tasks = [
+        {"name": "A", "cpus": 3, "command": [PY, "-c", MAKE], "outputs": [{"path": "result.bin", "max_bytes": 2**23}]},
+        {"name": "B", "memory": "2GB", "command": [PY, "-c", USE], "inputs": ["task:A/result.bin"]},  # w2 only
+        {"name": "C", "cpus": 3, "command": [PY, "-c", USE], "inputs": ["task:A/result.bin"]},  # w1, as A
+    ]
+    w1_extra = 'cpus = 4.0\nmemory = 1000000000\noutput_retention = 0.5\nwork_dir = "{}"'.format(tmp_path / "w1work")
+    w2_extra = 'cpus = 1.0\nmemory = 8000000000\nwork_dir = "{}"'.format(tmp_path / "w2work")
+    with trio.fail_after(90):
+        async with await start_dispatcher(tmp_path) as d:
+            addr = d.addresses["rpc"]
+            async with await start_worker(tmp_path, addr, "w1", extra=w1_extra) as w1, \
+                    await start_worker(tmp_path, addr, "w2", extra=w2_extra) as w2, await connect(d) as c:
+                await wait_workers(c, 2)
+                job = (await c.call("submit", {"spec": json.dumps({"name": "data", "tasks": tasks}).encode()}))["job"]
+                view = await wait_job(c, job)
+                assert view["state"] == "done", view
+                logs = {t["task"]: t for t in (await c.call("job", {"id": job, "logs": True}))["tasks"]}
+                assert logs["A"]["worker"] == "w1" and logs["B"]["worker"] == "w2" and logs["C"]["worker"] == "w1"
+                made = logs["A"]["stdout"].decode().strip()
+                assert logs["A"]["outputs"][0][2] == made  # the recorded SHA-256
+                assert logs["B"]["stdout"].decode().strip() == made == logs["C"]["stdout"].decode().strip()
+                assert "secret" not in json.dumps(view, default=str)  # the capability is not shown to readers
+                m2 = await scrape(w2.addresses["metrics"])
+                assert metric(m2, 'shoal_worker_task_inputs_fetched_total{how="http"}') == 1
+                m1 = await scrape(w1.addresses["metrics"])
+                assert metric(m1, 'shoal_worker_task_inputs_fetched_total{how="local"}') == 1
+                assert metric(m1, "shoal_worker_output_served_bytes_total") == 5 * 2**20 + 123
+                # hostile requests to the output server: refused and counted
+                out = f"http://{w1.addresses['outputs']}/{job}/A/result.bin"
+                assert _get(out, None) == 403 and _get(out, "0" * 32) == 403
+                assert _get(f"http://{w1.addresses['outputs']}/{job}/A/../../etc/passwd", "x") in (400, 404)
+                m1 = await scrape(w1.addresses["metrics"])
+                assert metric(m1, 'shoal_worker_output_requests_refused_total{reason="forbidden"}') == 2
+                # the job has ended: after output_retention its outputs leave w1
+                with trio.fail_after(20):
+                    while (tmp_path / "w1work" / str(job)).exists():  # noqa: ASYNC110 - another process's files
+                        await trio.sleep(0.05)
+                m1 = await scrape(w1.addresses["metrics"])
+                assert metric(m1, "shoal_worker_outputs_swept_total") == 1
+                assert _get(out, "0" * 32) == 404  # forgotten
+
+                # a tampered output is never handed to a task: the consumer fails, saying why
+                tamper = [
+                    {"name": "A", "cpus": 3, "outputs": ["result.bin"], "command": [PY, "-c", MAKE]},
+                    {"name": "T", "cpus": 3, "deps": ["A"], "command": [
+                        PY, "-c", "import os; open(os.environ['SHOAL_JOB'] + '/A/result.bin', 'r+b').write(b'evil')"]},
+                    {"name": "B", "memory": "2GB", "deps": ["T"], "command": [PY, "-c", USE],
+                     "inputs": ["task:A/result.bin"]},
+                ]
+                j2 = (await c.call("submit", {"spec": json.dumps({"name": "t", "tasks": tamper}).encode()}))["job"]
+                view = await wait_job(c, j2)
+                by = {t["task"]: t for t in view["tasks"]}
+                assert view["state"] == "failed" and by["B"]["state"] == "failed", view
+                assert "SHA-256" in by["B"]["error"] and by["B"]["exit_code"] is None
+                assert hashlib.sha256(b"").hexdigest() not in by["B"]["error"]
+                assert await w1.terminate() == 0 and await w2.terminate() == 0
+            assert await d.terminate() == 0
