@@ -11,8 +11,9 @@ import pytest
 import trio
 
 from shoal.core.dispatch.jobs import SpecError, job_from_dict
-from tests.dispatcher.live import connect, metric, start_dispatcher, start_worker, wait_job, wait_workers
-from tests.harness import scrape
+from tests.dispatcher.live import SHOAL, connect, metric, start_dispatcher, start_worker, wait_job, wait_workers
+from tests.harness import scrape, start_daemon
+from tests.peer.conftest import Lab, next_client_ip
 
 PY = sys.executable
 MAKE = ("import os,hashlib; d=os.urandom(5*2**20+123); open('result.bin','wb').write(d); "
@@ -100,3 +101,58 @@ async def test_a_task_reads_another_tasks_output_from_another_worker(tmp_path):
                 assert hashlib.sha256(b"").hexdigest() not in by["B"]["error"]
                 assert await w1.terminate() == 0 and await w2.terminate() == 0
             assert await d.terminate() == 0
+
+
+def peer_config(path, sock, downloads) -> str:
+    path.write_text(f"""
+[daemon]
+metrics_listen = "127.0.0.1:0"
+stop_timeout = 5.0
+[peer]
+listen = "{next_client_ip()}:0"
+download_dir = "{downloads}"
+control_socket = "{sock}"
+""")
+    return str(path)
+
+
+async def test_the_consumer_fetches_the_output_through_the_swarm(tmp_path):
+    """With publish_tracker, the producer's peer seeds A's output; B's worker fetches it by info-hash
+    (a magnet link: metadata and pieces from the swarm), then checks the recorded SHA-256."""
+    tasks = [
+        {"name": "A", "cpus": 3, "command": [PY, "-c", MAKE], "outputs": [{"path": "result.bin", "max_bytes": 2**23}]},
+        {"name": "B", "memory": "2GB", "command": [PY, "-c", USE], "inputs": ["task:A/result.bin"]},
+    ]
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            tracker = await Lab(nursery, tmp_path).tracker()
+            announce = f"http://{tracker['http']}/announce"
+            s1, s2 = tmp_path / "p1.sock", tmp_path / "p2.sock"
+            async with await start_daemon([*SHOAL, "peer", "run", "--config",
+                                           peer_config(tmp_path / "p1.toml", s1, tmp_path / "p1dl")],
+                                          state_dir=tmp_path / "p1") as p1, \
+                    await start_daemon([*SHOAL, "peer", "run", "--config",
+                                        peer_config(tmp_path / "p2.toml", s2, tmp_path / "p2dl")],
+                                       state_dir=tmp_path / "p2") as p2, \
+                    await start_dispatcher(tmp_path) as d:
+                addr = d.addresses["rpc"]
+                w1_extra = (f'cpus = 4.0\nmemory = 1000000000\nwork_dir = "{tmp_path / "w1work"}"\n'
+                            f'peer_socket = "{s1}"\npublish_tracker = "{announce}"')
+                w2_extra = f'cpus = 1.0\nmemory = 8000000000\nwork_dir = "{tmp_path / "w2work"}"\npeer_socket = "{s2}"'
+                async with await start_worker(tmp_path, addr, "w1", extra=w1_extra) as w1, \
+                        await start_worker(tmp_path, addr, "w2", extra=w2_extra) as w2, await connect(d) as c:
+                    await wait_workers(c, 2)
+                    spec = json.dumps({"name": "swarm", "tasks": tasks}).encode()
+                    job = (await c.call("submit", {"spec": spec}))["job"]
+                    view = await wait_job(c, job, timeout=60)
+                    assert view["state"] == "done", view
+                    logs = {t["task"]: t for t in (await c.call("job", {"id": job, "logs": True}))["tasks"]}
+                    assert logs["B"]["stdout"].decode().strip() == logs["A"]["stdout"].decode().strip()
+                    m2 = await scrape(w2.addresses["metrics"])
+                    assert metric(m2, 'shoal_worker_task_inputs_fetched_total{how="swarm"}') == 1
+                    m1 = await scrape(w1.addresses["metrics"])
+                    assert metric(m1, "shoal_worker_output_served_bytes_total") == 0  # none over HTTP
+                    assert await w1.terminate() == 0 and await w2.terminate() == 0
+                assert await d.terminate() == 0
+                assert await p1.terminate() == 0 and await p2.terminate() == 0
+            nursery.cancel_scope.cancel()
