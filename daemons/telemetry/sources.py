@@ -274,13 +274,21 @@ class PressureSource(Source):
                 text = _read_text(self.path(f"proc/pressure/{res}"))
             except FileNotFoundError:
                 continue
-            for line in text.splitlines():
-                kind, *fields = line.split()
-                for f in fields:
-                    k, _, v = f.partition("=")
-                    if k == "total" and kind in ("some", "full"):
-                        c[f"psi_{res}_{kind}.stalled"] = float(v) * 1e-6  # seconds; its rate is a share
+            c.update(_psi(text, f"psi_{res}"))
         return Reading(counters=c)
+
+
+def _psi(text: str, prefix: str) -> dict[str, float]:
+    """A PSI file ("some|full avg10=.. avg60=.. avg300=.. total=US" lines) -> seconds stalled, as
+    counters ``<prefix>_{some,full}.stalled`` (their rate: the share of time stalled, 0..1)."""
+    out = {}
+    for line in text.splitlines():
+        kind, *fields = line.split() or [""]
+        for f in fields:
+            k, _, v = f.partition("=")
+            if k == "total" and kind in ("some", "full"):
+                out[f"{prefix}_{kind}.stalled"] = float(v) * 1e-6
+    return out
 
 
 #: /proc/vmstat counters kept: page faults, reclaim, swapping, OOM kills, refaults
@@ -573,7 +581,9 @@ class CgroupSource(Source):
     (cpuacct.usage, cpu.stat throttled_time, memory.usage_in_bytes,
     blkio.throttle.io_service_bytes) is read where its hierarchy is mounted, else
     the unified v2 tree (cpu.stat usage_usec and throttled_usec, memory.current,
-    io.stat). A file that is missing (the root cgroup has no memory.current on
+    io.stat); on v2 also the cgroup's own pressure stall information
+    ({cpu,memory,io}.pressure -> ``cgroup_psi_<res>_{some,full}.stalled_per_s``).
+    A file that is missing (the root cgroup has no memory.current on
     v2; a v1 blkio counts no buffered writes, the kernel's flusher writes them
     back from the root cgroup) just leaves its metric out.
     """
@@ -636,6 +646,9 @@ class CgroupSource(Source):
                 _read_into(r.gauges, "cgroup_memory.bytes", v2 / "memory.current")
             if "blkio" not in d and (v2 / "io.stat").is_file():
                 r.counters.update(_io_stat_v2(_read_text(v2 / "io.stat")))
+            for res in PressureSource.RESOURCES:  # v2's per-cgroup PSI: the workload's own stalls
+                with contextlib.suppress(OSError):  # missing, or PSI off (EOPNOTSUPP)
+                    r.counters.update(_psi(_read_text(v2 / f"{res}.pressure"), f"cgroup_psi_{res}"))
         if not r.gauges and not r.counters:
             raise OSError(f"cgroup {self.cgroup}: none of its accounting files can be read (removed?)")
         return r

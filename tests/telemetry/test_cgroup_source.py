@@ -240,3 +240,25 @@ async def test_federated_training_data_holds_the_same_features_as_a_local_model(
     app.train_npz.unlink()
     await app._write_training_data()
     assert not app.train_npz.exists()
+
+
+def test_v2_cgroup_pressure_is_the_workloads_own_stall_share(tmp_path):
+    v2_tree(tmp_path, usage_us=0, mem=1 << 20)
+    cg = tmp_path / "sys/fs/cgroup" / CG.lstrip("/")
+
+    def pressure(us: int) -> None:
+        for res in ("cpu", "memory", "io"):
+            (cg / f"{res}.pressure").write_text(
+                f"some avg10=0.00 avg60=0.00 avg300=0.00 total={us}\n"
+                f"full avg10=0.00 avg60=0.00 avg300=0.00 total={us // 4}\n")
+
+    pressure(0)
+    col = Collector([CgroupSource(tmp_path, "self")])
+    col.sample(10.0)
+    pressure(400_000)  # 0.4 s of 2 s stalled
+    s = col.sample(12.0)
+    assert s["cgroup_psi_cpu_some.stalled_per_s"] == pytest.approx(0.2)
+    assert s["cgroup_psi_memory_full.stalled_per_s"] == pytest.approx(0.05)
+    assert s["cgroup_psi_io_some.stalled_per_s"] == pytest.approx(0.2)
+    (cg / "io.pressure").unlink()  # a kernel without it: left out, the rest goes on
+    assert "cgroup_psi_io_some.stalled" not in CgroupSource(tmp_path, "self").read().counters
