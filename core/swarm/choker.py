@@ -140,6 +140,7 @@ class Choker:
         self._grants = 0
         self._regular: dict[Peer, None] = {}  # ordered, for deterministic iteration
         self._optimistic: dict[Peer, None] = {}
+        self._struck: set = set()  # lost their slot at this tick: not candidates until the next
         self._next_round: float | None = None
         self._next_optimistic: float | None = None
 
@@ -232,7 +233,9 @@ class Choker:
             for p in [p for p in held if not self._peers[p].interested]:
                 del held[p]
         # Holders that have not used their slot lose it now, whatever the round.
+        # (They are choked at least until the next tick, even if nobody else wants the slot.)
         grace = self.request_grace
+        struck = set()
         for held in (self._regular, self._optimistic):
             for p in list(held):
                 st = self._peers[p]
@@ -240,6 +243,8 @@ class Choker:
                     del held[p]
                     st.strikes += 1
                     self.unused_slots += 1
+                    struck.add(p)
+        self._struck = struck
 
         previous_optimistic = list(self._optimistic)
         if due_optimistic:
@@ -268,7 +273,8 @@ class Choker:
     def _candidates(self, now: float) -> list[Peer]:
         """Interested peers that may hold a regular slot, in join order."""
         return [p for p, st in self._peers.items()
-                if st.interested and p not in self._optimistic and not self.is_snubbed(p, now)]
+                if st.interested and p not in self._optimistic and p not in self._struck
+                and not self.is_snubbed(p, now)]
 
     def _ranked(self, cands: list[Peer], now: float) -> list[Peer]:
         rnd = self.rng.random
@@ -312,7 +318,8 @@ class Choker:
 
     def _fill_optimistic(self, now: float, avoid: set) -> None:
         cands = [p for p, st in self._peers.items()
-                 if st.interested and p not in self._regular and p not in self._optimistic]
+                 if st.interested and p not in self._regular and p not in self._optimistic
+                 and p not in self._struck]
         fresh = [p for p in cands if p not in avoid]
         if fresh:
             cands = fresh

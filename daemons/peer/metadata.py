@@ -42,7 +42,7 @@ import trio
 from shoal.core.swarm.backoff import Backoff
 from shoal.daemons.peer.announce import TrackerError, open_tracker
 from shoal.daemons.peer.session import RECEIVE_SIZE, Session
-from shoal.daemons.peer.torrent import CONNECT_TIMEOUT, EXT_IDS, HANDSHAKE_TIMEOUT, first_leaf
+from shoal.daemons.peer.torrent import CONNECT_TIMEOUT, EXT_IDS, first_leaf
 from shoal.protocol import peer_wire as pw
 from shoal.protocol.errors import RemoteProtocolError
 from shoal.protocol.metainfo import Magnet, Metainfo, metainfo_file, parse_info, parse_metainfo
@@ -221,7 +221,7 @@ async def _from_peer(session: Session, info_hash: bytes, addr: tuple[str, int]) 
     with trio.fail_after(CONNECT_TIMEOUT):
         stream = await session.connect(addr)
     async with stream:
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
+        with trio.fail_after(session.config.peer.handshake_timeout):
             conn = await session.handshake_out(stream, info_hash, None)
         if not conn.extensions:
             return None

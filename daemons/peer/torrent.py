@@ -65,7 +65,6 @@ READ_CACHE = 32 << 20
 # Addresses we remember per torrent (from trackers, PEX, incoming peers).
 MAX_KNOWN = 2000
 CONNECT_TIMEOUT = 10.0
-HANDSHAKE_TIMEOUT = 10.0
 # A failed address is retried no sooner than this.
 RETRY_AFTER = 30.0
 # BEP 11: at most 50 added and 50 dropped peers in one message.
@@ -577,7 +576,7 @@ class Torrent:
                 self.known[addr] = trio.current_time() + RETRY_AFTER
                 return
             try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                with trio.fail_after(self.session.config.peer.handshake_timeout):
                     conn = await self.session.handshake_out(stream, self.info_hash, self.meta.num_pieces)
             except (RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
                 log.debug("handshake with %s:%d failed: %s", *addr, exc)

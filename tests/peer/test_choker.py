@@ -261,3 +261,44 @@ def test_a_free_rider_loses_zero_rate_ties_to_peers_that_ever_gave(seed):
     feed(c, {0: 1000, 1: 1000, 2: 1000, 3: 1000}, 0, 1)
     d = c.tick(100.0)  # the window has long forgotten them
     assert d.unchoke == {0, 1, 2, 3}
+
+
+def test_a_slot_holder_that_never_requests_loses_its_slot_after_request_grace():
+    c = choker(request_grace=5.0, slots=2, optimistic_slots=0)
+    join(c, ["idle", "user"])
+    d = c.tick(0.0)
+    assert d.unchoke == {"idle", "user"}
+    c.record_request("user", 3.0)
+    c.record_upload("user", 16384, 7.0)  # being served counts as using the slot too
+    d = c.tick(5.0)
+    assert d.unchoke == {"user"} and c.strikes("idle") == 1 and c.unused_slots == 1
+    d = c.tick(11.9)
+    # 4.9 s since the user's last block; the free slot goes back to the struck
+    # peer (nobody else wants it), for another grace.
+    assert d.unchoke == {"user", "idle"}
+    d = c.tick(12.0)
+    assert d.unchoke == {"idle"} and c.strikes("user") == 1  # the user went quiet too
+
+
+def test_interest_without_requests_counts_for_nothing_a_crowd_rotates_through_the_slots():
+    """50 peers that say Interested and never Request, and one real leecher:
+    each crowd member holds a slot for request_grace once, and the leecher's
+    turn comes within ceil(51 / 5) graces."""
+    c = choker(seed=3, request_grace=1.0)
+    crowd = [f"c{i}" for i in range(50)]
+    join(c, crowd + ["leecher"])
+    served_at = None
+    for t in range(0, 12):
+        d = c.tick(float(t))
+        if "leecher" in d.unchoke:
+            served_at = t
+            break
+    assert served_at is not None and served_at <= 11
+    assert all(c.strikes(p) <= 1 for p in crowd)
+    c.record_request("leecher", served_at + 0.5)
+    for t in range(served_at + 1, served_at + 30):
+        c.record_request("leecher", float(t))
+        d = c.tick(float(t))
+        assert "leecher" in d.unchoke  # it uses its slot: it keeps it
+    # The crowd rotated again and again behind it, fewest strikes first.
+    assert max(c.strikes(p) for p in crowd) - min(c.strikes(p) for p in crowd) <= 1
