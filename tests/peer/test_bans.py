@@ -87,3 +87,48 @@ async def test_a_protocol_error_from_one_client_while_another_on_the_same_addres
             client.close()
     assert count(seeder.metrics.offences, "protocol") == 2
     assert count(seeder.metrics.bans, "protocol") == 1
+
+
+class _Source:
+    """A block source as the torrent sees one (addr, ban_keys, cancel, abort); it records aborts."""
+
+    def __init__(self, ip: str) -> None:
+        self.addr = (ip, 6881)
+        self.aborted = False
+
+    def ban_keys(self):
+        return [self.addr]
+
+    def cancel(self, index, begin, length) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_a_failed_piece_counts_against_every_peer_that_sent_blocks_of_it(lab, tmp_path):
+    """Before: a piece from two senders blamed nobody, so two liars together were never banned."""
+    from shoal.demo.realclients import make_shared_file
+    from shoal.protocol.metainfo import parse_metainfo
+
+    shared = make_shared_file(tmp_path / "seed", "data.bin", 1 << 20, "http://127.0.0.1:1/announce")
+    meta = parse_metainfo(shared.torrent.read_bytes())
+    session = await lab.peer()
+    torrent = await session.add(meta)
+    liars = [_Source("127.0.7.1"), _Source("127.0.7.2")]
+    for liar in liars:
+        torrent.picker.peer_have_all(liar)
+    for round_ in (1, 2):
+        now = trio.current_time()
+        first = torrent.picker.pick(liars[0], None, 8, now)
+        second = torrent.picker.pick(liars[1], None, 8, now)
+        assert {b.index for b in first} == {b.index for b in second}  # one piece, two senders
+        for liar, blocks in zip(liars, (first, second), strict=True):
+            for b in blocks:
+                torrent.picker.block_received(liar, b.index, b.begin)
+                await torrent.store_block(liar, b.index, b.begin, b"\xa5" * b.length)
+        assert session.metrics.failed._value.get() == round_
+        banned = [session.banned(meta.info_hash, liar.ban_keys()) for liar in liars]
+        assert banned == ([None, None] if round_ == 1 else ["bad_hash", "bad_hash"])
+        assert [liar.aborted for liar in liars] == [round_ == 2] * 2
+    assert count(session.metrics.offences, "bad_hash") == 4
