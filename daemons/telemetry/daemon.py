@@ -511,7 +511,8 @@ class TelemetryApp:
             return data
         async with self.model_lock:
             try:
-                det = await self._install_candidate("rpc", data, params.name)
+                name = "".join(c if c.isprintable() else "?" for c in params.name)  # one log line, one error line
+                det = await self._install_candidate("rpc", data, name)
             except ModelError as exc:
                 raise RpcError("model_refused", str(exc)) from None
         return {"features": det.n_features, "threshold": det.threshold}

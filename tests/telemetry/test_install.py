@@ -76,6 +76,10 @@ async def test_models_are_checked_against_the_collector_on_an_empty_store(tmp_pa
             assert e.value.code == "model_refused" and "mismatch" in e.value.message
             assert str(other) in e.value.message and "candidate" not in e.value.message
 
+            with pytest.raises(RpcError) as e:  # a name cannot break the one-line error (or the log)
+                await rpc(sock, "install", {"model": other.read_bytes(), "name": "evil\nshoal: installed"})
+            assert "\n" not in e.value.message and "evil?shoal: installed" in e.value.message
+
             mine = model_file(tmp_path / "mine.onnx", names[:10])
             r = await rpc(sock, "install", {"model": mine.read_bytes(), "name": str(mine)})
             assert r["features"] == 10
@@ -89,7 +93,7 @@ async def test_models_are_checked_against_the_collector_on_an_empty_store(tmp_pa
                 await rpc(sock, "install", {"model": b"x", "upload": "0123456789abcdef", "offset": 5})
             assert e.value.code == "bad_upload"
             text = await scrape(d.addresses["metrics"])
-            assert 'shoal_telemetry_model_installs_total{origin="rpc",outcome="refused"} 2.0' in text
+            assert 'shoal_telemetry_model_installs_total{origin="rpc",outcome="refused"} 3.0' in text
 
             # The CLI: feature names one per line; a refusal is one line naming the user's file.
             out = await trio.to_thread.run_sync(lambda: shoal("features", "--socket", str(sock)))
