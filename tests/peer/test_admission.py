@@ -242,3 +242,33 @@ async def test_a_slow_reader_still_receives_choke_and_have(lab, tmp_path):
                     choked = True
                 elif isinstance(event, pw.Have):
                     missing.discard(event.index)
+
+
+async def test_a_peer_that_never_reads_its_control_messages_is_disconnected(lab, tmp_path):
+    """It asks for the same 16 KiB metadata piece again and again and reads
+    nothing. Control messages are never dropped, so its lane grows until the
+    limit, and then the connection is closed (before: replies were dropped
+    silently once the channel was full, and the peer kept its place)."""
+    from shoal.protocol.metainfo import create_single_file
+
+    n = 8192  # 160 KiB of piece hashes: ten 16 KiB metadata pieces
+    raw, _ = create_single_file("big.bin", n * 16384, 16384, os.urandom(20 * n), "http://127.0.0.1:1/announce")
+    meta = parse_metainfo(raw)
+    session = await lab.peer()
+    torrent = await session.add(meta, tmp_path / "dl")  # a leecher; it still serves the metadata
+    with trio.fail_after(30):
+        stream, conn = await open_peer(session.listen_addr, meta.info_hash, meta.num_pieces, rcvbuf=4096)
+        async with stream:
+            assert isinstance(await next_event(stream, conn), pw.Handshake)  # then we read no more
+            await links_reach(torrent, 1)
+            hs = pw.ExtHandshake(m={"ut_metadata": 3})
+            ask = conn.send(pw.Extended(1, pw.encode_metadata(pw.MetadataRequest(0))))
+            await stream.send_all(conn.send(pw.Extended(0, pw.encode_ext_handshake(hs))))
+            try:
+                while torrent.links:
+                    await stream.send_all(ask * 64)  # 1 MiB of replies owed per 64 asks
+            except trio.BrokenResourceError:
+                pass  # closed on us while we were still asking
+            while torrent.links:
+                await torrent.peers_changed.wait()
+    assert count(session.metrics.disconnects, "control_overflow") == 1
