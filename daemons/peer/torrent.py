@@ -16,11 +16,11 @@ its peers. Its tasks:
   (never for a ``private`` torrent, BEP 27: it learns peers from its trackers
   only, and neither offers nor acts on PEX).
 
-Admission and eviction (docs/peer.md): at the soft connection limit a new
-connection replaces the least useful peer -- a seed when we are seeding too,
-then one not interested either way, then one that has moved no block for
-``EVICT_IDLE`` seconds, the longest idle first; with none of those it is
-refused at the hard limit. Seeds disconnect from seeds. Offences close the
+Admission and eviction (docs/peer.md, the policy in core.swarm.admission): at
+the soft connection limit a new connection replaces the least useful peer --
+a seed when we are seeding too, then one not interested either way, then one
+that has moved no block for 30 s, the longest idle first; with none of those
+it is refused at the hard limit. Seeds disconnect from seeds. Offences close the
 connection and count against that peer (core.swarm.bans).
 """
 
@@ -35,6 +35,7 @@ from typing import TypeVar, cast
 
 import trio
 
+from shoal.core.swarm.admission import Candidate, admit, least_useful
 from shoal.core.swarm.backoff import Backoff
 from shoal.core.swarm.choker import Choker
 from shoal.core.swarm.picker import BLOCK_SIZE, PiecePicker
@@ -69,9 +70,6 @@ CONNECT_TIMEOUT = 10.0
 RETRY_AFTER = 30.0
 # BEP 11: at most 50 added and 50 dropped peers in one message.
 PEX_MAX = 50
-# A peer that has moved no block either way for this long may be evicted
-# for a newcomer at the soft connection limit.
-EVICT_IDLE = 30.0
 # A peer unchoked this many times that never used its slot is disconnected.
 MAX_STRIKES = 3
 # Where an address was learned: BEP 27 allows only trackers (and the user)
@@ -444,31 +442,17 @@ class Torrent:
             return "banned"
         cfg = self.session.config.peer
         live = [link for link in self.links if not link.close_reason]
-        if len(live) >= cfg.max_connections_soft:
-            victim = self._least_useful(live, trio.current_time())
-            if victim is not None:
-                victim.close("evicted")
-            elif len(live) >= cfg.max_connections_hard:
-                return "full"
-        return None
-
-    def _least_useful(self, links: list[PeerLink], now: float) -> PeerLink | None:
-        """The link to evict for a newcomer, or None if every link is useful."""
-        best: tuple[int, float] | None = None
         victim = None
-        seeding = self.picker.complete
-        for link in links:
-            if seeding and self.picker.is_seed(link):
-                key = (0, link.last_payload)
-            elif not link.peer_interested and not link.am_interested:
-                key = (1, link.last_payload)
-            elif now - link.last_payload >= EVICT_IDLE:
-                key = (2, link.last_payload)
-            else:
-                continue
-            if best is None or key < best:
-                best, victim = key, link
-        return victim
+        if len(live) >= cfg.max_connections_soft:
+            victim = least_useful((Candidate(link, self.picker.is_seed(link), link.peer_interested,
+                                             link.am_interested, link.last_payload) for link in live),
+                                  trio.current_time(), seeding=self.picker.complete)
+        decision = admit(len(live), cfg.max_connections_soft, cfg.max_connections_hard, victim)
+        if decision == "refuse":
+            return "full"
+        if decision == "evict":
+            cast(PeerLink, victim).close("evicted")
+        return None
 
     def _ban_keys(self, peer: Peer) -> list[tuple[str, object]]:
         keys = getattr(peer, "ban_keys", None)
