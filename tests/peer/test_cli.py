@@ -109,3 +109,12 @@ async def test_get_with_a_tracker_and_a_peer_and_plain_output(lab, tmp_path):
     assert (out / "data.bin").read_bytes() == shared.path.read_bytes()
     assert "\r" not in r.stdout and "\x1b" not in r.stdout
     assert "done in" in r.stdout
+    # A bare magnet link (no tr=, no x.pe=): --peer is its only source, for metadata and data.
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    magnet = f"magnet:?xt=urn:btih:{meta.info_hash.hex()}"
+    with trio.fail_after(60):
+        r = await shoal("get", magnet, "--dest", str(out2), "--listen", "127.0.4.251:0",
+                        "--peer", f"{seeder.listen_addr.host}:{seeder.listen_addr.port}")
+    assert r.returncode == 0, r.stderr
+    assert (out2 / "data.bin").read_bytes() == shared.path.read_bytes()
