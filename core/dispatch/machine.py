@@ -149,10 +149,16 @@ class UnitRec:
     worker: str | None = None
     lease_until: float = 0.0
     lease_hard: float = 0.0
+    counts: dict[str, int] | None = None  # its job's tasks by state (JobRec.counts), kept by to()
 
     def to(self, event: str) -> None:
         """Move along the life cycle (:func:`.lifecycle.move` raises on an illegal event)."""
-        self.state = move(self.state, event)
+        new = move(self.state, event)
+        if self.counts is not None:
+            n = len(self.unit.tasks)
+            self.counts[self.state] -= n
+            self.counts[new] = self.counts.get(new, 0) + n
+        self.state = new
 
 
 @dataclass(slots=True, eq=False)
@@ -164,6 +170,7 @@ class JobRec:
     units: dict[str, UnitRec]
     children: dict[str, list[str]]
     left: int  # units not done
+    counts: dict[str, int] = field(default_factory=dict)  # tasks by unit state (progress, at no cost per call)
 
 
 @dataclass(slots=True, eq=False)
@@ -299,6 +306,9 @@ class Core:
                     rec.to(RELEASE)
         left = sum(1 for r in units.values() if r.state != DONE)
         jr = JobRec(job_id, job, policy, submitted, units, children, left)
+        for rec in units.values():
+            jr.counts[rec.state] = jr.counts.get(rec.state, 0) + len(rec.unit.tasks)
+            rec.counts = jr.counts
         self.jobs[job_id] = jr
         self.unfinished_units += left
         return jr
@@ -722,7 +732,4 @@ class Core:
         jr = self.jobs.get(job_id)
         if jr is None:
             return None
-        counts: dict[str, int] = {}
-        for u in jr.units.values():
-            counts[u.state] = counts.get(u.state, 0) + len(u.unit.tasks)
-        return counts
+        return {st: n for st, n in jr.counts.items() if n}

@@ -150,9 +150,9 @@ def cmd_jobs(args) -> int:
     if not rows:
         print("no jobs")
         return 0
-    print(f"{'ID':>6} {'NAME':<20} {'STATE':<8} {'DONE':>11} {'FAILED':>6} {'POLICY':<10} {'SUBMITTED':<9} BY")
+    print(f"{'ID':>6} {'NAME':<20} {'STATE':<9} {'DONE':>11} {'FAILED':>6} {'POLICY':<10} {'SUBMITTED':<9} BY")
     for r in rows:
-        print(f"{r['id']:>6} {r['name'][:20]:<20} {r['state']:<8} {r['done']:>5}/{r['tasks']:<5} {r['failed']:>6} "
+        print(f"{r['id']:>6} {r['name'][:20]:<20} {r['state']:<9} {r['done']:>5}/{r['tasks']:<5} {r['failed']:>6} "
               f"{r['policy']:<10} {_when(r['submitted']):<9} {r.get('submitted_by') or '-'}")
     return 0
 

@@ -29,7 +29,7 @@ class DispatcherSection:
     lease_seconds: float = setting(15.0, min=0.5, max=3600.0)
     # Bounds on one submission.
     max_spec_bytes: int = setting(512 * 1024, min=1024, max=900 * 1024)
-    max_tasks_per_job: int = setting(10_000, min=1, max=100_000)
+    max_tasks_per_job: int = setting(10_000, min=1, max=1_000_000)
     # Units not finished across all jobs; submissions beyond are refused (busy).
     max_pending_units: int = setting(1_000_000, min=1, max=10_000_000)
     # Units handed out by one pull.

@@ -56,7 +56,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,          -- running, done, failed, cancelled
     finished REAL,
     submitted_by TEXT NOT NULL DEFAULT '',  -- a user name, "uid N", or "token"; '' before it was recorded
-    reason TEXT NOT NULL DEFAULT ''         -- why a failed or cancelled job ended
+    reason TEXT NOT NULL DEFAULT '',        -- why a failed or cancelled job ended
+    -- task counts, kept with every write so that listing jobs costs nothing per task
+    n_tasks INTEGER NOT NULL DEFAULT 0,
+    n_done INTEGER NOT NULL DEFAULT 0,
+    n_failed INTEGER NOT NULL DEFAULT 0,
+    n_cancelled INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS units (
     job INTEGER NOT NULL,
@@ -93,6 +98,9 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 """
 
 
+COUNTS = ("n_tasks", "n_done", "n_failed", "n_cancelled")
+
+
 class Store:
     def __init__(self, path: Path, *, durability: str = "normal") -> None:
         self.path = path
@@ -110,6 +118,14 @@ class Store:
             self.db.execute("ALTER TABLE jobs ADD COLUMN submitted_by TEXT NOT NULL DEFAULT ''")
         if "reason" not in cols:  # before jobs could be cancelled
             self.db.execute("ALTER TABLE jobs ADD COLUMN reason TEXT NOT NULL DEFAULT ''")
+        if "n_tasks" not in cols:  # before the counts were kept: count once
+            with self._tx() as db:
+                for c in COUNTS:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {c} INTEGER NOT NULL DEFAULT 0")
+                db.execute("UPDATE jobs SET n_tasks=(SELECT count(*) FROM tasks t WHERE t.job=jobs.id), "
+                           "n_done=(SELECT count(*) FROM tasks t WHERE t.job=jobs.id AND t.state='done'), "
+                           "n_failed=(SELECT count(*) FROM tasks t WHERE t.job=jobs.id AND t.state='failed'), "
+                           "n_cancelled=(SELECT count(*) FROM tasks t WHERE t.job=jobs.id AND t.state='cancelled')")
         if "lost" not in {row[1] for row in self.db.execute("PRAGMA table_info(units)")}:
             self.db.execute("ALTER TABLE units ADD COLUMN lost INTEGER NOT NULL DEFAULT 0")
         if "source" not in {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}:
@@ -136,6 +152,7 @@ class Store:
                 "INSERT INTO tasks (job, task, unit, state) VALUES (?, ?, ?, 'pending')",
                 [(job_id, t, u.id) for u in job.units.values() for t in u.tasks],
             )
+            db.execute("UPDATE jobs SET n_tasks=? WHERE id=?", (len(job.tasks), job_id))
         return job_id
 
     def record(self, outcomes: Sequence[tuple[int, str, str, str, Sequence[TaskResult]]], now: float) -> list[bool]:
@@ -146,6 +163,7 @@ class Store:
         unit already done or failed is left alone (idempotent completion).
         """
         changed: list[bool] = []
+        counts: dict[int, list[int]] = {}  # job -> [done, failed] tasks written
         with self._tx() as db:
             for job, unit, worker, state, results in outcomes:
                 if state == RETRY:
@@ -165,7 +183,9 @@ class Store:
                 if state == DONE:
                     db.execute("INSERT INTO completions (job, unit, worker, at) VALUES (?, ?, ?, ?)",
                                (job, unit, worker, now))
+                c = counts.setdefault(job, [0, 0])
                 for r in results:
+                    c[0 if r.ok else 1] += 1
                     db.execute(
                         "UPDATE tasks SET state=?, exit_code=?, worker=?, started=?, finished=?, error=?, "
                         "stdout=?, stderr=?, outputs=?, source=? WHERE job=? AND task=?",
@@ -173,6 +193,8 @@ class Store:
                          r.stdout, r.stderr, msgpack.packb(r.outputs or [], use_bin_type=True),
                          None if r.source is None else msgpack.packb(r.source, use_bin_type=True), job, r.task),
                     )
+            db.executemany("UPDATE jobs SET n_done = n_done + ?, n_failed = n_failed + ? WHERE id=?",
+                           [(d, f, job) for job, (d, f) in counts.items()])
         return changed
 
     def finish_job(self, job: int, state: str, now: float, cancel_units: Iterable[str] = (), reason: str = "",
@@ -190,8 +212,9 @@ class Store:
                 db.executemany(
                     "UPDATE tasks SET error=?, worker=? WHERE job=? AND unit=? AND state='pending'",
                     [(f"{reason}; it was leased to {w}", w, job, u) for u, w in leased.items()])
-                db.execute("UPDATE tasks SET state='cancelled', error=coalesce(error, ?) "
-                           "WHERE job=? AND state='pending'", (f"{reason}; not started" if reason else None, job))
+                cur = db.execute("UPDATE tasks SET state='cancelled', error=coalesce(error, ?) "
+                                 "WHERE job=? AND state='pending'", (f"{reason}; not started" if reason else None, job))
+                db.execute("UPDATE jobs SET n_cancelled = n_cancelled + ? WHERE id=?", (cur.rowcount, job))
 
     def record_late(self, rows: Sequence[tuple[int, str, list[TaskResult]]], worker: str, now: float) -> int:
         """A worker's report of units whose job had ended: only a cancelled unit's run is written
@@ -220,6 +243,10 @@ class Store:
                         (state, r.exit_code, worker, r.started, r.finished, error, r.stdout, r.stderr,
                          msgpack.packb(r.outputs or [], use_bin_type=True), job, unit, r.task))
                     n += cur.rowcount
+                    if cur.rowcount and state != CANCELLED:
+                        col = "n_done" if state == DONE else "n_failed"
+                        db.execute(f"UPDATE jobs SET n_cancelled = n_cancelled - 1, {col} = {col} + 1 WHERE id=?",
+                                   (job,))
                 if n:
                     db.execute("UPDATE units SET attempts = attempts + 1 WHERE job=? AND unit=?", (job, unit))
                     changed += 1
@@ -248,9 +275,7 @@ class Store:
         """The newest ``limit`` jobs with ids below ``before`` (a page), in ``state`` if given."""
         rows = self.db.execute(
             "SELECT j.id, j.name, j.policy, j.state, j.submitted, j.finished, j.submitted_by, "
-            "(SELECT count(*) FROM tasks t WHERE t.job=j.id), "
-            "(SELECT count(*) FROM tasks t WHERE t.job=j.id AND t.state='done'), "
-            "(SELECT count(*) FROM tasks t WHERE t.job=j.id AND t.state='failed') "
+            "j.n_tasks, j.n_done, j.n_failed "
             "FROM jobs j WHERE j.id < ? AND (? IS NULL OR j.state = ?) ORDER BY j.id DESC LIMIT ?",
             (1 << 62 if before is None else before, state, state, limit)).fetchall()
         keys = ("id", "name", "policy", "state", "submitted", "finished", "submitted_by", "tasks", "done", "failed")
@@ -261,15 +286,16 @@ class Store:
         """One job: its row, task counts by state, and up to ``limit`` tasks from ``offset`` in
         topological order (of those in ``states``, if given: ``matching`` counts them), fewer if
         their logs would pass ``budget`` bytes (at least one)."""
-        row = self.db.execute("SELECT id, name, policy, state, submitted, finished, submitted_by, reason FROM jobs "
-                              "WHERE id=?", (job_id,)).fetchone()
+        row = self.db.execute("SELECT id, name, policy, state, submitted, finished, submitted_by, reason, "
+                              "n_tasks, n_done, n_failed, n_cancelled FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             return None
-        out = dict(zip(("id", "name", "policy", "state", "submitted", "finished", "submitted_by", "reason"), row,
+        out = dict(zip(("id", "name", "policy", "state", "submitted", "finished", "submitted_by", "reason"), row[:8],
                        strict=True))
-        out["counts"] = dict(self.db.execute("SELECT state, count(*) FROM tasks WHERE job=? GROUP BY state",
-                                             (job_id,)).fetchall())
-        out["total"] = sum(out["counts"].values())
+        total, done, failed, cancelled = row[8:]
+        counts = {PENDING: total - done - failed - cancelled, DONE: done, FAILED: failed, CANCELLED: cancelled}
+        out["counts"] = {st: n for st, n in counts.items() if n}  # the kept counts: no scan of the tasks
+        out["total"] = total
         out["matching"] = sum(n for st, n in out["counts"].items() if st in states) if states else out["total"]
         out["offset"] = offset
         cols = "task, unit, state, exit_code, worker, started, finished, error, outputs"

@@ -326,9 +326,9 @@ class WorkerApp:
     def _holding(self) -> list[str]:
         """The units this worker holds: running, then queued ones of held jobs, then the rest
         (at most MAX_HELD: the rest go next time)."""
-        waiting = self.held.keys() | self.suspect
-        first = [lease.key for lease, _i in self.queue if lease.unit_key.job in waiting]
-        rest = [lease.key for lease, _i in self.queue if lease.unit_key.job not in waiting]
+        waiting = {str(j) for j in self.held.keys() | self.suspect}
+        first = [lease.key for lease, i in self.queue if i.job in waiting]
+        rest = [lease.key for lease, i in self.queue if i.job not in waiting]
         return (list(self.running) + first + rest)[:MAX_HELD]
 
     def _cancel(self, keys: list[str], sent: list[str]) -> None:
@@ -368,7 +368,7 @@ class WorkerApp:
         for job in list(self.suspect):
             if job in self.held:
                 continue
-            if all(lease.key in alive for lease, _i in self.queue if lease.unit_key.job == job):
+            if all(lease.key in alive for lease, i in self.queue if i.job == str(job)):
                 self.suspect.discard(job)
             else:  # units pulled since the last list: ask now
                 self._wake_heartbeat()
@@ -420,13 +420,16 @@ class WorkerApp:
                 if not self.queue or len(self.running) >= self.slots:
                     await self.changed.wait()
                     continue
-                free = [n for n, (lease, _i) in enumerate(self.queue)
-                        if lease.unit_key.job not in self.held and lease.unit_key.job not in self.suspect]
-                if not free:  # every queued unit waits for its job's failure to be answered
-                    await self.changed.wait()
-                    continue
-                idx = self.policy.pick([self.queue[n][1] for n in free], self.server_state(), time.time())
-                lease, info = self.queue.pop(free[idx])
+                if self.held or self.suspect:  # units of a job whose failure is not answered yet wait
+                    waiting = self.held.keys() | self.suspect
+                    free = [n for n, (_lease, i) in enumerate(self.queue) if int(i.job) not in waiting]
+                    if not free:
+                        await self.changed.wait()
+                        continue
+                    idx = free[self.policy.pick([self.queue[n][1] for n in free], self.server_state(), time.time())]
+                else:
+                    idx = self.policy.pick([i for _p, i in self.queue], self.server_state(), time.time())
+                lease, info = self.queue.pop(idx)
                 self.running[lease.key] = info
                 nursery.start_soon(self._run_unit, lease, info)
                 self._poke()

@@ -16,7 +16,7 @@ from shoal.core.dispatch.jobs import job_from_dict
 from shoal.core.dispatch.machine import CoreError
 from shoal.protocol.dispatch import KILLED, Heartbeat, HeartbeatReply, Report, ReportReply, TaskResult
 from tests.dispatcher.live import SHOAL, connect, metric, start_dispatcher, start_worker, wait_job, wait_workers
-from tests.dispatcher.test_core import CAP, bad, independent, make_core, ok
+from tests.dispatcher.test_core import CAP, bad, independent, kept_counts_checked, make_core, ok
 from tests.harness import scrape
 
 
@@ -44,6 +44,7 @@ def test_cancel_records_what_happened_to_each_unit_and_names_the_ones_to_kill(tm
     assert t["t0"]["stdout"] == b"half way\n"
     assert t["t1"]["attempts"] == 0 and t["t1"]["error"] == "job cancelled by alice; it was leased to w"
     assert t["t2"]["attempts"] == 0 and t["t2"]["error"] == "job cancelled by alice; not started"
+    assert view["counts"] == kept_counts_checked(core.store, job) == {"cancelled": 4}
     # a second kill report of the same run changes nothing
     core.report("w", [(f"{job}/t0", [TaskResult("t0", None, 9.0, 9.0, error=KILLED)])], 3.0)
     assert by_task(core.store.job(job))["t0"]["started"] == 1.5
@@ -74,6 +75,7 @@ def test_two_failures_of_one_job_in_one_report_are_both_recorded(tmp_path):
     assert core.report("w", [(p0["key"], bad(p0)), (p1["key"], bad(p1)), (p2["key"], ok(p2))], 2.0) == 3
     view = core.store.job(job)
     assert view["state"] == "failed" and view["counts"] == {"failed": 2, "done": 1}
+    assert view["counts"] == kept_counts_checked(core.store, job)
     assert core.unfinished_units == 0 and job not in core.jobs
 
 

@@ -235,6 +235,11 @@ def test_restart_restores_unfinished_work_and_keeps_done_units_done(tmp_path):
     assert core2.report("w", [(p["key"], ok(p))], 2.5) == 0  # t0 again: already done
 
 
+def kept_counts_checked(store, job: int) -> dict[str, int]:
+    """The job's task counts by state, counted from the tasks themselves (the store keeps its own)."""
+    return dict(store.db.execute("SELECT state, count(*) FROM tasks WHERE job=? GROUP BY state", (job,)))
+
+
 @st.composite
 def scenarios(draw):
     n = draw(st.integers(1, 18))
@@ -288,6 +293,11 @@ def test_dag_order_holds_through_failures_deaths_and_duplicates(tmp_path_factory
                     for d in job.tasks[t["name"]].deps:
                         assert d in done_at or d in [x["name"] for x in p["tasks"]]
                 held[w].append(p)
+            if jid in core.jobs and rng.random() < 0.1:  # the kept progress counts are the units' states
+                want: dict[str, int] = {}
+                for u in core.jobs[jid].units.values():
+                    want[u.state] = want.get(u.state, 0) + len(u.unit.tasks)
+                assert core.progress(jid) == want
             if held[w]:
                 p = held[w].pop(0)
                 if rng.random() < 0.1:
@@ -302,6 +312,7 @@ def test_dag_order_holds_through_failures_deaths_and_duplicates(tmp_path_factory
         core.tick(now)
     view = core.store.job(jid)
     assert view["state"] in ("done", "failed")
+    assert view["counts"] == kept_counts_checked(core.store, jid)
     if view["state"] == "done":
         assert set(done_at) == set(job.tasks)
         assert set(core.store.completion_counts(jid).values()) == {1}
