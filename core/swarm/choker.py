@@ -48,7 +48,7 @@ Each such loss is a *strike*; candidates are ranked by fewest strikes right
 after their rate, so a crowd that sends Interested and never requests gets
 each slot for ``request_grace`` once, and a real peer behind it gets its
 turn within ``ceil(crowd / slots) * request_grace``. :meth:`strikes` lets the
-caller drop a peer that keeps wasting slots.
+caller drop a peer that keeps wasting slots; a Request forgives its strikes.
 
 :class:`ChokeDecision` is the whole picture, not a delta: ``unchoke`` and
 ``choke`` partition the known peers. The caller sends Choke/Unchoke only to
@@ -183,8 +183,14 @@ class Choker:
         st.last_used = now
 
     def record_request(self, peer: Peer, now: float) -> None:
-        """The peer sent us a Request: it uses its slot (or will, once unchoked)."""
-        self._peers[peer].last_used = now
+        """The peer sent us a Request: it uses its slot (or will, once unchoked).
+
+        Its strikes are forgiven: a real peer that once had nothing to ask
+        of us (its blocks all requested elsewhere) is not a free-loader.
+        """
+        st = self._peers[peer]
+        st.last_used = now
+        st.strikes = 0
 
     def set_seeding(self, seeding: bool) -> None:
         """We have every piece: rank by upload (or round robin), no snubbing. Applies from the next round."""

@@ -278,6 +278,8 @@ def test_a_slot_holder_that_never_requests_loses_its_slot_after_request_grace():
     assert d.unchoke == {"user", "idle"}
     d = c.tick(12.0)
     assert d.unchoke == {"idle"} and c.strikes("user") == 1  # the user went quiet too
+    c.record_request("user", 12.5)  # it had nothing to ask for a while: forgiven once it asks
+    assert c.strikes("user") == 0
 
 
 def test_interest_without_requests_counts_for_nothing_a_crowd_rotates_through_the_slots():
