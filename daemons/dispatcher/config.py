@@ -30,6 +30,8 @@ class DispatcherSection:
     # Bounds on one submission.
     max_spec_bytes: int = setting(512 * 1024, min=1024, max=900 * 1024)
     max_tasks_per_job: int = setting(10_000, min=1, max=1_000_000)
+    # Seconds a finished job is kept (its tasks, results, logs) before it is pruned; 0 = forever.
+    job_retention: float = setting(30 * 86400.0, min=0.0, max=10 * 365 * 86400.0)
     # Units not finished across all jobs; submissions beyond are refused (busy).
     max_pending_units: int = setting(1_000_000, min=1, max=10_000_000)
     # Units handed out by one pull.

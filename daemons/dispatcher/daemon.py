@@ -76,7 +76,9 @@ A bad spec is answered ``bad_spec`` with the one-line reason and counted by
 reason; a malformed request ``bad_params``. Off loopback every connection is
 authenticated with the HMAC token (the RpcServer refuses to start without one).
 
-Background: a ticker declares silent workers dead every ``lease_seconds / 4``;
+Background: a ticker declares silent workers dead every ``lease_seconds / 4``,
+and prunes jobs finished more than ``job_retention`` ago (at most
+``store.PRUNE_ROWS`` rows a tick, so a huge job goes over several ticks);
 learned policies' weights (``state_dict``) are saved to
 ``policies.msgpack`` in the state directory every ``policy_save_interval`` and
 at stop (the runtime's ``StateSaver``; :mod:`shoal.core.dispatch.persist`), and
@@ -325,6 +327,17 @@ class DispatcherApp:
             for wid in self.core.tick(time.time()):
                 log.warning("worker %s went silent; its units are back in the queue", wid)
                 self._wake(wid)
+            self.prune(time.time())
+
+    def prune(self, now: float) -> int:
+        """Delete jobs finished more than job_retention ago (a bounded batch per tick)."""
+        if self.section.job_retention <= 0:
+            return 0
+        rows = self.store.prune(now - self.section.job_retention)
+        if rows:
+            self.metrics.pruned_rows.inc(rows)
+            log.info("pruned %d rows of jobs finished before the last %.0f s", rows, self.section.job_retention)
+        return rows
 
     def _wake(self, worker_id: str) -> None:
         ev = self.wakeups.pop(worker_id, None)

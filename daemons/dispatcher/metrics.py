@@ -41,6 +41,8 @@ class DispatcherMetrics:
             "by reason: no_credential (the TCP RPC without a token), not_allowed (a socket peer not in "
             "submit_users or submit_groups).", ("reason",))
         self.jobs_finished = counter("jobs_finished_total", "Jobs finished, by final state.", ("state",))
+        self.pruned_rows = counter("pruned_rows_total",
+                                   "Rows of finished jobs deleted from the store after job_retention.")
         self.units_cancelled = counter("units_cancelled_total",
                                        "Units cancelled because their job failed or was cancelled.")
         self.units_killed = counter("units_killed_total",

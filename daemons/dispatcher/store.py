@@ -99,6 +99,7 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 
 
 COUNTS = ("n_tasks", "n_done", "n_failed", "n_cancelled")
+PRUNE_ROWS = 20_000  # rows one prune transaction deletes at most (the dispatcher serves in between)
 
 
 class Store:
@@ -332,6 +333,25 @@ class Store:
         outputs, source = row
         return (msgpack.unpackb(outputs, raw=False) if outputs else [],
                 msgpack.unpackb(source, raw=False) if source else None)
+
+    def prune(self, before: float, budget: int = PRUNE_ROWS) -> int:
+        """Delete finished jobs that finished before ``before``, oldest first, at most about
+        ``budget`` rows in one transaction (a big job goes over several calls); returns the
+        rows deleted. A job's row goes last, so a job is listed until it is wholly gone."""
+        deleted = 0
+        with self._tx() as db:
+            for (job,) in db.execute("SELECT id FROM jobs WHERE state != 'running' AND finished < ? ORDER BY id",
+                                     (before,)).fetchall():
+                for table, key in (("tasks", "rowid"), ("units", "unit"), ("completions", "seq")):
+                    cur = db.execute(f"DELETE FROM {table} WHERE job=? AND {key} IN "  # noqa: S608 - fixed names
+                                     f"(SELECT {key} FROM {table} WHERE job=? LIMIT ?)", (job, job, budget - deleted))
+                    deleted += cur.rowcount
+                    if deleted >= budget:
+                        return deleted
+                deleted += db.execute("DELETE FROM jobs WHERE id=?", (job,)).rowcount
+                if deleted >= budget:
+                    return deleted
+        return deleted
 
     def completion_counts(self, job_id: int) -> dict[str, int]:
         """How many times each unit of a job was recorded done (each must be 1)."""

@@ -343,3 +343,30 @@ def test_reports_must_name_the_units_tasks(tmp_path):
         core.report("w", [(p["key"], [TaskResult("someone-else", 0, 0.0, 0.0)])], 1.0)
     assert info.value.code == "bad_params"
     assert core.report("w", [(p["key"], ok(p))], 2.0) == 1
+
+
+def test_finished_jobs_are_pruned_after_their_retention_in_bounded_batches(tmp_path):
+    core = make_core(tmp_path / "d.db")
+    core.register("w", CAP, 0.0)
+    old = core.submit(independent(30), 0.0)
+    running = core.submit(independent(2), 0.0)
+    while old in core.jobs:
+        ps = [p for p in core.pull("w", 8, 1.0) if p["key"].startswith(f"{old}/")]
+        core.report("w", [(p["key"], ok(p)) for p in ps], 1.0)
+    recent = core.submit(independent(1), 2.0)
+    (p,) = [p for p in core.pull("w", 8, 5.0) if p["key"].startswith(f"{recent}/")]
+    core.report("w", [(p["key"], ok(p))], 5.0)  # finished at 5.0
+    store = core.store
+    assert store.prune(before=0.5) == 0  # nothing finished that long ago
+    deleted = 0
+    while store.job(old) is not None:  # 30 tasks + 30 units + 30 completions + the job row, 25 rows a batch
+        n = store.prune(before=3.0, budget=25)
+        assert 0 < n <= 25
+        deleted += n
+        assert store.job(old) is None or store.job(old)["state"] == "done"  # listed until wholly gone
+    assert deleted == 91
+    assert store.prune(before=3.0) == 0
+    assert store.job(running)["state"] == "running" and store.job(recent)["state"] == "done"
+    assert [j["id"] for j in store.jobs()] == [recent, running]
+    for table in ("tasks", "units", "completions"):
+        assert store.db.execute(f"SELECT count(*) FROM {table} WHERE job=?", (old,)).fetchone()[0] == 0
