@@ -26,3 +26,9 @@ def test_a_false_alarm_fails_even_when_the_fault_is_caught():
 def test_a_missed_fault_fails():
     assert not judge([w(0.1, False), w(0.2, False, "fault")])[0]
     assert not judge([w(0.5, False), w(0.4, True, "fault"), w(0.9, False)])[0]  # flagged but scores lower
+
+
+def test_the_faults_after_effects_count_neither_way():
+    ok, summary = judge([w(0.1, False), w(0.9, True, "fault"), w(0.5, True, "recovery"), w(0.1, False)])
+    assert ok and "0 of 2 windows outside" in summary
+    assert not judge([w(0.1, False), w(0.2, False, "recovery"), w(0.9, True, "recovery")])[0]  # no fault caught
