@@ -215,3 +215,12 @@ def test_parse_time_forms():
     assert parse_time("2023-11-14T22:13:20Z", now) == 1_700_000_000.0
     with pytest.raises(ValueError):
         parse_time("yesterday", now)
+
+
+def test_a_leak_too_large_to_grow_in_time_stops_at_its_duration():
+    # 20 steps of 256 MiB in 0.3 s: no node allocates and touches that fast; the leak stops growing
+    # at its deadline instead of overrunning it (a 6 s leak of 4 GiB took 10.7 s before).
+    p = dataclasses.replace(plan("memleak", 0.3, BIG), memory_bytes=5 * GiB)
+    start = time.monotonic()
+    r = run(p)
+    assert time.monotonic() - start < 0.3 + 1.0 and r["peak_mib"] < 5 * 1024
