@@ -73,7 +73,7 @@ class TrainingSection:
     # that training takes at least this many gradient steps in all ...
     min_steps: int = setting(500, min=0, max=10_000_000)
     # ... and the threshold is the percentile of each window's error under a model trained
-    # on the other windows (this many contiguous folds); 0 = of the training errors (the
+    # on the other windows (this many interleaved folds); 0 = of the training errors (the
     # seed's rule, which flags far more than 2 % of new normal windows on small data).
     folds: int = setting(5, min=0, max=100)
     # Train on at most this many of the newest normal (or unlabelled) windows ...

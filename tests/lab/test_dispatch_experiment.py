@@ -23,6 +23,8 @@ from shoal.lab.render import render
 from shoal.lab.scenario import parse_scenario
 from tests.lab.test_net import assert_nothing_left
 
+ANOMALY_SCENARIO = Path(__file__).resolve().parents[2] / "configs" / "lab" / "dispatch-anomaly.toml"
+
 root_only = pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"),
                                reason="the lab makes network namespaces: root only (CI runs as root)")
 
@@ -127,3 +129,22 @@ def test_emulated_render_alone_gives_telemetry_the_host_cgroup(tmp_path):
     assert tomllib.loads(lab.plan("worker1", "telemetry").config.read_text())["collector"]["cgroup"] == "self"
     lan = render(scenario, tmp_path / "lan")
     assert "cgroup" not in tomllib.loads(lan.plan("worker1", "telemetry").config.read_text())["collector"]
+
+
+@root_only
+async def test_anomaly_aware_dispatch_scenario_as_shipped(tmp_path):
+    """configs/lab/dispatch-anomaly.toml as a user runs it: a CPU fault on worker2 is flagged by its
+    own telemetry, the dispatcher stops using it, and no healthy host is taken out (before the
+    node verdict, one lone false-alarm window did that in 2 runs of 4)."""
+    from tests.lab.experiment_run import run_small
+
+    text = ANOMALY_SCENARIO.read_text()  # noqa: ASYNC240 - a small file, before anything runs
+    result, record = await run_small(text, "dispatch-anomaly.toml", tmp_path / "out", timeout=420)
+    names = [c.name for c in result.checks]
+    assert "no other host was flagged" in names and any("got no new unit while flagged" in n for n in names)
+    runs = {r["exclude_anomalous"]: r for r in record["data"]["anomaly"]["runs"]}
+    assert set(runs) == {False, True}
+    on, (first, last) = runs[True], runs[True]["flagged"]
+    assert first > 0 and not [t for t in on["tasks"] if t["worker"] == "worker2" and first <= t["started"] <= last]
+    assert record["data"]["other_hosts_window_false_alarms"]["windows"] > 0
+    assert_nothing_left(record["run_id"])

@@ -437,3 +437,23 @@ def test_node_verdict_needs_confirm_windows_in_a_row_both_ways():
     assert [NodeVerdict(1).update(w) for w in (True, False)] == [True, False]
     with pytest.raises(ValueError, match="confirm"):
         NodeVerdict(0)
+
+
+def test_held_out_threshold_holds_when_normal_comes_in_phases():
+    """Quiet, busy and idle phases one after another: a held-out contiguous block was a phase the
+    model never saw, the threshold a fault's, and a fault mixing two phases' metrics was missed."""
+    recall, false_alarms = [], []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        train = np.concatenate([_low_rank_windows(rng, 16) + shift for shift in (0.0, 4.0, -3.0)])
+        fresh = np.concatenate([_low_rank_windows(rng, 300) + shift for shift in (0.0, 4.0, -3.0)])
+        fault = _low_rank_windows(rng, 50)
+        fault[:, :20] += 4.0  # half the metrics in the busy phase, half quiet
+        fit = fit_detector(train, epochs=10, batch_size=10, lr=1e-3, percentile=98.0, min_steps=500, folds=5)
+
+        def flagged(X, fit=fit):
+            return fit.ae.reconstruction_error(fit.scaler.transform(X)) > fit.threshold
+
+        recall.append(float(flagged(fault).mean()))
+        false_alarms.append(float(flagged(fresh).mean()))
+    assert np.mean(recall) >= 0.7 and np.mean(false_alarms) <= 0.035, (recall, false_alarms)
