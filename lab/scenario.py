@@ -53,6 +53,8 @@ from typing import Any, Literal
 
 from shoal.daemons.runtime.config import ConfigError, build_config, read_config_text, setting
 from shoal.daemons.runtime.registry import DAEMONS
+from shoal.daemons.telemetry.inject import ALIASES as INJECTOR_ALIASES
+from shoal.daemons.telemetry.inject import KINDS as INJECTOR_KINDS
 
 __all__ = ["Fault", "Host", "Link", "Scenario", "load_scenario", "parse_scenario", "EXPERIMENTS"]
 
@@ -66,7 +68,7 @@ EXPERIMENTS = {
 }
 
 #: Telemetry fault kinds an ``inject`` fault may name (``shoal telemetry inject``).
-INJECT_KINDS = ("cpu", "mem", "io", "net")
+INJECT_KINDS = (*INJECTOR_KINDS, *INJECTOR_ALIASES)  # shoal telemetry inject's
 
 # A host's name is part of interface and namespace names (IFNAMSIZ is 16) and
 # of rendered file names: short, lower case, no separators but '-'.

@@ -55,13 +55,14 @@ SHOAL = [sys.executable, "-m", "shoal.cli.main"]
 CORES = os.cpu_count() or 1
 MEM_MIB = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
 
-#: kind -> {intensity: extra arguments of ``shoal telemetry inject KIND``}
+#: the HPAS kinds of ``shoal telemetry inject``; two intensities each (its --intensity, a share of
+#: the resource it takes: CPU duty or cores, MemTotal, the maximum rate)
+KINDS = ("cpuoccupy", "cachecopy", "membw", "memleak", "memeater", "netoccupy", "iobandwidth", "iometadata")
+LEVELS = {"low": 0.5, "high": 1.0}
+MEM_LEVELS = {"low": 0.1, "high": 0.25}  # memleak/memeater: a share of MemTotal
 FAULTS: dict[str, dict[str, list[str]]] = {
-    "cpu": {"low": ["--workers", "1"], "high": ["--workers", str(CORES)]},
-    "mem": {"low": ["--mib", str(MEM_MIB // 20)], "high": ["--mib", str(MEM_MIB // 8)]},
-    "io": {"low": ["--mib", "64"], "high": ["--mib", "256"]},
-    "net": {"low": [], "high": []},
-}
+    k: {lvl: ["--intensity", f"{(MEM_LEVELS if k.startswith('mem') and k != 'membw' else LEVELS)[lvl]:g}"]
+        for lvl in LEVELS} for k in KINDS}
 
 
 def free_port() -> int:

@@ -113,7 +113,7 @@ class SwarmHook:
 
     async def seed(self, path: Path, tracker: str) -> tuple[str, str]:
         """Seed a finished task's output through the peer; its (info-hash hex, magnet link)."""
-        from shoal.daemons.peer.storage import hash_files
+        from shoal.daemons.runtime.pieces import hash_files
         from shoal.daemons.runtime.rpc import RpcError, connect_unix
         from shoal.protocol.metainfo import create_metainfo, parse_metainfo
 
