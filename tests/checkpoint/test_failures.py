@@ -102,7 +102,8 @@ def test_xor_parity_gives_up_on_two_simultaneous_failures():
                 runner = RankRunner(nursery, ctx.addresses["rpc"], "ring", 3, 400, interval=0.01, block_size=4096)
                 for i in range(3):
                     runner.start(i)
-                await _wait_step(runner.ranks[0], 5, 0)
+                with trio.fail_after(30):
+                    await _wait_step(runner.ranks[0], 5, 0)
                 runner.kill(1)
                 runner.kill(2)
                 with trio.fail_after(20):
@@ -135,8 +136,13 @@ async def _daemon(tmp: Path, name: str, role: str, listen: str, backup: str = ""
 
 
 async def _ranks_until(runner: RankRunner, step: int) -> None:
-    for rank in runner.ranks.values():
-        await _wait_step(rank, step, 0)
+    """Until every rank has passed ``step``; a rank that ended with an error fails the
+    test at once with that error (waiting on its step counter would never end)."""
+    with trio.fail_after(60):
+        for i, rank in runner.ranks.items():
+            while rank.step < step:  # noqa: ASYNC110 - the rank signals no event per step
+                assert i not in runner.errors, f"rank {i} failed: {runner.errors[i]!r}"
+                await trio.sleep(0.001)  # polling the rank's own step counter
 
 
 async def _until_logged(daemon, text: str, count: int = 1) -> None:
