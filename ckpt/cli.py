@@ -1,14 +1,17 @@
-"""``shoal ckpt status`` and ``shoal ckpt demo APP --ranks N --kill RANK@SECONDS``.
+"""``shoal ckpt status``, ``shoal ckpt demo APP --ranks N --kill RANK@SECONDS`` and
+``shoal ckpt run --ranks N -- PROGRAM ARGS``.
 
 These commands belong to the library, not to the daemon: ``demo`` runs the
 example applications (:mod:`shoal.ckpt.apps`) through the launcher, which a
-daemon package may not import. Errors are one line (``shoal.daemons.runtime.cli``).
+daemon package may not import; ``run`` runs the user's own program
+(:mod:`shoal.ckpt.run`). Errors are one line (``shoal.daemons.runtime.cli``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from shoal.daemons.runtime.cli import call, fail
 
@@ -39,6 +42,34 @@ def add_commands(daemon: argparse._SubParsersAction, top: argparse._SubParsersAc
     d.add_argument("--shards", type=int, default=1, help="parity shards: 1 = XOR, 2..4 = Reed-Solomon")
     d.add_argument("--timeout", type=float, default=300.0)
     d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("run", help="run N ranks of your own program with recovery: a failed rank is restarted "
+                                   "under its id; O, L, R at the end",
+                       description="Start N ranks of PROGRAM (which builds its Rank with "
+                                   "shoal.ckpt.rank_from_env()); each learns its rank id, group, coordinator and "
+                                   "token file from SHOAL_CKPT_* environment variables. Exit 0 only if every rank "
+                                   "finished.")
+    r.add_argument("--ranks", type=int, required=True, help="number of ranks, 2..max_ranks")
+    r.add_argument("--hosts", help="comma-separated IP addresses; rank i listens on host i mod len (default: "
+                                   "--listen); a non-loopback host is started through --spawn")
+    r.add_argument("--spawn", help="command prefix that runs a rank on {host} (default for non-loopback hosts: "
+                                   "'ssh -o BatchMode=yes {host}'; '' runs every rank here)")
+    r.add_argument("--coordinator", help="a running coordinator's RPC address (default: start a coordinator and a "
+                                         "backup in this process)")
+    r.add_argument("--backup", help="the backup's RPC address: checked against --coordinator's, or mirrored to by "
+                                    "the coordinator this command starts")
+    r.add_argument("--token-file", help="the coordinator's RPC token (required with --coordinator; default: a "
+                                        "fresh random token for the coordinator started here)")
+    r.add_argument("--listen", default="127.0.0.1", help="the IP address the coordinator and backup started here "
+                                                         "listen on (default 127.0.0.1)")
+    r.add_argument("--group", help="the group's name (default: run-PID-RANDOM)")
+    r.add_argument("--mode", choices=["enhanced", "blocking"], default="enhanced")
+    r.add_argument("--interval", type=float, default=1.0, help="checkpoint timer, seconds (default 1.0)")
+    r.add_argument("--shards", type=int, default=1, help="parity shards: 1 = XOR, 2..4 = Reed-Solomon")
+    r.add_argument("--max-restarts", type=int, default=3, help="restarts of failed ranks allowed in all (default 3)")
+    r.add_argument("--timeout", type=float, help="stop every rank and fail after this many seconds (default: none)")
+    r.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM ARGS")
+    r.set_defaults(func=cmd_run)
 
 
 def format_status(reply: dict) -> str:
@@ -88,3 +119,41 @@ def partial_run(run_app, args, size):
         return await run_app(args.app, args.ranks, size=size, kills=args.kill, mode=args.mode,
                              interval=args.interval, shards=args.shards, timeout=args.timeout)
     return go
+
+
+def cmd_run(args) -> int:
+    import trio
+
+    from shoal.ckpt.run import report, run_program
+    from shoal.daemons.runtime.config import ConfigError, ListenAddr
+
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
+        return fail("ckpt run: name the program after --, e.g. shoal ckpt run --ranks 4 -- python heat.py")
+    if args.ranks < 2 or args.ranks > 1024:
+        return fail("--ranks must be 2..1024")
+    if args.max_restarts < 0:
+        return fail("--max-restarts must be >= 0")
+    if not 1 <= args.shards < args.ranks:
+        return fail("--shards must be 1..ranks-1")
+    if not args.interval > 0 or (args.timeout is not None and not args.timeout > 0):
+        return fail("--interval and --timeout must be positive")
+    try:
+        coordinator = ListenAddr.parse(args.coordinator) if args.coordinator else None
+        backup = ListenAddr.parse(args.backup) if args.backup else None
+        hosts = [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else []
+
+        async def go():
+            return await run_program(program, args.ranks, group=args.group, coordinator=coordinator, backup=backup,
+                                     token_file=args.token_file, listen=args.listen, hosts=hosts, spawn=args.spawn,
+                                     mode=args.mode, interval=args.interval, shards=args.shards,
+                                     max_restarts=args.max_restarts, timeout=args.timeout)
+
+        result = trio.run(go)
+    except (ValueError, ConfigError) as exc:
+        return fail(str(exc))
+    report(result)
+    if not result.ok:
+        print(f"shoal: {result.reason}", file=sys.stderr)
+        return 1
+    return 0

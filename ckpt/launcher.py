@@ -60,19 +60,22 @@ def parse_kill(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"expected RANK@SECONDS, got {text!r}") from None
 
 
-def role_config(role: str, tmp: Path, *, backup: ListenAddr | None = None, heartbeat: float = 0.5) -> Any:
-    """The config of a coordinator or backup on loopback, validated by the daemon's own schema."""
+def role_config(role: str, tmp: Path, *, backup: ListenAddr | None = None, heartbeat: float = 0.5,
+                token_file: Path | None = None, listen: ListenAddr = LOOPBACK) -> Any:
+    """The config of a coordinator or backup (default: on loopback, no token), validated by the daemon's schema."""
     text = (f'[daemon]\nmetrics_listen = "{LOOPBACK}"\nstate_directory = {json.dumps(str(tmp / role))}\n'
-            f'[checkpoint]\nrole = "{role}"\nlisten = "{LOOPBACK}"\nbackup = "{backup or ""}"\n'
-            f"heartbeat_interval = {heartbeat!r}\nheartbeat_timeout = {heartbeat * 6!r}\n")
-    return parse_config(text, DAEMONS["checkpoint"].load_schema(), source=f"<{role} on loopback>")
+            f'[checkpoint]\nrole = "{role}"\nlisten = "{listen}"\nbackup = "{backup or ""}"\n'
+            f"heartbeat_interval = {heartbeat!r}\nheartbeat_timeout = {heartbeat * 6!r}\n"
+            f"token_file = {json.dumps(str(token_file or ''))}\n")
+    return parse_config(text, DAEMONS["checkpoint"].load_schema(), source=f"<{role} on {listen}>")
 
 
 async def serve_role(nursery: trio.Nursery, role: str, tmp: Path, *, backup: ListenAddr | None = None,
-                     heartbeat: float = 0.5) -> tuple[DaemonContext, trio.CancelScope]:
-    """A coordinator or backup daemon served in-process on loopback; (ctx, scope)."""
+                     heartbeat: float = 0.5, token_file: Path | None = None,
+                     listen: ListenAddr = LOOPBACK) -> tuple[DaemonContext, trio.CancelScope]:
+    """A coordinator or backup daemon served in-process (default: on loopback); (ctx, scope)."""
     spec = DAEMONS["checkpoint"]
-    cfg = role_config(role, tmp, backup=backup, heartbeat=heartbeat)
+    cfg = role_config(role, tmp, backup=backup, heartbeat=heartbeat, token_file=token_file, listen=listen)
     scope = trio.CancelScope()
 
     async def run(task_status=trio.TASK_STATUS_IGNORED):
@@ -193,12 +196,17 @@ async def run_app(app: str, ranks: int, *, size: int, kills: Sequence[tuple[int,
     return Outcome(ok, elapsed, equal, status, stats, list(kills))
 
 
+def figures(g: dict) -> str:
+    """A group's O, L and R (the coordinator's means) with T_opt and r, from its status record."""
+    return (f"O={g['O'] * 1e3:.2f} ms  L={g['L'] * 1e3:.2f} ms  R={g['R'] * 1e3:.2f} ms  "
+            f"T_opt={g['T_opt']:.1f} s  r={g['r']:.5f}")
+
+
 def describe(outcome: Outcome, out=sys.stdout) -> None:
     for g in outcome.status["groups"]:
         print(f"  group {g['group']}: n={g['n']} mode={g['mode']} epoch={g['epoch']} checkpoints={g['numbers']}",
               file=out)
-        print(f"  O={g['O'] * 1e3:.2f} ms  L={g['L'] * 1e3:.2f} ms  R={g['R'] * 1e3:.2f} ms  "
-              f"T_opt={g['T_opt']:.1f} s  r={g['r']:.5f}", file=out)
+        print(f"  {figures(g)}", file=out)
     for i, s in sorted(outcome.rank_stats.items()):
         extra = f", recovered {s['recovered_bytes']} bytes in {s['recovery_seconds']:.3f}s" \
             if s.get("recovery_seconds") is not None else ""

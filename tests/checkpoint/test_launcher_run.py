@@ -1,0 +1,194 @@
+"""`shoal ckpt run`: the user's own program (docs/checkpoint.md's worked example,
+examples/ckpt/heat.py) run as written, failure-free and with a rank kill -9'd
+mid-run and restarted under its id; bit-identical results; bounded restarts and
+one-line reasons when the run cannot succeed."""
+
+from __future__ import annotations
+
+import os
+import re
+import runpy
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from shoal.ckpt import NotLaunched, rank_from_env
+from shoal.daemons.runtime.config import ListenAddr, read_token
+from shoal.daemons.runtime.rpc import RpcError, connect_tcp
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "checkpoint.md"
+EXAMPLE = ROOT / "examples" / "ckpt" / "heat.py"
+SHOAL = [sys.executable, "-m", "shoal.cli.main"]
+
+
+def doc_section() -> str:
+    text = DOC.read_text()
+    start = text.index("## Running your own program")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def documented_command(out: Path) -> list[str]:
+    """The section's `shoal ckpt run` line, with this venv's python and shoal and ``out`` for /tmp/heat."""
+    lines = [ln.strip() for ln in doc_section().splitlines()
+             if ln.strip().startswith("shoal ckpt run --ranks 4") and ln.strip().endswith(" /tmp/heat")]
+    assert len(lines) == 1, lines
+    argv = shlex.split(lines[0])
+    assert argv[-1] == "/tmp/heat" and "python" in argv
+    argv = [sys.executable if a == "python" else a for a in argv[2:-1]] + [str(out)]
+    return [*SHOAL, "ckpt", *argv]
+
+
+def test_the_documented_program_is_the_shipped_example() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", doc_section(), flags=re.S)
+    assert EXAMPLE.read_text() in blocks
+
+
+def reference(ranks: int = 4, cells: int = 10_000, steps: int = 600) -> list[bytes]:
+    """The rod computed in one piece, sequentially, with the example's own stencil (cold ends: 0)."""
+    heat = runpy.run_path(str(EXAMPLE))
+    total = ranks * cells
+    u = heat["initial"](0, total, total)
+    for _ in range(steps):
+        u = heat["stencil"](u, 0.0, 0.0)
+    return [u[r * cells:(r + 1) * cells].tobytes() for r in range(ranks)]
+
+
+class Launcher:
+    """`shoal ckpt run` as a subprocess; its output read line by line as it comes."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc, self.text, self.changed = proc, "", trio.Event()
+
+    async def read(self) -> None:
+        assert self.proc.stdout is not None
+        async for chunk in self.proc.stdout:
+            self.text += chunk.decode()
+            self.changed.set()
+            self.changed = trio.Event()
+
+    async def line(self, pattern: str) -> re.Match:
+        while (m := re.search(pattern, self.text, flags=re.M)) is None:
+            assert self.proc.poll() is None, self.text
+            await self.changed.wait()
+        return m
+
+
+async def test_example_killed_rank_restarts_and_result_is_bit_identical(tmp_path: Path) -> None:
+    clean, failed = tmp_path / "clean", tmp_path / "failed"
+    with trio.fail_after(60):
+        r = await trio.run_process(documented_command(clean), capture_stdout=True, capture_stderr=True,
+                                   check=False)
+    assert r.returncode == 0, (r.stdout + r.stderr).decode()
+    assert b"all 4 ranks finished" in r.stdout and b"restarts: none" in r.stdout
+    expected = reference()
+    assert [(clean / f"rank{i}.bin").read_bytes() for i in range(4)] == expected
+
+    proc = await trio.lowlevel.open_process(documented_command(failed), stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    launcher = Launcher(proc)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(launcher.read)
+            with trio.fail_after(90):
+                head = await launcher.line(r"^coordinator rpc=(\S+) .*token (\S+)$")
+                coord, token = ListenAddr.parse(head[1]), read_token(head[2], "token")
+                group = (await launcher.line(r"^group (\S+): 4 ranks"))[1]
+                victim = int((await launcher.line(r"rank 1: pid (\d+)$"))[1])
+                # Nothing is accepted without the token, on loopback too.
+                with pytest.raises(RpcError, match="unauthorized"):
+                    async with await connect_tcp(coord) as anonymous:
+                        await anonymous.call("status")
+                async with await connect_tcp(coord, token=token) as client:
+                    while True:  # mid-run: every rank holds a checkpoint past 0, the group still running
+                        groups = {g["group"]: g for g in (await client.call("status"))["groups"]}
+                        g = groups.get(group)
+                        if g is not None and g["phase"] == "running" and min(g["numbers"]) >= 1:
+                            break
+                        await trio.sleep(0.05)  # polling the coordinator's status
+                os.kill(victim, signal.SIGKILL)
+                await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    out = launcher.text
+    assert proc.returncode == 0, out
+    assert "rank 1 was killed by SIGKILL; restarting it with the same id (1 of 3 restarts)" in out
+    assert "restarts: rank 1 x1" in out
+    epoch = int(re.search(r"epoch=(\d+)", out)[1])
+    recovery_ms = float(re.search(r"R=([\d.]+) ms", out)[1])
+    assert epoch >= 1 and recovery_ms > 0, out  # the coordinator saw the loss and recovered the group
+    assert [(failed / f"rank{i}.bin").read_bytes() for i in range(4)] == expected
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*SHOAL, "ckpt", "run", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_rank_that_keeps_failing_uses_up_the_bounded_restarts() -> None:
+    r = run_cli("--ranks", "2", "--max-restarts", "2", "--", sys.executable, "-c", "import sys; sys.exit(3)")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert "exited with status 3; all 2 restarts used, giving up" in r.stderr
+    assert r.stdout.count("(restart ") == 2, r.stdout
+
+
+def test_a_program_that_exits_0_without_running_its_rank_is_a_failure() -> None:
+    r = run_cli("--ranks", "2", "--", sys.executable, "-c", "pass")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the coordinator never saw group" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_a_program_not_started_by_the_launcher_is_told_so() -> None:
+    with pytest.raises(NotLaunched, match="SHOAL_CKPT_TOKEN_FILE is not set"):
+        rank_from_env({})
+
+
+def test_the_environment_names_the_rank(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    env = {"SHOAL_CKPT_COORDINATOR": "127.0.0.1:7745", "SHOAL_CKPT_TOKEN_FILE": str(token),
+           "SHOAL_CKPT_GROUP": "g1", "SHOAL_CKPT_RANK": "2", "SHOAL_CKPT_RANKS": "3", "SHOAL_CKPT_MODE": "blocking",
+           "SHOAL_CKPT_INTERVAL": "0.5", "SHOAL_CKPT_SHARDS": "1", "SHOAL_CKPT_LISTEN": "127.0.0.2:0"}
+    rank = rank_from_env(env)
+    assert (rank.group, rank.rank, rank.n, rank.mode, rank.interval) == ("g1", 2, 3, "blocking", 0.5)
+    assert rank.token == b"x" * 32 and rank.listen == ListenAddr("127.0.0.2", 0)
+    with pytest.raises(NotLaunched, match="SHOAL_CKPT_RANK='two'"):
+        rank_from_env({**env, "SHOAL_CKPT_RANK": "two"})
+
+
+def test_ranks_placed_on_two_loopback_hosts_compute_the_same(tmp_path: Path) -> None:
+    r = run_cli("--ranks", "3", "--hosts", "127.0.0.1,127.0.0.2", "--interval", "0.1", "--",
+                sys.executable, str(EXAMPLE), str(tmp_path), "50", "40")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [(tmp_path / f"rank{i}.bin").read_bytes() for i in range(3)] == reference(3, 50, 40)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--coordinator", "127.0.0.1:7745"], "--coordinator needs --token-file"),
+    (["--hosts", "10.1.2.3"], "need --token-file"),
+    (["--hosts", "nothost"], "is not an IP address"),
+    (["--shards", "4"], "--shards must be"),
+])
+def test_settings_that_cannot_work_are_refused_in_one_line(args, expected) -> None:
+    r = run_cli("--ranks", "4", *args, "--", sys.executable, "-c", "pass")
+    assert r.returncode == 2 and expected in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+
+
+def test_no_program_is_refused() -> None:
+    r = run_cli("--ranks", "2")
+    assert r.returncode == 2 and "name the program after --" in r.stderr
+
+
+def test_heat_reference_is_not_trivial() -> None:
+    u = np.frombuffer(b"".join(reference(2, 20, 5)))
+    assert u.max() > 0 and len(set(u.tolist())) > 3
