@@ -28,8 +28,10 @@ id, and the library makes it the replacement: it joins under that id, receives
 the lost checkpoint from the survivors and the parity, and the survivors roll
 back. At most ``--max-restarts`` restarts in all; past that, or once the group
 has failed at the coordinator (more ranks lost at once than the parity
-survives), every rank is stopped (SIGTERM, SIGKILL after :data:`STOP_GRACE`)
-and the run fails with a one-line reason.
+survives), at ``--timeout`` or when the launcher gets SIGTERM or SIGHUP, every
+rank is stopped (SIGTERM, SIGKILL after :data:`STOP_GRACE`) and the run fails
+with a one-line reason. Ctrl-C (SIGINT) is handled the same way (it does not
+reach the ranks' own process groups).
 
 The end. The run succeeds only if every rank's last process exited 0 *and* the
 coordinator saw the group finish; a program that exits 0 without running its
@@ -191,15 +193,23 @@ class Supervisor:
                              f"{g.get('m', 1)} parity shard(s) survive")
             await trio.sleep(POLL_INTERVAL)  # a monitor's period, not a synchronisation
 
+    @staticmethod
+    async def signals(received: Any) -> None:
+        """SIGTERM, SIGHUP or SIGINT to the launcher stops the ranks too (their process groups are their own)."""
+        async for signum in received:
+            raise GiveUp(f"stopped by {signal.Signals(signum).name}")
+
     async def run(self) -> None:
         async with await connect_tcp(self.coordinator, token=self.token) as client:
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self.watch, client)
-                    for i in range(self.n):
-                        nursery.start_soon(self.rank, i, client)
-                    await self.all_finished.wait()
-                    nursery.cancel_scope.cancel()
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as received:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self.signals, received)
+                        nursery.start_soon(self.watch, client)
+                        for i in range(self.n):
+                            nursery.start_soon(self.rank, i, client)
+                        await self.all_finished.wait()
+                        nursery.cancel_scope.cancel()
             except BaseExceptionGroup as eg:
                 give_up, rest = eg.split(GiveUp)
                 if give_up is not None and rest is None:

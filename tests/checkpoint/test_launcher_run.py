@@ -81,18 +81,11 @@ class Launcher:
         return m
 
 
-async def test_example_killed_rank_restarts_and_result_is_bit_identical(tmp_path: Path) -> None:
-    clean, failed = tmp_path / "clean", tmp_path / "failed"
-    with trio.fail_after(60):
-        r = await trio.run_process(documented_command(clean), capture_stdout=True, capture_stderr=True,
-                                   check=False)
-    assert r.returncode == 0, (r.stdout + r.stderr).decode()
-    assert b"all 4 ranks finished" in r.stdout and b"restarts: none" in r.stdout
-    expected = reference()
-    assert [(clean / f"rank{i}.bin").read_bytes() for i in range(4)] == expected
-
-    proc = await trio.lowlevel.open_process(documented_command(failed), stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+async def run_and_kill(argv: list[str], victims: list[int]) -> tuple[int, str]:
+    """Run the launcher; once every rank holds a checkpoint past 0 and the group still runs, kill -9 the
+    victims' processes at once. Its exit status and output."""
+    proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
     launcher = Launcher(proc)
     try:
         async with trio.open_nursery() as nursery:
@@ -100,8 +93,8 @@ async def test_example_killed_rank_restarts_and_result_is_bit_identical(tmp_path
             with trio.fail_after(90):
                 head = await launcher.line(r"^coordinator rpc=(\S+) .*token (\S+)$")
                 coord, token = ListenAddr.parse(head[1]), read_token(head[2], "token")
-                group = (await launcher.line(r"^group (\S+): 4 ranks"))[1]
-                victim = int((await launcher.line(r"rank 1: pid (\d+)$"))[1])
+                group = (await launcher.line(r"^group (\S+): \d+ ranks"))[1]
+                pids = [int((await launcher.line(rf"rank {v}: pid (\d+)$"))[1]) for v in victims]
                 # Nothing is accepted without the token, on loopback too.
                 with pytest.raises(RpcError, match="unauthorized"):
                     async with await connect_tcp(coord) as anonymous:
@@ -113,20 +106,110 @@ async def test_example_killed_rank_restarts_and_result_is_bit_identical(tmp_path
                         if g is not None and g["phase"] == "running" and min(g["numbers"]) >= 1:
                             break
                         await trio.sleep(0.05)  # polling the coordinator's status
-                os.kill(victim, signal.SIGKILL)
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
                 await proc.wait()
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    out = launcher.text
-    assert proc.returncode == 0, out
+    return proc.returncode, launcher.text
+
+
+async def test_example_killed_rank_restarts_and_result_is_bit_identical(tmp_path: Path) -> None:
+    clean, failed = tmp_path / "clean", tmp_path / "failed"
+    with trio.fail_after(60):
+        r = await trio.run_process(documented_command(clean), capture_stdout=True, capture_stderr=True,
+                                   check=False)
+    assert r.returncode == 0, (r.stdout + r.stderr).decode()
+    assert b"all 4 ranks finished" in r.stdout and b"restarts: none" in r.stdout
+    expected = reference()
+    assert [(clean / f"rank{i}.bin").read_bytes() for i in range(4)] == expected
+
+    code, out = await run_and_kill(documented_command(failed), [1])
+    assert code == 0, out
     assert "rank 1 was killed by SIGKILL; restarting it with the same id (1 of 3 restarts)" in out
     assert "restarts: rank 1 x1" in out
     epoch = int(re.search(r"epoch=(\d+)", out)[1])
     recovery_ms = float(re.search(r"R=([\d.]+) ms", out)[1])
     assert epoch >= 1 and recovery_ms > 0, out  # the coordinator saw the loss and recovered the group
     assert [(failed / f"rank{i}.bin").read_bytes() for i in range(4)] == expected
+
+
+async def test_two_ranks_lost_at_once_under_xor_fail_the_run_with_the_reason(tmp_path: Path) -> None:
+    argv = [*SHOAL, "ckpt", "run", "--ranks", "3", "--interval", "0.2", "--", sys.executable, str(EXAMPLE),
+            str(tmp_path), "1000", "100000"]
+    code, out = await run_and_kill(argv, [0, 1])
+    assert code == 1, out
+    assert "shoal: the group failed at the coordinator" in out and "1 parity shard(s)" in out, out
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".bin")]  # no rank produced a result
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_sigterm_to_the_launcher_stops_every_rank(tmp_path: Path) -> None:
+    argv = [*SHOAL, "ckpt", "run", "--ranks", "2", "--", sys.executable, str(EXAMPLE), str(tmp_path), "100", "100000"]
+    proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+    launcher = Launcher(proc)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(launcher.read)
+            with trio.fail_after(60):
+                pids = [int((await launcher.line(rf"rank {i}: pid (\d+)$"))[1]) for i in range(2)]
+                proc.send_signal(signal.SIGTERM)
+                await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1, launcher.text
+    assert "shoal: stopped by SIGTERM" in launcher.text
+    assert all(gone(pid) for pid in pids), launcher.text
+
+
+def test_timeout_stops_every_rank_and_says_so() -> None:
+    r = run_cli("--ranks", "2", "--timeout", "1", "--", sys.executable, "-c", "import time; time.sleep(120)")
+    assert r.returncode == 1 and "shoal: timed out after 1.0s (--timeout)" in r.stderr, r.stdout + r.stderr
+    pids = [int(m) for m in re.findall(r"rank \d: pid (\d+)$", r.stdout, flags=re.M)]
+    assert len(pids) == 2 and all(gone(pid) for pid in pids)
+
+
+async def test_a_given_coordinator_and_backup_are_used_with_their_token(tmp_path: Path, nursery) -> None:
+    from shoal.ckpt.launcher import serve_role
+
+    token = tmp_path / "token"
+    token.write_text("t" * 40)
+    bctx, _ = await serve_role(nursery, "backup", tmp_path, token_file=token)
+    cctx, _ = await serve_role(nursery, "coordinator", tmp_path, backup=bctx.addresses["rpc"], token_file=token)
+    coord, backup = str(cctx.addresses["rpc"]), str(bctx.addresses["rpc"])
+    program = ["--", sys.executable, str(EXAMPLE), str(tmp_path / "out"), "50", "30"]
+    with trio.fail_after(60):
+        r = await trio.run_process([*SHOAL, "ckpt", "run", "--ranks", "2", "--coordinator", coord, "--backup", backup,
+                                    "--token-file", str(token), "--group", "mine", "--interval", "0.1", *program],
+                                   capture_stdout=True, capture_stderr=True, check=False)
+    out = (r.stdout + r.stderr).decode()
+    assert r.returncode == 0 and "group mine: n=2" in out, out
+    assert "coordinator rpc=" not in out  # it started none of its own
+    assert [(tmp_path / "out" / f"rank{i}.bin").read_bytes() for i in range(2)] == reference(2, 50, 30)
+    with trio.fail_after(30):
+        r = await trio.run_process([*SHOAL, "ckpt", "run", "--ranks", "2", "--coordinator", coord, "--backup",
+                                    "127.0.0.1:9", "--token-file", str(token), *program],
+                                   capture_stdout=True, capture_stderr=True, check=False)
+    assert r.returncode == 1 and f"mirrors to {backup}, not to --backup 127.0.0.1:9" in r.stderr.decode()
+    wrong = tmp_path / "wrong"
+    wrong.write_text("w" * 40)
+    with trio.fail_after(30):
+        r = await trio.run_process([*SHOAL, "ckpt", "run", "--ranks", "2", "--coordinator", coord,
+                                    "--token-file", str(wrong), *program],
+                                   capture_stdout=True, capture_stderr=True, check=False)
+    assert r.returncode == 1 and "unauthorized" in r.stderr.decode(), r.stderr
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
