@@ -947,6 +947,22 @@ class PeerConnection:
             self.am_interested = False
         return encode_message(event)
 
+    def piece_header(self, index: int, begin: int, length: int) -> bytes:
+        """The 13 bytes that go before a ``length``-byte block in a Piece message.
+
+        The same checks as ``send(Piece(...))``; the caller writes the block
+        itself right after (a slice of a cached piece, sent by scatter-gather
+        without being copied into a message first).
+        """
+        if self.our_handshake is None:
+            raise LocalProtocolError("send the handshake first", reason="bad_state")
+        if type(length) is not int or not 1 <= length <= self.max_block:
+            raise LocalProtocolError("block must be 1..max_block bytes", reason="bad_length")
+        _check_u32("index", index)
+        _check_u32("begin", begin)
+        self._our_index(index)
+        return _PIECE_HDR.pack(9 + length, PIECE, index, begin)
+
     def _our_index(self, index: int) -> None:
         n = self._num_pieces
         if n is not None and index >= n:

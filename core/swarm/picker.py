@@ -234,6 +234,19 @@ class PiecePicker:
             raise ValueError(f"offset {begin} is not a block of piece {index}")
         return Block(index, begin, min(self.block_size, size - begin))
 
+    def block_length(self, index: int, begin: int) -> int:
+        """The length of the block at ``begin`` in piece ``index`` (ValueError as :meth:`block`).
+
+        :meth:`block` without making a Block: this runs for every block received.
+        """
+        if not 0 <= index < self.num_pieces:
+            self._check_index(index)
+        size = self.total_length - index * self.piece_length if index == self.num_pieces - 1 \
+            else self.piece_length
+        if begin < 0 or begin >= size or begin % self.block_size:
+            raise ValueError(f"offset {begin} is not a block of piece {index}")
+        return min(self.block_size, size - begin)
+
     def _block(self, index: int, j: int) -> Block:
         begin = j * self.block_size
         return Block(index, begin, min(self.block_size, self.piece_size(index) - begin))
@@ -512,7 +525,7 @@ class PiecePicker:
             info.working[i] = n
         else:
             del info.working[i]
-        info.queued -= self._block(i, j).length
+        info.queued -= self.block_length(i, j * self.block_size)
         del self._timeline[(peer, i, j)]
 
     def _release(self, peer: Peer, info: _PeerInfo, i: int, j: int) -> None:
@@ -553,7 +566,7 @@ class PiecePicker:
         A block we already have is ignored (returns []). Raises ValueError
         for an index or offset that is not a block of this torrent.
         """
-        self.block(index, begin)  # validates
+        self.block_length(index, begin)  # validates
         j = begin // self.block_size
         if self._have[index]:
             self._forget_request(peer, index, j)

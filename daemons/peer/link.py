@@ -58,6 +58,8 @@ RECEIVE_SIZE = 256 * 1024
 MAX_UNREQUESTED = 8
 # Queued frames are joined into writes of up to this many bytes.
 WRITE_COALESCE = 256 * 1024
+# Buffers given to one sendmsg (Linux's IOV_MAX is 1024).
+IOV_MAX = 512
 # Recently cancelled blocks remembered per link, so a late one is no offence.
 MAX_CANCELLED = 2048
 
@@ -90,7 +92,7 @@ class PeerLink:
         self.close_reason = ""  # why we ended the link (an eviction, a full control lane)
         self._control: collections.deque[bytes] = collections.deque()
         self._control_bytes = 0
-        self._upload: collections.deque[tuple[bytes, pw.Request]] = collections.deque()
+        self._upload: collections.deque[tuple[bytes, bytes | memoryview, pw.Request]] = collections.deque()
         self._upload_bytes = 0
         self._wake_writer = trio.Event()
         self._upload_room = trio.Event()
@@ -149,7 +151,7 @@ class PeerLink:
         """Queue a control message (kept for callers that await)."""
         self.send_nowait(event)
 
-    async def _send_block(self, r: pw.Request, block: bytes) -> None:
+    async def _send_block(self, r: pw.Request, block: bytes | memoryview) -> None:
         """Queue a Piece in the upload lane, waiting while the lane is at its watermark."""
         while self._upload_bytes >= UPLOAD_WATERMARK:
             self._upload_room = trio.Event()
@@ -158,9 +160,11 @@ class PeerLink:
             if self.conn.fast:
                 self.send_nowait(pw.RejectRequest(r.index, r.begin, r.length))
             return
-        frame = self.conn.send(pw.Piece(r.index, r.begin, block))
-        self._upload.append((frame, r))
-        self._upload_bytes += len(frame)
+        if len(block) != r.length:
+            raise ValueError(f"block {r.index}:{r.begin} is {len(block)} bytes, not {r.length}")
+        header = self.conn.piece_header(r.index, r.begin, r.length)
+        self._upload.append((header, block, r))
+        self._upload_bytes += len(header) + len(block)
         self._wake_writer.set()
 
     async def _writer(self) -> None:
@@ -176,20 +180,22 @@ class PeerLink:
                 self._wake_writer = trio.Event()
                 await self._wake_writer.wait()
                 continue
-            frames = list(self._control)
+            frames: list = list(self._control)
             size = self._control_bytes
             self._control.clear()
             self._control_bytes = 0
             sent = 0
             while self._upload and size < WRITE_COALESCE:
-                frame, r = self._upload.popleft()
-                self._upload_bytes -= len(frame)
-                frames.append(frame)
-                size += len(frame)
+                header, block, r = self._upload.popleft()
+                n = len(header) + len(block)
+                self._upload_bytes -= n
+                frames.append(header)
+                frames.append(block)
+                size += n
                 sent += r.length
             if self._upload_bytes < UPLOAD_WATERMARK:
                 self._upload_room.set()
-            await self.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+            await self._send_frames(frames)
             if sent:
                 now = trio.current_time()
                 self.last_payload = now
@@ -197,6 +203,29 @@ class PeerLink:
                 t.uploaded += sent
                 t.metrics.up.inc(sent)
                 t.choker.record_upload(self, sent, now)
+
+    async def _send_frames(self, frames: list) -> None:
+        """Write ``frames`` (bytes and block views) in order, with as few system calls as may be.
+
+        Blocks are views of cached pieces: a socket stream gets them by
+        scatter-gather (``sendmsg``), uncopied; any other stream one joined write.
+        """
+        sock = getattr(self.stream, "socket", None)
+        if sock is None or len(frames) == 1:
+            await self.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+            return
+        views = [memoryview(f) for f in frames]
+        first = 0
+        while first < len(views):
+            n = await sock.sendmsg(views[first:first + IOV_MAX])
+            while n:
+                v = views[first]
+                if n >= len(v):
+                    n -= len(v)
+                    first += 1
+                else:
+                    views[first] = v[n:]
+                    n = 0
 
     async def _keepalive(self) -> None:
         while True:
@@ -335,7 +364,7 @@ class PeerLink:
             if self.unrequested > MAX_UNREQUESTED:
                 raise Banned("unrequested_piece", f"{self} sent {self.unrequested} unrequested blocks")
             return
-        if len(ev.block) != t.picker.block(ev.index, ev.begin).length:
+        if len(ev.block) != t.picker.block_length(ev.index, ev.begin):
             raise Banned("protocol", f"{self} sent a block of the wrong length", points=1)
         now = trio.current_time()
         self.last_payload = now
@@ -393,7 +422,7 @@ class PeerLink:
         if choking:
             # Blocks not yet written go no further: a choked peer is owed none.
             # (The uploader may also hold one waiting for room; it checks again.)
-            dropped = [r for _frame, r in self._upload]
+            dropped = [r for _header, _block, r in self._upload]
             self._upload.clear()
             self._upload_bytes = 0
             self._upload_room.set()
@@ -413,7 +442,10 @@ class PeerLink:
         now = trio.current_time()
         depth = queue_depth(t.choker.download_rate(self, now))
         want = depth - len(self.sent_at)
-        if want <= 0:
+        # Top the queue up in steps of an eighth of its depth rather than one
+        # block per block received: a pick costs about the same for one block
+        # as for sixty, and the queue still never runs below 7/8 full.
+        if want <= 0 or (want < depth >> 3 and self.sent_at):
             return
         self.send_requests(t.picker.pick(self, None, want, now), now)
 

@@ -43,7 +43,7 @@ from shoal.core.swarm.superseed import SuperSeeder
 from shoal.daemons.peer.announce import TrackerError, open_tracker
 from shoal.daemons.peer.interfaces import Banned, Peer, SessionHost
 from shoal.daemons.peer.link import PeerLink
-from shoal.daemons.peer.storage import MAX_BLOCK_LENGTH, Storage
+from shoal.daemons.peer.storage import Storage
 from shoal.daemons.peer.throttle import Throttle
 from shoal.daemons.peer.webseed import WebSeed
 from shoal.protocol import peer_wire as pw
@@ -98,7 +98,8 @@ class Torrent:
         self.writing: dict[int, int] = {}  # piece -> batch writes in progress
         self.pending: dict[int, list[tuple[int, bytes]]] = {}  # piece -> blocks not yet written
         self.pending_bytes = 0
-        self.read_cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._pending_piece_bytes: dict[int, int] = {}  # piece -> bytes in self.pending
+        self.read_cache: collections.OrderedDict[int, memoryview] = collections.OrderedDict()
         self.read_cache_bytes = 0
         self.known: dict[tuple[str, int], float] = {}  # address -> earliest next dial time
         self.connecting: set[tuple[str, int]] = set()
@@ -213,12 +214,14 @@ class Torrent:
         """
         pending = self.pending.setdefault(index, [])
         pending.append((begin, block))
-        self.pending_bytes += len(block)
+        n = len(block)
+        self.pending_bytes += n
+        piece_bytes = self._pending_piece_bytes[index] = self._pending_piece_bytes.get(index, 0) + n
         complete = self.picker.all_blocks_received(index)
-        piece_bytes = sum(len(b) for _off, b in pending)
         if not complete and piece_bytes < WRITE_BATCH and self.pending_bytes < WRITE_BUFFER:
             return
         batch = self.pending.pop(index)
+        del self._pending_piece_bytes[index]
         self.pending_bytes -= piece_bytes
         # The usual case: the whole piece is in this one batch. It is hashed
         # from memory and written only if it matches, in one thread hop.
@@ -273,15 +276,19 @@ class Torrent:
         for begin, block in batch:
             self.storage.write_block(index, begin, block)
 
-    async def read_block(self, index: int, begin: int, length: int) -> bytes:
-        """A block of a verified piece, from a small cache of whole pieces.
+    async def read_block(self, index: int, begin: int, length: int) -> memoryview:
+        """A block of a verified piece (a view of it), from a small cache of whole pieces.
 
         Peers request a piece's blocks one after another, so the piece is read
-        in one thread hop and its blocks are served from memory.
+        once and its blocks are served from memory as slices of it, uncopied.
+        The read is done on the event loop when the page cache has the whole
+        piece (no thread hop), else in a worker thread.
         """
         piece = self.read_cache.get(index)
         if piece is None:
-            piece = await trio.to_thread.run_sync(self._read_piece, index)
+            piece = self.storage.read_piece_nowait(index)
+            if piece is None:  # not all in the page cache: read it where waiting is harmless
+                piece = memoryview(await trio.to_thread.run_sync(self.storage.read_piece, index))
             self.read_cache[index] = piece
             self.read_cache_bytes += len(piece)
             while self.read_cache_bytes > READ_CACHE and len(self.read_cache) > 1:
@@ -292,11 +299,6 @@ class Torrent:
         if begin + length > len(piece):
             raise ValueError(f"block {index}:{begin}+{length} is outside the piece")
         return piece[begin:begin + length]
-
-    def _read_piece(self, index: int) -> bytes:
-        size = self.meta.piece_size(index)
-        step = MAX_BLOCK_LENGTH
-        return b"".join(self.storage.read_block(index, off, min(step, size - off)) for off in range(0, size, step))
 
     def stream(self, offset: int, rate: float) -> int:
         """Streaming (deadline) mode, as in the seeds' Spotify design.

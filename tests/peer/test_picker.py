@@ -553,3 +553,16 @@ def test_released_partial_piece_returns_to_a_new_availability_level():
     assert pk.availability(2) == 5
     (again,) = pk.pick(1, None, 1, now=1.0)
     assert again == block
+
+
+def test_block_length_matches_block_and_refuses_what_block_refuses():
+    pk = picker(3, 4 * KB16, 2 * 4 * KB16 + KB16 + 100)  # last piece: one full block and 100 bytes
+    for index in range(3):
+        for begin in range(0, pk.piece_size(index), KB16):
+            assert pk.block_length(index, begin) == pk.block(index, begin).length
+    assert pk.block_length(2, KB16) == 100
+    for index, begin in ((3, 0), (-1, 0), (0, 1), (0, -KB16), (2, 2 * KB16), (0, 4 * KB16)):
+        with pytest.raises(ValueError):
+            pk.block(index, begin)
+        with pytest.raises(ValueError):
+            pk.block_length(index, begin)

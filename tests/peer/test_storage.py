@@ -472,3 +472,37 @@ def test_write_piece_hashes_from_memory_and_writes_only_a_match(tmp_path):
     fresh.close()
     with pytest.raises(ValueError):
         opened(meta, tmp_path / "x", state_dir=tmp_path / "s2").write_piece(0, [(0, stream[:K16])])
+
+
+def test_whole_piece_reads_on_the_event_loop_and_in_a_thread(tmp_path: Path):
+    # Pieces spanning files and a pad file: read_piece (the thread path) and
+    # read_piece_nowait (preadv2 RWF_NOWAIT from the page cache, on the loop) agree.
+    files = [(("a",), 1000), ((".pad", "15384"), K16 - 1000, "p"), (("b",), 50_000), (("c",), 7)]
+    meta, stream, _ = make("whole", files)
+    with opened(meta, tmp_path) as st:
+        with pytest.raises(NotVerified):
+            st.read_piece(1)
+        with pytest.raises(NotVerified):
+            st.read_piece_nowait(1)
+        download(st, meta, stream)
+        for i in range(meta.num_pieces):
+            want = stream[i * K16 : i * K16 + meta.piece_size(i)]
+            assert st.read_piece(i) == want
+            assert bytes(st.read_piece_nowait(i)) == want  # just written: in the page cache
+    with opened(meta, tmp_path) as st:  # files not open yet: the loop does not open them
+        assert st.read_piece_nowait(1) is None
+        assert st.read_piece(1) == stream[K16 : 2 * K16]
+        assert bytes(st.read_piece_nowait(1)) == stream[K16 : 2 * K16]
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a tmpfs at /dev/shm")
+def test_whole_piece_read_on_tmpfs_falls_back_to_the_thread_path():
+    # tmpfs refuses RWF_NOWAIT (EOPNOTSUPP): the caller is told to use read_piece.
+    import tempfile
+
+    meta, stream, _ = make("shm.bin", [(("shm.bin",), 3 * K16)])
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d, opened(meta, Path(d)) as st:
+        download(st, meta, stream)
+        got = st.read_piece_nowait(0)
+        assert got is None or bytes(got) == stream[:K16]
+        assert st.read_piece(2) == stream[2 * K16 :]

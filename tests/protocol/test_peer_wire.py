@@ -1085,3 +1085,15 @@ async def test_libtorrent_serves_blocks_to_our_connection(tmp_path):
                 assert second == Piece(1, last, data[end : end + pw.MAX_BLOCK])
     finally:
         seeder.close()
+
+
+def test_piece_header_is_the_front_of_the_piece_message_with_the_same_checks():
+    # The link sends header + block (a view of a cached piece) by scatter-gather.
+    conn = established(num_pieces=9)
+    block = bytes(range(256)) * 64
+    assert conn.piece_header(8, 0x4000, len(block)) + block == encode_message(Piece(8, 0x4000, block))
+    for index, begin, length in ((9, 0, 1), (0, 0, 0), (0, 0, 16385), (0, -1, 1), (0, 0, 1.0)):
+        with pytest.raises(LocalProtocolError):
+            conn.piece_header(index, begin, length)
+    with pytest.raises(LocalProtocolError):
+        PeerConnection(num_pieces=9).piece_header(0, 0, 1)  # before our handshake
