@@ -26,12 +26,13 @@ Restarts (as SCR's ``scr_srun`` restarts a job, here one rank at a time). A rank
 process that exits non-zero or is killed is started again with the same rank
 id, and the library makes it the replacement: it joins under that id, receives
 the lost checkpoint from the survivors and the parity, and the survivors roll
-back. At most ``--max-restarts`` restarts in all; past that, or once the group
-has failed at the coordinator (more ranks lost at once than the parity
-survives), at ``--timeout`` or when the launcher gets SIGTERM or SIGHUP, every
-rank is stopped (SIGTERM, SIGKILL after :data:`STOP_GRACE`) and the run fails
-with a one-line reason. Ctrl-C (SIGINT) is handled the same way (it does not
-reach the ranks' own process groups).
+back. A rank that fails after the group finished is not restarted (there is
+no group left to recover it from): the run fails. At most ``--max-restarts``
+restarts in all; past that, once the group has failed at the coordinator (more
+ranks lost at once than the parity survives), at ``--timeout``, or when the
+launcher gets SIGTERM, SIGHUP or SIGINT (Ctrl-C does not reach the ranks' own
+process groups), every rank is stopped (SIGTERM, SIGKILL after
+:data:`STOP_GRACE`) and the run fails with a one-line reason.
 
 The end. The run succeeds only if every rank's last process exited 0 *and* the
 coordinator saw the group finish; a program that exits 0 without running its
@@ -173,6 +174,9 @@ class Supervisor:
             if g is not None and g["phase"] == "failed":
                 raise GiveUp(f"the group failed at the coordinator after {why}: more ranks were lost at once "
                              f"than its {g.get('m', 1)} parity shard(s) survive")
+            if g is not None and g["phase"] == "finished":
+                # Its result came out of the group's last step; a new process would join a group that is over.
+                raise GiveUp(f"{why} after the group finished: not restarted, its result is lost")
             used = sum(self.starts.values()) - self.n
             if used >= self.max_restarts:
                 raise GiveUp(f"{why}; all {self.max_restarts} restarts used, giving up")

@@ -230,6 +230,26 @@ def test_a_program_that_exits_0_without_running_its_rank_is_a_failure() -> None:
     assert "the coordinator never saw group" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
+CRASH_AFTER_FINISH = """
+import sys, numpy as np, trio
+from shoal.ckpt import rank_from_env
+rank = rank_from_env()
+rank.register("x", np.zeros(8))
+async def main(rank):
+    await rank.safe_point()
+    return b""
+trio.run(rank.run, main)
+sys.exit(5 if rank.rank == 1 else 0)
+"""
+
+
+def test_a_rank_failing_after_the_group_finished_is_not_restarted() -> None:
+    r = run_cli("--ranks", "2", "--interval", "0.1", "--", sys.executable, "-c", CRASH_AFTER_FINISH)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "rank 1 exited with status 5 after the group finished: not restarted" in r.stderr, r.stderr
+    assert "(restart " not in r.stdout
+
+
 def test_a_program_not_started_by_the_launcher_is_told_so() -> None:
     with pytest.raises(NotLaunched, match="SHOAL_CKPT_TOKEN_FILE is not set"):
         rank_from_env({})
