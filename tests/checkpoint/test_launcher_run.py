@@ -268,11 +268,27 @@ def test_the_environment_names_the_rank(tmp_path: Path) -> None:
         rank_from_env({**env, "SHOAL_CKPT_RANK": "two"})
 
 
-def test_ranks_placed_on_two_loopback_hosts_compute_the_same(tmp_path: Path) -> None:
-    r = run_cli("--ranks", "3", "--hosts", "127.0.0.1,127.0.0.2", "--interval", "0.1", "--",
-                sys.executable, str(EXAMPLE), str(tmp_path), "50", "40")
+FAKE_SSH = """
+import subprocess, sys
+host, words = sys.argv[1], sys.argv[2:]
+with open(sys.argv[0] + ".log", "a") as log:
+    log.write(host + " " + next(w for w in words if w.startswith("SHOAL_CKPT_LISTEN=")) + "\\n")
+# like ssh: the words joined by spaces, run by the (here: local) shell
+sys.exit(subprocess.call(["sh", "-c", " ".join(words)]))
+"""
+
+
+def test_ranks_placed_on_hosts_are_started_through_spawn_and_compute_the_same(tmp_path: Path) -> None:
+    ssh = tmp_path / "fake-ssh.py"
+    ssh.write_text(FAKE_SSH)
+    out = tmp_path / "out dir"  # a space: the remote shell must get the arguments quoted
+    r = run_cli("--ranks", "3", "--hosts", "127.0.0.1,127.0.0.2", "--spawn", f"{sys.executable} {ssh} {{host}}",
+                "--interval", "0.1", "--", sys.executable, str(EXAMPLE), str(out), "50", "40")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert [(tmp_path / f"rank{i}.bin").read_bytes() for i in range(3)] == reference(3, 50, 40)
+    assert sorted(Path(f"{ssh}.log").read_text().splitlines()) == [  # rank i on host i mod 2, listening there
+        "127.0.0.1 SHOAL_CKPT_LISTEN=127.0.0.1:0", "127.0.0.1 SHOAL_CKPT_LISTEN=127.0.0.1:0",
+        "127.0.0.2 SHOAL_CKPT_LISTEN=127.0.0.2:0"]
+    assert [(out / f"rank{i}.bin").read_bytes() for i in range(3)] == reference(3, 50, 40)
 
 
 @pytest.mark.parametrize("args, expected", [
