@@ -81,6 +81,7 @@ class PeerLink:
         self.uploaded = 0
         self.downloaded = 0
         self.unrequested = 0
+        self._depth = 0  # requests to keep in flight, as last worked out by fill_requests
         # Blocks we cancelled or released: they may still arrive (a Cancel
         # crosses the Piece in flight), and are then dropped without blame.
         self.cancelled: dict[tuple[int, int], None] = {}
@@ -375,7 +376,8 @@ class PeerLink:
         t.downloaded += n
         t.metrics.down.inc(n)
         t.choker.record_download(self, n, now)
-        await t.take_download(n)
+        if t.download_limited:
+            await t.take_download(n)
         for other in t.picker.block_received(self, ev.index, ev.begin):
             other.cancel(ev.index, ev.begin, n)
         await t.store_block(self, ev.index, ev.begin, ev.block)
@@ -439,13 +441,17 @@ class PeerLink:
         t = self.torrent
         if self.closed or self.peer_choking or t.picker.complete:
             return
-        now = trio.current_time()
-        depth = queue_depth(t.choker.download_rate(self, now))
-        want = depth - len(self.sent_at)
         # Top the queue up in steps of an eighth of its depth rather than one
         # block per block received: a pick costs about the same for one block
-        # as for sixty, and the queue still never runs below 7/8 full.
-        if want <= 0 or (want < depth >> 3 and self.sent_at):
+        # as for sixty, and the queue still never runs below 7/8 full. The
+        # depth (from the measured rate) is worked out again only then.
+        inflight = len(self.sent_at)
+        if inflight and inflight > self._depth - (self._depth >> 3):
+            return
+        now = trio.current_time()
+        self._depth = depth = queue_depth(t.choker.download_rate(self, now))
+        want = depth - inflight
+        if want <= 0 or (want < depth >> 3 and inflight):
             return
         self.send_requests(t.picker.pick(self, None, want, now), now)
 

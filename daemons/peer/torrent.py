@@ -165,6 +165,11 @@ class Torrent:
         await self.upload_throttle.take(nbytes)
         await self.session.upload_throttle.take(nbytes)
 
+    @property
+    def download_limited(self) -> bool:
+        """A download limit applies (else take_download returns at once: skip the await)."""
+        return self.download_throttle.bucket is not None or self.session.download_throttle.bucket is not None
+
     async def take_download(self, nbytes: int) -> None:
         await self.download_throttle.take(nbytes)
         await self.session.download_throttle.take(nbytes)
