@@ -89,6 +89,10 @@ class GiveUp(Exception):
     """The run cannot succeed; the message is the one-line reason."""
 
 
+class Unreachable(Exception):
+    """The coordinator did not answer a status call (the message says why)."""
+
+
 def exit_text(code: int) -> str:
     if code < 0:
         try:
@@ -124,6 +128,8 @@ class Supervisor:
         self.procs: dict[int, trio.Process] = {}
         self.all_finished = trio.Event()
         self.last: dict[str, Any] | None = None  # the group's record, as last read
+        self.client: RpcClient | None = None  # to the coordinator, for status
+        self.status_lock = trio.Lock()
         self.t0 = time.monotonic()
 
     def say(self, text: str) -> None:
@@ -141,15 +147,25 @@ class Supervisor:
         prefix = shlex.split(spawn.format(host=host.host))
         return [*prefix, "env", *(f"{k}={v}" for k, v in values.items()), *map(shlex.quote, self.argv)], None
 
-    async def status(self, client: RpcClient) -> dict[str, Any] | None:
-        reply = await client.call("status", timeout=10.0)
+    async def status(self) -> dict[str, Any] | None:
+        """The group's record at the coordinator (None: not there); connects again after an error."""
+        async with self.status_lock:  # one connection, one call at a time (the watch and the rank tasks)
+            try:
+                if self.client is None:
+                    self.client = await connect_tcp(self.coordinator, token=self.token, timeout=5.0)
+                reply = await self.client.call("status", timeout=10.0)
+            except (RpcError, OSError) as exc:
+                if self.client is not None:
+                    await self.client.aclose()
+                    self.client = None
+                raise Unreachable(f"the coordinator at {self.coordinator}: {exc}") from None
         for g in reply["groups"]:
             if g["group"] == self.group:
                 self.last = g
                 return g
         return None
 
-    async def rank(self, i: int, client: RpcClient) -> None:
+    async def rank(self, i: int) -> None:
         while True:
             self.starts[i] += 1
             argv, env = self.command(i)
@@ -170,7 +186,7 @@ class Supervisor:
                     self.all_finished.set()
                 return
             why = f"rank {i} {exit_text(code)}"
-            g = await self._status_or_none(client)
+            g = await self._status_or_none()
             if g is not None and g["phase"] == "failed":
                 raise GiveUp(f"the group failed at the coordinator after {why}: more ranks were lost at once "
                              f"than its {g.get('m', 1)} parity shard(s) survive")
@@ -182,16 +198,17 @@ class Supervisor:
                 raise GiveUp(f"{why}; all {self.max_restarts} restarts used, giving up")
             self.say(f"{why}; restarting it with the same id ({used + 1} of {self.max_restarts} restarts)")
 
-    async def _status_or_none(self, client: RpcClient) -> dict[str, Any] | None:
+    async def _status_or_none(self) -> dict[str, Any] | None:
+        """The group's record, or the last one read while the coordinator cannot be reached."""
         try:
-            return await self.status(client)
-        except (RpcError, OSError):
+            return await self.status()
+        except Unreachable:
             return self.last
 
-    async def watch(self, client: RpcClient) -> None:
+    async def watch(self) -> None:
         """Keep the group's figures fresh; a group failed at the coordinator ends the run."""
         while True:
-            g = await self._status_or_none(client)
+            g = await self._status_or_none()
             if g is not None and g["phase"] == "failed":
                 raise GiveUp("the group failed at the coordinator: more ranks were lost at once than its "
                              f"{g.get('m', 1)} parity shard(s) survive")
@@ -204,32 +221,47 @@ class Supervisor:
             raise GiveUp(f"stopped by {signal.Signals(signum).name}")
 
     async def run(self) -> None:
-        async with await connect_tcp(self.coordinator, token=self.token) as client:
-            try:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as received:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self.signals, received)
-                        nursery.start_soon(self.watch, client)
-                        for i in range(self.n):
-                            nursery.start_soon(self.rank, i, client)
-                        await self.all_finished.wait()
-                        nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as eg:
-                give_up, rest = eg.split(GiveUp)
-                if give_up is not None and rest is None:
-                    first: BaseException = give_up
-                    while isinstance(first, BaseExceptionGroup):
-                        first = first.exceptions[0]
-                    raise first from None
-                raise
-            finally:
+        try:
+            await self._run()
+        finally:
+            if self.client is not None:
                 with trio.CancelScope(shield=True):
-                    await self.stop()
-            g = await self._status_or_none(client)
+                    await self.client.aclose()
+
+    async def _run(self) -> None:
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as received:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.signals, received)
+                    nursery.start_soon(self.watch)
+                    for i in range(self.n):
+                        nursery.start_soon(self.rank, i)
+                    await self.all_finished.wait()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as eg:
+            give_up, rest = eg.split(GiveUp)
+            if give_up is not None and rest is None:
+                first: BaseException = give_up
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from None
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stop()
+        try:
+            with trio.fail_after(30):
+                g = await self.status()
+        except (Unreachable, trio.TooSlowError) as exc:
+            raise GiveUp(f"every rank exited 0, but {str(exc) or 'the coordinator did not answer'}: cannot tell "
+                         "whether the group finished") from None
         if g is None:
-            raise GiveUp(f"every rank exited 0, but the coordinator never saw group {self.group}: does the program "
-                         "build its Rank with shoal.ckpt.rank_from_env() and call rank.run?")
-        if g["phase"] != "finished":
+            if self.last is None:
+                raise GiveUp(f"every rank exited 0, but the coordinator never saw group {self.group}: does the "
+                             "program build its Rank with shoal.ckpt.rank_from_env() and call rank.run?")
+            # Freed already: a rank returns from run only once its group finished. Figures as last read.
+            self.say(f"group {self.group} already freed at the coordinator: figures as of the last poll")
+        elif g["phase"] != "finished":
             raise GiveUp(f"every rank exited 0, but group {self.group} is {g['phase']!r} at the coordinator, "
                          "not finished")
 
