@@ -31,7 +31,19 @@ log = logging.getLogger("shoal.checkpoint.rank")
 
 
 class GroupFailed(Exception):
-    """More ranks failed than the parity survives; the group cannot recover."""
+    """The group cannot go on; ``reason`` says why (the same words as the coordinator's log line).
+
+    Raised by ``Rank.run`` when more ranks failed at once than the parity survives,
+    when the coordinator failed the group (a rank lost its state while the
+    coordinator was away, ranks missing after a coordinator restart), when the
+    coordinator stayed unreachable for ``coordinator_timeout`` seconds, or when a
+    start, a recovery or a blocking round did not complete within
+    ``recovery_timeout`` seconds. It never hides a wrong result: the rank's
+    state is not returned."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class RollingBack(Exception):
@@ -62,10 +74,13 @@ class CoordinatorLink:
         interrupt: Callable[[], None],
         on_addrs: Callable[[list[Any]], None],
         fetch: Callable[[int, int], Awaitable[None]],
+        coordinator_timeout: float = 60.0,
+        recovery_timeout: float = 120.0,
     ) -> None:
         self.coordinator, self.group, self.rank, self.n = coordinator, group, rank, n
         self.mode, self.block_size, self.m = mode, block_size, parity_shards
         self.token, self.max_frame = token, max_frame
+        self.coordinator_timeout, self.recovery_timeout = coordinator_timeout, recovery_timeout
         self._interrupt = interrupt  # the app must stop: a rollback, or the group failed
         self._on_addrs = on_addrs  # the peers' addresses, from each view that names them
         self._fetch = fetch  # a replacement reads the image the coordinator holds for it
@@ -82,6 +97,9 @@ class CoordinatorLink:
         self.need_rollback = False
         self.recovering = False
         self.failed = False
+        self.reason = ""  # why the group failed, from the coordinator's view
+        self.running = False  # main has run: our state has left checkpoint 0 (told at a rejoin)
+        self.finished = False  # main returned (told at a rejoin, so a restarted coordinator can finish)
         # Long polls get connections of their own: RpcClient hands a response to
         # its caller through a shared read lock, so a short call answered while a
         # long poll holds that lock could wait for the poll's own answer.
@@ -93,8 +111,12 @@ class CoordinatorLink:
         return {"group": self.group, "rank": self.rank, "key": self.key}
 
     async def join(self) -> None:
-        """Join (again), follow the group's view, and read our image if the coordinator holds a newer one."""
+        """Join (again), follow the group's view, and read our image if the coordinator holds a newer one.
+
+        Retried while the coordinator is unreachable, for at most ``coordinator_timeout``
+        seconds; then :class:`GroupFailed`."""
         assert self.addr is not None, "the rank's server is listening before it joins"
+        deadline = trio.current_time() + self.coordinator_timeout
         while True:
             try:
                 for c in (self._coord, self._watch_client, self._attach_client):
@@ -106,12 +128,25 @@ class CoordinatorLink:
                 reply = await self._coord.call("join", Join(
                     group=self.group, rank=self.rank, n=self.n, mode=self.mode, block_size=self.block_size,
                     m=self.m, have=self.number, epoch=self.epoch, addr=list(self.addr), key=self.key,
+                    running=self.running, finished=self.finished,
                 ).encode())
                 break
             except (OSError, RpcError) as exc:
+                if isinstance(exc, RpcError) and exc.code == "group_over":
+                    if self.finished:
+                        # We had returned from main and the group finished meanwhile.
+                        self.on_view({**self.view, "phase": "finished", "version": self.version})
+                        self.ok.set()
+                        return
+                    raise GroupFailed(f"group {self.group}: {exc.message}") from None
                 if isinstance(exc, RpcError) and exc.code not in ("rank_taken",) and not isinstance(
                         exc, RpcConnectionError):
                     raise
+                if trio.current_time() >= deadline:
+                    log.error("rank %d: the coordinator %s unreachable for %gs (%s)", self.rank,
+                              self.coordinator, self.coordinator_timeout, exc)
+                    raise GroupFailed(f"group {self.group}: the coordinator {self.coordinator} was unreachable "
+                                      f"for {self.coordinator_timeout:g}s (coordinator_timeout)") from None
                 await trio.sleep(0.1)  # retry back-off: the coordinator is restarting, or has not seen us go
         self.key, self.chunk = reply["key"], reply["chunk"]
         self.version = -1
@@ -122,6 +157,17 @@ class CoordinatorLink:
         if reply["number"] >= 0 and reply["number"] != self.number:
             await self._fetch(reply["number"], reply["size"])
         self.ok.set()
+
+    async def wait_ok(self) -> None:
+        """Until joined (calls may flow); :class:`GroupFailed` past ``coordinator_timeout``
+        (the watcher rejoining raises it first, normally)."""
+        if self.ok.is_set():
+            return
+        with trio.move_on_after(self.coordinator_timeout + 5.0):
+            await self.ok.wait()
+            return
+        raise GroupFailed(f"group {self.group}: not joined to the coordinator within "
+                          f"{self.coordinator_timeout:g}s (coordinator_timeout)")
 
     async def _connect(self) -> RpcClient:
         return await connect_tcp(self.coordinator, token=self.token, max_frame=self.max_frame, timeout=5.0)
@@ -139,9 +185,15 @@ class CoordinatorLink:
                 await trio.sleep(0.1)  # retry back-off: a survivor is still rolling back
         raise AssertionError("not reached: the last attempt raises")
 
-    async def call(self, method: str, contract: type[Contract], timeout: float = 60.0, **fields: Any) -> Any:
-        """A call naming our session and epoch (built once joined, with the key and epoch of then)."""
-        await self.ok.wait()
+    async def call(self, method: str, contract: type[Contract], timeout: float = 60.0, *, wait: bool = True,
+                   **fields: Any) -> Any:
+        """A call naming our session and epoch (built once joined, with the key and epoch of then).
+
+        ``wait=False``: if not joined now (the coordinator is away), fail at once
+        (:class:`RpcConnectionError`) instead of waiting for the rejoin."""
+        if not wait and not self.ok.is_set():
+            raise RpcConnectionError("not_connected", "the coordinator is away")
+        await self.wait_ok()
         params = contract(**self._session(), epoch=self.epoch, **fields).encode()
         try:
             return await _open(self._coord).call(method, params, timeout=timeout)
@@ -194,6 +246,7 @@ class CoordinatorLink:
             self._on_addrs(view["addrs"])
         if view["phase"] == "failed":
             self.failed = True
+            self.reason = view.get("reason", "")
             self._interrupt()
         elif view["epoch"] > self.epoch and not self.recovering:
             self.need_rollback = True
@@ -202,22 +255,34 @@ class CoordinatorLink:
         ev, self.changed = self.changed, trio.Event()
         ev.set()
 
-    async def wait(self, cond: Callable[[], bool]) -> None:
-        """Until ``cond()`` holds of the view; :class:`RollingBack` if the group rolls back first."""
-        while not cond():
-            if self.need_rollback or self.failed:
-                raise RollingBack
-            await self.changed.wait()
+    async def wait(self, cond: Callable[[], bool], what: str = "the group to start") -> None:
+        """Until ``cond()`` holds of the view; :class:`RollingBack` if the group rolls back first,
+        :class:`GroupFailed` past ``recovery_timeout``."""
+        with trio.move_on_after(self.recovery_timeout):
+            while not cond():
+                if self.need_rollback or self.failed:
+                    raise RollingBack
+                await self.changed.wait()
+            return
+        raise self.timed_out(what)
+
+    def timed_out(self, what: str) -> GroupFailed:
+        log.error("rank %d: waited %gs for %s (recovery_timeout); giving up", self.rank, self.recovery_timeout, what)
+        return GroupFailed(f"group {self.group}: waited {self.recovery_timeout:g}s for {what} (recovery_timeout)")
 
     async def wait_resume(self, epoch: int) -> None:
-        """Until every rank is ready in ``epoch`` (the view then names what each consumed), or a newer epoch."""
-        while not (self.view["epoch"] == epoch and self.view["phase"] in ("running", "starting", "finished")
-                   and "consumed" in self.view and self.view.get("consumed")):
-            if self.failed:
-                raise GroupFailed(f"group {self.group} failed")
-            if self.view["epoch"] > epoch:
-                return
-            await self.changed.wait()
+        """Until every rank is ready in ``epoch`` (the view then names what each consumed), or a newer epoch;
+        :class:`GroupFailed` past ``recovery_timeout``."""
+        with trio.move_on_after(self.recovery_timeout):
+            while not (self.view["epoch"] == epoch and self.view["phase"] in ("running", "starting", "finished")
+                       and "consumed" in self.view and self.view.get("consumed")):
+                if self.failed:
+                    raise GroupFailed(f"group {self.group} failed: {self.reason or 'the coordinator failed it'}")
+                if self.view["epoch"] > epoch:
+                    return
+                await self.changed.wait()
+            return
+        raise self.timed_out("every rank to roll back")
 
     async def aclose(self) -> None:
         for c in (self._coord, self._watch_client, self._attach_client):

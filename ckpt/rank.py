@@ -105,6 +105,8 @@ class Rank:
         token: bytes | None = None,
         listen: ListenAddr = ANY_LOOPBACK_PORT,
         max_frame: int = DEFAULT_MAX_FRAME,
+        coordinator_timeout: float = 60.0,
+        recovery_timeout: float = 120.0,
     ) -> None:
         if not 0 <= rank < n:
             raise ValueError(f"rank {rank} is outside 0..{n - 1}")
@@ -121,7 +123,8 @@ class Rank:
         self.state = self.image.state  # the registered buffers, by name
         self.link = CoordinatorLink(coordinator, group, rank, n, mode=mode, block_size=block_size,
                                     parity_shards=parity_shards, token=token, max_frame=max_frame,
-                                    interrupt=self._interrupt, on_addrs=self._peers_moved, fetch=self._fetch_image)
+                                    interrupt=self._interrupt, on_addrs=self._peers_moved, fetch=self._fetch_image,
+                                    coordinator_timeout=coordinator_timeout, recovery_timeout=recovery_timeout)
         self.mail = Mailbox(rank, n, epoch=lambda: self.link.epoch, token=token, max_frame=max_frame,
                             stats=self.stats)
         self._nursery: trio.Nursery | None = None
@@ -204,7 +207,9 @@ class Rank:
         link = self.link
         while True:
             if link.failed:
-                raise GroupFailed(f"group {self.group}: more ranks failed than the parity survives")
+                reason = link.reason or "more ranks failed than the parity survives"
+                log.error("rank %d: group %s failed: %s", self.rank, self.group, reason)
+                raise GroupFailed(f"group {self.group}: {reason}")
             if link.need_rollback:
                 with trio.CancelScope() as scope:
                     self._app_scope = scope  # a newer failure interrupts the rollback too
@@ -220,11 +225,12 @@ class Rank:
                         await self._checkpoint_zero()
                     await link.wait(lambda: link.view.get("phase") in ("running", "finished"))
                     self._due = trio.current_time() + self.interval
+                    link.running = True
                     result = await main(self)
                     await self._finish()
                     return result
                 except RollingBack:
-                    pass
+                    link.finished = False  # main runs again after the rollback
                 finally:
                     self._app_scope = None
 
@@ -234,6 +240,7 @@ class Rank:
         and must still be able to roll back if a peer fails now."""
         link = self.link
         await self._shipped.wait()  # our last checkpoint commits before we finish
+        link.finished = True  # a rejoin tells a restarted coordinator
         while True:
             try:
                 await link.call("finish", Member)
@@ -338,17 +345,19 @@ class Rank:
         batch: list[Any] = []
         nbytes = 0
         try:
+            # wait=False: with the coordinator away the checkpoint is abandoned at
+            # once (this may run shielded from cancellation: it must never wait long).
             for k, d in deltas:
                 if nbytes + len(d) > link.chunk and batch:
-                    await link.call("delta", Delta, number=number, blocks=batch)
+                    await link.call("delta", Delta, number=number, blocks=batch, wait=False)
                     batch, nbytes = [], 0
                 batch.append([k, d])
                 nbytes += len(d)
             if batch:
-                await link.call("delta", Delta, number=number, blocks=batch)
+                await link.call("delta", Delta, number=number, blocks=batch, wait=False)
             log_bytes, log_entries = self.mail.log_figures()
             await link.call("commit", Commit, number=number, size=size, log_bytes=log_bytes,
-                            log_entries=log_entries, O=overhead)
+                            log_entries=log_entries, O=overhead, wait=False)
         except (RollingBack, RpcError, OSError) as exc:
             log.info("rank %d: checkpoint %d not committed (%s)", self.rank, number, type(exc).__name__)
             return False
@@ -365,7 +374,7 @@ class Rank:
                 return
             if self.link.need_rollback or self.link.failed:
                 raise RollingBack
-            await self.link.ok.wait()
+            await self.link.wait_ok()
             await trio.sleep(0.05)  # retry back-off: the coordinator was away
 
     async def _ship_shielded(self, number: int, deltas: list[tuple[int, bytes]], size: int,
@@ -435,11 +444,15 @@ class Rank:
             return  # (a finished rank's state no longer changes: any target is reached)
         t0 = trio.current_time()
         try:
-            while not await link.call("freeze", Freeze, number=number, sent=self.mail.tx, received=self.mail.rx):
-                pass  # woken by a change at the coordinator: report the totals again
+            with trio.move_on_after(link.recovery_timeout) as frozen:
+                while not await link.call("freeze", Freeze, number=number, sent=self.mail.tx,
+                                          received=self.mail.rx):
+                    pass  # woken by a change at the coordinator: report the totals again
+            if frozen.cancelled_caught:
+                raise link.timed_out(f"blocking round {number} to be granted")
             deltas, size, consumed = self._capture()
             if await self._ship_shielded(number, deltas, size, consumed):
-                await link.call("barrier", Barrier, timeout=3600.0, number=number)
+                await link.call("barrier", Barrier, timeout=link.recovery_timeout, number=number)
                 overhead = trio.current_time() - t0
                 self.stats["overhead"].append(overhead)
                 await link.try_call("stats", Stats, O=overhead)

@@ -7,7 +7,7 @@ Three servers speak it (see docs/checkpoint.md for the protocol in prose):
   ``ready``, ``recover_read``, ``propose``, ``at_step``, ``freeze``,
   ``barrier``, ``finish`` and ``status`` (no parameters);
 * the **backup** (P_b), called by the coordinator: ``b_apply``, ``b_put``,
-  ``b_read``, ``b_list`` and ``status`` (no parameters);
+  ``b_read``, ``b_list``, ``b_drop`` and ``status`` (no parameters);
 * each **rank**'s own server, called by its peers and the coordinator:
   ``msg``, ``ack``, ``ckpt_read`` and ``ckpt_size`` (no parameters).
 
@@ -34,7 +34,7 @@ __all__ = [
     "BACKUP_METHODS", "COORDINATOR_METHODS", "SESSION_METHODS", "ERROR_CODES",
     "MAX_NAME", "MAX_RANKS", "MAX_SHARDS", "MODES",
     "Session", "Member", "Join", "Watch", "Request", "Delta", "Commit", "Stats", "Ready", "RecoverRead",
-    "AtStep", "Freeze", "Barrier", "GroupMeta", "BackupApply", "BackupPut", "BackupRead",
+    "AtStep", "Freeze", "Barrier", "GroupMeta", "BackupApply", "BackupPut", "BackupRead", "BackupDrop",
     "Msg", "Ack", "CkptRead", "group_named",
 ]
 
@@ -51,6 +51,7 @@ ERROR_CODES = {
     "not_granted": "deltas, a commit or a round without a grant",
     "wrong_role": "a coordinator method sent to a backup, or the reverse",
     "survivor_unreachable": "a recovery read could not reach a survivor (the rank retries)",
+    "group_over": "a join for a group that has finished or failed here (it is not created again)",
 }
 
 MODES = ("blocking", "enhanced")
@@ -81,7 +82,7 @@ MAX_COUNT = (1 << 63) - 1
 COORDINATOR_METHODS = ("join", "watch", "attach", "request", "delta", "commit", "stats", "ready", "recover_read",
                        "propose", "at_step", "freeze", "barrier", "finish", "status")
 #: The backup's methods (called by the coordinator, and ``status``).
-BACKUP_METHODS = ("b_apply", "b_put", "b_list", "b_read", "status")
+BACKUP_METHODS = ("b_apply", "b_put", "b_list", "b_read", "b_drop", "status")
 #: Rank methods that name a session: ``unknown_group`` comes before any other check.
 SESSION_METHODS = tuple(m for m in COORDINATOR_METHODS if m not in ("join", "status"))
 
@@ -128,6 +129,11 @@ class Join(Contract):
     addr: list[Any] = bounded(max_len=2)  # [host, port] of the rank's own server
     epoch: int = bounded(0, min=0, max=MAX_COUNT)  # the epoch the rank was at (a coordinator restart)
     key: bytes = bounded(b"", max_len=MAX_KEY)  # the previous session's key, if any
+    # The rank has run its main (so its state has left checkpoint 0), and it has
+    # returned from it: a restarted coordinator needs both to tell a rank that
+    # is merely late from one that lost its state, and to finish the group.
+    running: bool = False
+    finished: bool = False
 
     def __post_init__(self) -> None:
         if not self.group:
@@ -264,7 +270,11 @@ class GroupMeta(Contract):
 
 @dataclass(frozen=True, slots=True)
 class BackupApply(Contract):
-    """Mirror one rank's committed deltas; the last call of a commit carries ``number``."""
+    """Mirror one part of one rank's commit. Every part carries the checkpoint number
+    (``tag``) and its index (``part``, 0 starts a commit); the backup stages the parts
+    and applies them all at once when the last one arrives, which alone carries
+    ``number`` (= ``tag``). A commit cut off half-way (the coordinator killed) is
+    never applied in part."""
 
     group: str = bounded(max_len=MAX_NAME)
     meta: GroupMeta = bounded()
@@ -272,9 +282,13 @@ class BackupApply(Contract):
     blocks: list[Any] = bounded(max_len=MAX_BLOCKS)  # [index, XOR delta] pairs
     number: int | None = bounded(None, min=0, max=MAX_COUNT)
     size: int = bounded(0, min=0, max=MAX_STATE)
+    tag: int = bounded(0, min=0, max=MAX_COUNT)
+    part: int = bounded(0, min=0, max=MAX_COUNT)
 
     def __post_init__(self) -> None:
         _check_blocks(self.blocks)
+        if self.number is not None and self.number != self.tag:
+            raise BadParams("number: the last part's number is its tag")
 
     def pairs(self, block_size: int) -> list[tuple[int, bytes]]:
         return _check_blocks(self.blocks, block_size)
@@ -291,6 +305,13 @@ class BackupPut(Contract):
     offset: int = bounded(min=0, max=MAX_STATE * (MAX_SHARDS + 1))
     data: bytes = bounded(max_len=MAX_FRAME)
     final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BackupDrop(Contract):
+    """Forget a group (it finished or failed at the coordinator)."""
+
+    group: str = bounded(max_len=MAX_NAME)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,11 @@ The group's *phase* moves only through :meth:`Group.move`, along one table
     rebuilding --rebuilt_running>   running     a restarted coordinator has the parity again
     rebuilding --rebuilt_starting>  starting
     rebuilding --rank_lost------>   failed      a loss before the parity is rebuilt
+    starting   --restarted------>   rebuilding  a rank holding a checkpoint joins a group
+                                                that has none here (this coordinator restarted)
+    starting,
+    rebuilding --state_lost----->   failed      a rank lost its state while the coordinator was
+                                                away, or the ranks did not all come back
     running    --all_finished--->   finished
 
 ``rebuilding`` is where a group starts when a rank joins a coordinator that
@@ -64,9 +69,11 @@ PHASES = (STARTING, RUNNING, RECOVERING, REBUILDING, FINISHED, FAILED)
 ALL_HOLD_ZERO, RANK_LOST, TOO_MANY_LOST = "all_hold_zero", "rank_lost", "too_many_lost"
 RESUME_RUNNING, RESUME_STARTING = "resume_running", "resume_starting"
 REBUILT_RUNNING, REBUILT_STARTING = "rebuilt_running", "rebuilt_starting"
-ALL_FINISHED = "all_finished"
+ALL_FINISHED, RESTARTED, STATE_LOST = "all_finished", "restarted", "state_lost"
 EVENTS = (ALL_HOLD_ZERO, RANK_LOST, TOO_MANY_LOST, RESUME_RUNNING, RESUME_STARTING, REBUILT_RUNNING,
-          REBUILT_STARTING, ALL_FINISHED)
+          REBUILT_STARTING, ALL_FINISHED, RESTARTED, STATE_LOST)
+#: Phases a group never leaves; the table frees such a group after a grace period.
+OVER = (FINISHED, FAILED)
 
 #: ``(phase, event) -> new phase``: every move a group's phase can make.
 TRANSITIONS: dict[tuple[str, str], str] = {
@@ -83,6 +90,9 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (REBUILDING, REBUILT_STARTING): STARTING,
     (REBUILDING, RANK_LOST): FAILED,
     (RUNNING, ALL_FINISHED): FINISHED,
+    (STARTING, RESTARTED): REBUILDING,
+    (STARTING, STATE_LOST): FAILED,
+    (REBUILDING, STATE_LOST): FAILED,
 }
 
 
@@ -112,6 +122,7 @@ class Slot:
     ready_epoch: int = -1
     consumed: list[int] = field(default_factory=list)
     finished: bool = False
+    ran: bool = False  # the rank said at join that it has run main (its state left checkpoint 0)
     log_bytes: int = 0
     log_entries: int = 0
 
@@ -155,6 +166,10 @@ class Group:
         self.O: deque[float] = deque(maxlen=STATS_SAMPLES)  # noqa: E741 - the seed's names
         self.L: deque[float] = deque(maxlen=STATS_SAMPLES)
         self.R: deque[float] = deque(maxlen=STATS_SAMPLES)
+        self.created = 0.0  # when this coordinator created it (the rebuild deadline counts from here)
+        self.over_since: float | None = None  # when it finished or failed (it is freed a grace later)
+        self.reason = ""  # why it failed, in words (the log line, the view, GroupFailed)
+        self.failure = ""  # ... and as the event that failed it (the metric's label)
 
     # -- the state machine -----------------------------------------------------------
     def move(self, event: str) -> str:
@@ -197,25 +212,64 @@ class Group:
         return slot
 
     def admit(self, rank: int, old_key: bytes, new_key: bytes, addr: tuple[str, int], have: int, epoch: int,
-              now: float) -> tuple[bool, bool]:
-        """A join: (the rank recovers a lost checkpoint, every rank is back for a rebuild)."""
+              now: float, *, running: bool = False, finished: bool = False) -> tuple[bool, bool]:
+        """A join: (the rank recovers a lost checkpoint, every rank is back for a rebuild).
+
+        ``running``/``finished``: the rank has run (returned from) its main."""
+        if self.phase in OVER:
+            raise Refusal("group_over", f"group {self.name!r} has {self.phase}; it is not created again")
         slot = self.slots[rank]
         same_session = slot.alive and slot.key is not None and secrets.compare_digest(slot.key, old_key)
         if slot.alive and not same_session:
             raise Refusal("rank_taken", f"rank {rank} of {self.name!r} is alive")
         if slot.key is not None and rank not in self.lost and self.phase != REBUILDING and not same_session:
             raise Refusal("rank_taken", f"rank {rank} of {self.name!r} has a session")
+        if (self.phase == STARTING and have >= 0 and slot.number < 0 and rank not in self.lost
+                and not any(s.number >= 0 for s in self.slots)):
+            # A rank holding a checkpoint, in a group this coordinator has no
+            # checkpoint of: we restarted, and a fresh rank joined first.
+            self.move(RESTARTED)
         slot.key, slot.alive, slot.addr, slot.last_seen = new_key, True, addr, now
+        slot.ran = running
         recover = rank in self.lost and slot.number >= 0
         rebuild = False
         if self.phase == REBUILDING:
-            slot.number = have
+            slot.number, slot.finished = have, finished
             self.epoch = max(self.epoch, epoch)
-            rebuild = all(s.alive for s in self.slots)
+            if all(s.alive for s in self.slots):
+                rebuild = self._check_rebuild()
+        elif self.phase == STARTING and have >= 0 and slot.number < 0 and rank not in self.lost:
+            # It holds a checkpoint from before a restart, the others started afresh here.
+            self.fail(STATE_LOST, f"rank {rank} holds checkpoint {have} from before a coordinator restart, "
+                                  "and the group started again without it")
         elif rank in self.lost and slot.number < 0:
             self.lost.discard(rank)  # nothing to recover: it starts afresh
         self.changed()
         return recover, rebuild
+
+    def _check_rebuild(self) -> bool:
+        """Every rank is back after a restart: whether the parity can be rebuilt (else the group fails)."""
+        fresh = [i for i, s in enumerate(self.slots) if s.number < 0]
+        if fresh and any(s.ran or s.number > 0 for s in self.slots):
+            # A rank came back without a checkpoint while the others had moved on:
+            # its state is lost with the coordinator's record of it.
+            self.fail(STATE_LOST, f"rank(s) {fresh} came back without a checkpoint while the coordinator "
+                                  "was away (their state is lost)")
+            return False
+        return True
+
+    def fail(self, event: str, reason: str) -> None:
+        """Fail the group for ``reason`` (an event of the table that leads to failed)."""
+        self.move(event)
+        self.reason, self.failure = reason, event
+
+    def over(self, now: float) -> None:
+        """The group finished or failed: staged deltas are dropped now, the group (and its
+        parity) a grace later (:meth:`GroupTable.reap`)."""
+        if self.over_since is None:
+            self.over_since = now
+            for s in self.slots:
+                s.unstage()
 
     def lose(self, rank: int, now: float) -> str | None:
         """The rank failed: the group's new phase, or None if it was finished or failed already."""
@@ -227,11 +281,14 @@ class Group:
             self.recovery_started = now
         self.lost.add(rank)
         if self.phase != REBUILDING and len(self.lost) > self.m:
-            self.move(TOO_MANY_LOST)
+            self.fail(TOO_MANY_LOST, f"more ranks failed than the parity survives: ranks {sorted(self.lost)} "
+                                     f"lost at once, parity shards {self.m}")
             self.changed()
             return self.phase
         self.move(RANK_LOST)
         if self.phase == FAILED:  # lost while rebuilding
+            self.reason = f"rank {rank} lost while the parity was being rebuilt after a coordinator restart"
+            self.failure = RANK_LOST
             self.changed()
             return self.phase
         self.epoch += 1
@@ -274,12 +331,22 @@ class Group:
     def survivors_ready(self) -> bool:
         return all(s.alive and s.ready_epoch == self.epoch for i, s in enumerate(self.slots) if i not in self.lost)
 
-    def rebuilt(self) -> None:
-        """The parity is whole again after a coordinator restart."""
+    def rebuilt(self) -> bool:
+        """The parity is whole again after a coordinator restart; True if that finished the group
+        (every rank had returned from main while the coordinator was away)."""
+        top = max(max(s.number, 0) for s in self.slots)
         for i, s in enumerate(self.slots):
-            self.rule.set_completed(i, max(s.number, 0))
+            # Blocking rounds are global: a restart during a round leaves some ranks
+            # holding round c+1 and others c ([4, 5, 5, 5]); the next round is
+            # numbered after the highest (as after a rollback), or no rank could
+            # ever be granted one again.
+            self.rule.set_completed(i, top if self.mode == BLOCKING else max(s.number, 0))
         self.move(REBUILT_RUNNING if self.all_hold_a_checkpoint() else REBUILT_STARTING)
+        done = self.phase == RUNNING and all(s.finished for s in self.slots)
+        if done:
+            self.move(ALL_FINISHED)
         self.changed()
+        return done
 
     def finish(self, rank: int) -> bool:
         """The rank's main returned; True when that finished the group."""
@@ -419,6 +486,8 @@ class Group:
             "round": [self.round.pending, self.round.target],
             "global": self.rule.global_number,
         }
+        if self.reason:
+            v["reason"] = self.reason
         if self.phase in (RUNNING, STARTING):
             v["addrs"] = [list(s.addr) if s.addr else None for s in self.slots]
             v["consumed"] = self.consumed
@@ -440,15 +509,22 @@ class Group:
             "group": self.name, "n": self.n, "mode": self.mode, "m": self.m, "phase": self.phase,
             "epoch": self.epoch, "numbers": self.rule.numbers(), "alive": [s.alive for s in self.slots],
             "parity_bytes": self.code.nbytes, "samples": [len(self.O), len(self.L), len(self.R)], **m,
+            "reason": self.reason,
             "recommended_interval": m["T_opt"],
         }
 
 
 class GroupTable:
-    """Every group a coordinator holds, bounded in number and size."""
+    """Every group a coordinator holds, bounded in number and size.
 
-    def __init__(self, max_groups: int, max_ranks: int, on_change: Callable[[Group], None] | None = None) -> None:
-        self.max_groups, self.max_ranks = max_groups, max_ranks
+    A group that finished or failed stays ``grace`` seconds (late calls of its
+    ranks are answered: ``group_over`` for a join, its final view for a watch)
+    and is then forgotten with its parity (:meth:`reap`). ``max_groups``
+    counts the live groups only."""
+
+    def __init__(self, max_groups: int, max_ranks: int, on_change: Callable[[Group], None] | None = None,
+                 grace: float = 5.0) -> None:
+        self.max_groups, self.max_ranks, self.grace = max_groups, max_ranks, grace
         self.groups: dict[str, Group] = {}
         self._on_change = on_change
 
@@ -458,33 +534,48 @@ class GroupTable:
     def __len__(self) -> int:
         return len(self.groups)
 
+    def live(self) -> int:
+        return sum(g.phase not in OVER for g in self.groups.values())
+
     def get(self, name: str) -> Group:
         g = self.groups.get(name)
         if g is None:
             raise Refusal("unknown_group", f"no group {name!r} here")
         return g
 
-    def open(self, name: str, n: int, mode: str, block_size: int, m: int, have: int) -> Group:
-        """The group a join names, created if new (a finished group is forgotten first)."""
+    def open(self, name: str, n: int, mode: str, block_size: int, m: int, have: int, now: float = 0.0) -> Group:
+        """The group a join names, created if new (the caller :meth:`discard` s a new group
+        whose first join is refused: a refused join creates nothing)."""
         if n > self.max_ranks:
             raise BadParams(f"n: must be <= {self.max_ranks}")
         g = self.groups.get(name)
-        if g is not None and g.phase == FINISHED and not any(s.alive for s in g.slots):
-            del self.groups[name]
-            g = None
         if g is None:
-            if len(self.groups) >= self.max_groups:
-                raise Refusal("too_many", f"already {self.max_groups} groups")
+            if self.live() >= self.max_groups:
+                raise Refusal("too_many", f"already {self.max_groups} live groups")
             # A rank holding a checkpoint joins a coordinator that does not know
             # its group: the coordinator restarted under running ranks.
             g = Group(name, n, mode, block_size, m, phase=REBUILDING if have >= 0 else STARTING)
+            g.created = now
             if self._on_change is not None:
                 g.on_change = _bind(self._on_change, g)
             self.groups[name] = g
+            return g
         if g.shape != (n, mode, block_size, m):
             raise Refusal("group_mismatch",
                           f"group {name!r} has n={g.n} mode={g.mode} block={g.block_size} m={g.m}")
         return g
+
+    def discard(self, g: Group) -> None:
+        """Forget ``g`` if no rank ever joined it (its first join was refused)."""
+        if self.groups.get(g.name) is g and all(s.key is None for s in g.slots):
+            del self.groups[g.name]
+
+    def reap(self, now: float) -> list[Group]:
+        """Forget the groups over for longer than the grace; those forgotten."""
+        gone = [g for g in self.groups.values() if g.over_since is not None and now - g.over_since >= self.grace]
+        for g in gone:
+            del self.groups[g.name]
+        return gone
 
 
 def _bind(fn: Callable[[Group], None], g: Group) -> Callable[[], None]:

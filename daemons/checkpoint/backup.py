@@ -4,6 +4,14 @@ The coordinator applies each commit's deltas here (``b_apply``) before it
 answers the commit, copies whole groups after the backup was away
 (``b_put``), and reads them back after its own restart (``b_list``,
 ``b_read``). Deltas commute, so the order they arrive in does not matter.
+
+A commit larger than one frame arrives in parts. The parts are staged per
+(group, rank) and applied together, with the new checkpoint number, when the
+last part arrives: the parity here is always the code of the ranks' checkpoints
+whose numbers it lists. (Applied one at a time, a commit cut off by a killed
+coordinator left a parity that mixed two checkpoints under the old number, and
+a restarted coordinator restored it: a silently wrong recovery.) A part out of
+order is refused, so the coordinator copies the group again.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from shoal.daemons.checkpoint.config import CheckpointSection
 from shoal.daemons.checkpoint.metrics import CheckpointMetrics
 from shoal.daemons.checkpoint.refusals import Refused, counted, wrong_role
 from shoal.daemons.runtime.rpc import Handler, handlers_of, rpc_method
-from shoal.protocol.checkpoint import COORDINATOR_METHODS, BackupApply, BackupPut, BackupRead, GroupMeta
+from shoal.protocol.checkpoint import COORDINATOR_METHODS, BackupApply, BackupDrop, BackupPut, BackupRead, GroupMeta
 from shoal.protocol.contract import BadParams
 
 
@@ -25,6 +33,8 @@ class Backup:
         self.metrics = metrics
         self.groups: dict[str, tuple[GroupCode, list[int], list[int]]] = {}  # code, numbers, sizes
         self._incoming: dict[str, GroupCode] = {}
+        # (group, rank) -> (tag, next part, staged blocks, staged bytes): a commit in parts
+        self._staged: dict[tuple[str, int], tuple[int, int, list[tuple[int, bytes]], int]] = {}
 
     def handlers(self) -> dict[str, Handler]:
         others = [m for m in COORDINATOR_METHODS if m != "status"]
@@ -52,13 +62,30 @@ class Backup:
         code, numbers, sizes = self.groups[p.group]
         if p.rank >= code.n:
             raise BadParams(f"rank: must be <= {code.n - 1}")
-        for k, d in p.pairs(code.block_size):
+        if p.size > self.cfg.max_state_bytes:
+            raise BadParams(f"size: must be <= {self.cfg.max_state_bytes}")
+        blocks = p.pairs(code.block_size)
+        key = (p.group, p.rank)
+        if p.part == 0:
+            self._staged.pop(key, None)  # a commit cut off earlier is dropped, never applied
+            staged: list[tuple[int, bytes]] = []
+            nbytes = 0
+        else:
+            tag, expected, staged, nbytes = self._staged.pop(key, (-1, 0, [], 0))
+            if (tag, expected) != (p.tag, p.part):
+                raise BadParams(f"part: part {p.part} of checkpoint {p.tag} does not follow what is staged")
+        staged = staged + blocks
+        nbytes += sum(len(d) for _, d in blocks)
+        if nbytes > self.cfg.max_state_bytes:
+            raise Refused("too_many", "staged deltas exceed max_state_bytes")
+        if p.number is None:
+            self._staged[key] = (p.tag, p.part + 1, staged, nbytes)
+            return True
+        # The last part: the whole commit at once, no await in between.
+        for k, d in staged:
             code.apply(p.rank, k, d)
-        if p.number is not None:
-            if p.size > self.cfg.max_state_bytes:
-                raise BadParams(f"size: must be <= {self.cfg.max_state_bytes}")
-            code.set_size(p.rank, p.size)
-            numbers[p.rank], sizes[p.rank] = p.number, p.size
+        code.set_size(p.rank, p.size)
+        numbers[p.rank], sizes[p.rank] = p.number, p.size
         self.metrics.mirror.labels("ok").inc()
         return True
 
@@ -72,6 +99,8 @@ class Backup:
                 if s >= 0:
                     code.set_size(i, s)
             self._incoming[p.group] = code
+            for key in [k for k in self._staged if k[0] == p.group]:
+                del self._staged[key]
         incoming = self._incoming.get(p.group)
         if incoming is None:
             raise BadParams("offset: a copy starts at offset 0")
@@ -86,6 +115,15 @@ class Backup:
     async def b_list(self) -> dict:
         return {name: {"n": c.n, "m": c.m, "block_size": c.block_size, "numbers": nums, "sizes": sizes}
                 for name, (c, nums, sizes) in self.groups.items()}
+
+    @rpc_method("b_drop", BackupDrop)
+    async def b_drop(self, p: BackupDrop) -> bool:
+        """The group finished or failed at the coordinator: free its parity."""
+        self.groups.pop(p.group, None)
+        self._incoming.pop(p.group, None)
+        for key in [k for k in self._staged if k[0] == p.group]:
+            del self._staged[key]
+        return True
 
     @rpc_method("b_read", BackupRead)
     async def b_read(self, p: BackupRead) -> bytes:

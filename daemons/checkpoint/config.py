@@ -50,6 +50,13 @@ class CheckpointSection:
     # Largest RPC frame in bytes; deltas and recovery data travel in chunks
     # below it. Each connection may pin one frame of this size in memory.
     max_frame: int = setting(8 << 20, min=1 << 20, max=64 << 20)
+    # Seconds a finished or failed group is kept (late calls of its ranks are
+    # answered, a join is refused group_over) before it is freed; its parity is
+    # freed at once. Only live groups count against max_groups.
+    finished_grace: float = setting(5.0, min=0.0, max=3600.0)
+    # After a coordinator restart: seconds for every rank of a group to join
+    # again; past it the group fails (reason logged, recoveries_total{failed}).
+    rebuild_timeout: float = setting(30.0, min=0.5, max=3600.0)
 
     def __post_init__(self) -> None:
         if self.heartbeat_timeout <= self.heartbeat_interval:

@@ -72,7 +72,7 @@ from typing import Any
 
 import trio
 
-from shoal.core.checkpoint.group import FAILED, REBUILDING, RECOVERING, Group, GroupTable, Refusal
+from shoal.core.checkpoint.group import FAILED, OVER, REBUILDING, RECOVERING, STATE_LOST, Group, GroupTable, Refusal
 from shoal.core.checkpoint.overhead import model
 from shoal.daemons.checkpoint.config import CheckpointSection
 from shoal.daemons.checkpoint.metrics import CheckpointMetrics
@@ -132,7 +132,7 @@ class Coordinator:
         self.token = token
         self.clock = clock
         self.wakeups = _Wakeups()
-        self.table = GroupTable(cfg.max_groups, cfg.max_ranks, on_change=self.wakeups.changed)
+        self.table = GroupTable(cfg.max_groups, cfg.max_ranks, on_change=self._changed, grace=cfg.finished_grace)
         self.groups = self.table.groups
         self.chunk = cfg.max_frame // 2
         self.mirror = Mirror(cfg, metrics, token, lambda: list(self.table))
@@ -148,6 +148,16 @@ class Coordinator:
     @cfg.setter
     def cfg(self, cfg: CheckpointSection) -> None:  # a reload changes the timing live
         self._cfg = self.mirror.cfg = self.links.cfg = cfg
+
+    def _changed(self, g: Group) -> None:
+        """Every change of a group: wake its long polls; a group just over frees its parity."""
+        self.wakeups.changed(g)
+        if g.phase in OVER and g.over_since is None:
+            g.over(self.clock())
+            if g.phase == FAILED:
+                self.metrics.recoveries.labels("failed").inc()
+                self.metrics.groups_failed.labels(g.failure or "too_many_lost").inc()
+                log.error("group %s failed: %s", g.name, g.reason)
 
     @property
     def backup_in_sync(self) -> bool:
@@ -227,9 +237,13 @@ class Coordinator:
     # -- membership ----------------------------------------------------------------
     @rpc_method("join", Join)
     async def rpc_join(self, p: Join) -> dict[str, Any]:
-        g = self.table.open(p.group, p.n, p.mode, p.block_size, p.m, p.have)
-        recover, rebuild = g.admit(p.rank, p.key, secrets.token_bytes(16), p.host_port, p.have, p.epoch,
-                                   self.clock())
+        g = self.table.open(p.group, p.n, p.mode, p.block_size, p.m, p.have, self.clock())
+        try:
+            recover, rebuild = g.admit(p.rank, p.key, secrets.token_bytes(16), p.host_port, p.have, p.epoch,
+                                       self.clock(), running=p.running, finished=p.finished)
+        except (Refusal, BadParams):
+            self.table.discard(g)  # a refused join creates nothing
+            raise
         if rebuild:
             self.nursery.start_soon(self._rebuild, g)
         slot = g.slots[p.rank]
@@ -266,6 +280,18 @@ class Coordinator:
             expected = self.clock() + self.cfg.heartbeat_interval / 2
             await trio.sleep(self.cfg.heartbeat_interval / 2)
             now = self.clock()
+            for g in self.table.reap(now):
+                self.metrics.groups_freed.inc()
+                log.info("group %s freed (%s)", g.name, g.phase)
+                if self.cfg.backup is not None:
+                    self.nursery.start_soon(self.mirror.drop, g.name)
+            for g in self.table:
+                if g.phase == REBUILDING and now - g.created > self.cfg.rebuild_timeout and not all(
+                        s.alive for s in g.slots):
+                    missing = [i for i, s in enumerate(g.slots) if not s.alive]
+                    g.fail(STATE_LOST, f"rank(s) {missing} did not join again within rebuild_timeout "
+                                       f"({self.cfg.rebuild_timeout:g}s) after a coordinator restart")
+                    g.changed()
             if now - expected > self.cfg.heartbeat_interval:
                 # Our own loop stalled (a large commit, a slow mirror): the ranks'
                 # heartbeats waited on us, so they say nothing about the ranks.
@@ -285,10 +311,7 @@ class Coordinator:
             return
         log.warning("group %s: rank %d failed (%s)", g.name, rank, cause)
         self.metrics.failures.labels(cause).inc()
-        if phase == FAILED:
-            self.metrics.recoveries.labels("failed").inc()
-            log.error("group %s: %d ranks lost, the parity survives %d; the group has failed",
-                      g.name, len(g.lost), g.m)
+        # (a failed group is counted and logged by _changed)
 
     @rpc_method("ready", Ready)
     async def rpc_ready(self, p: Ready) -> dict[str, int]:
@@ -437,12 +460,21 @@ class Coordinator:
         except (RpcError, OSError) as exc:
             log.warning("group %s: backup unusable (%s); recomputing from the ranks", g.name, exc)
         if source == "ranks":
-            await self._recompute(g)
+            try:
+                with trio.fail_after(self.cfg.rebuild_timeout):
+                    await self._recompute(g)
+            except (RpcError, OSError, trio.TooSlowError) as exc:
+                if g.phase == REBUILDING:
+                    g.fail(STATE_LOST, f"the parity could not be recomputed from the ranks ({exc})"[:300])
+                    g.changed()
+                return
         if g.phase != REBUILDING:  # a rank failed meanwhile, or another rebuild finished first
             log.warning("group %s: %s after the parity was rebuilt", g.name, g.phase)
             return
-        g.rebuilt()
+        done = g.rebuilt()
         log.info("group %s: parity rebuilt from the %s", g.name, source)
+        if done:
+            log.info("group %s finished (every rank had returned while the coordinator was away)", g.name)
         if source == "ranks":
             self.mirror.out_of_sync()
 

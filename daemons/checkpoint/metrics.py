@@ -26,11 +26,14 @@ REFUSALS = (
     "not_granted",  # deltas or a commit without a grant
     "wrong_role",  # a coordinator method sent to a backup, or the reverse
     "survivor_unreachable",  # a recovery read could not reach a survivor (retried by the rank)
+    "group_over",  # a join for a group that finished or failed here
 )
 GRANT_RESULTS = ("granted", "held")
 FAILURE_CAUSES = ("disconnect", "heartbeat")
 RECOVERY_RESULTS = ("ok", "failed")
 MIRROR_RESULTS = ("ok", "error", "resync")
+#: Why a group failed (``shoal_checkpoint_groups_failed_total{reason}``).
+GROUP_FAILURES = ("too_many_lost", "rank_lost", "state_lost")
 
 # A checkpoint costs from a millisecond (small deltas) to seconds (GiB states).
 TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -71,6 +74,17 @@ class CheckpointMetrics:
         self.refused = Counter(
             "shoal_checkpoint_refused_total", "Requests refused, by reason.", ["reason"], registry=registry,
         )
+        self.groups_failed = Counter(
+            "shoal_checkpoint_groups_failed_total",
+            "Groups that failed (their ranks raise GroupFailed), by reason: too_many_lost (more ranks "
+            "at once than the parity survives), rank_lost (a rank lost while the parity was being "
+            "rebuilt), state_lost (a rank came back without its state after a coordinator restart, or "
+            "not every rank came back within rebuild_timeout).", ["reason"], registry=registry,
+        )
+        self.groups_freed = Counter(
+            "shoal_checkpoint_groups_freed_total", "Finished or failed groups freed after the grace period.",
+            registry=registry,
+        )
         self.mirror = Counter(
             "shoal_checkpoint_mirror_total", "Parity mirror operations to the backup, by result.",
             ["result"], registry=registry,
@@ -85,6 +99,8 @@ class CheckpointMetrics:
             self.refused.labels(r)
         for r in MIRROR_RESULTS:
             self.mirror.labels(r)
+        for r in GROUP_FAILURES:
+            self.groups_failed.labels(r)
         registry.register(_Gauges(gauges))
 
     def refuse(self, reason: str) -> None:

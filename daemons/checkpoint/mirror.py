@@ -22,7 +22,7 @@ from shoal.core.checkpoint.group import FAILED, REBUILDING, Group
 from shoal.daemons.checkpoint.config import CheckpointSection
 from shoal.daemons.checkpoint.metrics import CheckpointMetrics
 from shoal.daemons.runtime.rpc import RpcClient, RpcError, connect_tcp
-from shoal.protocol.checkpoint import BackupApply, BackupPut, BackupRead, GroupMeta
+from shoal.protocol.checkpoint import BackupApply, BackupDrop, BackupPut, BackupRead, GroupMeta
 
 log = logging.getLogger("shoal.checkpoint")
 
@@ -60,14 +60,18 @@ class Mirror:
         try:
             batch: list[list[Any]] = []
             size = 0
+            part = 0
             slot = g.slots[rank]
             for k, d in [*blocks, (None, b"")]:
                 if k is None or size + len(d) > self.chunk:
                     last = k is None
+                    # The backup stages the parts and applies them all on the last one.
                     call = BackupApply(group=g.name, meta=meta_of(g), rank=rank, blocks=batch,
-                                       number=slot.number if last else None, size=slot.size)
+                                       number=slot.number if last else None, size=slot.size,
+                                       tag=slot.number, part=part)
                     await self.client.call("b_apply", call.encode(), timeout=self.cfg.heartbeat_timeout * 4)
                     batch, size = [], 0
+                    part += 1
                 if k is not None:
                     batch.append([k, d])
                     size += len(d)
@@ -76,6 +80,19 @@ class Mirror:
             log.warning("backup mirror failed (%s); it will be copied again", exc)
             self.metrics.mirror.labels("error").inc()
             self.out_of_sync()
+
+    async def drop(self, name: str) -> None:
+        """The group is freed here: free it at the backup too (best effort; a resync
+        copies only the groups the coordinator still holds, and drops nothing)."""
+        if self.client is None or not self.in_sync:
+            return
+        async with self.lock:
+            try:
+                await self.client.call("b_drop", BackupDrop(group=name).encode(),
+                                       timeout=self.cfg.heartbeat_timeout * 4)
+            except (RpcError, OSError) as exc:
+                log.warning("backup: dropping group %s failed (%s); it will be copied again", name, exc)
+                self.out_of_sync()
 
     async def run(self) -> None:
         """Keep a connection to the backup; copy every group whenever it was out of sync."""
