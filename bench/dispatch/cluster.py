@@ -117,7 +117,7 @@ when_unprivileged = "self"
         """Submit, wait until done; returns the job row with the dispatcher's own timings."""
         async with await connect_tcp(self.addr, token=self.token) as c:
             t0 = time.time()
-            reply = await c.call("submit", {"spec": json.dumps(spec).encode()})
+            reply = await c.call("submit", {"spec": json.dumps(spec).encode()}, timeout=600.0)
             with trio.fail_after(timeout):
                 while True:
                     rows = await c.call("jobs", {"limit": 5})

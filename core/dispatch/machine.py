@@ -90,6 +90,7 @@ from shoal.protocol.dispatch import VERDICTS, FetchSource, Lease, LeaseFacts, Ta
 __all__ = ["Core", "CoreError", "JobStore", "StoredJob", "WorkerRec", "UnitRec", "VERDICTS", "MAX_SHARED_PER_REPLY"]
 
 SHARED_LOG = 4096  # completions kept for the team reward
+STALL_GRACE = 1.0  # seconds a tick may come late before the lateness is excused (see Core.tick)
 MAX_SHARED_PER_REPLY = 512  # team-reward entries in one pull or heartbeat reply
 
 
@@ -243,6 +244,8 @@ class Core:
         #: the team reward log: (seq, worker id, unit key, response time), oldest first
         self.shared: deque[tuple[int, str, str, float]] = deque(maxlen=SHARED_LOG)
         self.shared_seq = 0
+        self.last_tick: float | None = None
+        self.stalled_seconds = 0.0  # the dispatcher's own deaf time, excused (see tick)
         #: called with a worker id when its queue grows (wakes its long poll)
         self.on_assign: Callable[[str], None] = lambda worker_id: None
         #: called with (job id, state) when a job finishes
@@ -568,8 +571,19 @@ class Core:
 
     # -- time --------------------------------------------------------------------
 
-    def tick(self, now: float) -> list[str]:
-        """Declare silent workers dead and expire leases; returns the dead workers' ids."""
+    def tick(self, now: float, period: float | None = None) -> list[str]:
+        """Declare silent workers dead and expire leases; returns the dead workers' ids.
+
+        ``period`` is the gap the caller meant between ticks. A longer gap means the
+        dispatcher itself could not listen (its loop was busy, e.g. storing a million-task
+        job, or the host was suspended): silence in that time is not the workers', so every
+        worker's last sighting and every lease move on by the excess before anyone is judged.
+        """
+        if period is not None and self.last_tick is not None:
+            stalled = now - self.last_tick - period
+            if stalled > STALL_GRACE:
+                self.excuse(stalled)
+        self.last_tick = now
         dead = [w for w in self.workers.values() if now - w.last_seen > self.lease_seconds]
         for w in dead:
             del self.workers[w.id]
@@ -588,6 +602,15 @@ class Core:
             self._release(expired, now)
         self._retry_pending(now)
         return [w.id for w in dead]
+
+    def excuse(self, seconds: float) -> None:
+        """The dispatcher was deaf for ``seconds``: shift every sighting and lease by that much."""
+        self.stalled_seconds += seconds
+        for w in self.workers.values():
+            w.last_seen += seconds
+            for u in w.leased.values():
+                u.lease_until += seconds
+                u.lease_hard += seconds
 
     # -- internals -----------------------------------------------------------------
 

@@ -78,6 +78,11 @@ def _positive(text: str) -> int:
     return n
 
 
+# A job is read, planned and stored before the dispatcher answers: seconds for
+# a million tasks on a busy node, so the answer may take longer than other calls'.
+SUBMIT_TIMEOUT = 600.0
+
+
 def target(args) -> str:
     """The RPC address when given, else the submit socket (a path: cli.call speaks unix)."""
     return args.dispatcher or str(Path(args.socket).absolute())
@@ -100,7 +105,7 @@ def cmd_submit(args) -> int:
     # A refused spec reads best as its reason alone: "shoal: cycle: a -> a".
     reply = cli.call(target(args), "submit", Submit(spec=spec, policy=args.policy or None), what="the dispatcher",
                      token_file=args.token_file if args.dispatcher else None,
-                     message_only=("bad_spec",))
+                     message_only=("bad_spec",), timeout=SUBMIT_TIMEOUT)
     print(f"job {reply['job']} accepted: {reply['tasks']} tasks in {reply['units']} units")
     if not args.wait:
         return 0

@@ -322,9 +322,17 @@ class DispatcherApp:
                                            submit_socket=self.section.submit_socket)
 
     async def _ticker(self) -> None:
+        period = self.core.lease_seconds / 4
         while True:
-            await trio.sleep(self.core.lease_seconds / 4)
-            for wid in self.core.tick(time.time()):
+            await trio.sleep(period)
+            excused = self.core.stalled_seconds
+            dead = self.core.tick(time.time(), period)
+            if self.core.stalled_seconds > excused:
+                stall = self.core.stalled_seconds - excused
+                self.metrics.stalled_seconds.inc(stall)
+                log.warning("the dispatcher could not listen for %.1f s; workers' silence in that time is "
+                            "not held against them", stall)
+            for wid in dead:
                 log.warning("worker %s went silent; its units are back in the queue", wid)
                 self._wake(wid)
             self.prune(time.time())
@@ -358,7 +366,9 @@ class DispatcherApp:
             raise BadParams(f"unknown policy {policy!r}; known: {', '.join(DISPATCH_POLICIES)}")
         limits = Limits(self.section.max_spec_bytes, self.section.max_tasks_per_job)
         try:
-            job = parse_spec(params.spec, limits)
+            # Off the event loop: a million-task spec takes seconds to read, and heartbeats,
+            # pulls and reports keep being served meanwhile.
+            job = await trio.to_thread.run_sync(parse_spec, params.spec, limits)
             if job.policy is not None and job.policy not in DISPATCH_POLICIES:
                 raise SpecError("invalid",
                                 f"policy: unknown policy {job.policy!r}; known: {', '.join(DISPATCH_POLICIES)}")

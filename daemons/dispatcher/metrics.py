@@ -43,6 +43,9 @@ class DispatcherMetrics:
         self.jobs_finished = counter("jobs_finished_total", "Jobs finished, by final state.", ("state",))
         self.pruned_rows = counter("pruned_rows_total",
                                    "Rows of finished jobs deleted from the store after job_retention.")
+        self.stalled_seconds = counter(
+            "stalled_seconds_total", "Time the dispatcher's loop could not listen (a tick came late), excused "
+            "to the workers: their silence in it does not make them dead.")
         self.units_cancelled = counter("units_cancelled_total",
                                        "Units cancelled because their job failed or was cancelled.")
         self.units_killed = counter("units_killed_total",

@@ -63,6 +63,24 @@ def test_completion_is_idempotent_and_logged_once(tmp_path):
     assert core.store.job(job)["state"] == "done"
 
 
+def test_the_dispatchers_own_stall_is_not_held_against_its_workers(tmp_path):
+    """A tick that comes 60 s late (the dispatcher's loop was busy storing a huge job, or
+    the host slept) must not declare every worker dead and take back every lease: the
+    workers were heard from right up to the stall. Silence after it still counts."""
+    core = make_core(tmp_path / "d.db", lease=5.0)
+    core.register("a", CAP, 0.0)
+    job = core.submit(chain(1), 0.0)
+    (p,) = core.pull("a", 1, 0.5)
+    assert core.tick(1.25, period=1.25) == []
+    assert core.tick(61.25, period=1.25) == []  # 58.75 s of the dispatcher's own deafness, excused
+    assert core.stalled_seconds == pytest.approx(58.75)
+    assert core.workers["a"].leased  # the lease stands: its worker is not judged on that time
+    assert core.tick(62.5, period=1.25) == []
+    assert core.tick(63.75, period=1.25) == []
+    assert core.tick(65.0, period=1.25) == ["a"]  # over 5 s of real silence besides the stall: dead
+    assert core.store.job(job)["state"] == "running"
+
+
 def test_silent_worker_loses_its_lease_and_late_report_is_a_duplicate(tmp_path):
     core = make_core(tmp_path / "d.db", lease=5.0)
     core.register("a", CAP, 0.0)
