@@ -1,6 +1,7 @@
 """Run a checkpointed app as real processes, kill ranks, and check the result.
 
 ``run_app`` serves a coordinator (and a backup) in this process on loopback,
+with a fresh random token that every listener requires (loopback too),
 starts one process per rank (``python -m shoal.ckpt.launcher rank ...``),
 sends SIGKILL to the ranks named in ``kills`` at their times and starts a
 replacement process for each, which joins under the dead rank's id
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -58,6 +61,15 @@ def parse_kill(text: str) -> tuple[int, float]:
         return int(rank), float(when)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected RANK@SECONDS, got {text!r}") from None
+
+
+def fresh_token(tmp: Path) -> Path:
+    """A new random RPC token in ``tmp/token`` (owner-only): every listener of a run requires it, loopback too."""
+    path = tmp / "token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return path
 
 
 def role_config(role: str, tmp: Path, *, backup: ListenAddr | None = None, heartbeat: float = 0.5,
@@ -114,16 +126,20 @@ async def run_app(app: str, ranks: int, *, size: int, kills: Sequence[tuple[int,
     start = began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="shoal-ckpt-") as tmpname:
         tmp = Path(tmpname)
+        token_file = fresh_token(tmp)
+        token = read_token(token_file, "token")
         async with trio.open_nursery() as nursery:
-            bctx, bscope = await serve_role(nursery, "backup", tmp)
-            cctx, cscope = await serve_role(nursery, "coordinator", tmp, backup=bctx.addresses["rpc"])
+            bctx, bscope = await serve_role(nursery, "backup", tmp, token_file=token_file)
+            cctx, cscope = await serve_role(nursery, "coordinator", tmp, backup=bctx.addresses["rpc"],
+                                            token_file=token_file)
             coord = cctx.addresses["rpc"]
             print(f"coordinator rpc={coord} metrics=http://{cctx.addresses['metrics']}/metrics, "
                   f"backup rpc={bctx.addresses['rpc']}", file=out)
 
             def argv(i: int) -> list[str]:
                 return rank_argv(app, i, ranks, coord, group=group, mode=mode, interval=interval, size=size,
-                                 block_size=block_size, shards=shards, out=tmp / f"rank{i}")
+                                 block_size=block_size, shards=shards, out=tmp / f"rank{i}",
+                                 token_file=token_file)
 
             procs: dict[int, trio.Process] = {}
             exits: dict[int, int] = {}
@@ -145,7 +161,7 @@ async def run_app(app: str, ranks: int, *, size: int, kills: Sequence[tuple[int,
                 with trio.move_on_after(timeout) as deadline:
                     # Kill times count from the moment every rank has joined and
                     # taken checkpoint 0 (process start-up varies a lot).
-                    async with await connect_tcp(coord) as client:
+                    async with await connect_tcp(coord, token=token) as client:
                         while not all_done.is_set():
                             groups = (await client.call("status"))["groups"]
                             if groups and groups[0]["phase"] != "starting":
@@ -160,7 +176,7 @@ async def run_app(app: str, ranks: int, *, size: int, kills: Sequence[tuple[int,
                             print(f"  [{time.monotonic() - start:5.2f}s] finished before the kill of rank {victim}",
                                   file=out)
                             break
-                        async with await connect_tcp(coord) as client:
+                        async with await connect_tcp(coord, token=token) as client:
                             groups = (await client.call("status"))["groups"]
                         if not groups or groups[0]["phase"] == "finished":
                             print(f"  [{time.monotonic() - start:5.2f}s] the app finished before the kill of "
@@ -180,7 +196,7 @@ async def run_app(app: str, ranks: int, *, size: int, kills: Sequence[tuple[int,
                         if p.returncode is None:
                             p.kill()
                     ranks_nursery.cancel_scope.cancel()
-            async with await connect_tcp(coord) as client:
+            async with await connect_tcp(coord, token=token) as client:
                 status = await client.call("status")
             cscope.cancel()
             bscope.cancel()

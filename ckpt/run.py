@@ -59,7 +59,7 @@ from typing import Any, TextIO
 import trio
 
 from shoal.ckpt.env import ENV
-from shoal.ckpt.launcher import figures, serve_role
+from shoal.ckpt.launcher import figures, fresh_token, serve_role
 from shoal.daemons.runtime.config import ListenAddr, read_token
 from shoal.daemons.runtime.rpc import RpcClient, RpcError, connect_tcp
 
@@ -285,12 +285,7 @@ def _killpg(pgid: int, sig: int) -> None:
 
 def _token(tmp: Path, token_file: str | Path | None) -> tuple[Path, bytes]:
     """The token file (a fresh random token in ``tmp``, owner-only, if none is given) and its token."""
-    if token_file is None:
-        token_file = tmp / "token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
-    path = Path(token_file).resolve()
+    path = Path(fresh_token(tmp) if token_file is None else token_file).resolve()
     token = read_token(path, "--token-file")
     assert token is not None
     return path, token

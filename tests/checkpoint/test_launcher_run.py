@@ -311,3 +311,39 @@ def test_no_program_is_refused() -> None:
 def test_heat_reference_is_not_trivial() -> None:
     u = np.frombuffer(b"".join(reference(2, 20, 5)))
     assert u.max() > 0 and len(set(u.tolist())) > 3
+
+
+async def test_the_demo_launcher_requires_its_token_too() -> None:
+    from shoal.ckpt.launcher import run_app
+
+    class Out:
+        """A stream for run_app's report that tells when the coordinator's address is out."""
+
+        def __init__(self) -> None:
+            self.text, self.started = "", trio.Event()
+
+        def write(self, s: str) -> None:
+            self.text += s
+            if "coordinator rpc=" in self.text:
+                self.started.set()
+
+        def flush(self) -> None:
+            pass
+
+    out = Out()
+    refused = []
+
+    async def probe() -> None:
+        await out.started.wait()
+        coord = ListenAddr.parse(re.search(r"coordinator rpc=(\S+)", out.text)[1])
+        with pytest.raises(RpcError, match="unauthorized"):
+            async with await connect_tcp(coord) as anonymous:
+                await anonymous.call("status")
+        refused.append(coord)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(probe)
+            outcome = await run_app("ring", 2, size=30, interval=0.05, out=out, timeout=50)
+    assert outcome.ok, out.text
+    assert refused
