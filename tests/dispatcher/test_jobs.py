@@ -181,3 +181,16 @@ def test_independent_tasks_keep_the_spec_order():
     job = job_from_dict({"tasks": [{"name": n, "builtin": "sleep 0"} for n in names]
                          + [{"name": "last", "builtin": "sleep 0", "deps": ["zeta"]}]})
     assert list(job.tasks) == [*names, "last"] and list(job.units) == [*names, "last"]
+
+
+def test_a_replicated_entry_is_stored_as_one_entry_and_reads_back_whole():
+    """A million-task job of one replicated entry stored every replica (asdict of each: most
+    of a 100k submit's time); its plain form is now the entry, and reads back to equal tasks."""
+    doc = {"name": "big", "tasks": [{"name": "t", "builtin": "sleep 0", "replicas": 50_000, "outputs": ["o"]},
+                                    {"name": "j", "builtin": "sleep 0", "inputs": ["task:t.7/o"]}]}
+    job = job_from_dict(doc, Limits(max_tasks=100_000))
+    assert len(job.tasks) == 50_001 and job.tasks["t.49999"].builtin == "sleep 0"
+    assert job.tasks["j"].deps == ("t.7",)
+    assert len(json.dumps(job.to_dict())) < 300
+    again = job_from_dict(json.loads(json.dumps(job.to_dict())), Limits(max_tasks=100_000))
+    assert again.tasks == job.tasks and again.units == job.units
