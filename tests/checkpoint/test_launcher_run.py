@@ -303,6 +303,12 @@ def test_settings_that_cannot_work_are_refused_in_one_line(args, expected) -> No
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
 
 
+def test_a_program_that_cannot_be_started_fails_in_one_line(tmp_path: Path) -> None:
+    r = run_cli("--ranks", "2", "--", str(tmp_path / "no-such-program"))
+    assert r.returncode == 1 and "No such file or directory" in r.stderr and "cannot start rank" in r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+
+
 def test_no_program_is_refused() -> None:
     r = run_cli("--ranks", "2")
     assert r.returncode == 2 and "name the program after --" in r.stderr
