@@ -102,6 +102,11 @@ def exit_text(code: int) -> str:
     return f"exited with status {code}"
 
 
+def failure(g: dict[str, Any]) -> str:
+    """Why a group failed, as the coordinator says (a coordinator without reasons: the one cause it knew)."""
+    return g.get("reason") or f"more ranks were lost at once than its {g.get('m', 1)} parity shard(s) survive"
+
+
 def check_hosts(hosts: Sequence[str]) -> list[ListenAddr]:
     """Each ``--hosts`` entry as a rank's listen address (an IP address, port 0); ValueError naming a bad one."""
     out = []
@@ -188,8 +193,7 @@ class Supervisor:
             why = f"rank {i} {exit_text(code)}"
             g = await self._status_or_none()
             if g is not None and g["phase"] == "failed":
-                raise GiveUp(f"the group failed at the coordinator after {why}: more ranks were lost at once "
-                             f"than its {g.get('m', 1)} parity shard(s) survive")
+                raise GiveUp(f"the group failed at the coordinator after {why}: {failure(g)}")
             if g is not None and g["phase"] == "finished":
                 # Its result came out of the group's last step; a new process would join a group that is over.
                 raise GiveUp(f"{why} after the group finished: not restarted, its result is lost")
@@ -210,8 +214,7 @@ class Supervisor:
         while True:
             g = await self._status_or_none()
             if g is not None and g["phase"] == "failed":
-                raise GiveUp("the group failed at the coordinator: more ranks were lost at once than its "
-                             f"{g.get('m', 1)} parity shard(s) survive")
+                raise GiveUp(f"the group failed at the coordinator: {failure(g)}")
             await trio.sleep(POLL_INTERVAL)  # a monitor's period, not a synchronisation
 
     @staticmethod
