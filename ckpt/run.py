@@ -377,7 +377,9 @@ def report(result: RunResult, out: TextIO = sys.stdout) -> None:
     if g is not None:
         print(f"  group {g['group']}: n={g['n']} mode={g['mode']} epoch={g['epoch']} "
               f"checkpoints={g['numbers']}", file=out)
-        print(f"  {figures(g)}", file=out)
+        samples = g.get("samples")
+        counted = f"  (means of {samples[0]}, {samples[1]} and {samples[2]} samples)" if samples else ""
+        print(f"  {figures(g)}{counted}", file=out)
     restarted = {i: k - 1 for i, k in sorted(result.starts.items()) if k > 1}
     print(f"  restarts: {', '.join(f'rank {i} x{k}' for i, k in restarted.items()) or 'none'}", file=out)
     if result.ok:
