@@ -5,6 +5,7 @@ one-line reasons when the run cannot succeed."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import runpy
@@ -319,7 +320,18 @@ def test_heat_reference_is_not_trivial() -> None:
     assert u.max() > 0 and len(set(u.tolist())) > 3
 
 
-async def test_the_demo_launcher_requires_its_token_too() -> None:
+@pytest.fixture
+def own_logging():
+    """run_app routes logging to stderr at warning (for its command line); give the root logger back after."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(h)
+    root.setLevel(level)
+
+
+async def test_the_demo_launcher_requires_its_token_too(own_logging) -> None:
     from shoal.ckpt.launcher import run_app
 
     class Out:
