@@ -59,6 +59,9 @@ log = logging.getLogger("shoal.peer")
 # written in one thread hop.
 WRITE_BATCH = 1 << 20
 WRITE_BUFFER = 64 << 20
+# Batch writes (hash and write, in worker threads) running at once; a link
+# that completes another piece waits for one of them.
+WRITES_IN_FLIGHT = 8
 # Resume data is saved this often while new pieces arrive.
 RESUME_SAVE_INTERVAL = 10.0
 # Whole pieces kept in memory for serving blocks.
@@ -99,6 +102,7 @@ class Torrent:
         self.pending: dict[int, list[tuple[int, bytes]]] = {}  # piece -> blocks not yet written
         self.pending_bytes = 0
         self._pending_piece_bytes: dict[int, int] = {}  # piece -> bytes in self.pending
+        self._write_slots = trio.Semaphore(WRITES_IN_FLIGHT)
         self.read_cache: collections.OrderedDict[int, memoryview] = collections.OrderedDict()
         self.read_cache_bytes = 0
         self.known: dict[tuple[str, int], float] = {}  # address -> earliest next dial time
@@ -216,6 +220,11 @@ class Torrent:
         block as received before it is on disk, so a piece is verified from
         disk by whichever write of it finishes last, never while another
         batch is still on its way.
+
+        The write runs as a task of its own: the link that delivered the
+        last block goes on reading while its piece is hashed (waiting for the
+        thread stalled the link once per piece). At most WRITES_IN_FLIGHT run
+        at once; past that the caller waits here for one to finish.
         """
         pending = self.pending.setdefault(index, [])
         pending.append((begin, block))
@@ -232,32 +241,67 @@ class Torrent:
         # from memory and written only if it matches, in one thread hop.
         whole = complete and index not in self.writing and piece_bytes == self.meta.piece_size(index)
         self.writing[index] = self.writing.get(index, 0) + 1
+        # Shielded: the blocks are out of `pending` and counted as received, so
+        # they must reach the disk even if this link is closed meanwhile (the
+        # writes in flight always finish: worker threads are not cancelled).
+        with trio.CancelScope(shield=True):
+            await self._write_slots.acquire()
+        self.nursery.start_soon(self._write, link, index, batch, whole)
+
+    def _written(self, index: int) -> bool:
+        """One batch write of ``index`` ended; True if it was the last one in progress."""
+        self.writing[index] -= 1
+        if self.writing[index]:
+            return False
+        del self.writing[index]
+        return True
+
+    async def writes_done(self) -> None:
+        """Wait until every batch write started so far is written and checked."""
+        for _ in range(WRITES_IN_FLIGHT):
+            await self._write_slots.acquire()
+        for _ in range(WRITES_IN_FLIGHT):
+            self._write_slots.release()
+
+    async def _write(self, link: Peer, index: int, batch: list[tuple[int, bytes]], whole: bool) -> None:
         try:
-            if whole:
-                ok = await trio.to_thread.run_sync(self.storage.write_piece, index, batch)
-            else:
-                await trio.to_thread.run_sync(self._write_batch, index, batch)
+            await self._write_and_check(link, index, batch, whole)
         finally:
-            self.writing[index] -= 1
-            last = self.writing[index] == 0
-            if last:
-                del self.writing[index]
-        if not whole:
-            if not last or index in self.pending or not self.picker.all_blocks_received(index) \
-                    or self.picker.have(index):
-                return
-            ok = await trio.to_thread.run_sync(self.storage.verify_piece, index)
+            self._write_slots.release()
+
+    async def _write_and_check(self, link: Peer, index: int, batch: list[tuple[int, bytes]], whole: bool) -> None:
+        try:
+            try:
+                if whole:
+                    ok = await trio.to_thread.run_sync(self.storage.write_piece, index, batch)
+                else:
+                    await trio.to_thread.run_sync(self._write_batch, index, batch)
+            finally:
+                last = self._written(index)
+            if not whole:
+                if not last or index in self.pending or not self.picker.all_blocks_received(index) \
+                        or self.picker.have(index):
+                    return
+                ok = await trio.to_thread.run_sync(self.storage.verify_piece, index)
+        except OSError as exc:  # the disk, not the peer: say so loudly and drop the link, as before
+            log.error("%s: writing piece %d failed: %s", self.meta.name, index, exc)
+            link.abort()
+            return
+        await self._piece_checked(link, index, ok)
+
+    async def _piece_checked(self, link: Peer, index: int, ok: bool) -> None:
         if not ok:
             self.metrics.failed.inc()
             culprits = self.picker.piece_failed(index)
             log.warning("piece %d failed its hash check (from %d peers)", index, len(culprits))
             # Every peer that sent blocks of it is suspect: a sole sender is
-            # certainly guilty (banned now), several each get one point.
+            # certainly guilty (banned now, and its connection closed), several
+            # each get one point.
             points = 2 if len(culprits) == 1 else 1
             for culprit in culprits:
-                if culprit is link and points == 2:
-                    raise Banned("bad_hash", f"{link} sent piece {index} with a wrong hash")
-                if self.session.offend(self.info_hash, self._ban_keys(culprit), "bad_hash", points):
+                banned = self.session.offend(self.info_hash, self._ban_keys(culprit), "bad_hash", points)
+                if banned or points == 2:
+                    log.info("closing %s: sent piece %d with a wrong hash", culprit, index)
                     culprit.abort()
             return
         self.metrics.verified.inc()
