@@ -14,8 +14,10 @@ or a chain of tasks fused into one invocation, see :mod:`.jobs`) moves through
 *Dispatch* happens when a unit becomes ready: the job's dispatch policy
 (:mod:`.policy`) is shown the live workers that admit the unit (memory free and
 CPU count, as seed 004's memory admission) and picks one; the unit joins that
-worker's queue. If no worker admits it, it waits in ``pending`` and is tried
-again whenever a worker registers or finishes something. Workers *pull* their
+worker's queue. A worker's queue holds at most ``ASSIGN_AHEAD`` units not yet
+pulled; the rest wait, in order, in ``pending`` until a queue has room. If no
+worker admits a unit, it waits in ``waiting`` and is tried again whenever a
+worker registers or leaves exclusion, on reports (the oldest few) and every tick. Workers *pull* their
 own queue (``pull``), which leases the units; a lease lives as long as the
 worker heartbeats (and at most the unit's timeout plus two lease periods). A
 worker silent for ``lease_seconds`` is dead: everything assigned or leased to
@@ -90,6 +92,8 @@ from shoal.protocol.dispatch import VERDICTS, FetchSource, Lease, LeaseFacts, Ta
 __all__ = ["Core", "CoreError", "JobStore", "StoredJob", "WorkerRec", "UnitRec", "VERDICTS", "MAX_SHARED_PER_REPLY"]
 
 SHARED_LOG = 4096  # completions kept for the team reward
+ASSIGN_AHEAD = 2048  # units queued on one worker beyond what it has pulled (see Core._refill)
+RETRY_ON_REPORT = 64  # waiting units retried per report (a tick retries every one)
 STALL_GRACE = 1.0  # seconds a tick may come late before the lateness is excused (see Core.tick)
 MAX_SHARED_PER_REPLY = 512  # team-reward entries in one pull or heartbeat reply
 
@@ -237,7 +241,8 @@ class Core:
         self.timer = timer
         self.jobs: dict[int, JobRec] = {}
         self.workers: dict[str, WorkerRec] = {}
-        self.pending: deque[UnitRec] = deque()  # ready, no worker admits them yet
+        self.pending: deque[UnitRec] = deque()  # ready, in dispatch order, until a worker has room
+        self.waiting: deque[UnitRec] = deque()  # ready, but no live worker admits them yet
         self.unfinished_units = 0
         self.excluded: set[str] = set()
         self.exclude_anomalous = exclude_anomalous
@@ -397,6 +402,8 @@ class Core:
         """Lease up to ``max_units`` of the worker's queue; returns what it needs to run them."""
         w = self._worker(worker_id)
         w.last_seen = now
+        if len(w.assigned) < max_units:
+            self._refill(now)
         out: list[dict[str, Any]] = []
         while w.assigned and len(out) < max_units:
             u = w.assigned.popleft()
@@ -407,6 +414,7 @@ class Core:
             out.append(self._payload(u))
         if out and self.metrics is not None:
             self.metrics.started(sum(len(p["tasks"]) for p in out))
+        self._refill(now)  # its queue has room again: the next pull finds it stocked
         return out
 
     def has_work(self, worker_id: str) -> bool:
@@ -432,7 +440,7 @@ class Core:
             self._unreserve(w, u)
             u.to(REQUEUE)
             u.worker = None
-        self._release(moved, now)
+        self._release(moved, now, front=True)
 
     # -- reports -----------------------------------------------------------------
 
@@ -498,7 +506,7 @@ class Core:
                 self.unfinished_units -= 1
                 self._finish_job(jr, FAILED, now, _failure_reason(u, results))
         self._release([u for u in released if u.state == READY], now)
-        self._retry_pending(now)
+        self._retry_pending(now, limit=RETRY_ON_REPORT)  # memory was freed; tick retries them all
         return applied
 
     def _done(self, jr: JobRec, u: UnitRec, worker_id: str, results: list[TaskResult], now: float,
@@ -599,7 +607,7 @@ class Core:
             if self.metrics is not None:
                 self.metrics.requeued(len(expired))
             self._lost(expired)
-            self._release(expired, now)
+            self._release(expired, now, front=True)
         self._retry_pending(now)
         return [w.id for w in dead]
 
@@ -634,7 +642,7 @@ class Core:
         if units:
             if self.metrics is not None:
                 self.metrics.requeued(len(units))
-            self._release(units, now)
+            self._release(units, now, front=True)
 
     def _lost(self, units: list[UnitRec]) -> None:
         """Leased units taken back: each may have started, so its next run is a later attempt."""
@@ -662,48 +670,71 @@ class Core:
         w.mem_reserved -= u.info.mem
         w.work_reserved -= u.info.work
 
-    def _retry_pending(self, now: float) -> None:
-        if self.pending and self._live():
-            units = list(self.pending)
-            self.pending.clear()
-            self._release(units, now)
+    def _retry_pending(self, now: float, limit: int | None = None) -> None:
+        """Try again the units no live worker admitted (all, or the ``limit`` oldest): a worker
+        came, left exclusion or (on a report) freed memory."""
+        if self.waiting and self._live():
+            n = len(self.waiting) if limit is None else min(limit, len(self.waiting))
+            again = [self.waiting.popleft() for _ in range(n)]
+            self.pending.extendleft(reversed(again))
+        self._refill(now)
 
-    def _release(self, units: list[UnitRec], now: float) -> None:
-        """Dispatch ready units, highest policy priority first."""
+    def _release(self, units: list[UnitRec], now: float, front: bool = False) -> None:
+        """Queue ready units for dispatch, highest policy priority first (``front``: ahead of
+        those already queued, for units taken back from a worker), then dispatch what fits."""
         units = [u for u in units if u.state == READY]  # pending may hold units of jobs ended since
         if not units:
             return
-        live = self._live()
         by_policy: dict[str, list[UnitRec]] = {}
         for u in units:
             by_policy.setdefault(self.jobs[u.job].policy, []).append(u)
+        ordered: list[UnitRec] = []
         for name, group in by_policy.items():
-            pol = self.policy_for(name)
-            prio = getattr(pol, "priority", None)
+            prio = getattr(self.policy_for(name), "priority", None)
             if prio is not None and len(group) > 1:
                 group.sort(key=partial(_by_priority, prio))
-            for u in group:
-                if u.state != READY:
-                    continue
-                if not live:
-                    self.pending.append(u)
-                    continue
-                start = self.timer()
-                states = [w.state() for w in live]
-                fits = admissible(u.info, states)
-                if not fits:
-                    self.pending.append(u)
-                    continue
-                choice = fits[pol.choose(u.info, [states[i] for i in fits], now)]
-                w = live[choice]
-                u.to(ASSIGN)
-                u.worker = w.id
-                w.assigned.append(u)
-                w.mem_reserved += u.info.mem
-                w.work_reserved += u.info.work
-                if self.metrics is not None:
-                    self.metrics.decision(name, self.timer() - start)
-                self.on_assign(w.id)
+            ordered.extend(group)
+        if front:
+            self.pending.extendleft(reversed(ordered))
+        else:
+            self.pending.extend(ordered)
+        self._refill(now)
+
+    def _refill(self, now: float) -> None:
+        """Dispatch queued units, oldest first, while a worker that admits them has room.
+
+        A worker's queue holds at most ``ASSIGN_AHEAD`` units it has not pulled yet, so the
+        policy decides with current loads and a million-unit job costs nothing per unit until
+        workers can take it (and a worker that leaves hands back a bounded queue). A unit no
+        live worker admits waits in ``waiting`` and does not hold up the rest."""
+        live = self._live()
+        while self.pending and live:
+            room = [w for w in live if len(w.assigned) < ASSIGN_AHEAD]
+            if not room:
+                return
+            u = self.pending.popleft()
+            if u.state != READY:
+                continue  # its job ended while it waited
+            start = self.timer()
+            states = [w.state() for w in room]
+            fits = admissible(u.info, states)
+            if not fits:
+                if len(room) < len(live) and admissible(u.info, [w.state() for w in live]):
+                    self.pending.appendleft(u)  # it fits a worker that is full: wait for room
+                    return
+                self.waiting.append(u)
+                continue
+            name = self.jobs[u.job].policy
+            pol = self.policy_for(name)
+            w = room[fits[pol.choose(u.info, [states[i] for i in fits], now)]]
+            u.to(ASSIGN)
+            u.worker = w.id
+            w.assigned.append(u)
+            w.mem_reserved += u.info.mem
+            w.work_reserved += u.info.work
+            if self.metrics is not None:
+                self.metrics.decision(name, self.timer() - start)
+            self.on_assign(w.id)
 
     def _payload(self, u: UnitRec) -> dict[str, Any]:
         """The unit's lease as it travels (:class:`shoal.protocol.dispatch.Lease`)."""
@@ -738,7 +769,7 @@ class Core:
     # -- views -------------------------------------------------------------------
 
     def queue_depth(self) -> int:
-        return len(self.pending) + sum(len(w.assigned) for w in self.workers.values())
+        return len(self.pending) + len(self.waiting) + sum(len(w.assigned) for w in self.workers.values())
 
     def running_units(self) -> int:
         return sum(len(w.leased) for w in self.workers.values())

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from shoal.core.dispatch.jobs import job_from_dict
-from shoal.core.dispatch.machine import MAX_SHARED_PER_REPLY, Core, CoreError
+from shoal.core.dispatch.jobs import Limits, job_from_dict
+from shoal.core.dispatch.machine import ASSIGN_AHEAD, MAX_SHARED_PER_REPLY, Core, CoreError
 from shoal.core.dispatch.policy import make_dispatch_policy
 from shoal.daemons.dispatcher.metrics import DispatcherMetrics
 from shoal.daemons.dispatcher.store import Store
@@ -114,6 +114,39 @@ def test_failure_retries_then_fails_the_job_and_cancels_dependents(tmp_path):
     assert view["state"] == "failed"
     assert [t["state"] for t in view["tasks"]] == ["failed", "cancelled"]
     assert job not in core.jobs and core.unfinished_units == 0
+
+
+def test_a_huge_job_is_queued_on_workers_a_bounded_window_at_a_time(tmp_path):
+    """A 1,000,000-task job assigned every unit to a worker queue at submit: minutes of
+    policy calls with the dispatcher deaf, and a worker that re-registered (its heartbeat
+    timed out meanwhile) handed back half a million units to dispatch again, stalling the
+    dispatcher again. Queues now hold ASSIGN_AHEAD units not yet pulled; the rest wait in
+    order. Every unit still runs exactly once, and a unit no worker admits blocks no other."""
+    core = make_core(tmp_path / "d.db", lease=1e6)
+    core.register("a", CAP, 0.0)
+    core.register("b", CAP, 0.0)
+    n = 5 * ASSIGN_AHEAD
+    job = core.submit(job_from_dict({"tasks": [
+        {"name": "huge", "builtin": "sleep 0", "memory": "64GB"},  # admitted by no worker
+        {"name": "t", "builtin": "sleep 0", "replicas": n}]}, Limits(max_tasks=n + 1)), 0.0)
+    assert all(len(w.assigned) == ASSIGN_AHEAD for w in core.workers.values())
+    assert core.queue_depth() == n + 1
+    core.register("a", CAP, 1.0)  # again: what it held goes back, ahead of the rest
+    assert len(core.workers["a"].assigned) <= ASSIGN_AHEAD and len(core.workers["b"].assigned) <= ASSIGN_AHEAD
+    runs: dict[str, int] = {}
+    t = 2.0
+    while core.queue_depth() > 1:
+        for wid in ("a", "b"):
+            got = core.pull(wid, 700, t)
+            for p in got:
+                runs[p["key"]] = runs.get(p["key"], 0) + 1
+            core.report(wid, [(p["key"], ok(p, t)) for p in got], t)
+            assert len(core.workers[wid].assigned) <= ASSIGN_AHEAD
+        t += 1.0
+    assert len(runs) == n and set(runs.values()) == {1}
+    counts = core.store.completion_counts(job)
+    assert len(counts) == n and set(counts.values()) == {1} and "huge" not in counts
+    assert [u.unit.id for u in core.waiting] == ["huge"]  # still waiting, for a worker big enough
 
 
 def test_memory_admission_holds_units_until_a_big_enough_worker(tmp_path):
