@@ -118,6 +118,40 @@ class CoordinatorLink:
         assert self.addr is not None, "the rank's server is listening before it joins"
         deadline = trio.current_time() + self.coordinator_timeout
         while True:
+            reply = await self._join_once(deadline)
+            if reply.get("finished"):
+                self.on_view({**self.view, "phase": "finished", "version": self.version})
+                break
+            self.key, self.chunk = reply["key"], reply["chunk"]
+            self.version = -1
+            self.joined.set()
+            # The group as it is now: a replacement (or a rank the coordinator gave
+            # up on) sees a newer epoch here and rolls back before anything else.
+            try:
+                self.on_view(await _open(self._watch_client).call(
+                    "watch", Watch(**self._session(), version=-1).encode()))
+                if reply["number"] >= 0 and reply["number"] != self.number:
+                    # A replacement: our state is checkpoint reply["number"], not our
+                    # initial one (a restarted coordinator must not take us for a rank
+                    # still at checkpoint 0).
+                    self.running = True
+                    await self._fetch(reply["number"], reply["size"])
+            except (OSError, RpcError) as exc:
+                # The coordinator restarted, or the group moved on (failed) while we
+                # read our image: join again, and learn which.
+                log.info("rank %d: reading our image was cut off (%s); joining again", self.rank, exc)
+                self.joined = trio.Event()
+                if trio.current_time() >= deadline:
+                    raise GroupFailed(f"group {self.group}: could not join and read our checkpoint within "
+                                      f"{self.coordinator_timeout:g}s (coordinator_timeout): {exc}") from None
+                await trio.sleep(0.1)  # retry back-off
+                continue
+            break
+        self.ok.set()
+
+    async def _join_once(self, deadline: float) -> dict[str, Any]:
+        assert self.addr is not None, "the rank's server is listening before it joins"
+        while True:
             try:
                 for c in (self._coord, self._watch_client, self._attach_client):
                     if c is not None:
@@ -125,7 +159,7 @@ class CoordinatorLink:
                 self._coord = await self._connect()
                 self._watch_client = await self._connect()
                 self._attach_client = await self._connect()
-                reply = await self._coord.call("join", Join(
+                reply: dict[str, Any] = await self._coord.call("join", Join(
                     group=self.group, rank=self.rank, n=self.n, mode=self.mode, block_size=self.block_size,
                     m=self.m, have=self.number, epoch=self.epoch, addr=list(self.addr), key=self.key,
                     running=self.running, finished=self.finished,
@@ -135,10 +169,8 @@ class CoordinatorLink:
                 if isinstance(exc, RpcError) and exc.code == "group_over":
                     if self.finished:
                         # We had returned from main and the group finished meanwhile.
-                        self.on_view({**self.view, "phase": "finished", "version": self.version})
-                        self.ok.set()
-                        return
-                    raise GroupFailed(f"group {self.group}: {exc.message}") from None
+                        return {"finished": True}
+                    raise GroupFailed(f"group {self.group}: {self.reason or exc.message}") from None
                 if isinstance(exc, RpcError) and exc.code not in ("rank_taken",) and not isinstance(
                         exc, RpcConnectionError):
                     raise
@@ -148,15 +180,7 @@ class CoordinatorLink:
                     raise GroupFailed(f"group {self.group}: the coordinator {self.coordinator} was unreachable "
                                       f"for {self.coordinator_timeout:g}s (coordinator_timeout)") from None
                 await trio.sleep(0.1)  # retry back-off: the coordinator is restarting, or has not seen us go
-        self.key, self.chunk = reply["key"], reply["chunk"]
-        self.version = -1
-        self.joined.set()
-        # The group as it is now: a replacement (or a rank the coordinator gave
-        # up on) sees a newer epoch here and rolls back before anything else.
-        self.on_view(await _open(self._watch_client).call("watch", Watch(**self._session(), version=-1).encode()))
-        if reply["number"] >= 0 and reply["number"] != self.number:
-            await self._fetch(reply["number"], reply["size"])
-        self.ok.set()
+        return reply
 
     async def wait_ok(self) -> None:
         """Until joined (calls may flow); :class:`GroupFailed` past ``coordinator_timeout``

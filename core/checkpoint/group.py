@@ -123,6 +123,7 @@ class Slot:
     consumed: list[int] = field(default_factory=list)
     finished: bool = False
     ran: bool = False  # the rank said at join that it has run main (its state left checkpoint 0)
+    fresh: bool = True  # its join named no earlier session: a new process
     log_bytes: int = 0
     log_entries: int = 0
 
@@ -230,7 +231,7 @@ class Group:
             # checkpoint of: we restarted, and a fresh rank joined first.
             self.move(RESTARTED)
         slot.key, slot.alive, slot.addr, slot.last_seen = new_key, True, addr, now
-        slot.ran = running
+        slot.ran, slot.fresh = running, not old_key
         recover = rank in self.lost and slot.number >= 0
         rebuild = False
         if self.phase == REBUILDING:
@@ -249,10 +250,15 @@ class Group:
 
     def _check_rebuild(self) -> bool:
         """Every rank is back after a restart: whether the parity can be rebuilt (else the group fails)."""
-        fresh = [i for i, s in enumerate(self.slots) if s.number < 0]
-        if fresh and any(s.ran or s.number > 0 for s in self.slots):
-            # A rank came back without a checkpoint while the others had moved on:
-            # its state is lost with the coordinator's record of it.
+        # A rank holding no checkpoint that had a session before is still taking its
+        # checkpoint 0 (its commit was cut off by the restart): its state is its
+        # initial one, and it takes checkpoint 0 again. A new process holding none,
+        # while the others have run, replaces a rank whose state is lost with the
+        # coordinator's record of it.
+        # (A replacement that was reading its image says it ran: its state is not its initial one.)
+        moved_on = any(s.ran or s.number > 0 for s in self.slots)
+        fresh = [i for i, s in enumerate(self.slots) if s.number < 0 and (s.ran or (s.fresh and moved_on))]
+        if fresh:
             self.fail(STATE_LOST, f"rank(s) {fresh} came back without a checkpoint while the coordinator "
                                   "was away (their state is lost)")
             return False

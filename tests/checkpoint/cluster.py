@@ -47,8 +47,10 @@ async def start_daemon(nursery: trio.Nursery, cfg: CheckpointConfig):
 class RankRunner:
     """Runs app ranks as tasks; kill(rank) cancels one, start(rank) runs a (replacement) rank."""
 
-    def __init__(self, nursery, coordinator, app: str, n: int, size: int, group: str = "g", **rank_kw):
-        self.nursery, self.coordinator, self.app, self.n, self.size = nursery, coordinator, load(app), n, size
+    def __init__(self, nursery, coordinator, app, n: int, size: int, group: str = "g", **rank_kw):
+        """``app``: a shipped app's name, or a module-like object with setup and main."""
+        self.nursery, self.coordinator, self.n, self.size = nursery, coordinator, n, size
+        self.app = load(app) if isinstance(app, str) else app
         self.group, self.rank_kw = group, rank_kw
         self.results: dict[int, bytes] = {}
         self.errors: dict[int, Exception] = {}
@@ -58,6 +60,8 @@ class RankRunner:
 
     def start(self, i: int) -> Rank:
         rank = Rank(self.coordinator, self.group, i, self.n, **self.rank_kw)
+        self.results.pop(i, None)
+        self.errors.pop(i, None)
         self.app.setup(rank, self.size)
         self.ranks[i] = rank
         scope = trio.CancelScope()
