@@ -113,3 +113,34 @@ class WindowAccumulator:
             features[f"{k}:mean"] = stats[k].mean
             features[f"{k}:std"] = stats[k].std
         return Window(start, start + self.length, count, features)
+
+
+class Disturbances:
+    """Time ranges in which the daemon itself disturbed the node (training, installing a model).
+
+    A window that overlaps one is the daemon's doing, not the node's: it is kept out of
+    training data and is not scored (no alarm). :meth:`begin` opens a range at a time,
+    :meth:`end` closes the newest open one ``settle`` seconds after the given time (the model loading, memory
+    settling: one window in the daemon). Time is passed in (sans-IO). Ranges older than
+    every window still to be judged are forgotten (:meth:`covers` drops those ending
+    before the window it is asked about: windows are judged in time order).
+    """
+
+    def __init__(self) -> None:
+        self._ranges: list[list[float]] = []  # [start, end]; end = inf while open
+
+    def begin(self, t: float) -> None:
+        self._ranges.append([t, math.inf])
+
+    def end(self, t: float, settle: float = 0.0) -> tuple[float, float]:
+        """Close the newest open range at ``t + settle``; returns it as (start, end)."""
+        for r in reversed(self._ranges):
+            if r[1] == math.inf:
+                r[1] = t + settle
+                return r[0], r[1]
+        raise ValueError("no disturbance in progress")
+
+    def covers(self, start: float, end: float) -> bool:
+        """Whether the window [start, end) overlaps a disturbance (an open one included)."""
+        self._ranges = [r for r in self._ranges if r[1] > start]
+        return any(r[0] < end and r[1] > start for r in self._ranges)

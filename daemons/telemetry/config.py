@@ -83,6 +83,10 @@ class TrainingSection:
     # Train on the features whose names start with one of these (e.g. ["cgroup_"]: the
     # node's own workload where the kernel is shared); [] = every feature of the node.
     features: tuple[str, ...] = setting(())
+    # ... and not on those starting with one of these. The load averages by default: they are
+    # the run queue (proc_running, a feature) averaged by the kernel over 1, 5 and 15 minutes,
+    # so they carry minutes of the past into a window (a fault's end, the daemon's own training).
+    exclude_features: tuple[str, ...] = setting(("load_",))
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ import os
 import secrets
 import shlex
 import time
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -62,7 +63,7 @@ import trio
 
 from shoal.core.telemetry.formats import decode_model_npz, encode_training_npz
 from shoal.core.telemetry.model import Detector, ModelError, NodeVerdict
-from shoal.core.telemetry.windows import Window, WindowAccumulator
+from shoal.core.telemetry.windows import Disturbances, Window, WindowAccumulator
 from shoal.daemons.runtime.config import ListenAddr, read_token
 from shoal.daemons.runtime.daemon import DaemonContext
 from shoal.daemons.runtime.rpc import RpcError, RpcServer, connect_tcp, handlers_of, rpc_method
@@ -90,6 +91,12 @@ FIRST_SAMPLE_TIMEOUT = 30.0
 # may sit idle between two chunks before it is dropped (its memory freed).
 MAX_UPLOADS = 2
 UPLOAD_IDLE_SECONDS = 60.0
+# The daemon's own training and model installs disturb the node it watches (a core busy for
+# seconds, memory allocated and freed, the model file written and loaded). The windows that
+# overlap them, and those closing within SETTLE_SECONDS after, get this label (so they are
+# never training data) and are not scored (no alarm): shoal_telemetry_windows_total{result="disturbed"}.
+DISTURBED_LABEL = "shoal-disturbed"
+SETTLE_SECONDS = 5.0
 
 
 class Uploads:
@@ -162,6 +169,7 @@ class TelemetryApp:
         self.node = NodeVerdict(cfg.detector.confirm)  # the node's verdict, from the windows'
         self.model_lock = trio.Lock()
         self.uploads = Uploads()
+        self.disturbances = Disturbances()
         self._first_sample = trio.Event()
         self._global_seen: tuple[int, int] | None = None
         self._nursery: trio.Nursery | None = None
@@ -234,6 +242,11 @@ class TelemetryApp:
             await self._write_training_data()
 
     async def _score(self, w: Window, label: str | None) -> None:
+        if self.disturbances.covers(w.start, w.end):
+            self.metrics.windows.labels("disturbed").inc()
+            log.info("window %s closed (%d samples): the daemon was training or installing a model during it; "
+                     "not scored, not training data", _iso(w.start), w.n_samples)
+            return
         det = self.detector
         if det is None:
             self.metrics.windows.labels("unscored").inc()
@@ -283,7 +296,8 @@ class TelemetryApp:
         def write() -> None:
             windows = self.store.training(self.config.training.max_windows)
             try:
-                features = selected_features(windows, self.config.training.features)
+                features = selected_features(windows, self.config.training.features,
+                                             self.config.training.exclude_features)
             except ModelError as exc:  # the node has none of [training] features (yet): nothing to offer
                 log.error("federated training data not written: %s", exc)
                 return
@@ -293,6 +307,19 @@ class TelemetryApp:
         await trio.to_thread.run_sync(write)
 
     # -- models ----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _disturbing(self, what: str):
+        """Mark the time the body runs (plus SETTLE_SECONDS) as the daemon's own disturbance."""
+        self.disturbances.begin(time.time())
+        try:
+            yield
+        finally:
+            start, end = self.disturbances.end(time.time(), SETTLE_SECONDS)
+            with trio.CancelScope(shield=True):
+                n = await trio.to_thread.run_sync(self.store.label, start, end, DISTURBED_LABEL)
+            log.info("%s: windows from %s to %s labelled %s (%d stored so far)", what, _iso(start), _iso(end),
+                     DISTURBED_LABEL, n)
 
     def _load_startup_model(self) -> None:
         if not self.model_path.exists():
@@ -361,7 +388,7 @@ class TelemetryApp:
         return det
 
     async def _install_global(self, data: bytes) -> None:
-        async with self.model_lock:
+        async with self.model_lock, self._disturbing("federated install"):
             try:
                 weights, meta = decode_model_npz(data)
             except ValueError as exc:
@@ -488,13 +515,13 @@ class TelemetryApp:
         epochs = t.epochs if params.epochs is None else params.epochs
         lr = t.lr if params.lr is None else params.lr
         batch = t.batch_size if params.batch_size is None else params.batch_size
-        async with self.model_lock:
+        async with self.model_lock, self._disturbing("training"):
             windows = await trio.to_thread.run_sync(self.store.training, t.max_windows)
             try:
                 res = await trio.to_thread.run_sync(partial(
                     train_local, windows, self.candidate_path, epochs=epochs, batch_size=batch, lr=lr,
                     percentile=t.percentile, min_windows=t.min_windows, min_steps=t.min_steps, folds=t.folds,
-                    prefixes=t.features))
+                    prefixes=t.features, exclude=t.exclude_features))
                 await self._install_candidate("local")
             except ModelError as exc:
                 raise RpcError("train_failed", str(exc)) from None
@@ -509,7 +536,7 @@ class TelemetryApp:
             raise
         if isinstance(data, dict):  # more chunks to come
             return data
-        async with self.model_lock:
+        async with self.model_lock, self._disturbing("install"):
             try:
                 name = "".join(c if c.isprintable() else "?" for c in params.name)  # one log line, one error line
                 det = await self._install_candidate("rpc", data, name)

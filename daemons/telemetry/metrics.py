@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 SOURCES = ("cpu", "cpufreq", "load", "memory", "disk", "net", "pressure", "vmstat", "resctrl", "hwmon", "rapl", "gpu",
            "node_exporter", "cgroup")
-VERDICTS = ("normal", "anomalous", "unscored")
+VERDICTS = ("normal", "anomalous", "unscored", "disturbed")
 ORIGINS = ("startup", "local", "federated", "rpc")
 OUTCOMES = ("ok", "refused")
 
@@ -30,7 +30,9 @@ class TelemetryMetrics:
             "shoal_telemetry_sources_absent", "Sources skipped because this node lacks them.", registry=registry,
         )
         self.windows = Counter(
-            "shoal_telemetry_windows_total", "Closed windows, by verdict.", ["result"], registry=registry,
+            "shoal_telemetry_windows_total",
+            "Closed windows, by verdict (disturbed: the daemon was training or installing a model; not scored).",
+            ["result"], registry=registry,
         )
         self.stored = Gauge("shoal_telemetry_windows_stored", "Windows in the local store.", registry=registry)
         self.score = Gauge("shoal_telemetry_window_score", "Reconstruction error of the last scored window.",

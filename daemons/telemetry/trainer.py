@@ -65,28 +65,34 @@ def training_matrix(windows: list[StoredWindow], features: list[str] | None = No
     return X, names
 
 
-def selected_features(windows: list[StoredWindow], prefixes: Sequence[str]) -> list[str] | None:
-    """The node's current features whose names start with one of ``prefixes``; None (all) without prefixes.
+def selected_features(windows: list[StoredWindow], prefixes: Sequence[str],
+                      exclude: Sequence[str] = ()) -> list[str] | None:
+    """The node's current features whose names start with one of ``prefixes`` (any, without
+    prefixes) and with none of ``exclude``; None (all) when neither is given.
 
-    ``[training] features``: the same choice for a local model and for the
-    training data a federated round reads, so both learn the same signals.
+    ``[training] features`` and ``exclude_features``: the same choice for a local model and
+    for the training data a federated round reads, so both learn the same signals.
     """
-    if not prefixes or not windows:
+    if not (prefixes or exclude) or not windows:
         return None
-    features = sorted(n for n in windows[-1].features if n.startswith(tuple(prefixes)))
+    features = sorted(n for n in windows[-1].features
+                      if (not prefixes or n.startswith(tuple(prefixes))) and not n.startswith(tuple(exclude)))
     if not features:
-        raise ModelError(f"no feature of this node starts with {', '.join(prefixes)} ([training] features)")
+        but = f" and not with {', '.join(exclude)} (exclude_features)" if exclude else ""
+        raise ModelError(f"no feature of this node starts with {', '.join(prefixes) or 'anything'}{but} "
+                         "([training] features)")
     return features
 
 
 def train_local(windows: list[StoredWindow], out: Path, *, epochs: int, batch_size: int, lr: float,
                 percentile: float, min_windows: int, min_steps: int = 0, folds: int = 0, seed: int = 0,
-                prefixes: Sequence[str] = ()) -> TrainResult:
-    """``prefixes``: only the features whose names start with one of them (none: every feature).
+                prefixes: Sequence[str] = (), exclude: Sequence[str] = ()) -> TrainResult:
+    """``prefixes``: only the features whose names start with one of them (none: every feature);
+    ``exclude``: not those starting with one of these.
 
     ``min_steps`` and ``folds``: the live recipe (:func:`shoal.core.telemetry.model.fit_detector`).
     """
-    X, names = training_matrix(windows, selected_features(windows, prefixes))
+    X, names = training_matrix(windows, selected_features(windows, prefixes, exclude))
     if X.shape[0] < max(min_windows, folds):
         raise ModelError(f"only {X.shape[0]} training windows with the node's current features; "
                          f"at least {max(min_windows, folds)} are needed")

@@ -262,3 +262,23 @@ def test_v2_cgroup_pressure_is_the_workloads_own_stall_share(tmp_path):
     assert s["cgroup_psi_io_some.stalled_per_s"] == pytest.approx(0.2)
     (cg / "io.pressure").unlink()  # a kernel without it: left out, the rest goes on
     assert "cgroup_psi_io_some.stalled" not in CgroupSource(tmp_path, "self").read().counters
+
+
+def test_training_leaves_out_excluded_feature_prefixes(tmp_path):
+    """[training] exclude_features (default ["load_"]): the load averages are not trained on."""
+    from shoal.core.telemetry.model import Detector, ModelError
+    from shoal.daemons.telemetry.config import TelemetryConfig
+    from shoal.daemons.telemetry.store import StoredWindow
+    from shoal.daemons.telemetry.trainer import train_local
+
+    assert TelemetryConfig().training.exclude_features == ("load_",)
+    windows = [StoredWindow(float(i), i + 1.0, 10, {"load_15:mean": 1.0 + 0.01 * i, "proc_running:mean": i % 3,
+                                                    "cpu_all_util:mean": 0.1 * (i % 4)}, None, None, None, None)
+               for i in range(12)]
+    kw = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "percentile": 98.0, "min_windows": 10}
+    res = train_local(windows, tmp_path / "m.onnx", exclude=["load_"], **kw)
+    assert res.features == 2
+    assert sorted(Detector.load(tmp_path / "m.onnx").feature_names) == ["cpu_all_util:mean", "proc_running:mean"]
+    assert train_local(windows, tmp_path / "p.onnx", prefixes=["cpu_", "load_"], exclude=["load_"], **kw).features == 1
+    with pytest.raises(ModelError, match=r"starts with load_ and not with load_ \(exclude_features\)"):
+        train_local(windows, tmp_path / "none.onnx", prefixes=["load_"], exclude=["load_"], **kw)

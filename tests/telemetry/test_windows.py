@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shoal.core.telemetry.windows import WindowAccumulator
+from shoal.core.telemetry.windows import Disturbances, WindowAccumulator
 
 
 def test_windows_are_aligned_and_hold_mean_and_std():
@@ -68,3 +68,20 @@ def test_statistics_match_numpy(values):
     (w,) = acc.flush(1e6)
     assert w.features["m:mean"] == pytest.approx(np.mean(values), rel=1e-9, abs=1e-6)
     assert w.features["m:std"] == pytest.approx(np.std(values), rel=1e-6, abs=1e-3)
+
+
+def test_disturbances_cover_the_windows_overlapping_them_and_the_settling_time():
+    d = Disturbances()
+    assert not d.covers(0.0, 10.0)
+    d.begin(25.0)  # training starts inside the window [20, 30)
+    assert not d.covers(10.0, 20.0)
+    assert d.covers(20.0, 30.0) and d.covers(30.0, 40.0)  # open: every window from its start on
+    assert d.end(42.0, settle=5.0) == (25.0, 47.0)
+    assert d.covers(40.0, 50.0)  # holds the end and the settling time
+    assert not d.covers(50.0, 60.0)
+    d.begin(70.0)
+    d.begin(71.0)  # nested: the inner one closes first
+    assert d.end(72.0) == (71.0, 72.0) and d.covers(80.0, 90.0)
+    assert d.end(95.0) == (70.0, 95.0) and not d.covers(100.0, 110.0)
+    with pytest.raises(ValueError):
+        d.end(120.0)
