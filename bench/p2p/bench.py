@@ -261,14 +261,17 @@ def run_pair(tmp: Path, shared, seed_impl: str, leech_impl: str, timeout: float,
 
 
 def run_swarm(tmp: Path, shared, n: int, cap: int, per_process: int, timeout: float,
-              super_seed: bool = False) -> dict:
-    work = tmp / f"swarm{n}{'-super' if super_seed else ''}"
+              super_seed: bool = False, impl: str = "shoal") -> dict:
+    """One seed and ``n`` leechers, all of ``impl``; libtorrent runs one node per process."""
+    if impl == "libtorrent":
+        per_process = 1
+    work = tmp / f"swarm{n}-{impl}{'-super' if super_seed else ''}"
     work.mkdir()
     tracker = Tracker(work / "tracker")
     nodes: list[Node] = []
     try:
         torrent = shared.torrent_for(tracker.url, work / "swarm.torrent")
-        seed = Node({"impl": "shoal", "role": "seed", "torrent": str(torrent), "upload_rate": cap,
+        seed = Node({"impl": impl, "role": "seed", "torrent": str(torrent), "upload_rate": cap,
                      "super_seed": super_seed,
                      "nodes": [{"ip": "127.0.0.10", "dir": str(shared.path.parent),
                                 "resume": str(work / "seed.resume")}]}, work / "seed.log")
@@ -278,7 +281,7 @@ def run_swarm(tmp: Path, shared, n: int, cap: int, per_process: int, timeout: fl
         for g, first in enumerate(range(0, n, per_process)):
             members = [{"ip": f"127.0.{1 + (11 + i) // 250}.{(11 + i) % 250}", "dir": str(work / f"l{i}")}
                        for i in range(first, min(n, first + per_process))]
-            groups.append(Node({"impl": "shoal", "role": "leech", "torrent": str(torrent), "upload_rate": cap,
+            groups.append(Node({"impl": impl, "role": "leech", "torrent": str(torrent), "upload_rate": cap,
                                 "nodes": members}, work / f"group{g}.log"))
         nodes += groups
         for grp in groups:
@@ -302,7 +305,7 @@ def run_swarm(tmp: Path, shared, n: int, cap: int, per_process: int, timeout: fl
         uploaded_by_leechers = sum(s["uploaded"] for gs in group_stats if gs for s in gs["nodes"])
         seed_up = seed_stats["nodes"][0]["uploaded"] if seed_stats else None
         return {
-            "n": n, "super_seed": super_seed, "file_bytes": F, "upload_cap_bytes_per_s": cap,
+            "impl": impl, "n": n, "super_seed": super_seed, "file_bytes": F, "upload_cap_bytes_per_s": cap,
             "processes": 1 + len(groups),
             "per_process": per_process,
             "last_done_s": makespan, "first_done_s": min(done_t), "median_done_s": sorted(done_t)[len(done_t) // 2],
@@ -399,7 +402,13 @@ def _run_cprofile_pair(tmp: Path, shared, timeout: float, out: Path) -> dict:
         f"sys.argv = [{str(real)!r}] + sys.argv[1:]\n"
         "spec = sys.argv[1]\n"
         "if '\"leech\"' in spec:\n"
-        f"    cProfile.run('runpy.run_path({str(real)!r}, run_name=\"__main__\")', {str(out)!r})\n"
+        "    prof = cProfile.Profile()\n"
+        "    prof.enable()\n"
+        "    try:\n"
+        f"        runpy.run_path({str(real)!r}, run_name='__main__')\n"
+        "    finally:\n"
+        "        prof.disable()\n"
+        f"        prof.dump_stats({str(out)!r})\n"
         "else:\n"
         f"    runpy.run_path({str(real)!r}, run_name='__main__')\n")
     NODE = wrapper
@@ -433,7 +442,11 @@ def main() -> int:
     ap.add_argument("--n", default="8,16,32", help="comma-separated swarm sizes (leechers), or 'none'")
     ap.add_argument("--per-process", type=int, default=4, help="shoal leecher Sessions per process in swarms")
     ap.add_argument("--super-seed", choices=["off", "on", "both"], default="both",
-                    help="swarm seed with BEP 16 super-seeding: off, on, or both, one after the other (default)")
+                    help="shoal's swarm seed with BEP 16 super-seeding: off, on, or both, one after the other "
+                         "(default)")
+    ap.add_argument("--swarm-impls", default="shoal,libtorrent",
+                    help="comma-separated implementations to run each swarm size with (libtorrent: plain seed, "
+                         "one node per process)")
     ap.add_argument("--profile", action="store_true", help="profile the shoal leecher in an extra shoal->shoal pair")
     ap.add_argument("--py-spy", default=shutil.which("py-spy"), help="py-spy binary (else cProfile)")
     ap.add_argument("--top", type=int, default=15)
@@ -476,10 +489,17 @@ def main() -> int:
         if ns:
             shared_s = make_shared_file(tmp / "swarmfile", "swarm.bin", args.swarm_size * MiB,
                                         "http://127.0.0.1:1/announce", seed=2)
+            impls = args.swarm_impls.split(",")
             for n in ns:
-                for sup in (False, True) if args.super_seed == "both" else (args.super_seed == "on",):
-                    print(f"swarm n={n}{' super-seed' if sup else ''} ...", file=sys.stderr, flush=True)
-                    swarms.append(run_swarm(tmp, shared_s, n, cap, args.per_process, args.timeout, sup))
+                for impl in impls:
+                    sups = ((False, True) if args.super_seed == "both" else (args.super_seed == "on",)) \
+                        if impl == "shoal" else (False,)
+                    for sup in sups:
+                        print(f"swarm {impl} n={n}{' super-seed' if sup else ''} ...", file=sys.stderr, flush=True)
+                        swarms.append(run_swarm(tmp, shared_s, n, cap, args.per_process, args.timeout, sup, impl))
+            for w in swarms:  # the anchor: libtorrent's swarm of the same size, same caps, same run
+                lt_row = next((x for x in swarms if x["impl"] == "libtorrent" and x["n"] == w["n"]), None)
+                w["ratio_to_libtorrent"] = w["last_done_s"] / lt_row["last_done_s"] if lt_row else None
             result["swarms"] = swarms
         if args.profile:
             print("profiling the shoal leecher ...", file=sys.stderr, flush=True)
@@ -497,14 +517,17 @@ def main() -> int:
                   f"{r['cpu_s_per_GiB_transfer']['seed']:>15.2f} {r['cpu_s_per_GiB_transfer']['leech']:>6.2f} "
                   f"{'ok' if r['sha1_ok'] else 'BAD':>5}")
     if swarms:
-        print(f"\nSwarms, shoal only: 1 seed + N leechers, F = {args.swarm_size} MiB, "
+        print(f"\nSwarms: 1 seed + N leechers, F = {args.swarm_size} MiB, "
               f"every node's upload capped at {args.upload_cap:g} MiB/s")
-        print(f"{'N':>3} {'super':>5} {'procs':>5} {'last done s':>11} {'min s':>6} {'x min':>6} "
-              f"{'client-server s':>15} {'x c-s':>6} {'first byte s':>12} {'seed copies':>11} {'cores busy':>10}")
+        print(f"{'impl':<10} {'N':>3} {'super':>5} {'procs':>5} {'last done s':>11} {'min s':>6} {'x min':>6} "
+              f"{'x lt':>5} {'client-server s':>15} {'x c-s':>6} {'first byte s':>12} {'seed copies':>11} "
+              f"{'cores busy':>10}")
         for w in swarms:
-            print(f"{w['n']:>3} {'yes' if w['super_seed'] else 'no':>5} {w['processes']:>5} "
+            xlt = f"{w['ratio_to_libtorrent']:.2f}" if w.get("ratio_to_libtorrent") else "-"
+            print(f"{w['impl']:<10} {w['n']:>3} {'yes' if w['super_seed'] else 'no':>5} {w['processes']:>5} "
                   f"{w['last_done_s']:>11.2f} {w['theoretical_min_s']:>6.2f} "
-                  f"{w['ratio_to_min']:>6.2f} {w['client_server_s']:>15.1f} {w['ratio_to_client_server']:>6.2f} "
+                  f"{w['ratio_to_min']:>6.2f} {xlt:>5} {w['client_server_s']:>15.1f} "
+                  f"{w['ratio_to_client_server']:>6.2f} "
                   f"{w['first_byte_s']:>12.2f} {w['seed_uploaded_copies'] or 0:>11.2f} {w['cores_busy']:>10.2f}")
     if "profile" in result:
         p = result["profile"]

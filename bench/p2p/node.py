@@ -121,15 +121,22 @@ def run_libtorrent(spec: dict) -> None:
     from shoal.demo.realclients import LibtorrentClient
 
     (node,) = spec["nodes"]
-    settings = {}
-    if spec.get("upload_rate"):
-        settings["upload_rate_limit"] = spec["upload_rate"]
-    client = LibtorrentClient(node["ip"], **settings)
+    client = LibtorrentClient(node["ip"])
     torrent = Path(spec["torrent"])
+
+    def capped(h):
+        # The torrent's own limit: libtorrent exempts local (here: loopback)
+        # peers from the session-wide upload_rate_limit, not from this one.
+        if spec.get("upload_rate"):
+            h.set_upload_limit(int(spec["upload_rate"]))
+        if spec.get("download_rate"):
+            h.set_download_limit(int(spec["download_rate"]))
+        return h
+
     if spec["role"] == "seed":
         # Not seed_mode: libtorrent checks every piece now, as shoal's recheck does,
         # instead of lazily while it serves them.
-        h = client.add(torrent, Path(node["dir"]))
+        h = capped(client.add(torrent, Path(node["dir"])))
         while not (h.status().is_seeding and client.replies(h) >= 1):
             client.session.wait_for_alert(50)
             client._drain()
@@ -137,7 +144,7 @@ def run_libtorrent(spec: dict) -> None:
     else:
         emit(ev="ready", t=time.monotonic())
         assert sys.stdin.readline().strip() == "go"
-        h = client.add(torrent, Path(node["dir"]))
+        h = capped(client.add(torrent, Path(node["dir"])))
         emit(ev="added", node=0, t=time.monotonic())
         while h.status().total_payload_download == 0:
             time.sleep(POLL)
