@@ -167,7 +167,7 @@ class CoordinatorLink:
                 break
             except (OSError, RpcError) as exc:
                 if isinstance(exc, RpcError) and exc.code == "group_over":
-                    if self.finished:
+                    if self.finished and f"{self.group!r} has finished" in exc.message:
                         # We had returned from main and the group finished meanwhile.
                         return {"finished": True}
                     raise GroupFailed(f"group {self.group}: {self.reason or exc.message}") from None
@@ -251,6 +251,8 @@ class CoordinatorLink:
                 self.ok = trio.Event()
                 self.joined = trio.Event()
                 await self.join()
+                if self.view.get("phase") == "finished" and self.finished:
+                    return  # the group finished while we were away: nothing left to follow
                 continue
             self.on_view(view)
 

@@ -241,11 +241,15 @@ class Rank:
         link = self.link
         await self._shipped.wait()  # our last checkpoint commits before we finish
         link.finished = True  # a rejoin tells a restarted coordinator
-        while True:
+        while link.view.get("phase") != "finished":
             try:
                 await link.call("finish", Member)
                 break
-            except RpcConnectionError:
+            except RpcError as exc:
+                # The coordinator restarting (the watcher joins again, within
+                # coordinator_timeout) or our session replaced by that rejoin.
+                if not isinstance(exc, RpcConnectionError) and exc.code not in ("bad_identity", "unknown_group"):
+                    raise
                 await trio.sleep(0.05)  # retry back-off: the coordinator restarts
         while link.view.get("phase") != "finished":
             if link.need_rollback or link.failed:

@@ -218,7 +218,8 @@ class Group:
 
         ``running``/``finished``: the rank has run (returned from) its main."""
         if self.phase in OVER:
-            raise Refusal("group_over", f"group {self.name!r} has {self.phase}; it is not created again")
+            why = f": {self.reason}" if self.reason else ""
+            raise Refusal("group_over", f"group {self.name!r} has {self.phase}{why}; it is not created again")
         slot = self.slots[rank]
         same_session = slot.alive and slot.key is not None and secrets.compare_digest(slot.key, old_key)
         if slot.alive and not same_session:

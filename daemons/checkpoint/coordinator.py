@@ -269,11 +269,20 @@ class Coordinator:
             await trio.sleep(self.cfg.heartbeat_interval)
         except trio.Cancelled:
             # The server cancels a request when its connection closes: the rank is gone.
+            # Unless the whole daemon is stopping (the same cancellation): decided in a
+            # task of the coordinator's own nursery, which a stop cancels before it runs,
+            # so a graceful restart never declares its ranks failed.
             if not self.stopping and slot.alive and slot.key == p.key:
-                self._failed(g, rank, "disconnect")
+                self.nursery.start_soon(self._disconnected, g, rank, p.key)
             raise
         slot.last_seen = self.clock()
         return True
+
+    async def _disconnected(self, g: Group, rank: int, key: bytes) -> None:
+        await trio.lowlevel.checkpoint()  # cancelled here if the daemon is stopping
+        slot = g.slots[rank]
+        if not self.stopping and slot.alive and slot.key == key:
+            self._failed(g, rank, "disconnect")
 
     async def _reaper(self) -> None:
         while True:

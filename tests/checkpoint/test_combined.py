@@ -79,7 +79,7 @@ class Cluster:
         self.bcfg = config(self.tmp, "b", role="backup", max_frame=1 << 20)
         bctx, self.backup, self.bscope = await start_daemon(self.nursery, self.bcfg)
         self.bcfg = replace(self.bcfg, checkpoint=replace(self.bcfg.checkpoint, listen=bctx.addresses["rpc"]))
-        self.ccfg = config(self.tmp, "c", backup=bctx.addresses["rpc"], max_frame=1 << 20, rebuild_timeout=3.0,
+        self.ccfg = config(self.tmp, "c", backup=bctx.addresses["rpc"], max_frame=1 << 20, rebuild_timeout=8.0,
                            finished_grace=2.0)
         ctx, self.coord, self.cscope = await start_daemon(self.nursery, self.ccfg)
         self.ccfg = replace(self.ccfg, checkpoint=replace(self.ccfg.checkpoint, listen=ctx.addresses["rpc"]))

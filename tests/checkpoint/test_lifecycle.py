@@ -249,3 +249,25 @@ async def test_a_rank_gives_up_loudly_when_the_coordinator_never_returns(nursery
             with pytest.raises(GroupFailed) as err:
                 await rank.run(_nothing)
             assert "coordinator_timeout" in err.value.reason
+
+
+async def test_a_graceful_stop_declares_no_rank_failed(nursery) -> None:
+    """Stopping the coordinator cancels every rank's heartbeat poll, as a closed
+    connection does: it declared them all failed, the group failed, and a watch
+    answered in that instant told the ranks so (GroupFailed on a mere restart)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx, coord, scope = await start_daemon(nursery, config(Path(tmp), "c"))
+        with trio.fail_after(30):
+            async with trio.open_nursery() as inner:
+                runner = RankRunner(inner, ctx.addresses["rpc"], "ring", 3, 400, interval=0.01, block_size=BLOCK)
+                for i in range(3):
+                    runner.start(i)
+                await _ranks_past(runner, 20)
+                scope.cancel()
+                # Every rank saw its connections close: every handler had been cancelled.
+                while any(r.link.ok.is_set() for r in runner.ranks.values()):  # noqa: ASYNC110
+                    await trio.sleep(0.01)  # polling the ranks' links
+                inner.cancel_scope.cancel()
+        assert coord.service.groups["g"].phase == "running"
+        assert coord.metrics.failures.labels("disconnect")._value.get() == 0
+        assert coord.metrics.recoveries.labels("failed")._value.get() == 0
