@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from netdata_ml import NodeDetector, fetch  # noqa: E402
+from netdata_ml import NodeDetector, fetch, window_scores  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHOAL = [sys.executable, "-m", "shoal.cli.main"]
@@ -290,9 +290,7 @@ def main() -> int:
         # Netdata: the node anomaly rate per second, averaged over each scored window.
         ntimes, nseries = fetch(base, int(train_end) - 20, int(end))
         rate = nd_model.rate(nseries)
-        rtimes = ntimes[len(ntimes) - len(rate):]
-        scores = np.array([rate[(rtimes >= s) & (rtimes < e)].mean() if np.any((rtimes >= s) & (rtimes < e))
-                           else 0.0 for s, e in sc.windows])
+        scores = np.nan_to_num(window_scores(ntimes[len(ntimes) - len(rate):], rate, sc.windows))
         normal = np.array([t is None for t in sc.truth])
         results = {"shoal": shoal_eval}
         for name, target in (("netdata_at_shoal_fpr", shoal_eval["fpr"] or 0.0), ("netdata_at_2pct", 0.02)):

@@ -100,29 +100,74 @@ class NodeDetector:
         return np.mean([b[:n] for b in bits], axis=0)
 
 
-def fetch(base: str, after: int, before: int, timeout: float = 30.0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Every chart's dimensions from a Netdata agent, per second, for [after, before] (unix seconds).
+#: a dimension must have a value at this share of the seconds of a fetch to be kept
+MIN_COVERAGE = 0.9
 
-    Returns (timestamps, {"chart/dimension": values}); each series is on the same timestamps.
+
+def align(charts: dict[str, tuple[list[str], list[list]]], after: int, before: int
+          ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Netdata's per-chart rows on one per-second grid [after, before).
+
+    ``charts``: chart -> (dimension labels, rows ``[t, v1, v2, ...]`` in any order, ``None`` for
+    a gap). Every chart has its own timeline (a chart that started later, a plugin that
+    collects at its own pace: apps.plugin's charts against the kernel's), so rows are placed
+    by their timestamp, not their position: the bench used to take the first chart's
+    timestamps as everyone's and drop every chart not exactly on them, which left only
+    apps.plugin's charts in training and a different set in the test (recall 0 everywhere).
+    A dimension with values at under MIN_COVERAGE of the seconds is left out; its gaps are
+    filled with its previous value (its first, before it starts).
+    """
+    grid = np.arange(after, before, dtype=np.int64)
+    out: dict[str, np.ndarray] = {}
+    for chart, (labels, rows) in charts.items():
+        if not rows:
+            continue
+        t = np.array([int(round(r[0])) for r in rows], np.int64)
+        vals = np.array([[np.nan if v is None else float(v) for v in r[1:]] for r in rows], np.float64)
+        inside = (t >= after) & (t < before)
+        t, vals = t[inside], vals[inside]
+        for k, label in enumerate(labels):
+            col = np.full(grid.shape, np.nan)
+            col[t - after] = vals[:, k]
+            ok = ~np.isnan(col)
+            if ok.mean() < MIN_COVERAGE:
+                continue
+            idx = np.where(ok, np.arange(len(col)), 0)
+            np.maximum.accumulate(idx, out=idx)
+            col = col[idx]
+            col[np.isnan(col)] = col[ok][0]  # before its first value
+            out[f"{chart}/{label}"] = col
+    return grid.astype(np.float64), out
+
+
+def window_scores(times: np.ndarray, rate: np.ndarray, windows: list[tuple[float, float]]) -> np.ndarray:
+    """The mean node anomaly rate over each window [start, end) (``rate[i]`` at ``times[i]``,
+    the end of Netdata's second ``times[i] - 1 .. times[i]``); NaN for a window with no second."""
+    times, rate = np.asarray(times, np.float64), np.asarray(rate, np.float64)
+    if times.shape != rate.shape:
+        raise ValueError(f"{times.shape[0]} timestamps for {rate.shape[0]} rates")
+    out = np.full(len(windows), np.nan)
+    for i, (s, e) in enumerate(windows):
+        m = (times > s) & (times <= e)
+        if m.any():
+            out[i] = rate[m].mean()
+    return out
+
+
+def fetch(base: str, after: int, before: int, timeout: float = 30.0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every chart's dimensions from a Netdata agent, per second, for [after, before) (unix seconds).
+
+    Returns (timestamps, {"chart/dimension": values}), every series on the same timestamps (:func:`align`).
     """
     with urllib.request.urlopen(f"{base}/api/v1/charts", timeout=timeout) as r:  # noqa: S310 - loopback
         charts = sorted(json.load(r)["charts"])
-    times: np.ndarray | None = None
-    out: dict[str, np.ndarray] = {}
+    raw: dict[str, tuple[list[str], list[list]]] = {}
     for chart in charts:
-        url = f"{base}/api/v1/data?chart={chart}&after={after}&before={before}&points={before - after}" \
-              "&group=average&format=json&options=seconds,flip,null2zero"
+        url = f"{base}/api/v1/data?chart={chart}&after={after}&before={before}&format=json&options=seconds,flip"
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback
             data = json.load(r)
-        rows = np.asarray(data["data"], dtype=np.float64)
-        if rows.ndim != 2 or rows.shape[0] < 2:
-            continue
-        if times is None:
-            times = rows[:, 0]
-        if rows.shape[0] != times.shape[0] or not np.array_equal(rows[:, 0], times):
-            continue  # a chart that started late: left out rather than misaligned
-        for k, label in enumerate(data["labels"][1:], start=1):
-            out[f"{chart}/{label}"] = rows[:, k]
-    if times is None:
+        raw[chart] = (data["labels"][1:], data["data"])
+    times, out = align(raw, after, before)
+    if not out:
         raise ValueError(f"no data from {base} for {after}..{before}")
     return times, out
