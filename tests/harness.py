@@ -146,8 +146,14 @@ class RunningDaemon:
         return await self.wait(timeout)
 
     async def aclose(self) -> None:
-        """Kill if still running, then remove the socket directory."""
+        """Stop if still running (SIGTERM, so it stops its own children: the fedserver's
+        SuperLink outlived a SIGKILLed fedserver, see daemons/runtime/supervise.py; SIGKILL
+        after 10 s), then remove the socket directory."""
         with trio.CancelScope(shield=True):
+            if self.process.returncode is None:
+                self.process.terminate()
+                with trio.move_on_after(10):
+                    await self.process.wait()
             if self.process.returncode is None:
                 self.process.kill()
                 await self.process.wait()
