@@ -30,6 +30,18 @@ from shoal.protocol.contract import Contract
 log = logging.getLogger("shoal.checkpoint.rank")
 
 
+def unwrap(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` in a nursery's exception group if that is all it holds (else None),
+    so a caller raises the error itself rather than the group trio wrapped it in."""
+    match, rest = group.split(kind)
+    if match is None or rest is not None:
+        return None
+    first: BaseException = match
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+
+
 class GroupFailed(Exception):
     """The group cannot go on; ``reason`` says why (the same words as the coordinator's log line).
 

@@ -65,7 +65,7 @@ import numpy as np
 import trio
 
 from shoal.ckpt.image import Image
-from shoal.ckpt.link import CoordinatorLink, GroupFailed, RollingBack
+from shoal.ckpt.link import CoordinatorLink, GroupFailed, RollingBack, unwrap
 from shoal.ckpt.mailbox import Mailbox
 from shoal.daemons.runtime.config import ListenAddr
 from shoal.daemons.runtime.rpc import RpcConnectionError, RpcError, RpcServer, handlers_of
@@ -190,11 +190,8 @@ class Rank:
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The nursery wraps what _loop raises; GroupFailed is the app's to catch.
-            failed, rest = group.split(GroupFailed)
-            if failed is not None and rest is None:
-                first: BaseException = failed
-                while isinstance(first, BaseExceptionGroup):
-                    first = first.exceptions[0]
+            first = unwrap(group, GroupFailed)
+            if first is not None:
                 raise first from None
             raise
         finally:

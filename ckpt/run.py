@@ -60,6 +60,7 @@ import trio
 
 from shoal.ckpt.env import ENV
 from shoal.ckpt.launcher import figures, fresh_token, serve_role
+from shoal.ckpt.link import unwrap
 from shoal.daemons.runtime.config import ListenAddr, read_token
 from shoal.daemons.runtime.rpc import RpcClient, RpcError, connect_tcp
 
@@ -242,11 +243,8 @@ class Supervisor:
                     await self.all_finished.wait()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as eg:
-            give_up, rest = eg.split(GiveUp)
-            if give_up is not None and rest is None:
-                first: BaseException = give_up
-                while isinstance(first, BaseExceptionGroup):
-                    first = first.exceptions[0]
+            first = unwrap(eg, GiveUp)
+            if first is not None:
                 raise first from None
             raise
         finally:

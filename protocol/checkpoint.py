@@ -35,6 +35,7 @@ __all__ = [
     "MAX_NAME", "MAX_RANKS", "MAX_SHARDS", "MODES",
     "Session", "Member", "Join", "Watch", "Request", "Delta", "Commit", "Stats", "Ready", "RecoverRead",
     "AtStep", "Freeze", "Barrier", "GroupMeta", "BackupApply", "BackupPut", "BackupRead", "BackupDrop",
+    "BackupEpoch",
     "Msg", "Ack", "CkptRead", "group_named",
 ]
 
@@ -82,7 +83,7 @@ MAX_COUNT = (1 << 63) - 1
 COORDINATOR_METHODS = ("join", "watch", "attach", "request", "delta", "commit", "stats", "ready", "recover_read",
                        "propose", "at_step", "freeze", "barrier", "finish", "status")
 #: The backup's methods (called by the coordinator, and ``status``).
-BACKUP_METHODS = ("b_apply", "b_put", "b_list", "b_read", "b_drop", "status")
+BACKUP_METHODS = ("b_apply", "b_put", "b_epoch", "b_list", "b_read", "b_drop", "status")
 #: Rank methods that name a session: ``unknown_group`` comes before any other check.
 SESSION_METHODS = tuple(m for m in COORDINATOR_METHODS if m not in ("join", "status"))
 
@@ -266,6 +267,7 @@ class GroupMeta(Contract):
     m: int = bounded(min=1, max=MAX_SHARDS)
     block_size: int = bounded(min=MIN_BLOCK, max=MAX_BLOCK)
     mode: str = bounded("enhanced", max_len=16)
+    epoch: int = bounded(0, min=0, max=MAX_COUNT)  # the group's epoch at the coordinator
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +307,14 @@ class BackupPut(Contract):
     offset: int = bounded(min=0, max=MAX_STATE * (MAX_SHARDS + 1))
     data: bytes = bounded(max_len=MAX_FRAME)
     final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BackupEpoch(Contract):
+    """The group's epoch moved (a rank failed): the backup keeps the coordinator's."""
+
+    group: str = bounded(max_len=MAX_NAME)
+    epoch: int = bounded(min=0, max=MAX_COUNT)
 
 
 @dataclass(frozen=True, slots=True)

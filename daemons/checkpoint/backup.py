@@ -12,17 +12,45 @@ whose numbers it lists. (Applied one at a time, a commit cut off by a killed
 coordinator left a parity that mixed two checkpoints under the old number, and
 a restarted coordinator restored it: a silently wrong recovery.) A part out of
 order is refused, so the coordinator copies the group again.
+
+The backup also keeps each group's epoch, as the coordinator last sent it (with
+every commit and copy, and on its own when a rank failure moves it,
+``b_epoch``): whenever the coordinator says its mirror is current, both agree on
+the parity, the checkpoint numbers and the epoch (tests check it after every
+transition). The parity's validity is decided by the numbers alone: a rollback
+returns a rank to a committed checkpoint and its next one is numbered after it,
+so a number names one image.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from shoal.core.checkpoint.groupcode import GroupCode
 from shoal.daemons.checkpoint.config import CheckpointSection
 from shoal.daemons.checkpoint.metrics import CheckpointMetrics
 from shoal.daemons.checkpoint.refusals import Refused, counted, wrong_role
 from shoal.daemons.runtime.rpc import Handler, handlers_of, rpc_method
-from shoal.protocol.checkpoint import COORDINATOR_METHODS, BackupApply, BackupDrop, BackupPut, BackupRead, GroupMeta
+from shoal.protocol.checkpoint import (
+    COORDINATOR_METHODS,
+    BackupApply,
+    BackupDrop,
+    BackupEpoch,
+    BackupPut,
+    BackupRead,
+    GroupMeta,
+)
 from shoal.protocol.contract import BadParams
+
+
+@dataclass(slots=True)
+class Held:
+    """One group's mirror: its parity, and per rank the checkpoint number and size it is of."""
+
+    code: GroupCode
+    numbers: list[int]
+    sizes: list[int]
+    epoch: int
 
 
 class Backup:
@@ -31,7 +59,7 @@ class Backup:
     def __init__(self, cfg: CheckpointSection, metrics: CheckpointMetrics) -> None:
         self.cfg = cfg
         self.metrics = metrics
-        self.groups: dict[str, tuple[GroupCode, list[int], list[int]]] = {}  # code, numbers, sizes
+        self.groups: dict[str, Held] = {}
         self._incoming: dict[str, GroupCode] = {}
         # (group, rank) -> (tag, next part, staged blocks, staged bytes): a commit in parts
         self._staged: dict[tuple[str, int], tuple[int, int, list[tuple[int, bytes]], int]] = {}
@@ -43,7 +71,7 @@ class Backup:
 
     def gauges(self) -> dict[str, float]:
         return {"shoal_checkpoint_groups": len(self.groups),
-                "shoal_checkpoint_parity_bytes": sum(c.nbytes for c, _, _ in self.groups.values()),
+                "shoal_checkpoint_parity_bytes": sum(h.code.nbytes for h in self.groups.values()),
                 "shoal_checkpoint_backup_in_sync": 1.0,
                 "shoal_checkpoint_backup_configured": 0.0}
 
@@ -58,8 +86,9 @@ class Backup:
             if len(self.groups) >= self.cfg.max_groups:
                 raise Refused("too_many", "too many groups")
             code = self._new_code(p.meta)
-            self.groups[p.group] = (code, [-1] * code.n, [-1] * code.n)
-        code, numbers, sizes = self.groups[p.group]
+            self.groups[p.group] = Held(code, [-1] * code.n, [-1] * code.n, p.meta.epoch)
+        held = self.groups[p.group]
+        code = held.code
         if p.rank >= code.n:
             raise BadParams(f"rank: must be <= {code.n - 1}")
         if p.size > self.cfg.max_state_bytes:
@@ -85,7 +114,8 @@ class Backup:
         for k, d in staged:
             code.apply(p.rank, k, d)
         code.set_size(p.rank, p.size)
-        numbers[p.rank], sizes[p.rank] = p.number, p.size
+        held.numbers[p.rank], held.sizes[p.rank] = p.number, p.size
+        held.epoch = p.meta.epoch  # a commit is refused at the coordinator unless its epoch is current
         self.metrics.mirror.labels("ok").inc()
         return True
 
@@ -107,14 +137,22 @@ class Backup:
         incoming.write(p.offset, p.data)
         if p.final:
             del self._incoming[p.group]
-            self.groups[p.group] = (incoming, list(p.numbers), list(p.sizes))
+            self.groups[p.group] = Held(incoming, list(p.numbers), list(p.sizes), p.meta.epoch)
             self.metrics.mirror.labels("resync").inc()
+        return True
+
+    @rpc_method("b_epoch", BackupEpoch)
+    async def b_epoch(self, p: BackupEpoch) -> bool:
+        if p.group not in self.groups:
+            raise Refused("unknown_group", "no such group here")
+        self.groups[p.group].epoch = p.epoch
         return True
 
     @rpc_method("b_list")
     async def b_list(self) -> dict:
-        return {name: {"n": c.n, "m": c.m, "block_size": c.block_size, "numbers": nums, "sizes": sizes}
-                for name, (c, nums, sizes) in self.groups.items()}
+        return {name: {"n": h.code.n, "m": h.code.m, "block_size": h.code.block_size, "numbers": h.numbers,
+                       "sizes": h.sizes, "epoch": h.epoch}
+                for name, h in self.groups.items()}
 
     @rpc_method("b_drop", BackupDrop)
     async def b_drop(self, p: BackupDrop) -> bool:
@@ -131,9 +169,9 @@ class Backup:
             raise Refused("unknown_group", "no such group here")
         if p.length > self.cfg.max_frame // 2:
             raise BadParams(f"length: must be <= {self.cfg.max_frame // 2}")
-        return self.groups[p.group][0].read(p.offset, p.length)
+        return self.groups[p.group].code.read(p.offset, p.length)
 
     @rpc_method("status")
     async def status(self) -> dict:
-        return {"role": "backup", "groups": [{"group": k, "parity_bytes": c.nbytes, "numbers": nums}
-                                             for k, (c, nums, _) in self.groups.items()]}
+        return {"role": "backup", "groups": [{"group": k, "parity_bytes": h.code.nbytes, "numbers": h.numbers,
+                                              "epoch": h.epoch} for k, h in self.groups.items()]}

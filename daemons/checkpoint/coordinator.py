@@ -320,6 +320,8 @@ class Coordinator:
             return
         log.warning("group %s: rank %d failed (%s)", g.name, rank, cause)
         self.metrics.failures.labels(cause).inc()
+        if self.cfg.backup is not None:
+            self.mirror.epoch_changed(g.name)
         # (a failed group is counted and logged by _changed)
 
     @rpc_method("ready", Ready)

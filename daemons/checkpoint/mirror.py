@@ -8,6 +8,11 @@ keeper task (:meth:`Mirror.run`) reconnects and copies every group again
 (``b_put``), then deltas flow as before. A restarted coordinator reads a
 group's parity back (:meth:`Mirror.restore`) when the backup's checkpoint
 numbers are exactly the ones the ranks hold.
+
+The group's epoch travels with every commit and copy; when a rank failure moves
+it, :meth:`Mirror.epoch_changed` has the keeper send it on its own
+(``b_epoch``). :attr:`Mirror.current` says the backup agrees with this
+coordinator on parity, numbers and epoch (nothing is waiting to be sent).
 """
 
 from __future__ import annotations
@@ -22,13 +27,13 @@ from shoal.core.checkpoint.group import FAILED, REBUILDING, Group
 from shoal.daemons.checkpoint.config import CheckpointSection
 from shoal.daemons.checkpoint.metrics import CheckpointMetrics
 from shoal.daemons.runtime.rpc import RpcClient, RpcError, connect_tcp
-from shoal.protocol.checkpoint import BackupApply, BackupDrop, BackupPut, BackupRead, GroupMeta
+from shoal.protocol.checkpoint import BackupApply, BackupDrop, BackupEpoch, BackupPut, BackupRead, GroupMeta
 
 log = logging.getLogger("shoal.checkpoint")
 
 
 def meta_of(g: Group) -> GroupMeta:
-    return GroupMeta(n=g.n, m=g.m, block_size=g.block_size, mode=g.mode)
+    return GroupMeta(n=g.n, m=g.m, block_size=g.block_size, mode=g.mode, epoch=g.epoch)
 
 
 class Mirror:
@@ -44,10 +49,21 @@ class Mirror:
         self.lock = trio.Lock()  # a commit and a whole copy never interleave
         self._wake = trio.Event()
         self.synced = trio.Event()  # set the first time the backup is in sync
+        self._epochs: set[str] = set()  # groups whose new epoch the backup has not been sent
 
     def out_of_sync(self) -> None:
         self.in_sync = False
         self._wake.set()
+
+    def epoch_changed(self, name: str) -> None:
+        """The group's epoch moved: the keeper sends it to the backup."""
+        self._epochs.add(name)
+        self._wake.set()
+
+    @property
+    def current(self) -> bool:
+        """The backup holds this coordinator's parity, numbers and epochs (nothing in flight)."""
+        return self.in_sync and not self._epochs and not self.lock.locked()
 
     async def aclose(self) -> None:
         if self.client is not None:
@@ -118,10 +134,30 @@ class Mirror:
                         await trio.sleep_forever()
                     continue
             self._wake = trio.Event()
+            if self._epochs:
+                await self._send_epochs()
+                continue
             await self._wake.wait()
+
+    async def _send_epochs(self) -> None:
+        assert self.client is not None
+        by_name = {g.name: g for g in self.groups()}
+        async with self.lock:
+            try:
+                while self._epochs:
+                    g = by_name.get(self._epochs.pop())
+                    if g is None or g.phase in (REBUILDING, FAILED):
+                        continue
+                    await self.client.call("b_epoch", BackupEpoch(group=g.name, epoch=g.epoch).encode(),
+                                           timeout=self.cfg.heartbeat_timeout * 4)
+            except (RpcError, OSError) as exc:
+                log.warning("backup: sending an epoch failed (%s); it will be copied again", exc)
+                self.metrics.mirror.labels("error").inc()
+                self.out_of_sync()
 
     async def _copy(self, g: Group) -> None:
         assert self.client is not None
+        self._epochs.discard(g.name)  # the copy carries the epoch
         total = g.code.nbytes
         numbers = [s.number for s in g.slots]
         sizes = [s.size if s.number >= 0 else -1 for s in g.slots]
@@ -151,4 +187,8 @@ class Mirror:
         for off in range(0, g.code.nbytes, self.chunk):
             read = BackupRead(group=g.name, offset=off, length=self.chunk)
             g.code.write(off, await self.client.call("b_read", read.encode()))
+        if meta.get("epoch") != g.epoch:
+            # The ranks' epoch is the group's (they hold its fence); the parity is that of
+            # their numbers either way. The backup is told the group's epoch.
+            self.epoch_changed(g.name)
         return True

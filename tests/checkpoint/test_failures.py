@@ -7,7 +7,9 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
@@ -151,6 +153,28 @@ async def _until_logged(daemon, text: str, count: int = 1) -> None:
             await trio.sleep(0.02)  # polling the daemon's log file
 
 
+def _gated_ring(hold: int, gate: trio.Event) -> SimpleNamespace:
+    """The ring app whose ranks wait at step ``hold`` until ``gate`` is set: a run cannot
+    end while the test is still restarting a daemon (on a quiet machine 600 steps took
+    less than a coordinator's start-up, and the rank killed next had already finished)."""
+    ring = load("ring")
+
+    async def main(rank) -> bytes:
+        x, i = rank.state["x"], rank.state["i"]
+        right, left = (rank.rank + 1) % rank.n, (rank.rank - 1) % rank.n
+        while i[0] < rank.params["steps"]:
+            if i[0] == hold:
+                await gate.wait()
+            await rank.send(right, x)
+            y = np.frombuffer(await rank.recv(left), dtype=np.int64)
+            x[:] = ring._mix(x, y, int(i[0]))  # noqa: SLF001 - the same step as the shipped app
+            i[0] += 1
+            await rank.safe_point()
+        return x.tobytes()
+
+    return SimpleNamespace(setup=ring.setup, main=main, reference=ring.reference)
+
+
 @pytest.mark.parametrize("victim", ["coordinator", "backup"])
 async def test_killed_coordinator_or_backup_is_recovered(tmp_path: Path, victim: str) -> None:
     """Kill -9 one of them mid-run and restart it on its port. A restarted
@@ -163,9 +187,11 @@ async def test_killed_coordinator_or_backup_is_recovered(tmp_path: Path, victim:
     coord = await _daemon(tmp_path, "c1", "coordinator", "127.0.0.1:0", str(baddr))
     caddr = coord.addresses["rpc"]
     interval = 1000.0 if victim == "coordinator" else 0.05
+    gate, hold = trio.Event(), steps // 2
     try:
         async with trio.open_nursery() as nursery:
-            runner = RankRunner(nursery, caddr, "ring", 3, steps, interval=interval, block_size=4096)
+            runner = RankRunner(nursery, caddr, _gated_ring(hold, gate), 3, steps, interval=interval,
+                                block_size=4096)
             for i in range(3):
                 runner.start(i)
             await _ranks_until(runner, 40)
@@ -177,7 +203,9 @@ async def test_killed_coordinator_or_backup_is_recovered(tmp_path: Path, victim:
                 assert await backup.kill() == -9
                 backup = await _daemon(tmp_path, "b2", "backup", str(baddr))
                 await _until_logged(coord, "in sync", 2)  # at start, and after the copy
-                await _ranks_until(runner, runner.ranks[0].step + 20)
+                await _ranks_until(runner, min(runner.ranks[0].step + 20, hold))  # mirrored again
+            assert not runner.results, "a rank finished before the kill: the test tests nothing"
+            gate.set()
             runner.kill(2)
             runner.start(2)
             with trio.fail_after(60):
