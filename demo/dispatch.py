@@ -3,8 +3,11 @@
 A dispatcher and three workers (two slots each) start in this process on
 127.0.0.1 with kernel-chosen ports, exactly as their daemons would run. A job
 is submitted over the RPC: ``prepare`` (a Python process that writes a data
-file), a fan of eight ``square`` tasks that depend on it (each its own
-process, spread over the workers by the least-load policy), then the chain
+file), a fan of eight ``square`` tasks that read that file as an input
+(``task:prepare/data.txt``: each worker has its own work directory, so the
+workers that did not run ``prepare`` fetch it from the one that did, checked
+by its SHA-256) and square one number of it each (each its own process,
+spread over the workers by the least-load policy), then the chain
 ``check -> summarise -> report`` fused into one invocation (``bundle_chains``).
 While it runs, each refresh prints the tasks per state and
 what every worker runs; at the end, the per-task table (worker, attempts,
@@ -36,7 +39,8 @@ WORKERS = ("node-a", "node-b", "node-c")
 
 def demo_job() -> dict:
     py = sys.executable
-    square = "import os,time; n=int(os.environ['SHOAL_TASK'].split('.')[1]); time.sleep(0.6); print(n*n)"
+    square = ("import os,time; n=int(os.environ['SHOAL_TASK'].split('.')[1]); "
+              "v=int(open('prepare/data.txt').read().split()[n]); time.sleep(0.6); print(v*v)")
     return {
         "name": "demo-dag",
         "policy": "least-load",
@@ -44,7 +48,8 @@ def demo_job() -> dict:
         "tasks": [
             {"name": "prepare", "command": [py, "-c", "open('data.txt','w').write('1 2 3 4 5 6 7 8'); print('ok')"],
              "outputs": [{"path": "data.txt", "max_bytes": 1024}]},
-            {"name": "square", "replicas": 8, "deps": ["prepare"], "command": [py, "-c", square], "deadline": 30},
+            {"name": "square", "replicas": 8, "inputs": ["task:prepare/data.txt"], "command": [py, "-c", square],
+             "deadline": 30},
             {"name": "check", "deps": ["square"],
              "command": [py, "-c", "import time; time.sleep(0.3); print('checked')"]},
             {"name": "summarise", "deps": ["check"], "command": [py, "-c", "print('summary')"]},
@@ -109,7 +114,8 @@ async def _run(submit_socket: Path, timeout: float, out) -> int:
         spec = demo_job()
         reply = await c.call("submit", {"spec": json.dumps(spec).encode()})
         print(f"submitted job {reply['job']}: {reply['tasks']} tasks in {reply['units']} units "
-              f"(prepare -> 8 x square -> [check -> summarise -> report])", file=out)
+              f"(prepare -> 8 x square, each reading prepare's data.txt -> [check -> summarise -> report])",
+              file=out)
         start = trio.current_time()
         while True:
             job = await c.call("job", {"id": reply["job"]})
@@ -131,4 +137,8 @@ async def _run(submit_socket: Path, timeout: float, out) -> int:
         print(f"squares computed by the fan: {squares}", file=out)
         used = {t["worker"] for t in job["tasks"] if t["task"].startswith("square")}
         print(f"the fan ran on {len(used)} workers: {', '.join(sorted(used))}", file=out)
-        return 0 if job["state"] == "done" and squares == [n * n for n in range(8)] else 1
+        producer = next(t["worker"] for t in job["tasks"] if t["task"] == "prepare")
+        fetched = sorted(used - {producer})
+        print(f"prepare's data.txt was made on {producer} and fetched by {', '.join(fetched) or 'no other worker'}",
+              file=out)
+        return 0 if job["state"] == "done" and squares == [v * v for v in range(1, 9)] else 1
