@@ -24,7 +24,9 @@ Domain decisions (which blocks to ask for, whom to unchoke) are made by the
 torrent's picker and choker; the link reports facts to them and carries out
 what they decide. A ``RemoteProtocolError`` ends the link at its boundary:
 the torrent counts it by reason and bans the address. The link knows its
-torrent only as a :class:`~shoal.daemons.peer.interfaces.TorrentHost`.
+torrent only as a :class:`~shoal.daemons.peer.interfaces.TorrentHost`, and
+does not own its stream: the session opened it and closes it when the link
+has ended.
 """
 
 from __future__ import annotations
@@ -66,8 +68,10 @@ MAX_CANCELLED = 2048
 
 class PeerLink:
     def __init__(self, torrent: TorrentHost, stream: trio.SocketStream, conn: pw.PeerConnection,
-                 addr: tuple[str, int], peer_id: bytes, outgoing: bool) -> None:
+                 addr: tuple[str, int], peer_id: bytes, outgoing: bool, *,
+                 first_message_timeout: float = IDLE_TIMEOUT) -> None:
         self.torrent = torrent
+        self.first_message_timeout = first_message_timeout
         self.stream = stream
         self.conn = conn
         self.addr = addr
@@ -201,9 +205,7 @@ class PeerLink:
                 now = trio.current_time()
                 self.last_payload = now
                 self.uploaded += sent
-                t.uploaded += sent
-                t.metrics.up.inc(sent)
-                t.choker.record_upload(self, sent, now)
+                t.uploaded_to(self, sent, now)
 
     async def _send_frames(self, frames: list) -> None:
         """Write ``frames`` (bytes and block views) in order, with as few system calls as may be.
@@ -262,7 +264,7 @@ class PeerLink:
         says nothing is holding a slot for nothing), later ones within
         ``IDLE_TIMEOUT``."""
         conn = self.conn
-        first = self.torrent.session.config.peer.first_message_timeout
+        first = self.first_message_timeout
         while True:
             event = conn.next_event()
             if event is pw.NEED_DATA:
@@ -297,8 +299,7 @@ class PeerLink:
         elif kind is pw.Unchoke:  # the connection state has the flag already
             self.fill_requests()
         elif kind is pw.Choke:
-            self._release_requests()
-            await t.wake_requesters()  # the released blocks can go to other peers now
+            await self._release_requests()  # the blocks can go to other peers now
         elif kind is pw.Interested:
             t.choker.set_interested(self, True)
             t.wake_choker.set()  # a free slot is filled now, not at the next tick
@@ -321,9 +322,8 @@ class PeerLink:
                 if (r.index, r.begin, r.length) == (ev.index, ev.begin, ev.length):
                     self.requests.remove(r)
         elif kind is pw.RejectRequest:
-            t.picker.request_failed(self, ev.index, ev.begin)
             self.forget_request(ev.index, ev.begin)
-            await t.wake_requesters()
+            await t.requests_failed(self, [(ev.index, ev.begin)])
         elif kind is pw.Extended:
             await t.on_extended(self, ev)
         # KeepAlive, Port, SuggestPiece, AllowedFast: nothing to do.
@@ -347,10 +347,11 @@ class PeerLink:
         self.forget_request(index, begin)
         self.send_nowait(pw.Cancel(index, begin, length))
 
-    def _release_requests(self) -> None:
-        for key in list(self.sent_at):
-            self.torrent.picker.request_failed(self, *key)
+    async def _release_requests(self) -> None:
+        keys = list(self.sent_at)
+        for key in keys:
             self.forget_request(*key)
+        await self.torrent.requests_failed(self, keys)
 
     async def _on_piece(self, ev: pw.Piece) -> None:
         t = self.torrent
@@ -373,21 +374,16 @@ class PeerLink:
             t.metrics.request_latency.observe(now - sent)
         n = len(ev.block)
         self.downloaded += n
-        t.downloaded += n
-        t.metrics.down.inc(n)
-        t.choker.record_download(self, n, now)
+        t.downloaded_from(self, n, now)
         if t.download_limited:
             await t.take_download(n)
-        for other in t.picker.block_received(self, ev.index, ev.begin):
-            other.cancel(ev.index, ev.begin, n)
-        await t.store_block(self, ev.index, ev.begin, ev.block)
+        await t.block_received(self, ev.index, ev.begin, ev.block)
         self.fill_requests()
 
     def _on_request(self, ev: pw.Request) -> None:
         t = self.torrent
         t.choker.record_request(self, trio.current_time())
-        if self.am_choking or not t.storage.is_verified(ev.index) or (
-                t.super is not None and not t.super.may_serve(self, ev.index)):
+        if self.am_choking or not t.may_serve(self, ev.index):
             if self.conn.fast:
                 self.send_nowait(pw.RejectRequest(ev.index, ev.begin, ev.length))
             return

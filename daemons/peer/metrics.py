@@ -44,6 +44,10 @@ class PeerMetrics:
                                      registry=registry)
         self.webseed_errors = Counter("shoal_peer_webseed_errors_total",
                                       "Failed web seed requests (HTTP status, size, connection).", registry=registry)
+        self.disk_errors = Counter("shoal_peer_disk_errors_total",
+                                   "Piece writes or read-backs that failed with a disk error "
+                                   "(the piece is fetched again).",
+                                   registry=registry)
         self.choke_rounds = Counter("shoal_peer_choke_rounds_total", "Choke rounds run.", registry=registry)
         self.bans = Counter("shoal_peer_bans_total", "Peers banned for a time (repeated offences), by reason.",
                             ["reason"], registry=registry)

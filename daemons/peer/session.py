@@ -3,9 +3,12 @@
 The :class:`Session` holds the peer_id, the listening socket, the torrents by
 info-hash, the bans, and the global upload and download throttles (token
 buckets, which is also how an experiment gives each node its own upload
-capacity). Incoming connections are handshaken here and handed to the
-torrent they name; outgoing ones are dialled from the listen address, so a
-peer on 127.0.0.7 is seen as 127.0.0.7 by everyone.
+capacity). The session owns every stream's lifetime: incoming connections are
+accepted and handshaken here, outgoing ones dialled (from the listen address,
+so a peer on 127.0.0.7 is seen as 127.0.0.7 by everyone) and handshaken here
+when a torrent asks (:meth:`Session.dial`); either way the stream is handed
+to its torrent's :meth:`~shoal.daemons.peer.torrent.Torrent.attach` for as
+long as the link runs, and closed here when that returns, however it ends.
 
 Admission (docs/peer.md): one source address may hold at most
 ``max_per_address`` incoming connections; handshakes in progress are capped
@@ -31,7 +34,7 @@ from shoal.core.swarm.bans import BanList
 from shoal.daemons.peer.config import PeerConfig
 from shoal.daemons.peer.metrics import PeerMetrics
 from shoal.daemons.peer.throttle import Throttle
-from shoal.daemons.peer.torrent import Torrent
+from shoal.daemons.peer.torrent import CONNECT_TIMEOUT, Torrent
 from shoal.daemons.runtime.config import ListenAddr
 from shoal.protocol import peer_wire as pw
 from shoal.protocol.errors import RemoteProtocolError
@@ -155,7 +158,7 @@ class Session:
         """Forget an address without banning its IP (e.g. ourselves)."""
         self.metrics.bans.labels(reason).inc()
         for t in self.torrents.values():
-            t.known.pop(addr, None)
+            t.forget_address(addr)
 
     # -- connections ---------------------------------------------------------------
 
@@ -194,7 +197,40 @@ class Session:
             raise RemoteProtocolError("peer answered for another torrent", "wrong_info_hash")
         return conn
 
+    async def dial(self, torrent: Torrent, addr: tuple[str, int]) -> bool:
+        """Connect to ``addr`` for ``torrent``, handshake, and run the link until it ends.
+
+        False when the connection or the handshake failed (the torrent tries
+        again later). The stream is closed here, however the link ends.
+        """
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                stream = await self.connect(addr)
+        except (OSError, trio.TooSlowError) as exc:
+            log.debug("dial %s:%d failed: %s", *addr, exc)
+            return False
+        try:
+            try:
+                with trio.fail_after(self.config.peer.handshake_timeout):
+                    conn = await self.handshake_out(stream, torrent.info_hash, torrent.meta.num_pieces)
+            except (RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+                log.debug("handshake with %s:%d failed: %s", *addr, exc)
+                return False
+            await torrent.attach(stream, conn, addr, outgoing=True)
+            return True
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
     async def _accept(self, stream: trio.SocketStream) -> None:
+        """An incoming connection: admitted, handshaken, run by its torrent, then closed here."""
+        try:
+            await self._accepted(stream)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    async def _accepted(self, stream: trio.SocketStream) -> None:
         addr = stream.socket.getpeername()[:2]
         cfg = self.config.peer
         refused = None
@@ -204,7 +240,6 @@ class Session:
             refused = "handshakes"
         if refused:
             self.metrics.disconnects.labels(refused).inc()
-            await trio.aclose_forcefully(stream)
             return
         self._per_address[addr[0]] += 1
         self._handshaking += 1
@@ -226,7 +261,6 @@ class Session:
                     self.metrics.protocol_errors.labels(reason).inc()
                 elif isinstance(exc, trio.TooSlowError):
                     self.metrics.disconnects.labels("handshake_timeout").inc()
-                await trio.aclose_forcefully(stream)
                 return
             self._handshaking -= 1
             handshaking = False

@@ -1,7 +1,14 @@
 """One torrent's live state and the loops that drive it.
 
 A :class:`Torrent` owns the picker, the choker, the storage and the links to
-its peers. Its tasks:
+its peers. What happens to received data (a block kept or ignored, Cancels,
+write batches, hash results and whom they blame, disk errors, peers gone,
+requests rejected or timed out) is decided by the I/O-free
+:class:`~shoal.core.swarm.torrent.TorrentCore`; the torrent feeds it events
+and carries out the actions it returns (:meth:`Torrent._perform`). The
+session owns the streams: it dials (:meth:`Torrent._dial` asks it), accepts,
+handshakes, and closes each stream after :meth:`Torrent.attach` returns.
+Its tasks:
 
 * **announcer**: tells the trackers we are here (started, then every
   interval, completed once, stopped on the way out) and re-announces early,
@@ -40,6 +47,7 @@ from shoal.core.swarm.backoff import Backoff
 from shoal.core.swarm.choker import Choker
 from shoal.core.swarm.picker import BLOCK_SIZE, PiecePicker
 from shoal.core.swarm.superseed import SuperSeeder
+from shoal.core.swarm.torrent import Action, Cancel, HashFailed, Refill, TorrentCore, Verified, Verify, Write
 from shoal.daemons.peer.announce import TrackerError, open_tracker
 from shoal.daemons.peer.interfaces import Banned, Peer, SessionHost
 from shoal.daemons.peer.link import PeerLink
@@ -54,11 +62,7 @@ from shoal.protocol.tracker import Announce, Event, Failure
 E = TypeVar("E", bound=BaseException)
 log = logging.getLogger("shoal.peer")
 
-# Received blocks wait in memory until their piece is complete or this much of
-# it has arrived, and at most WRITE_BUFFER bytes wait in all; then they are
-# written in one thread hop.
-WRITE_BATCH = 1 << 20
-WRITE_BUFFER = 64 << 20
+# (How received blocks are buffered and batched for writing: core.swarm.torrent.)
 # Batch writes (hash and write, in worker threads) running at once; a link
 # that completes another piece waits for one of them.
 WRITES_IN_FLIGHT = 8
@@ -98,10 +102,7 @@ class Torrent:
                              optimistic_slots=c.optimistic_slots, rate_window=c.rate_window,
                              request_grace=c.request_grace, rng=rng)
         self.links: set[PeerLink] = set()
-        self.writing: dict[int, int] = {}  # piece -> batch writes in progress
-        self.pending: dict[int, list[tuple[int, bytes]]] = {}  # piece -> blocks not yet written
-        self.pending_bytes = 0
-        self._pending_piece_bytes: dict[int, int] = {}  # piece -> bytes in self.pending
+        self.core = TorrentCore(self.picker)  # the decisions on received data (no I/O)
         self._write_slots = trio.Semaphore(WRITES_IN_FLIGHT)
         self.read_cache: collections.OrderedDict[int, memoryview] = collections.OrderedDict()
         self.read_cache_bytes = 0
@@ -207,54 +208,42 @@ class Torrent:
         return self.meta.total_length - have
 
     # -- pieces ------------------------------------------------------------------
+    #
+    # What to do with a received block, a written batch, a hash result or a
+    # disk error is decided by the core (core.swarm.torrent); here its actions
+    # are carried out: Cancels sent, batches written and hashed in worker
+    # threads, Haves broadcast, offences counted.
+
+    async def block_received(self, link: Peer, index: int, begin: int, block: bytes) -> None:
+        """``link`` delivered a block it was asked for (the link has checked its length).
+
+        The write of a batch runs as a task of its own: the link that
+        delivered the last block goes on reading while its piece is hashed
+        (waiting for the thread stalled the link once per piece). At most
+        WRITES_IN_FLIGHT run at once; past that the caller waits here for one
+        to finish.
+        """
+        await self._perform(self.core.block_received(link, index, begin, block))
 
     async def store_block(self, link: Peer, index: int, begin: int, block: bytes) -> None:
-        """Buffer a received block; write a piece's blocks to disk in batches, then verify.
+        """Buffer a block the caller has already reported to the picker (web seeds)."""
+        await self._perform(self.core.buffer_block(index, begin, block))
 
-        Handing each 16 KiB block to a worker thread cost more CPU than the
-        transfer itself, so blocks wait in memory until their piece is
-        complete (or WRITE_BATCH bytes of it, or WRITE_BUFFER overall) and go
-        to disk in one thread hop. Usually the batch is the whole piece: it
-        is hashed from memory and written only if it matches. Otherwise (a
-        piece larger than WRITE_BATCH, or memory pressure) the picker counts a
-        block as received before it is on disk, so a piece is verified from
-        disk by whichever write of it finishes last, never while another
-        batch is still on its way.
+    async def requests_failed(self, link: Peer, blocks: list[tuple[int, int]]) -> None:
+        """``link`` rejected these (index, begin) requests, or choked us with them outstanding."""
+        await self._perform(self.core.requests_failed(link, blocks))
 
-        The write runs as a task of its own: the link that delivered the
-        last block goes on reading while its piece is hashed (waiting for the
-        thread stalled the link once per piece). At most WRITES_IN_FLIGHT run
-        at once; past that the caller waits here for one to finish.
-        """
-        pending = self.pending.setdefault(index, [])
-        pending.append((begin, block))
-        n = len(block)
-        self.pending_bytes += n
-        piece_bytes = self._pending_piece_bytes[index] = self._pending_piece_bytes.get(index, 0) + n
-        complete = self.picker.all_blocks_received(index)
-        if not complete and piece_bytes < WRITE_BATCH and self.pending_bytes < WRITE_BUFFER:
-            return
-        batch = self.pending.pop(index)
-        del self._pending_piece_bytes[index]
-        self.pending_bytes -= piece_bytes
-        # The usual case: the whole piece is in this one batch. It is hashed
-        # from memory and written only if it matches, in one thread hop.
-        whole = complete and index not in self.writing and piece_bytes == self.meta.piece_size(index)
-        self.writing[index] = self.writing.get(index, 0) + 1
-        # Shielded: the blocks are out of `pending` and counted as received, so
-        # they must reach the disk even if this link is closed meanwhile (the
-        # writes in flight always finish: worker threads are not cancelled).
-        with trio.CancelScope(shield=True):
-            await self._write_slots.acquire()
-        self.nursery.start_soon(self._write, link, index, batch, whole)
+    def uploaded_to(self, link: PeerLink, nbytes: int, now: float) -> None:
+        """Piece bytes written to ``link``'s socket."""
+        self.uploaded += nbytes
+        self.metrics.up.inc(nbytes)
+        self.choker.record_upload(link, nbytes, now)
 
-    def _written(self, index: int) -> bool:
-        """One batch write of ``index`` ended; True if it was the last one in progress."""
-        self.writing[index] -= 1
-        if self.writing[index]:
-            return False
-        del self.writing[index]
-        return True
+    def downloaded_from(self, link: PeerLink, nbytes: int, now: float) -> None:
+        """Piece bytes received from ``link`` (counted before they are checked)."""
+        self.downloaded += nbytes
+        self.metrics.down.inc(nbytes)
+        self.choker.record_download(link, nbytes, now)
 
     async def writes_done(self) -> None:
         """Wait until every batch write started so far is written and checked."""
@@ -263,55 +252,73 @@ class Torrent:
         for _ in range(WRITES_IN_FLIGHT):
             self._write_slots.release()
 
-    async def _write(self, link: Peer, index: int, batch: list[tuple[int, bytes]], whole: bool) -> None:
+    async def _perform(self, actions: list[Action]) -> None:
+        """Carry out the core's actions, in order."""
+        for action in actions:
+            match action:
+                case Cancel(peer, index, begin, length):
+                    cast(Peer, peer).cancel(index, begin, length)
+                case Write():
+                    # Shielded: the blocks are out of the core's buffer and
+                    # counted as received, so they must reach the disk (or be
+                    # released) even if the link that sent them is closed
+                    # meanwhile (worker threads are not cancelled either).
+                    with trio.CancelScope(shield=True):
+                        await self._write_slots.acquire()
+                    self.nursery.start_soon(self._write, action)
+                case Verify(index):
+                    try:
+                        ok = await trio.to_thread.run_sync(self.storage.verify_piece, index)
+                    except OSError as exc:
+                        self._disk_error("reading back", index, exc)
+                        await self._perform(self.core.piece_lost(index))
+                    else:
+                        await self._perform(self.core.piece_checked(index, ok))
+                case Verified():
+                    await self._verified(action)
+                case HashFailed():
+                    self._hash_failed(action)
+                case Refill():
+                    await self.wake_requesters()
+
+    async def _write(self, w: Write) -> None:
+        """One batch write (and hash check), in a worker thread; a task of its own."""
         try:
-            await self._write_and_check(link, index, batch, whole)
+            try:
+                if w.whole:
+                    ok = await trio.to_thread.run_sync(self.storage.write_piece, w.index, list(w.blocks))
+                else:
+                    await trio.to_thread.run_sync(self._write_batch, w.index, w.blocks)
+            except OSError as exc:  # the disk, not the peer: the piece is fetched again
+                self._disk_error("writing", w.index, exc)
+                actions = self.core.write_failed(w.index)
+            else:
+                actions = self.core.write_done(w.index, ok if w.whole else None)
+            await self._perform(actions)
         finally:
             self._write_slots.release()
 
-    async def _write_and_check(self, link: Peer, index: int, batch: list[tuple[int, bytes]], whole: bool) -> None:
-        try:
-            try:
-                if whole:
-                    ok = await trio.to_thread.run_sync(self.storage.write_piece, index, batch)
-                else:
-                    await trio.to_thread.run_sync(self._write_batch, index, batch)
-            finally:
-                last = self._written(index)
-            if not whole:
-                if not last or index in self.pending or not self.picker.all_blocks_received(index) \
-                        or self.picker.have(index):
-                    return
-                ok = await trio.to_thread.run_sync(self.storage.verify_piece, index)
-        except OSError as exc:  # the disk, not the peer: say so loudly and drop the link, as before
-            log.error("%s: writing piece %d failed: %s", self.meta.name, index, exc)
-            link.abort()
-            return
-        await self._piece_checked(link, index, ok)
+    def _disk_error(self, what: str, index: int, exc: OSError) -> None:
+        self.metrics.disk_errors.inc()
+        log.error("%s: %s piece %d failed: %s; it will be fetched again", self.meta.name, what, index, exc)
 
-    async def _piece_checked(self, link: Peer, index: int, ok: bool) -> None:
-        if not ok:
-            self.metrics.failed.inc()
-            culprits = self.picker.piece_failed(index)
-            log.warning("piece %d failed its hash check (from %d peers)", index, len(culprits))
-            # Every peer that sent blocks of it is suspect: a sole sender is
-            # certainly guilty (banned now, and its connection closed), several
-            # each get one point.
-            points = 2 if len(culprits) == 1 else 1
-            for culprit in culprits:
-                banned = self.session.offend(self.info_hash, self._ban_keys(culprit), "bad_hash", points)
-                if banned or points == 2:
-                    log.info("closing %s: sent piece %d with a wrong hash", culprit, index)
-                    culprit.abort()
-            return
+    def _hash_failed(self, a: HashFailed) -> None:
+        self.metrics.failed.inc()
+        log.warning("piece %d failed its hash check (from %d peers)", a.index, len(a.senders))
+        for culprit in a.senders:
+            peer = cast(Peer, culprit)
+            banned = self.session.offend(self.info_hash, self._ban_keys(peer), "bad_hash", a.points)
+            if banned or a.certain:
+                log.info("closing %s: sent piece %d with a wrong hash", peer, a.index)
+                peer.abort()
+
+    async def _verified(self, a: Verified) -> None:
         self.metrics.verified.inc()
         self.piece_verified.set()
         self.piece_verified = trio.Event()
-        for peer, leftover in self.picker.we_have(index):
-            peer.cancel(leftover.index, leftover.begin, leftover.length)
         for other in list(self.links):
-            other.send_nowait(pw.Have(index))
-        if self.picker.complete:
+            other.send_nowait(pw.Have(a.index))
+        if a.complete:
             self._update_state()
             await trio.to_thread.run_sync(self.storage.save_resume)
             log.info("%s: complete", self.meta.name)
@@ -321,9 +328,13 @@ class Torrent:
                 if self.picker.is_seed(other):
                     other.close("seed_to_seed")
 
-    def _write_batch(self, index: int, batch: list[tuple[int, bytes]]) -> None:
+    def _write_batch(self, index: int, batch: tuple[tuple[int, bytes], ...]) -> None:
         for begin, block in batch:
             self.storage.write_block(index, begin, block)
+
+    def may_serve(self, link: PeerLink, index: int) -> bool:
+        """Whether ``link`` may have blocks of piece ``index`` (we have it; super-seeding allows it)."""
+        return self.storage.is_verified(index) and (self.super is None or self.super.may_serve(link, index))
 
     async def read_block(self, index: int, begin: int, length: int) -> memoryview:
         """A block of a verified piece (a view of it), from a small cache of whole pieces.
@@ -423,17 +434,27 @@ class Torrent:
         if added:
             self.wake_connector.set()
 
+    def forget_address(self, addr: tuple[str, int]) -> None:
+        """Never dial ``addr`` again (unless it is learned again)."""
+        self.known.pop(addr, None)
+
     async def attach(self, stream: trio.SocketStream, conn: pw.PeerConnection, addr: tuple[str, int],
                      outgoing: bool) -> None:
-        """Run a link whose handshake is done, until it ends (the stream is closed then)."""
+        """Run a link whose handshake is done, until it ends.
+
+        The session owns the stream: it dialled or accepted it, and closes it
+        when this returns.
+        """
+        if outgoing:
+            self.connecting.discard(addr)  # a link now, no longer a dial
         peer_id = conn.their_handshake.peer_id
         refused = self._refuse(addr, peer_id, outgoing)
         if refused is not None:
             if refused:
                 self.metrics.disconnects.labels(refused).inc()
-            await trio.aclose_forcefully(stream)
             return
-        link = PeerLink(self, stream, conn, addr, peer_id, outgoing)
+        link = PeerLink(self, stream, conn, addr, peer_id, outgoing,
+                        first_message_timeout=self.session.config.peer.first_message_timeout)
         now = trio.current_time()
         # Greeting and joining happen with no await between them, so a Have
         # broadcast for a piece verified meanwhile is queued after our
@@ -468,14 +489,12 @@ class Torrent:
             if self.super is not None:
                 self.super.remove_peer(link)
             self.choker.remove_peer(link)
-            self.picker.peer_gone(link)
+            gone = self.core.peer_gone(link)
             if outgoing and addr in self.known:
                 self.known[addr] = trio.current_time() + RETRY_AFTER
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
             if len(self.links) < self.session.config.peer.reannounce_below:
                 self._reannounce.set()
-            await self.wake_requesters()
+            await self._perform(gone)  # its requests go to other peers
 
     def _refuse(self, addr: tuple[str, int], peer_id: bytes, outgoing: bool) -> str | None:
         """Why a handshaken connection may not join (None: it may; "": quietly).
@@ -602,25 +621,13 @@ class Torrent:
                 await self.wake_connector.wait()
 
     async def _dial(self, addr: tuple[str, int]) -> None:
+        """The session dials, handshakes and runs the link (attach) and closes the stream."""
         try:
-            try:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    stream = await self.session.connect(addr)
-            except (OSError, trio.TooSlowError) as exc:
-                log.debug("dial %s:%d failed: %s", *addr, exc)
-                self.known[addr] = trio.current_time() + RETRY_AFTER
-                return
-            try:
-                with trio.fail_after(self.session.config.peer.handshake_timeout):
-                    conn = await self.session.handshake_out(stream, self.info_hash, self.meta.num_pieces)
-            except (RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
-                log.debug("handshake with %s:%d failed: %s", *addr, exc)
-                self.known[addr] = trio.current_time() + RETRY_AFTER
-                await trio.aclose_forcefully(stream)
-                return
+            joined = await self.session.dial(self, addr)
         finally:
             self.connecting.discard(addr)
-        await self.attach(stream, conn, addr, outgoing=True)
+        if not joined:
+            self.known[addr] = trio.current_time() + RETRY_AFTER
 
     async def _choke_loop(self) -> None:
         while True:
@@ -660,8 +667,8 @@ class Torrent:
         timeout = self.session.config.picker.request_timeout
         while True:
             await trio.sleep(1.0)
-            for peer, block in self.picker.expired(trio.current_time(), timeout):
-                peer.cancel(block.index, block.begin, block.length)
+            await self._perform([a for a in self.core.expired(trio.current_time(), timeout)
+                                       if type(a) is Cancel])
             await self.wake_requesters()
 
     # -- trackers ----------------------------------------------------------------
