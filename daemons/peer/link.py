@@ -20,13 +20,14 @@ The four BEP 3 choke/interest flags live in one place, the protocol's
 :class:`~shoal.protocol.peer_wire.PeerConnection` (set as messages are
 parsed and queued); the link only reads them.
 
-Domain decisions (which blocks to ask for, whom to unchoke) are made by the
-torrent's picker and choker; the link reports facts to them and carries out
-what they decide. A ``RemoteProtocolError`` ends the link at its boundary:
-the torrent counts it by reason and bans the address. The link knows its
-torrent only as a :class:`~shoal.daemons.peer.interfaces.TorrentHost`, and
-does not own its stream: the session opened it and closes it when the link
-has ended.
+Domain decisions (which blocks to ask for, whom to unchoke, what a received
+block means) are the torrent's; the link reports facts to it through methods
+(a Have, a block, a reject, bytes moved) and asks it through methods (what to
+request, what it may serve), never reaching into its picker or choker. A
+``RemoteProtocolError`` ends the link at its boundary: the torrent counts
+it by reason and bans the address. The link knows its torrent only as a
+:class:`~shoal.daemons.peer.interfaces.TorrentHost`, and does not own its
+stream: the session opened it and closes it when the link has ended.
 """
 
 from __future__ import annotations
@@ -291,32 +292,21 @@ class PeerLink:
         elif kind is pw.Request:
             self._on_request(ev)
         elif kind is pw.Have:
-            t.picker.peer_have(self, ev.index)
-            t.on_peer_pieces(self, ev.index)
-            if not t.picker.have(ev.index):
-                await self._set_interested(True)
-            t.on_peer_seed(self)
+            t.peer_have(self, ev.index)
         elif kind is pw.Unchoke:  # the connection state has the flag already
             self.fill_requests()
         elif kind is pw.Choke:
             await self._release_requests()  # the blocks can go to other peers now
         elif kind is pw.Interested:
-            t.choker.set_interested(self, True)
-            t.wake_choker.set()  # a free slot is filled now, not at the next tick
+            t.peer_interested(self, True)
         elif kind is pw.NotInterested:
-            t.choker.set_interested(self, False)
+            t.peer_interested(self, False)
         elif kind is pw.Bitfield:
-            t.picker.peer_bitfield(self, ev.bits)
-            t.on_peer_pieces(self, None)
-            await self._set_interested(not t.picker.complete)
-            t.on_peer_seed(self)
+            t.peer_bitfield(self, ev.bits)
         elif kind is pw.HaveAll:
-            t.picker.peer_have_all(self)
-            t.on_peer_pieces(self, None)
-            await self._set_interested(not t.picker.complete)
-            t.on_peer_seed(self)
+            t.peer_bitfield(self, None)
         elif kind is pw.HaveNone:  # a later one replaces what the peer had (aria2 sends it twice)
-            t.picker.peer_bitfield(self, ())
+            t.peer_has_none(self)
         elif kind is pw.Cancel:
             for r in list(self.requests):
                 if (r.index, r.begin, r.length) == (ev.index, ev.begin, ev.length):
@@ -328,13 +318,10 @@ class PeerLink:
             await t.on_extended(self, ev)
         # KeepAlive, Port, SuggestPiece, AllowedFast: nothing to do.
 
-    async def _set_interested(self, interested: bool) -> None:
-        self.set_interested(interested)
-
     def set_interested(self, interested: bool) -> None:
         if interested != self.am_interested:
             self.send_nowait(pw.Interested() if interested else pw.NotInterested())
-            self.torrent.choker.set_we_interested(self, interested, trio.current_time())
+            self.torrent.we_interested(self, interested, trio.current_time())
 
     def forget_request(self, index: int, begin: int) -> None:
         """We no longer want (index, begin) from this peer; it may still arrive."""
@@ -357,7 +344,7 @@ class PeerLink:
         t = self.torrent
         key = (ev.index, ev.begin)
         sent = self.sent_at.pop(key, None)
-        if sent is None and not t.picker.is_requested(self, ev.index, ev.begin):
+        if sent is None and not t.requested_from(self, ev.index, ev.begin):
             if self.cancelled.pop(key, 0) is None:
                 return  # we cancelled it; it crossed our Cancel in flight
             # A block we never asked this peer for: a peer that keeps sending
@@ -366,15 +353,13 @@ class PeerLink:
             if self.unrequested > MAX_UNREQUESTED:
                 raise Banned("unrequested_piece", f"{self} sent {self.unrequested} unrequested blocks")
             return
-        if len(ev.block) != t.picker.block_length(ev.index, ev.begin):
+        if len(ev.block) != t.block_length(ev.index, ev.begin):
             raise Banned("protocol", f"{self} sent a block of the wrong length", points=1)
         now = trio.current_time()
         self.last_payload = now
-        if sent is not None:
-            t.metrics.request_latency.observe(now - sent)
         n = len(ev.block)
         self.downloaded += n
-        t.downloaded_from(self, n, now)
+        t.downloaded_from(self, n, now, None if sent is None else now - sent)
         if t.download_limited:
             await t.take_download(n)
         await t.block_received(self, ev.index, ev.begin, ev.block)
@@ -382,7 +367,7 @@ class PeerLink:
 
     def _on_request(self, ev: pw.Request) -> None:
         t = self.torrent
-        t.choker.record_request(self, trio.current_time())
+        t.peer_requested(self, trio.current_time())
         if self.am_choking or not t.may_serve(self, ev.index):
             if self.conn.fast:
                 self.send_nowait(pw.RejectRequest(ev.index, ev.begin, ev.length))
@@ -435,7 +420,7 @@ class PeerLink:
     def fill_requests(self) -> None:
         """Keep enough requests in flight to this peer to keep its link busy."""
         t = self.torrent
-        if self.closed or self.peer_choking or t.picker.complete:
+        if self.closed or self.peer_choking or t.complete:
             return
         # Top the queue up in steps of an eighth of its depth rather than one
         # block per block received: a pick costs about the same for one block
@@ -445,11 +430,11 @@ class PeerLink:
         if inflight and inflight > self._depth - (self._depth >> 3):
             return
         now = trio.current_time()
-        self._depth = depth = queue_depth(t.choker.download_rate(self, now))
+        self._depth = depth = queue_depth(t.download_rate(self, now))
         want = depth - inflight
         if want <= 0 or (want < depth >> 3 and inflight):
             return
-        self.send_requests(t.picker.pick(self, None, want, now), now)
+        self.send_requests(t.pick(self, want, now), now)
 
     def send_requests(self, blocks, now: float) -> None:
         """Send Requests for blocks the picker just assigned to this peer."""

@@ -45,7 +45,7 @@ import trio
 from shoal.core.swarm.admission import Candidate, admit, least_useful
 from shoal.core.swarm.backoff import Backoff
 from shoal.core.swarm.choker import Choker
-from shoal.core.swarm.picker import BLOCK_SIZE, PiecePicker
+from shoal.core.swarm.picker import BLOCK_SIZE, Block, PiecePicker
 from shoal.core.swarm.superseed import SuperSeeder
 from shoal.core.swarm.torrent import Action, Cancel, HashFailed, Refill, TorrentCore, Verified, Verify, Write
 from shoal.daemons.peer.announce import TrackerError, open_tracker
@@ -239,8 +239,11 @@ class Torrent:
         self.metrics.up.inc(nbytes)
         self.choker.record_upload(link, nbytes, now)
 
-    def downloaded_from(self, link: PeerLink, nbytes: int, now: float) -> None:
-        """Piece bytes received from ``link`` (counted before they are checked)."""
+    def downloaded_from(self, link: PeerLink, nbytes: int, now: float, latency: float | None = None) -> None:
+        """Piece bytes received from ``link`` (counted before they are checked), ``latency``
+        seconds after we asked for them (None: not known)."""
+        if latency is not None:
+            self.metrics.request_latency.observe(latency)
         self.downloaded += nbytes
         self.metrics.down.inc(nbytes)
         self.choker.record_download(link, nbytes, now)
@@ -527,6 +530,65 @@ class Torrent:
     def _ban_keys(self, peer: Peer) -> list[tuple[str, object]]:
         keys = getattr(peer, "ban_keys", None)
         return keys() if keys is not None else [peer.addr]
+
+    # -- what a link reports -------------------------------------------------------
+
+    def peer_have(self, link: PeerLink, index: int) -> None:
+        """``link``'s peer announced piece ``index`` (Have)."""
+        self.picker.peer_have(link, index)
+        self.on_peer_pieces(link, index)
+        if not self.picker.have(index):
+            link.set_interested(True)
+        self.on_peer_seed(link)
+
+    def peer_bitfield(self, link: PeerLink, bits: bytes | None) -> None:
+        """``link``'s peer has these pieces (Bitfield; None: Have All)."""
+        if bits is None:
+            self.picker.peer_have_all(link)
+        else:
+            self.picker.peer_bitfield(link, bits)
+        self.on_peer_pieces(link, None)
+        link.set_interested(not self.picker.complete)
+        self.on_peer_seed(link)
+
+    def peer_has_none(self, link: PeerLink) -> None:
+        """Have None: it replaces what the peer had (aria2 sends it twice) and changes nothing else."""
+        self.picker.peer_bitfield(link, ())
+
+    def peer_requested(self, link: PeerLink, now: float) -> None:
+        """``link``'s peer sent a Request (the choker forgives it an unused slot)."""
+        self.choker.record_request(link, now)
+
+    # -- what a link asks ----------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        """Every piece is verified: nothing more to request."""
+        return self.picker.complete
+
+    def requested_from(self, link: PeerLink, index: int, begin: int) -> bool:
+        """Whether a Piece from ``link`` at (index, begin) answers one of our requests to it."""
+        return self.picker.is_requested(link, index, begin)
+
+    def block_length(self, index: int, begin: int) -> int:
+        """The length of the block at (index, begin); ValueError if there is no such block."""
+        return self.picker.block_length(index, begin)
+
+    def download_rate(self, link: PeerLink, now: float) -> float:
+        """Bytes/s we receive from ``link`` (the choker's measure)."""
+        return self.choker.download_rate(link, now)
+
+    def pick(self, link: PeerLink, count: int, now: float) -> list[Block]:
+        """Up to ``count`` blocks to request from ``link`` now (recorded as requested)."""
+        return self.picker.pick(link, None, count, now)
+
+    def peer_interested(self, link: PeerLink, interested: bool) -> None:
+        self.choker.set_interested(link, interested)
+        if interested:
+            self.wake_choker.set()  # a free slot is filled now, not at the next tick
+
+    def we_interested(self, link: PeerLink, interested: bool, now: float) -> None:
+        self.choker.set_we_interested(link, interested, now)
 
     def on_peer_seed(self, link: PeerLink) -> None:
         """A peer turned out to have every piece: two seeds have nothing to trade."""
