@@ -16,6 +16,12 @@ hands the bytes in.
   the weights ``w0, w1, ...`` (float32, in :class:`~.model.Autoencoder` order) and
   ``meta``, UTF-8 JSON: ``features``, ``run_id``, ``round``, ``time`` (Unix
   seconds, given by the caller) and, in the fedserver's copy, ``nodes``.
+* **training mark** (``training.json`` on a node): when the ClientApp's local
+  training of a federated round began (``start``, Unix seconds), which process
+  runs it (``pid``) and, once it is over, when it ended (``end``). The ClientApp
+  writes it before and after its fit; the telemetry daemon reads it when a
+  window closes, so the windows the round's training disturbed are not scored
+  (``shoal-disturbed``, as for the daemon's own training).
 
 Nothing is unpickled (``allow_pickle=False``): a file from a hostile node is at
 worst a :class:`ValueError`.
@@ -25,12 +31,17 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["encode_model_npz", "decode_model_npz", "encode_training_npz", "decode_training_npz"]
+__all__ = ["encode_model_npz", "decode_model_npz", "encode_training_npz", "decode_training_npz",
+           "encode_training_mark", "decode_training_mark"]
+
+#: a training mark is a few dozen bytes; a larger file is not one (read no further)
+MAX_TRAINING_MARK_BYTES = 4096
 
 
 def encode_model_npz(weights: Sequence[np.ndarray], features: Sequence[str], run_id: int, rnd: int, *,
@@ -71,3 +82,26 @@ def decode_training_npz(data: bytes) -> tuple[np.ndarray, list[str]]:
     """-> (X, feature names)."""
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return z["X"], [str(f) for f in z["features"]]
+
+
+def encode_training_mark(start: float, pid: int, end: float | None = None) -> bytes:
+    """The ClientApp's training mark: in progress (``end`` None) or over."""
+    mark: dict[str, Any] = {"start": float(start), "pid": int(pid)}
+    if end is not None:
+        mark["end"] = float(end)
+    return json.dumps(mark).encode()
+
+
+def decode_training_mark(data: bytes) -> tuple[float, int, float | None]:
+    """-> (start, pid, end or None while training); raises ValueError on anything malformed."""
+    if len(data) > MAX_TRAINING_MARK_BYTES:
+        raise ValueError(f"not a training mark: {len(data)} bytes")
+    try:
+        mark = json.loads(data.decode())
+        start, pid, end = float(mark["start"]), int(mark["pid"]), mark.get("end")
+        end = None if end is None else float(end)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a training mark: {exc}") from None
+    if not (math.isfinite(start) and (end is None or (math.isfinite(end) and end >= start)) and pid > 0):
+        raise ValueError("not a training mark: start, end or pid out of range")
+    return start, pid, end

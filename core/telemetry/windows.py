@@ -116,18 +116,22 @@ class WindowAccumulator:
 
 
 class Disturbances:
-    """Time ranges in which the daemon itself disturbed the node (training, installing a model).
+    """Time ranges in which the daemon itself disturbed the node (training, installing a model,
+    the local training of a federated round).
 
     A window that overlaps one is the daemon's doing, not the node's: it is kept out of
     training data and is not scored (no alarm). :meth:`begin` opens a range at a time,
     :meth:`end` closes the newest open one ``settle`` seconds after the given time (the model loading, memory
-    settling: one window in the daemon). Time is passed in (sans-IO). Ranges older than
+    settling: one window in the daemon). :meth:`put` sets the range of a named disturbance
+    another process reports (the Flower ClientApp's fit: open while it runs, then closed),
+    replacing what was known of it. Time is passed in (sans-IO). Ranges older than
     every window still to be judged are forgotten (:meth:`covers` drops those ending
     before the window it is asked about: windows are judged in time order).
     """
 
     def __init__(self) -> None:
         self._ranges: list[list[float]] = []  # [start, end]; end = inf while open
+        self._named: dict[str, list[float]] = {}
 
     def begin(self, t: float) -> None:
         self._ranges.append([t, math.inf])
@@ -140,7 +144,15 @@ class Disturbances:
                 return r[0], r[1]
         raise ValueError("no disturbance in progress")
 
+    def put(self, name: str, start: float, end: float | None, settle: float = 0.0) -> tuple[float, float]:
+        """The disturbance ``name`` runs from ``start`` to ``end + settle`` (to be told, while
+        ``end`` is None); returns the range."""
+        r = [start, math.inf if end is None else end + settle]
+        self._named[name] = r
+        return r[0], r[1]
+
     def covers(self, start: float, end: float) -> bool:
         """Whether the window [start, end) overlaps a disturbance (an open one included)."""
         self._ranges = [r for r in self._ranges if r[1] > start]
-        return any(r[0] < end and r[1] > start for r in self._ranges)
+        self._named = {k: r for k, r in self._named.items() if r[1] > start}
+        return any(r[0] < end and r[1] > start for r in [*self._ranges, *self._named.values()])

@@ -17,6 +17,10 @@ SuperNode's ``--node-config``, written atomically by whoever produces them.
   message: the global weights, the feature names, the run id and round. The
   telemetry daemon watches it and installs the model (own scaler and own
   threshold, as in the seed).
+* ``training-mark`` (optional): ``training.json``, written by the ClientApp just
+  before and just after its local fit (``formats.encode_training_mark``). The fit
+  takes the node's CPU for seconds; the telemetry daemon reads the mark when a
+  window closes and does not score the windows it disturbed (``shoal-disturbed``).
 
 One run (the ServerApp's ``main``):
 
@@ -42,6 +46,7 @@ not held up by up to 3 s three times over.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,7 +58,12 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from shoal.core.telemetry.formats import decode_model_npz, decode_training_npz, encode_model_npz
+from shoal.core.telemetry.formats import (
+    decode_model_npz,
+    decode_training_npz,
+    encode_model_npz,
+    encode_training_mark,
+)
 from shoal.core.telemetry.model import Autoencoder, MinMaxScaler
 from shoal.daemons.runtime.state import atomic_write
 
@@ -117,7 +127,16 @@ def train(msg: Message, context: Context) -> Message:
     X = _local_data(context, features)
     arrays: Any = msg.content["arrays"]
     ae = Autoencoder.from_weights(arrays.to_numpy_ndarrays())
-    losses = ae.fit(X, epochs=int(cfg["epochs"]), batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]))
+    mark = context.node_config.get("training-mark")
+    mark_path = Path(str(mark)) if mark else None
+    start = time.time()
+    if mark_path is not None:  # before the fit: the daemon sees it from the next window closing on
+        atomic_write(mark_path, encode_training_mark(start, os.getpid()), mode=0o644)
+    try:
+        losses = ae.fit(X, epochs=int(cfg["epochs"]), batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]))
+    finally:
+        if mark_path is not None:
+            atomic_write(mark_path, encode_training_mark(start, os.getpid(), end=time.time()), mode=0o644)
     content = RecordDict({
         "arrays": ArrayRecord(ae.get_weights()),
         "metrics": MetricRecord({"num-examples": int(X.shape[0]), "loss": float(losses[-1])}),

@@ -30,7 +30,11 @@ refusal is counted. Only an accepted model replaces ``model.onnx``.
 ``flower-supernode`` whose ClientApp reads ``fed/train.npz`` and writes each
 global model it receives to ``fed/global.npz``. The daemon checks that file
 every second and installs a new one with its own scaler and threshold
-(trainer.model_from_global). A node that was down during a run catches up:
+(trainer.model_from_global). The ClientApp's local fit takes the node's CPU
+for seconds: it writes ``fed/training.json`` before and after it (the
+SuperNode's ``training-mark``), and the windows overlapping the fit, or closing
+within ``SETTLE_SECONDS`` after, are ``shoal-disturbed`` as for the daemon's own
+training (:meth:`TelemetryApp._follow_federated_training`). A node that was down during a run catches up:
 every ``catch_up_interval`` it asks the fedserver (``[federation] fedserver``)
 for the latest global model and installs it if it has not yet. With
 ``root_certificates`` the SuperNode talks TLS to the SuperLink, and with
@@ -61,7 +65,7 @@ from pathlib import Path
 
 import trio
 
-from shoal.core.telemetry.formats import decode_model_npz, encode_training_npz
+from shoal.core.telemetry.formats import decode_model_npz, decode_training_mark, encode_training_npz
 from shoal.core.telemetry.model import Detector, ModelError, NodeVerdict
 from shoal.core.telemetry.windows import Disturbances, Window, WindowAccumulator
 from shoal.daemons.runtime.config import ListenAddr, read_token
@@ -97,6 +101,10 @@ UPLOAD_IDLE_SECONDS = 60.0
 # never training data) and are not scored (no alarm): shoal_telemetry_windows_total{result="disturbed"}.
 DISTURBED_LABEL = "shoal-disturbed"
 SETTLE_SECONDS = 5.0
+# A federated round's local fit (the ClientApp, another process) is followed through its
+# training mark; one still open after this long is taken as over (a recycled pid, a mark
+# left behind), so that a stale file cannot keep every window unscored.
+FED_TRAINING_MAX_SECONDS = 3600.0
 
 
 class Uploads:
@@ -163,6 +171,9 @@ class TelemetryApp:
         self.train_npz = self.fed_dir / "train.npz"
         self.global_npz = self.fed_dir / "global.npz"
         self.installed_file = self.fed_dir / "installed.json"
+        self.training_mark = self.fed_dir / "training.json"
+        self._mark_seen: tuple[int, int, int] | None = None  # (inode, mtime_ns, size) of the mark followed
+        self._mark_open: tuple[float, int] | None = None  # (start, pid) of a fit still running
         self.control_path = Path(cfg.control.socket) if cfg.control.socket else state / "control.sock"
         self.detector: Detector | None = None
         self.model_info: dict = {}
@@ -242,6 +253,7 @@ class TelemetryApp:
             await self._write_training_data()
 
     async def _score(self, w: Window, label: str | None) -> None:
+        await self._follow_federated_training(time.time())
         if self.disturbances.covers(w.start, w.end):
             self.metrics.windows.labels("disturbed").inc()
             log.info("window %s closed (%d samples): the daemon was training or installing a model during it; "
@@ -320,6 +332,47 @@ class TelemetryApp:
                 n = await trio.to_thread.run_sync(self.store.label, start, end, DISTURBED_LABEL)
             log.info("%s: windows from %s to %s labelled %s (%d stored so far)", what, _iso(start), _iso(end),
                      DISTURBED_LABEL, n)
+
+    async def _follow_federated_training(self, now: float) -> None:
+        """Read the ClientApp's training mark (fed/training.json) if it changed: a fit in
+        progress is an open disturbance, a finished one is closed at its end + SETTLE_SECONDS
+        and the windows it disturbed are labelled. A fit whose process is gone, or that has
+        run for FED_TRAINING_MAX_SECONDS, is over now. A malformed mark is logged and ignored."""
+        try:
+            st = self.training_mark.stat()
+        except FileNotFoundError:
+            return
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self._mark_seen:
+            self._mark_seen = key
+            try:
+                start, pid, end = decode_training_mark(self.training_mark.read_bytes())
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring the federated training mark %s: %s", self.training_mark, exc)
+                self._mark_open = None
+                return
+            if end is None:
+                self._mark_open = (start, pid)
+                self.disturbances.put("federated", start, None)
+                log.info("federated round: local training since %s (pid %d); its windows are not scored",
+                         _iso(start), pid)
+                return
+            self._mark_open = None
+            await self._federated_training_over(start, end)
+        elif self._mark_open is not None:
+            start, pid = self._mark_open
+            if not _alive(pid) or now - start > FED_TRAINING_MAX_SECONDS:
+                self._mark_open = None
+                log.warning("federated round: the local training since %s (pid %d) did not say it ended; "
+                            "taken as over", _iso(start), pid)
+                await self._federated_training_over(start, now)
+
+    async def _federated_training_over(self, start: float, end: float) -> None:
+        start, until = self.disturbances.put("federated", start, end, SETTLE_SECONDS)
+        with trio.CancelScope(shield=True):
+            n = await trio.to_thread.run_sync(self.store.label, start, until, DISTURBED_LABEL)
+        log.info("federated round: local training from %s to %s; windows to %s labelled %s (%d stored so far)",
+                 _iso(start), _iso(end), _iso(until), DISTURBED_LABEL, n)
 
     def _load_startup_model(self) -> None:
         if not self.model_path.exists():
@@ -469,7 +522,8 @@ class TelemetryApp:
         def argv() -> list[str]:
             port = fed.supernode_port or free_port("127.0.0.1")
             a = [exe, "--superlink", str(fed.superlink), "--host", "127.0.0.1", "--port", str(port),
-                 "--node-config", f'data="{self.train_npz}" model-out="{self.global_npz}"']
+                 "--node-config", f'data="{self.train_npz}" model-out="{self.global_npz}" '
+                                  f'training-mark="{self.training_mark}"']
             if fed.root_certificates:
                 a += ["--root-certificates", fed.root_certificates]
             else:
@@ -551,6 +605,16 @@ class TelemetryApp:
         model = set(self.detector.feature_names) if self.detector is not None else set()
         return {"features": page, "total": len(names), "offset": params.offset,
                 "in_model": [n in model for n in page]}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 
 def _iso(t: float) -> str:

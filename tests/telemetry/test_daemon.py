@@ -180,3 +180,71 @@ async def test_windows_the_daemons_own_training_disturbed_are_neither_scored_nor
             assert training and not training & {w["start"] for w in disturbed}
             assert await d.terminate() == 0
             nursery.cancel_scope.cancel()
+
+
+CLIENT_FIT = """
+import sys, time
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from shoal.core.telemetry.formats import encode_training_npz
+from shoal.core.telemetry.model import Autoencoder
+from shoal.daemons.fedserver.flowerapp import train
+
+data, mark, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+names = [f"f{i}" for i in range(40)]
+with open(data, "wb") as f:
+    f.write(encode_training_npz(np.random.default_rng(0).random((60, 40)).astype(np.float32), names))
+context = Context(run_id=1, node_id=1, node_config={"data": data, "model-out": data + ".out", "training-mark": mark},
+                  state=RecordDict(), run_config={})
+meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                created_at=time.time(), ttl=3600.0, message_type="train")
+config = ConfigRecord({"features": names, "epochs": epochs, "batch-size": 4, "lr": 0.001})
+msg = Message(content=RecordDict({"arrays": ArrayRecord(Autoencoder(40).get_weights()), "config": config}),
+              metadata=meta)
+began = time.time()
+train(msg, context)
+print(began, time.time())
+"""
+
+
+async def test_windows_a_federated_rounds_local_training_disturbed_are_neither_scored_nor_training_data(tmp_path):
+    """Issue 15 item 3, the federated case: the Flower ClientApp's local fit (another process,
+    run by the SuperNode) takes the node's CPU as the daemon's own training does. The ClientApp
+    (its real ``train``, here called in a process of its own as the SuperNode would) says when
+    it fits, through the SuperNode's ``training-mark``; the windows open meanwhile, and those
+    closing within SETTLE_SECONDS after, are labelled, not scored and not training data."""
+    from shoal.daemons.telemetry.daemon import DISTURBED_LABEL, SETTLE_SECONDS
+
+    root = tmp_path / "root"
+    node = FakeNode(root)
+    sock = tmp_path / "ctl.sock"
+    config = write_config(tmp_path / "t.toml", root, sock)
+    with trio.fail_after(120):
+        async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            nursery.start_soon(keep_ticking, node)
+            d = await stack.enter_async_context(await start_telemetry(config))
+            await wait_status(sock, lambda s: s["stored"] >= 6)
+            await rpc(sock, "train", {})
+            trained = time.time()  # and the daemon's own training disturbance over
+            await wait_status(sock, lambda s: any(w["score"] is not None and w["start"] > trained + SETTLE_SECONDS
+                                                  for w in s["windows"]), timeout=SETTLE_SECONDS + 30)
+            # The supernode's node-config names the daemon's fed/training.json as the mark.
+            fed = d.state_dir / "fed"
+            out = await trio.run_process(
+                [sys.executable, "-c", CLIENT_FIT, str(tmp_path / "train.npz"), str(fed / "training.json"), "400"],
+                capture_stdout=True, check=True)
+            began, ended = map(float, out.stdout.split())
+            assert ended - began > 1.0, "the fit should span a few windows"
+            st = await wait_status(sock, lambda s: any(w["score"] is not None and w["start"] > ended + SETTLE_SECONDS
+                                                       for w in s["windows"]), timeout=SETTLE_SECONDS + 30,
+                                   windows=400)
+            during = [w for w in st["windows"] if w["end"] > began and w["start"] < ended]
+            assert len(during) >= 2
+            for w in during:  # every window the fit overlapped
+                assert w["label"] == DISTURBED_LABEL and w["score"] is None and w["anomalous"] is None, w
+            after = [w for w in st["windows"] if w["start"] >= ended + SETTLE_SECONDS + 0.1]
+            assert after and all(w["label"] is None and w["score"] is not None for w in after)
+            training = {w.start for w in d_store_training(d.state_dir)}
+            assert training and not training & {w["start"] for w in during}
+            assert await d.terminate() == 0
+            nursery.cancel_scope.cancel()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -85,3 +87,14 @@ def test_disturbances_cover_the_windows_overlapping_them_and_the_settling_time()
     assert d.end(95.0) == (70.0, 95.0) and not d.covers(100.0, 110.0)
     with pytest.raises(ValueError):
         d.end(120.0)
+
+
+def test_a_named_disturbance_another_process_reports_is_open_until_told_then_settles():
+    d = Disturbances()
+    assert d.put("federated", 25.0, None) == (25.0, math.inf)
+    assert d.covers(20.0, 30.0) and d.covers(1000.0, 1010.0)  # open: every window from its start on
+    assert d.put("federated", 25.0, 42.0, settle=5.0) == (25.0, 47.0)  # over: replaced, not added
+    assert d.covers(40.0, 50.0) and not d.covers(50.0, 60.0)
+    d.begin(70.0)  # the daemon's own, alongside
+    d.put("federated", 72.0, 75.0)
+    assert d.end(80.0) == (70.0, 80.0) and not d.covers(80.0, 90.0)
