@@ -14,7 +14,12 @@ the actions that come back, in order. The core owns:
 * **disk errors**: a piece whose write or read-back failed is released, every
   block wanted again, and nobody is blamed (:meth:`TorrentCore.write_failed`,
   :meth:`TorrentCore.piece_lost`); before, the picker went on counting its
-  blocks as received and the piece never completed;
+  blocks as received and the piece never completed. New requests then pause
+  (:meth:`TorrentCore.may_request`) for a back-off that doubles with each
+  error after a pause, from ``disk_retry_first`` up to ``disk_retry_max``
+  seconds, and starts over at a successful write: a disk that stays broken
+  costs the swarm a few pieces a minute, not our whole download rate thrown
+  away (:class:`PauseRequests` says when a pause starts);
 * **peers leaving and requests timing out**: their blocks are wanted again
   (:class:`Refill`: top up the request queues).
 
@@ -36,9 +41,10 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
+from shoal.core.swarm.backoff import Backoff
 from shoal.core.swarm.picker import PiecePicker
 
-__all__ = ["Action", "Cancel", "HashFailed", "Refill", "TorrentCore", "Verified", "Verify", "Write",
+__all__ = ["Action", "Cancel", "HashFailed", "PauseRequests", "Refill", "TorrentCore", "Verified", "Verify", "Write",
            "WRITE_BATCH", "WRITE_BUFFER"]
 
 Peer = Hashable
@@ -47,6 +53,11 @@ Peer = Hashable
 WRITE_BATCH = 1 << 20
 #: At most this many bytes wait in memory in all before they are written.
 WRITE_BUFFER = 64 << 20
+#: After a disk error no new block is requested for this long, doubling with
+#: each error after a pause up to DISK_RETRY_MAX (a disk that is full or gone
+#: is not fixed in a second; one that hiccuped loses a second).
+DISK_RETRY_FIRST = 1.0
+DISK_RETRY_MAX = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +122,15 @@ class Refill:
     """Blocks are wanted again: top up the peers' request queues."""
 
 
-Action = Cancel | Write | Verify | Verified | HashFailed | Refill
+@dataclass(frozen=True, slots=True)
+class PauseRequests:
+    """A disk error started a pause: no new requests until ``until`` (say so once)."""
+
+    until: float
+    seconds: float
+
+
+Action = Cancel | Write | Verify | Verified | HashFailed | Refill | PauseRequests
 
 _REFILL = Refill()
 
@@ -124,10 +143,13 @@ class TorrentCore:
     """
 
     def __init__(self, picker: PiecePicker, *, write_batch: int = WRITE_BATCH,
-                 write_buffer: int = WRITE_BUFFER) -> None:
+                 write_buffer: int = WRITE_BUFFER, disk_retry_first: float = DISK_RETRY_FIRST,
+                 disk_retry_max: float = DISK_RETRY_MAX) -> None:
         if write_batch < 1 or write_buffer < 1:
             raise ValueError("write_batch and write_buffer must be positive")
         self.picker = picker
+        self._disk_backoff = Backoff(disk_retry_first, disk_retry_max)
+        self.paused_until = float("-inf")  # no new requests before this (a disk error)
         self.write_batch = write_batch
         self.write_buffer = write_buffer
         self.pending_bytes = 0  # bytes buffered, not yet handed out in a Write
@@ -137,6 +159,10 @@ class TorrentCore:
         self._writing: dict[int, int] = {}  # piece -> Writes handed out and not yet reported
 
     # -- read-outs ---------------------------------------------------------------
+
+    def may_request(self, now: float) -> bool:
+        """New blocks may be requested at ``now`` (no pause after a disk error)."""
+        return now >= self.paused_until
 
     def writing(self, index: int) -> int:
         """Writes of piece ``index`` handed out and not yet reported."""
@@ -185,6 +211,7 @@ class TorrentCore:
     def write_done(self, index: int, ok: bool | None) -> list[Action]:
         """A Write of ``index`` finished: ``ok`` is the hash result of a whole write, None otherwise."""
         last = self._written(index)
+        self._disk_backoff.succeeded()
         if ok is not None:
             return self.piece_checked(index, ok)
         if not last or index in self._pending or self.picker.have(index) \
@@ -192,10 +219,10 @@ class TorrentCore:
             return []
         return [Verify(index)]
 
-    def write_failed(self, index: int) -> list[Action]:
-        """A Write of ``index`` failed with a disk error: the piece is fetched again."""
+    def write_failed(self, index: int, now: float) -> list[Action]:
+        """A Write of ``index`` failed at ``now`` with a disk error: the piece is fetched again, after a pause."""
         self._written(index)
-        return self.piece_lost(index)
+        return self.piece_lost(index, now)
 
     def piece_checked(self, index: int, ok: bool) -> list[Action]:
         """The hash check of piece ``index`` (a whole Write's, or a Verify's) gave ``ok``."""
@@ -211,18 +238,27 @@ class TorrentCore:
         actions.append(Verified(index, picker.complete))
         return actions
 
-    def piece_lost(self, index: int) -> list[Action]:
-        """What was written of piece ``index`` cannot be trusted (a disk error): every block is wanted again.
+    def piece_lost(self, index: int, now: float) -> list[Action]:
+        """What was written of piece ``index`` cannot be trusted (a disk error at ``now``).
 
-        Nobody is blamed: the disk failed, not the peers. Its buffered blocks
-        are dropped too (they will be fetched again with the rest).
+        Every block is wanted again, and nobody is blamed: the disk failed,
+        not the peers. Its buffered blocks are dropped too (they will be
+        fetched again with the rest). An error after the last pause ended
+        starts a longer one (errors during a pause are writes of blocks
+        already on their way, and change nothing).
         """
+        actions: list[Action] = []
+        if now >= self.paused_until:
+            delay = self._disk_backoff.failed()
+            self.paused_until = now + delay
+            actions.append(PauseRequests(self.paused_until, delay))
         if self.picker.have(index):
-            return []
+            return actions
         self._drop_pending(index)
         self._got.pop(index, None)
         self.picker.piece_failed(index)
-        return [_REFILL]
+        actions.append(_REFILL)
+        return actions
 
     def peer_gone(self, peer: Peer) -> list[Action]:
         """``peer`` disconnected: its requests are released (the blocks it sent are kept)."""

@@ -47,7 +47,17 @@ from shoal.core.swarm.backoff import Backoff
 from shoal.core.swarm.choker import Choker
 from shoal.core.swarm.picker import BLOCK_SIZE, Block, PiecePicker
 from shoal.core.swarm.superseed import SuperSeeder
-from shoal.core.swarm.torrent import Action, Cancel, HashFailed, Refill, TorrentCore, Verified, Verify, Write
+from shoal.core.swarm.torrent import (
+    Action,
+    Cancel,
+    HashFailed,
+    PauseRequests,
+    Refill,
+    TorrentCore,
+    Verified,
+    Verify,
+    Write,
+)
 from shoal.daemons.peer.announce import TrackerError, open_tracker
 from shoal.daemons.peer.interfaces import Banned, Peer, SessionHost
 from shoal.daemons.peer.link import PeerLink
@@ -273,8 +283,9 @@ class Torrent:
                     try:
                         ok = await trio.to_thread.run_sync(self.storage.verify_piece, index)
                     except OSError as exc:
-                        self._disk_error("reading back", index, exc)
-                        await self._perform(self.core.piece_lost(index))
+                        lost = self.core.piece_lost(index, trio.current_time())
+                        self._disk_error("reading back", index, exc, lost)
+                        await self._perform(lost)
                     else:
                         await self._perform(self.core.piece_checked(index, ok))
                 case Verified():
@@ -283,6 +294,8 @@ class Torrent:
                     self._hash_failed(action)
                 case Refill():
                     await self.wake_requesters()
+                case PauseRequests():
+                    pass  # pick() asks the core; the request timeouts' sweep resumes after it
 
     async def _write(self, w: Write) -> None:
         """One batch write (and hash check), in a worker thread; a task of its own."""
@@ -293,17 +306,23 @@ class Torrent:
                 else:
                     await trio.to_thread.run_sync(self._write_batch, w.index, w.blocks)
             except OSError as exc:  # the disk, not the peer: the piece is fetched again
-                self._disk_error("writing", w.index, exc)
-                actions = self.core.write_failed(w.index)
+                actions = self.core.write_failed(w.index, trio.current_time())
+                self._disk_error("writing", w.index, exc, actions)
             else:
                 actions = self.core.write_done(w.index, ok if w.whole else None)
             await self._perform(actions)
         finally:
             self._write_slots.release()
 
-    def _disk_error(self, what: str, index: int, exc: OSError) -> None:
+    def _disk_error(self, what: str, index: int, exc: OSError, actions: list[Action]) -> None:
+        """Count a disk error; log it in one line when it starts a pause (others at debug)."""
         self.metrics.disk_errors.inc()
-        log.error("%s: %s piece %d failed: %s; it will be fetched again", self.meta.name, what, index, exc)
+        pause = next((a for a in actions if type(a) is PauseRequests), None)
+        if pause is None:
+            log.debug("%s: %s piece %d failed: %s", self.meta.name, what, index, exc)
+            return
+        log.error("%s: %s piece %d failed: %s; it is fetched again, no new requests for %.0f s",
+                  self.meta.name, what, index, exc, cast(PauseRequests, pause).seconds)
 
     def _hash_failed(self, a: HashFailed) -> None:
         self.metrics.failed.inc()
@@ -383,7 +402,7 @@ class Torrent:
         return sum(1 for i in range(first, self.meta.num_pieces) if not self.storage.is_verified(i))
 
     async def wake_requesters(self) -> None:
-        if self.picker.has_deadlines:
+        if self.picker.has_deadlines and self.core.may_request(trio.current_time()):
             now = trio.current_time()
             # A peer with no rate measured yet is assumed to do one block a
             # second, so new links get urgent work too.
@@ -579,7 +598,12 @@ class Torrent:
         return self.choker.download_rate(link, now)
 
     def pick(self, link: PeerLink, count: int, now: float) -> list[Block]:
-        """Up to ``count`` blocks to request from ``link`` now (recorded as requested)."""
+        """Up to ``count`` blocks to request from ``link`` now (recorded as requested).
+
+        None while requests pause after a disk error.
+        """
+        if not self.core.may_request(now):
+            return []
         return self.picker.pick(link, None, count, now)
 
     def peer_interested(self, link: PeerLink, interested: bool) -> None:

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from shoal.core.swarm.picker import BLOCK_SIZE, PiecePicker
-from shoal.core.swarm.torrent import Cancel, HashFailed, Refill, TorrentCore, Verified, Verify, Write
+from shoal.core.swarm.torrent import Cancel, HashFailed, PauseRequests, Refill, TorrentCore, Verified, Verify, Write
 
 PIECE = 4 * BLOCK_SIZE
 LAST = BLOCK_SIZE + 3616  # the last piece is short: one whole block and a short one
@@ -175,13 +175,40 @@ def test_a_failed_write_releases_the_piece_and_blames_nobody():
     c = core()
     blocks = c.picker.pick("a", None, 4, now=0.0)
     (w,) = writes(feed(c, "a", blocks))
-    assert c.write_failed(w.index) == [Refill()]
+    assert c.write_failed(w.index, now=10.0) == [PauseRequests(until=11.0, seconds=1.0), Refill()]
     assert c.writing(0) == 0 and not c.picker.have(0)
-    again = c.picker.pick("a", None, 4, now=1.0)
+    assert not c.may_request(10.5) and c.may_request(11.0)
+    again = c.picker.pick("a", None, 4, now=11.0)
     assert [(b.index, b.begin) for b in again] == [(b.index, b.begin) for b in blocks]
     (w,) = writes(feed(c, "a", again))
     assert w.whole
     assert c.write_done(0, True) == [Verified(0, complete=False)]
+
+
+def test_a_disk_that_stays_broken_pauses_requests_longer_each_time_until_a_write_succeeds():
+    c = core(disk_retry_first=2.0, disk_retry_max=8.0)
+    now = 100.0
+    pauses = []
+    for _ in range(5):
+        blocks = c.picker.pick("a", None, 4, now)
+        (w,) = writes(feed(c, "a", blocks))
+        first, *rest = c.write_failed(w.index, now)
+        assert type(first) is PauseRequests and rest == [Refill()]
+        pauses.append(first.seconds)
+        now = first.until
+    assert pauses == [2.0, 4.0, 8.0, 8.0, 8.0]
+    # Writes of blocks already on their way fail during the pause: no longer pause for them.
+    blocks = c.picker.pick("a", None, 8, now)
+    ws = writes(feed(c, "a", blocks))
+    assert len(ws) == 2
+    assert type(c.write_failed(ws[0].index, now)[0]) is PauseRequests
+    assert c.write_failed(ws[1].index, now + 1.0) == [Refill()]
+    # The disk works again: one good write and the next error pauses briefly.
+    now += 8.0
+    (w,) = writes(feed(c, "a", c.picker.pick("a", None, 4, now)))
+    c.write_done(w.index, True)
+    (w,) = writes(feed(c, "a", c.picker.pick("a", None, 4, now)))
+    assert c.write_failed(w.index, now)[0] == PauseRequests(now + 2.0, 2.0)
 
 
 def test_a_piece_in_batches_is_verified_after_its_last_write_only():
@@ -201,7 +228,7 @@ def test_a_failed_batch_while_another_is_in_flight_refetches_the_whole_piece():
     blocks = c.picker.pick("a", None, 4, now=0.0)
     writes(feed(c, "a", blocks[:2]))
     writes(feed(c, "a", blocks[2:]))
-    assert c.write_failed(0) == [Refill()]
+    assert c.write_failed(0, now=0.0)[-1] == Refill()
     assert c.write_done(0, None) == []  # the other batch landed, but the piece is wanted again
     again = c.picker.pick("a", None, 4, now=1.0)
     assert len(again) == 4
@@ -217,8 +244,8 @@ def test_a_read_back_that_fails_releases_the_piece():
     writes(feed(c, "a", blocks))
     c.write_done(0, None)
     assert c.write_done(0, None) == [Verify(0)]
-    assert c.piece_lost(0) == [Refill()]
-    assert len(c.picker.pick("b", None, 4, now=1.0)) == 4
+    assert c.piece_lost(0, now=5.0) == [PauseRequests(6.0, 1.0), Refill()]
+    assert len(c.picker.pick("b", None, 4, now=6.0)) == 4
 
 
 def test_memory_pressure_writes_early_and_a_disk_error_drops_what_waits():
@@ -228,7 +255,7 @@ def test_memory_pressure_writes_early_and_a_disk_error_drops_what_waits():
     assert feed(c, "a", p0[:2]) == []
     assert writes(feed(c, "b", p1[:1])) == [Write(1, ((0, data(1, 0)),), whole=False)]  # 3 blocks wait: write
     assert c.pending_bytes == 2 * BLOCK_SIZE
-    assert c.piece_lost(0) == [Refill()]  # piece 0's two buffered blocks go with it
+    assert c.piece_lost(0, now=0.0)[-1] == Refill()  # piece 0's two buffered blocks go with it
     assert c.pending_bytes == 0 and c.buffered(0) == 0
 
 
@@ -266,7 +293,7 @@ def test_the_picker_stays_consistent_through_a_hostile_sequence():
                 if type(a) is Write:
                     result = rng.choice((True, False, None, "disk"))
                     if result == "disk":
-                        c.write_failed(a.index)
+                        c.write_failed(a.index, now)
                     else:
                         c.write_done(a.index, result if a.whole else None)
         elif step < 0.8:
