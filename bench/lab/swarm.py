@@ -50,7 +50,9 @@ def bench_scenario(args: argparse.Namespace, sizes: list[int], clients: list[str
     seed, leech = shipped.host("seed"), shipped.host("leech1")
     hosts = (dataclasses.replace(seed, index=0, link=link),
              *(dataclasses.replace(leech, name=f"leech{i}", index=i, link=link) for i in range(1, max(sizes) + 1)))
+    # No monitor host: Prometheus would take CPU from the clients being timed.
     scenario = dataclasses.replace(shipped, source="bench/lab/swarm.py", hosts=hosts,
+                                   monitor=dataclasses.replace(shipped.monitor, host=""),
                                    experiment=dataclasses.replace(shipped.experiment, timeout=7200.0))
     return replace_params(scenario, file_mib=args.file_mib, sizes=tuple(sizes), clients=tuple(clients),
                           piece_kib=args.piece_kib, stream=False, timeout=600.0)
