@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import statistics
 import sys
 import time
 
@@ -114,7 +113,10 @@ async def connect_rtt(lab: Lab, a: str, b: str) -> float:
                 times.append(time.perf_counter() - t)
         n.cancel_scope.cancel()
     await lst.aclose()
-    return statistics.median(times) * 1000
+    # The fastest of 9, as ping's min RTT: the link's delay is a floor that load on the
+    # machine (the user-space delay line included) can only add to. The median measured
+    # 22.6 ms for a 20-ms path in a CI run while a benchmark loaded both cores.
+    return min(times) * 1000
 
 
 async def test_a_shaped_link_gives_its_rate_and_delay_and_reaches_nothing_outside():
