@@ -71,7 +71,7 @@ class TrainingSection:
     percentile: float = setting(98.0, min=50.0, max=100.0)
     # The live recipe (docs/telemetry-model.md): more epochs when there are few windows, so
     # that training takes at least this many gradient steps in all ...
-    min_steps: int = setting(500, min=0, max=10_000_000)
+    min_steps: int = setting(1500, min=0, max=10_000_000)
     # ... and the threshold is the percentile of each window's error under a model trained
     # on the other windows (this many interleaved folds); 0 = of the training errors (the
     # seed's rule, which flags far more than 2 % of new normal windows on small data).

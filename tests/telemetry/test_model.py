@@ -21,6 +21,7 @@ from shoal.core.telemetry.model import (
     metadata_dict,
     threshold_from_errors,
 )
+from shoal.daemons.telemetry.config import TrainingSection
 from shoal.daemons.telemetry.trainer import export_onnx
 
 # ------------------------------------------------------------------ scaler
@@ -449,7 +450,9 @@ def test_held_out_threshold_holds_when_normal_comes_in_phases():
         fresh = np.concatenate([_low_rank_windows(rng, 300) + shift for shift in (0.0, 4.0, -3.0)])
         fault = _low_rank_windows(rng, 50)
         fault[:, :20] += 4.0  # half the metrics in the busy phase, half quiet
-        fit = fit_detector(train, epochs=10, batch_size=10, lr=1e-3, percentile=98.0, min_steps=500, folds=5)
+        # The shipped recipe's steps (with 500, recall over 8 seeds was 0.58, and 0.57 here)
+        fit = fit_detector(train, epochs=10, batch_size=10, lr=1e-3, percentile=98.0,
+                           min_steps=TrainingSection().min_steps, folds=5)
 
         def flagged(X, fit=fit):
             return fit.ae.reconstruction_error(fit.scaler.transform(X)) > fit.threshold
