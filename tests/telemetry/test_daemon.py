@@ -235,14 +235,15 @@ async def test_windows_a_federated_rounds_local_training_disturbed_are_neither_s
                 capture_stdout=True, check=True)
             began, ended = map(float, out.stdout.split())
             assert ended - began > 1.0, "the fit should span a few windows"
-            st = await wait_status(sock, lambda s: any(w["score"] is not None and w["start"] > ended + SETTLE_SECONDS
+            clear = ended + SETTLE_SECONDS + 0.1  # the windows past the settle time (as asserted below)
+            st = await wait_status(sock, lambda s: any(w["score"] is not None and w["start"] >= clear
                                                        for w in s["windows"]), timeout=SETTLE_SECONDS + 30,
                                    windows=400)
             during = [w for w in st["windows"] if w["end"] > began and w["start"] < ended]
             assert len(during) >= 2
             for w in during:  # every window the fit overlapped
                 assert w["label"] == DISTURBED_LABEL and w["score"] is None and w["anomalous"] is None, w
-            after = [w for w in st["windows"] if w["start"] >= ended + SETTLE_SECONDS + 0.1]
+            after = [w for w in st["windows"] if w["start"] >= clear]
             assert after and all(w["label"] is None and w["score"] is not None for w in after)
             training = {w.start for w in d_store_training(d.state_dir)}
             assert training and not training & {w["start"] for w in during}
