@@ -81,7 +81,8 @@ class TrainingSection:
     # ... and refuse to train on fewer than this.
     min_windows: int = setting(10, min=2, max=1_000_000)
     # Train on the features whose names start with one of these (e.g. ["cgroup_"]: the
-    # node's own workload where the kernel is shared); [] = every feature of the node.
+    # node's own workload where the kernel is shared, with "cgroup_psi_" excluded: the
+    # cgroup's pressure is its waits for the shared machine); [] = every feature of the node.
     features: tuple[str, ...] = setting(())
     # ... and not on those starting with one of these. The load averages by default: they are
     # the run queue (proc_running, a feature) averaged by the kernel over 1, 5 and 15 minutes,

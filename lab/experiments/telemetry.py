@@ -53,7 +53,10 @@ detector's score is the mean over every feature, and most features are the
 machine's: when this machine's load, memory or disk swings (other work on
 it), every node's score moves together and may cross its threshold. The
 check "nowhere else" then fails, and says so with the own-feature share;
-nothing here filters those windows out.
+nothing here filters those windows out. The cgroup's pressure (PSI) is such a
+machine feature too: the time the host's tasks waited for the shared cores and
+disk (the shipped scenario excludes it). ``machine_load`` loads every core and
+the disk from outside the lab's hosts at the fault's start, to show that.
 ``shoal telemetry inject net`` would not do: it sends through loopback, which
 the collector leaves out, and its CPU load is machine-wide.
 """
@@ -63,11 +66,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import ssl
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +132,9 @@ class Params:
     fault_seconds: float = setting(10.0, min=1.0, max=3600.0, help="s of the fault's traffic")
     fault_rate: float = setting(1.0, min=0.01, max=1000.0, help="MiB/s of the fault's paced TCP stream")
     after_windows: int = setting(2, min=1, max=10_000, help="windows scored after the fault before the verdicts")
+    machine_load: float = setting(0.0, min=0.0, max=3600.0,
+                                  help="s of CPU load on every core from outside the lab's hosts at the fault's "
+                                       "start (a shared machine's noise, which no host may flag)")
 
 
 # -- reading the daemons ---------------------------------------------------------------------
@@ -203,8 +211,11 @@ def onnx_weights(path: Path) -> list[np.ndarray]:
     return [inits[f"{kind}{i}"] for i in range(layers) for kind in ("W", "b")]
 
 
-def own_shares(state_dir: Path, n: int) -> dict[float, float]:
-    """Window start -> the share of its score that comes from the host's own features (``net_*``).
+def own_shares(state_dir: Path, n: int) -> dict[float, tuple[float, list[str]]]:
+    """Window start -> (the share of its score from the host's own features (``net_*``), its top features).
+
+    The top features are the three with the largest share of the window's score, as
+    ``name:share``: what made a window score high, for the table and a failed check.
 
     Each lab host's collector reads its own /proc/net/dev but this machine's CPU, memory, load and
     disk: this says which of the two made a window score high. The score's terms are recomputed
@@ -227,7 +238,9 @@ def own_shares(state_dir: Path, n: int) -> dict[float, float]:
     for w in windows:
         x = det.scale(feature_row(w.features, det.feature_names)[0])
         err = ((ae.reconstruct(x) - x) ** 2)[0]
-        shares[w.start] = float(err[own].sum() / err.sum()) if err.sum() > 0 else 0.0
+        total = float(err.sum())
+        top = [f"{det.feature_names[i]}:{err[i] / total:.0%}" for i in np.argsort(err)[::-1][:3]] if total > 0 else []
+        shares[w.start] = (float(err[own].sum()) / total if total > 0 else 0.0, top)
     return shares
 
 
@@ -285,6 +298,27 @@ async def paced_stream(stream: trio.SocketStream, seconds: float, rate: float) -
             nursery.start_soon(send)
             nursery.start_soon(receive)
     return sent, received
+
+
+async def machine_load(seconds: float, scratch: Path) -> None:
+    """For ``seconds``, spin every core and write and fsync a file in ``scratch``, in processes of
+    the lab's own (in no lab host's cgroup or namespace).
+
+    The noise of a shared machine (another user's job starting): every host's machine-wide
+    features and its cgroup's pressure (its tasks waited for the cores and the disk) move; its
+    own interface and CPU time do not.
+    """
+    end = f"import os, time\nend = time.monotonic() + {seconds!r}\n"
+    spin = end + "while time.monotonic() < end: pass"
+    write = end + (f"with open({str(scratch / 'machine-load')!r}, 'wb') as f:\n"
+                   "    while time.monotonic() < end:\n"
+                   "        f.write(bytes(4 << 20)); f.flush(); os.fsync(f.fileno())\n")
+    try:
+        async with trio.open_nursery() as nursery:
+            for code in [write] + [spin] * (os.cpu_count() or 1):
+                nursery.start_soon(partial(trio.run_process, [sys.executable, "-c", code]))
+    finally:
+        (scratch / "machine-load").unlink(missing_ok=True)
 
 
 async def https_status(lab: Lab, host: str, address: str, port: int, path: str, ca: str) -> int:
@@ -459,7 +493,9 @@ async def run(lab: Lab, params: Params) -> Result:
         lab.progress(f"fault: a {params.fault_rate:g} MiB/s TCP stream from {fault} to {fed} and back for "
                      f"{params.fault_seconds:g}s")
         fault_start = time.time()
-        async with stream:
+        async with stream, trio.open_nursery() as nursery:
+            if params.machine_load > 0:
+                nursery.start_soon(machine_load, params.machine_load, lab.out)
             sent, echoed = await paced_stream(stream, params.fault_seconds, params.fault_rate)
         fault_end = time.time()
     finally:
@@ -480,7 +516,7 @@ async def run(lab: Lab, params: Params) -> Result:
         shares = await trio.to_thread.run_sync(own_shares, Path(lab.daemons[(h, "telemetry")].env["STATE_DIRECTORY"]),
                                                min(1000, int(after[h].stored)))
         for w in st["windows"]:
-            w["own_share"] = shares.get(w["start"])
+            w["own_share"], w["top_features"] = shares.get(w["start"], (None, []))
         wins = sorted((w for w in st["windows"] if w["score"] is not None and w["start"] >= install_wall - window),
                       key=lambda w: w["start"])
         during = [w for w in wins if w["end"] > fault_start and w["start"] < fault_end]
@@ -514,6 +550,11 @@ async def run(lab: Lab, params: Params) -> Result:
               and w["end"] > fault_start and w["start"] < fault_end + params.after_windows * window]
         return float(np.mean(fl)) if fl else math.nan
 
+    def tops(h: str) -> str:
+        """The top features of ``h``'s flagged windows around the fault, for a failed check."""
+        return "; ".join(" ".join(w["top_features"]) for w in per_host[h]["windows"] if w["anomalous"]
+                         and w["end"] > fault_start and w["start"] < fault_end + params.after_windows * window)
+
     fh = per_host[fault]
     by_fault = [w for w in fh["windows"] if w["anomalous"] and w["end"] > fault_start and w["start"] < fault_end
                 and (w["own_share"] or 0.0) >= OWN_MIN]
@@ -526,8 +567,9 @@ async def run(lab: Lab, params: Params) -> Result:
     noisy = [h for h in others if per_host[h]["metrics"]["anomalous"] > 0 or per_host[h]["flagged_during"] > 0]
     res.check("the fault is flagged nowhere else", not noisy,
               f"{len(others) - len(noisy)} of {len(others)} other nodes flagged none of {span}"
-              + (f"; flagged on {', '.join(f'{h} (its own features: {share(h):.0%} of those scores)' for h in noisy)}"
-                 if noisy else "") + f" (why only there: {REASON})")
+              + ("; flagged on " + ", ".join(f"{h} (its own features: {share(h):.0%} of those scores; top features: "
+                                             f"{tops(h)})" for h in noisy) if noisy else "")
+              + f" (why only there: {REASON})")
     # For the record, not a check: the share of each node's scores owed to its network features
     # during the fault. With models over the node's own features only ([training] features), that
     # share is large on every node, so it says nothing of where the fault's traffic went.

@@ -55,7 +55,8 @@ gpu = false
 [host.config.telemetry.federation]
 catch_up_interval = 3600.0  # a catch-up downloads the whole model: traffic the net features see
 [host.config.telemetry.training]
-features = ["net_", "cgroup_"]  # the host's own signals: its interface and its cgroup
+features = ["net_", "cgroup_"]  # the host's own signals: its interface and its cgroup ...
+exclude_features = ["load_", "cgroup_psi_"]  # ... but not its cgroup's pressure: waits for the shared machine
 [experiment]
 kind = "telemetry"
 timeout = 360.0
@@ -68,6 +69,7 @@ fault_host = "node2"
 fault_seconds = 8.0
 fault_rate = 1.0
 after_windows = 2
+machine_load = 2.0  # the shared machine's noise during the fault: every core busy from outside the lab's hosts
 """
 
 
