@@ -147,36 +147,51 @@ class Swarm:
         swarm of seeders, and never find one.
         """
         if not seeder:
-            return _window(self.leeches + self.seeds, numwant, exclude)
-        chosen = _window(self.leeches, numwant, None)
+            return _window((self.leeches, self.seeds), numwant, exclude)
+        chosen = _window((self.leeches,), numwant, None)
         if len(chosen) < numwant:
-            chosen += _window(self.seeds, numwant - len(chosen), exclude)
+            chosen += _window((self.seeds,), numwant - len(chosen), exclude)
         return chosen
 
 
-def _window(pool: list[PeerEntry], numwant: int, exclude: PeerEntry | None) -> list[PeerEntry]:
-    """Up to ``numwant`` entries of ``pool`` other than ``exclude``, from a random window.
+def _window(pools: tuple[list[PeerEntry], ...], numwant: int, exclude: PeerEntry | None) -> list[PeerEntry]:
+    """Up to ``numwant`` entries of the lists ``pools`` end to end, other than ``exclude``, from a random window.
 
     Like opentracker, the reply is a run of consecutive entries starting at a
     random position (wrapping around), which costs O(numwant) list slicing
-    instead of a per-element random draw. The order of the lists is join
+    instead of a per-element random draw, and the lists are never joined (that
+    would copy the whole swarm per announce). The order of the lists is join
     order shuffled by swap-removal, and each request starts elsewhere, so
     every peer is handed out about equally often. Always a new list.
     """
-    n = len(pool)
+    n = sum(len(p) for p in pools)
     k = numwant + (exclude is not None)
     if numwant <= 0 or n == 0:
         return []
     if k >= n:
-        chosen = pool[:]
+        chosen = [e for p in pools for e in p]
     else:
         start = random.randrange(n)
-        chosen = pool[start : start + k]
-        if start + k > n:
-            chosen += pool[: start + k - n]
+        chosen = _run(pools, start, k)
+        if len(chosen) < k:  # wrap around
+            chosen += _run(pools, 0, k - len(chosen))
     if exclude is not None:
         chosen = [p for p in chosen if p is not exclude]
     return chosen[:numwant]
+
+
+def _run(pools: tuple[list[PeerEntry], ...], start: int, k: int) -> list[PeerEntry]:
+    """At most ``k`` consecutive entries of ``pools`` end to end from position ``start``, no wrap."""
+    out: list[PeerEntry] = []
+    for p in pools:
+        if start >= len(p):
+            start -= len(p)
+            continue
+        out += p[start : start + k - len(out)]
+        start = 0
+        if len(out) == k:
+            break
+    return out
 
 
 @dataclass(frozen=True, slots=True)

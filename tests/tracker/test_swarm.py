@@ -1,8 +1,10 @@
 """The swarm table: membership, random peer choice, expiry, bounds and snapshots."""
 
+import random
+
 import pytest
 
-from shoal.daemons.tracker.swarm import SwarmTable, TableFull
+from shoal.daemons.tracker.swarm import SwarmTable, TableFull, _window
 from shoal.protocol.tracker import Announce, Event
 
 IH = b"\x11" * 20
@@ -44,6 +46,29 @@ def test_choice_is_random_not_always_the_same_peers():
         seen |= {p.peer_id for p in t.announce(ann(0), "10.0.0.1", 10, now=0.0).peers}
     # 20 draws of 10 from 199: a fixed choice would give 10 distinct peers.
     assert len(seen) > 60
+
+
+def test_a_leechers_window_over_leeches_and_seeds_is_the_window_of_both_end_to_end():
+    """The reply is a run of the leeches then the seeds, wrapping, without joining the lists per announce."""
+    for trial in range(400):
+        rng = random.Random(trial)
+        a, b = list(range(rng.randrange(0, 30))), list(range(100, 100 + rng.randrange(0, 30)))
+        pool = a + b
+        exclude = rng.choice(pool) if pool and rng.random() < 0.7 else None
+        numwant = rng.randrange(0, 40)
+        random.seed(trial)
+        got = _window((a, b), numwant, exclude)  # type: ignore[arg-type]
+        random.seed(trial)  # the joined list's window, from the same start
+        k, n = numwant + (exclude is not None), len(pool)
+        if numwant == 0 or n == 0:
+            want = []
+        elif k >= n:
+            want = pool[:]
+        else:
+            start = random.randrange(n)
+            want = (pool + pool)[start:start + k]
+        want = [p for p in want if p != exclude][:numwant]
+        assert got == want, (trial, a, b, exclude, numwant)
 
 
 def test_seeder_gets_leechers_first_then_other_seeders():
