@@ -17,7 +17,9 @@ A byte range that spans files becomes one request per file.
 At most ``FETCH_BYTES`` are asked for at once (whole pieces, or the blocks
 the picker gives); a failed request hands its blocks back to the picker and
 the web seed waits ``2^failures`` seconds (at most ``MAX_BACKOFF``) before
-its next one. Responses are bounded: a 206 must carry exactly the range; a
+its next one. After a disk error, while the torrent's new requests pause,
+the web seed asks for nothing either (what it had picked goes back to the
+picker). Responses are bounded: a 206 must carry exactly the range; a
 200 (a server that ignores Range) is accepted only for a whole small file.
 """
 
@@ -85,7 +87,7 @@ class WebSeed:
         try:
             while not picker.complete and not self.closed:
                 now = trio.current_time()
-                blocks = picker.pick(self, None, max(1, FETCH_BYTES // 16384), now)
+                blocks = t.pick(self, max(1, FETCH_BYTES // 16384), now)  # none while a disk error pauses
                 if not blocks:
                     with trio.move_on_after(1.0):  # nothing to fetch: wait for the picture to change
                         await t.piece_verified.wait()
@@ -118,7 +120,12 @@ class WebSeed:
                 runs[-1].append(b)
             else:
                 runs.append([b])
-        for run in runs:
+        for i, run in enumerate(runs):
+            if not t.core.may_request(trio.current_time()):  # a disk error began a pause: the rest waits
+                for b in (b for later in runs[i:] for b in later):
+                    if t.picker.is_requested(self, b.index, b.begin):
+                        t.picker.request_failed(self, b.index, b.begin)
+                return
             start = run[0].index * plen + run[0].begin
             length = sum(b.length for b in run)
             data = await self.fetch_range(start, length)

@@ -4,6 +4,7 @@ The HTTP server is the runtime's own (h11), with a handler that serves byte
 ranges of files under a folder, as any static web server does.
 """
 
+import logging
 import re
 import urllib.parse
 from functools import partial
@@ -107,3 +108,52 @@ async def test_a_web_seed_serving_bad_data_is_dropped_and_peers_finish_the_job(l
     assert session.metrics.failed._value.get() >= 1
     # dropped after its first bad piece: it delivered at most one fetch's worth
     assert session.metrics.webseed_bytes._value.get() <= 1 << 20
+
+
+async def test_a_web_seed_asks_for_nothing_while_a_disk_error_pauses_requests(lab, tmp_path, nursery):
+    """Before: the web seed picked blocks from the picker itself, so after a disk error it kept
+    fetching (and failing to write) while the torrent's peers waited out the pause."""
+    log: list = []
+    asked: list[float] = []  # when each range request reached the server
+    inner = range_handler(tmp_path / "www", log)
+
+    async def handler(req):
+        asked.append(trio.current_time())
+        return await inner(req)
+
+    addr = await nursery.start(partial(serve_http, handler, ListenAddr(next_client_ip(), 0), max_request_bytes=16384))
+    shared = make_shared_file(tmp_path / "www" / "files", "data.bin", 3 << 20, "http://127.0.0.1:1/announce",
+                              piece_length=64 * 1024)
+    raw = parse_metainfo(shared.torrent.read_bytes())
+    data, _ = create_metainfo("data.bin", [(("data.bin",), raw.total_length)], raw.piece_length, raw.pieces,
+                              [["http://127.0.0.1:1/announce"]],
+                              url_list=[f"http://{addr.host}:{addr.port}/files/data.bin"])
+    session = await lab.peer()
+    t = await session.add(parse_metainfo(data))
+    target = t.save_dir / "data.bin"
+    target.mkdir(parents=True)  # the file cannot be opened for writing: every write fails
+    pauses: list[tuple[float, float]] = []
+    second = trio.Event()
+
+    class Pauses(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "no new requests for" in record.getMessage():
+                pauses.append((trio.current_time(), t.core.paused_until))
+                if len(pauses) == 2:
+                    second.set()
+
+    logger = logging.getLogger("shoal.peer")
+    handler_ = Pauses(logging.ERROR)
+    logger.addHandler(handler_)
+    try:
+        with trio.fail_after(30):
+            await second.wait()  # the first pause is over: the second began after it
+            target.rmdir()  # the disk works again
+            await t.completed.wait()
+    finally:
+        logger.removeHandler(handler_)
+    begin, end = pauses[0]
+    during = [a for a in asked if begin < a < end]
+    assert end - begin >= 0.9 and len(during) <= 1, (end - begin, len(during))  # at most the one in flight
+    assert sha1(target) == sha1(shared.path)
+    assert session.metrics.disk_errors._value.get() >= 2
