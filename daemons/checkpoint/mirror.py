@@ -31,6 +31,9 @@ from shoal.protocol.checkpoint import BackupApply, BackupDrop, BackupEpoch, Back
 
 log = logging.getLogger("shoal.checkpoint")
 
+#: at most this many freed groups wait for a resync to be dropped at the backup
+PENDING_DROPS = 100_000
+
 
 def meta_of(g: Group) -> GroupMeta:
     return GroupMeta(n=g.n, m=g.m, block_size=g.block_size, mode=g.mode, epoch=g.epoch)
@@ -50,6 +53,9 @@ class Mirror:
         self._wake = trio.Event()
         self.synced = trio.Event()  # set the first time the backup is in sync
         self._epochs: set[str] = set()  # groups whose new epoch the backup has not been sent
+        # Groups freed here that the backup may still hold (freed while it was out of sync, or
+        # their drop failed): a resync drops them, unless a group of that name is held again.
+        self._drops: dict[str, None] = {}
 
     def out_of_sync(self) -> None:
         self.in_sync = False
@@ -98,17 +104,42 @@ class Mirror:
             self.out_of_sync()
 
     async def drop(self, name: str) -> None:
-        """The group is freed here: free it at the backup too (best effort; a resync
-        copies only the groups the coordinator still holds, and drops nothing)."""
+        """The group is freed here: free it at the backup too, now or at the next resync.
+
+        A group freed while the backup is out of sync (or whose drop fails) may be held
+        there, copied before it was freed: it waits in ``_drops`` for the resync. (Before,
+        it was forgotten; the backup's groups grew with every resync until it refused new
+        ones as too many, and each refusal started another resync.)
+        """
         if self.client is None or not self.in_sync:
+            self._pending_drop(name)
             return
         async with self.lock:
+            if not self.in_sync:  # a resync began while we waited: it drops it
+                self._pending_drop(name)
+                return
             try:
                 await self.client.call("b_drop", BackupDrop(group=name).encode(),
                                        timeout=self.cfg.heartbeat_timeout * 4)
             except (RpcError, OSError) as exc:
                 log.warning("backup: dropping group %s failed (%s); it will be copied again", name, exc)
+                self._pending_drop(name)
                 self.out_of_sync()
+
+    def _pending_drop(self, name: str) -> None:
+        self._drops[name] = None
+        while len(self._drops) > PENDING_DROPS:  # a backup gone for good: forget the oldest
+            del self._drops[next(iter(self._drops))]
+
+    async def _send_drops(self) -> None:
+        """Drop at the backup the groups freed here while it was out of sync (with the lock held)."""
+        assert self.client is not None
+        while self._drops:
+            name = next(iter(self._drops))
+            if all(g.name != name for g in self.groups()):  # not held again (a new group, just copied)
+                await self.client.call("b_drop", BackupDrop(group=name).encode(),
+                                       timeout=self.cfg.heartbeat_timeout * 4)
+            del self._drops[name]  # after the call: a failed one is sent at the next resync
 
     async def run(self) -> None:
         """Keep a connection to the backup; copy every group whenever it was out of sync."""
@@ -124,6 +155,7 @@ class Mirror:
                             if g.phase in (REBUILDING, FAILED):
                                 continue
                             await self._copy(g)
+                        await self._send_drops()
                         self.in_sync = True
                     self.synced.set()
                     self.metrics.mirror.labels("resync").inc()
