@@ -94,6 +94,9 @@ class WebSeed:
                     continue
                 try:
                     await self._fetch_blocks(blocks)
+                    # Its pieces are hashed in tasks of their own: wait for the verdicts, so a web
+                    # seed that sent a bad piece is closed before it fetches more (one fetch's worth).
+                    await t.writes_done()
                     self.failures = 0
                 except (WebSeedError, OSError, h11.ProtocolError, trio.TooSlowError, ssl.SSLError) as exc:
                     self.failures += 1
