@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
@@ -53,6 +53,25 @@ async def scrape(addr) -> str:
     return await trio.to_thread.run_sync(get)
 
 
+@asynccontextmanager
+async def ticking_daemon(tmp_path, min_stored: int, extra: str = ""):
+    """A telemetry daemon on a fake node that keeps ticking, once it stored ``min_stored`` windows.
+
+    -> (daemon, control socket, node); the daemon must stop cleanly at the end.
+    """
+    root = tmp_path / "root"
+    node = FakeNode(root)
+    sock = tmp_path / "ctl.sock"
+    config = write_config(tmp_path / "t.toml", root, sock, extra=extra)
+    async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+        nursery.start_soon(keep_ticking, node)
+        d = await stack.enter_async_context(await start_telemetry(config))
+        await wait_status(sock, lambda s: s["stored"] >= min_stored)
+        yield d, sock, node
+        assert await d.terminate() == 0
+        nursery.cancel_scope.cancel()
+
+
 async def test_kill_9_loses_no_closed_window(tmp_path):
     root = tmp_path / "root"
     node = FakeNode(root)
@@ -77,19 +96,12 @@ async def test_kill_9_loses_no_closed_window(tmp_path):
 
 
 async def test_train_score_refuse_bad_models_and_flag_a_fault(tmp_path):
-    root = tmp_path / "root"
-    node = FakeNode(root)
-    sock = tmp_path / "ctl.sock"
     flag = tmp_path / "flag"
     script = tmp_path / "hook.py"
     script.write_text("import os, sys\nopen(sys.argv[1], 'a').write(os.environ['SHOAL_ANOMALOUS'])\n")
     hook = f"{sys.executable} {script} {flag}"
-    config = write_config(tmp_path / "t.toml", root, sock, extra=f'[detector]\non_change_command = "{hook}"\n')
     with trio.fail_after(80):
-        async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
-            nursery.start_soon(keep_ticking, node)
-            d = await stack.enter_async_context(await start_telemetry(config))
-            await wait_status(sock, lambda s: s["stored"] >= 8)
+        async with ticking_daemon(tmp_path, 8, extra=f'[detector]\non_change_command = "{hook}"\n') as (d, sock, node):
             with pytest.raises(RpcError) as e:
                 await rpc(sock, "label", {"start": 0, "end": 1, "label": "has space"})
             assert e.value.code == "bad_label"
@@ -138,8 +150,6 @@ async def test_train_score_refuse_bad_models_and_flag_a_fault(tmp_path):
                 # The hook is another process: poll the file it writes.
                 while "1" not in (flag.read_text() if flag.exists() else ""):  # noqa: ASYNC110
                     await trio.sleep(0.1)
-            assert await d.terminate() == 0
-            nursery.cancel_scope.cancel()
 
 
 async def test_windows_the_daemons_own_training_disturbed_are_neither_scored_nor_training_data(tmp_path):
@@ -148,15 +158,8 @@ async def test_windows_the_daemons_own_training_disturbed_are_neither_scored_nor
     training and not scored, and counted."""
     from shoal.daemons.telemetry.daemon import DISTURBED_LABEL, SETTLE_SECONDS
 
-    root = tmp_path / "root"
-    node = FakeNode(root)
-    sock = tmp_path / "ctl.sock"
-    config = write_config(tmp_path / "t.toml", root, sock)
     with trio.fail_after(60):
-        async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
-            nursery.start_soon(keep_ticking, node)
-            d = await stack.enter_async_context(await start_telemetry(config))
-            await wait_status(sock, lambda s: s["stored"] >= 6)
+        async with ticking_daemon(tmp_path, 6) as (d, sock, _node):
             began = time.time()
             trained = await rpc(sock, "train", {})
             ended = time.time()
@@ -178,8 +181,6 @@ async def test_windows_the_daemons_own_training_disturbed_are_neither_scored_nor
             # Labelled, so never training data (the store trains on unlabelled or "normal" windows).
             training = {w.start for w in d_store_training(d.state_dir)}
             assert training and not training & {w["start"] for w in disturbed}
-            assert await d.terminate() == 0
-            nursery.cancel_scope.cancel()
 
 
 CLIENT_FIT = """
@@ -215,15 +216,8 @@ async def test_windows_a_federated_rounds_local_training_disturbed_are_neither_s
     closing within SETTLE_SECONDS after, are labelled, not scored and not training data."""
     from shoal.daemons.telemetry.daemon import DISTURBED_LABEL, SETTLE_SECONDS
 
-    root = tmp_path / "root"
-    node = FakeNode(root)
-    sock = tmp_path / "ctl.sock"
-    config = write_config(tmp_path / "t.toml", root, sock)
     with trio.fail_after(120):
-        async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
-            nursery.start_soon(keep_ticking, node)
-            d = await stack.enter_async_context(await start_telemetry(config))
-            await wait_status(sock, lambda s: s["stored"] >= 6)
+        async with ticking_daemon(tmp_path, 6) as (d, sock, _node):
             await rpc(sock, "train", {})
             trained = time.time()  # and the daemon's own training disturbance over
             await wait_status(sock, lambda s: any(w["score"] is not None and w["start"] > trained + SETTLE_SECONDS
@@ -247,5 +241,3 @@ async def test_windows_a_federated_rounds_local_training_disturbed_are_neither_s
             assert after and all(w["label"] is None and w["score"] is not None for w in after)
             training = {w.start for w in d_store_training(d.state_dir)}
             assert training and not training & {w["start"] for w in during}
-            assert await d.terminate() == 0
-            nursery.cancel_scope.cancel()
