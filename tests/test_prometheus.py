@@ -74,6 +74,10 @@ stop_timeout = 5.0
 listen = "127.0.0.1:0"
 heartbeat_interval = 0.3
 heartbeat_timeout = 1.5
+# The finished group must still be held when the alerts are checked, after the targets, the
+# lint, the dashboards and the rules (tens of seconds on a loaded machine); the default 5 s
+# freed it first in a CI run, and "groups seen" then never came.
+finished_grace = 600.0
 """
 
 
