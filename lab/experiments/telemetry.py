@@ -133,8 +133,8 @@ class Params:
     fault_rate: float = setting(1.0, min=0.01, max=1000.0, help="MiB/s of the fault's paced TCP stream")
     after_windows: int = setting(2, min=1, max=10_000, help="windows scored after the fault before the verdicts")
     machine_load: float = setting(0.0, min=0.0, max=3600.0,
-                                  help="s of CPU load on every core from outside the lab's hosts at the fault's "
-                                       "start (a shared machine's noise, which no host may flag)")
+                                  help="s of load on every core and the disk from outside the lab's hosts at the "
+                                       "fault's start (a shared machine's noise, which no host may flag)")
 
 
 # -- reading the daemons ---------------------------------------------------------------------
@@ -301,8 +301,8 @@ async def paced_stream(stream: trio.SocketStream, seconds: float, rate: float) -
 
 
 async def machine_load(seconds: float, scratch: Path) -> None:
-    """For ``seconds``, spin every core and write and fsync a file in ``scratch``, in processes of
-    the lab's own (in no lab host's cgroup or namespace).
+    """For ``seconds``, spin every core and rewrite and fsync 4 MiB of a file in ``scratch`` (the
+    disk busy, the file bounded), in processes of the lab's own (in no lab host's cgroup or namespace).
 
     The noise of a shared machine (another user's job starting): every host's machine-wide
     features and its cgroup's pressure (its tasks waited for the cores and the disk) move; its
@@ -312,7 +312,7 @@ async def machine_load(seconds: float, scratch: Path) -> None:
     spin = end + "while time.monotonic() < end: pass"
     write = end + (f"with open({str(scratch / 'machine-load')!r}, 'wb') as f:\n"
                    "    while time.monotonic() < end:\n"
-                   "        f.write(bytes(4 << 20)); f.flush(); os.fsync(f.fileno())\n")
+                   "        f.seek(0); f.write(bytes(4 << 20)); f.flush(); os.fsync(f.fileno())\n")
     try:
         async with trio.open_nursery() as nursery:
             for code in [write] + [spin] * (os.cpu_count() or 1):
