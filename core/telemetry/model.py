@@ -12,7 +12,8 @@ time a window it reconstructs badly is declared anomalous.
   training span beyond it (scaled values are clipped to [-1, 2]): a CPU hog that drives
   a feature past anything seen in training must raise the score, which clipping to
   [0, 1] would hide (the hog would look exactly like the busiest training window), and
-  the bound keeps a single wild sensor from dominating the score without limit.
+  the bound keeps a single wild sensor from dominating the score without limit. How far
+  is the model's ``shoal.scale_margin`` (``[training] scale_margin``, 1 span by default).
 * The network is input -> 80 -> 60 -> 40 -> 20 -> 40 -> 60 -> 80 -> input, ReLU on
   every hidden layer and a sigmoid on the output (the targets live in [0, 1]).
   Weights are Glorot-uniform, biases zero (Keras' defaults, which the seed used).
@@ -40,6 +41,9 @@ and scoring happen outside the graph, in ``Detector``, from metadata carried in
 ``shoal.scaler_min``      JSON list of F finite numbers
 ``shoal.scaler_max``      JSON list of F finite numbers, each >= its minimum
 ``shoal.threshold``       a finite number >= 0 (score above it = anomalous)
+``shoal.scale_margin``    optional: how many training spans past the range a scaled value
+                          may go (clipped to [-m, 1 + m]); a finite number in [0, 1000],
+                          1 when absent
 
 Keeping the graph free of scaling means an autoencoder exported from any framework
 (Keras via tf2onnx, PyTorch, hand-built with ``onnx.helper``) works once these keys
@@ -110,10 +114,12 @@ class MinMaxScaler:
     """Per-feature min-max scaling to [0, 1] over the training range, clipped to [-1, 2].
 
     A constant feature (max == min) maps to 0, as scikit-learn's MinMaxScaler does.
+    ``margin``: the clip, in training spans past the range ([-margin, 1 + margin]).
     """
 
     lo: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     hi: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    margin: float = 1.0
 
     def fit(self, X) -> MinMaxScaler:
         X = np.asarray(X, dtype=np.float64)
@@ -135,7 +141,7 @@ class MinMaxScaler:
             X = X.reshape(1, -1)
         if X.shape[1] != self.n_features:
             raise ValueError(f"expected {self.n_features} features, got {X.shape[1]}")
-        return _scale(X, self.lo, _inverse_span(self.lo, self.hi))
+        return _scale(X, self.lo, _inverse_span(self.lo, self.hi), self.margin)
 
 
 def _inverse_span(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -146,17 +152,26 @@ def _inverse_span(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return inv
 
 
-#: how far past the training range (in training spans) a scaled value may go
+#: how far past the training range (in training spans) a scaled value may go, by default
 SCALE_MARGIN = 1.0
+#: ... and at most (a model's shoal.scale_margin)
+MAX_SCALE_MARGIN = 1000.0
 
 
-def _scale(X: np.ndarray, lo: np.ndarray, inv: np.ndarray) -> np.ndarray:
+def check_scale_margin(margin: float, source: str = "scale_margin") -> float:
+    margin = float(margin)
+    if not (math.isfinite(margin) and 0.0 <= margin <= MAX_SCALE_MARGIN):
+        raise ModelError(f"{source} must be a finite number in [0, {MAX_SCALE_MARGIN:g}], got {margin}")
+    return margin
+
+
+def _scale(X: np.ndarray, lo: np.ndarray, inv: np.ndarray, margin: float) -> np.ndarray:
     out = (X - lo) * inv
     # A NaN (a missing sensor reading) becomes 0 rather than poisoning the score;
-    # everything else is clipped to [-SCALE_MARGIN, 1 + SCALE_MARGIN].
+    # everything else is clipped to [-margin, 1 + margin].
     np.nan_to_num(out, copy=False, nan=0.0)
-    np.fmax(out, np.float32(-SCALE_MARGIN), out=out)
-    np.fmin(out, np.float32(1.0 + SCALE_MARGIN), out=out)
+    np.fmax(out, np.float32(-margin), out=out)
+    np.fmin(out, np.float32(1.0 + margin), out=out)
     return out.astype(np.float32, copy=False)
 
 
@@ -225,17 +240,18 @@ class Fitted:
 
 
 def fit_detector(X_raw, *, epochs: int, batch_size: int, lr: float, percentile: float,
-                 min_steps: int, folds: int, seed: int = 0,
-                 hidden: Sequence[int] = SEED_HIDDEN) -> Fitted:
+                 min_steps: int, folds: int, seed: int = 0, scale_margin: float = SCALE_MARGIN,
+                 threshold_factor: float = 1.0, hidden: Sequence[int] = SEED_HIDDEN) -> Fitted:
     """The live training recipe: scaler, autoencoder and threshold from raw normal windows.
 
-    * the scaler is fitted on every window;
+    * the scaler is fitted on every window (clipping at ``scale_margin`` spans past it);
     * the autoencoder is trained on every window for :func:`epochs_for` epochs;
-    * the threshold is the ``percentile`` of :func:`fold_errors` (``folds`` >= 2), or of
-      the final model's own training errors with ``folds = 0`` (the seed's rule).
+    * the threshold is ``threshold_factor`` times the ``percentile`` of :func:`fold_errors`
+      (``folds`` >= 2), or of the final model's own training errors with ``folds = 0`` (the
+      seed's rule).
     """
     X = np.asarray(X_raw, dtype=np.float32)
-    scaler = MinMaxScaler().fit(X)
+    scaler = MinMaxScaler(margin=check_scale_margin(scale_margin)).fit(X)
     Xs = scaler.transform(X)
     n_epochs = epochs_for(Xs.shape[0], batch_size, epochs, min_steps)
     ae = Autoencoder(Xs.shape[1], hidden=hidden, seed=seed)
@@ -245,7 +261,15 @@ def fit_detector(X_raw, *, epochs: int, batch_size: int, lr: float, percentile: 
                              seed=seed, hidden=hidden)
     else:
         errors = ae.reconstruction_error(Xs)
-    return Fitted(ae, scaler, threshold_from_errors(errors, percentile), n_epochs, losses)
+    threshold = check_threshold_factor(threshold_factor) * threshold_from_errors(errors, percentile)
+    return Fitted(ae, scaler, threshold, n_epochs, losses)
+
+
+def check_threshold_factor(factor: float) -> float:
+    factor = float(factor)
+    if not (math.isfinite(factor) and factor >= 1.0):
+        raise ValueError(f"threshold_factor must be a finite number >= 1, got {factor}")
+    return factor
 
 
 class NodeVerdict:
@@ -481,7 +505,7 @@ def build_onnx(ae: Autoencoder, scaler: MinMaxScaler, feature_names: Sequence[st
     model = helper.make_model(graph, producer_name="shoal",
                               opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
     model.ir_version = ONNX_IR_VERSION
-    meta = metadata_dict(names, scaler.lo, scaler.hi, threshold)
+    meta = metadata_dict(names, scaler.lo, scaler.hi, threshold, scaler.margin)
     for k, v in (extra_metadata or {}).items():
         if k in meta:
             raise ModelError(f"extra metadata may not override {k}")
@@ -491,7 +515,8 @@ def build_onnx(ae: Autoencoder, scaler: MinMaxScaler, feature_names: Sequence[st
     return model
 
 
-def metadata_dict(feature_names: Sequence[str], lo, hi, threshold: float) -> dict[str, str]:
+def metadata_dict(feature_names: Sequence[str], lo, hi, threshold: float,
+                  scale_margin: float = SCALE_MARGIN) -> dict[str, str]:
     """The shoal metadata keys for a model (for exporters other than ours, too)."""
     return {
         "shoal.format_version": FORMAT_VERSION,
@@ -499,6 +524,7 @@ def metadata_dict(feature_names: Sequence[str], lo, hi, threshold: float) -> dic
         "shoal.scaler_min": json.dumps([float(v) for v in np.asarray(lo, np.float32)]),
         "shoal.scaler_max": json.dumps([float(v) for v in np.asarray(hi, np.float32)]),
         "shoal.threshold": repr(float(threshold)),
+        "shoal.scale_margin": repr(check_scale_margin(scale_margin)),
     }
 
 
@@ -517,7 +543,8 @@ class Detector:
     """Scores raw feature rows with an ONNX autoencoder and the metadata in its file."""
 
     def __init__(self, session, input_name: str, feature_names: list[str], lo: np.ndarray,
-                 hi: np.ndarray, threshold: float, metadata: dict[str, str], source: str):
+                 hi: np.ndarray, threshold: float, metadata: dict[str, str], source: str,
+                 scale_margin: float = SCALE_MARGIN):
         self._session = session
         self._input = input_name
         self.feature_names = feature_names
@@ -525,6 +552,7 @@ class Detector:
         self.hi = hi
         self._inv = _inverse_span(lo, hi)
         self.threshold = float(threshold)
+        self.scale_margin = scale_margin
         self.metadata = metadata
         self.source = source
 
@@ -559,7 +587,7 @@ class Detector:
         if len(model.graph.node) == 0:
             raise ModelError(f"model {source} has an empty graph (truncated or not a model)")
         meta = {p.key: p.value for p in model.metadata_props}
-        names, lo, hi, threshold = _parse_metadata(meta, source)
+        names, lo, hi, threshold, margin = _parse_metadata(meta, source)
         try:
             onnx.checker.check_model(model)
         except Exception as e:
@@ -583,7 +611,7 @@ class Detector:
         if isinstance(shape[1], int) and shape[1] != F:
             raise ModelError(f"feature count mismatch in {source}: the graph takes {shape[1]} "
                              f"features, the metadata lists {F}")
-        det = cls(session, inputs[0].name, names, lo, hi, threshold, meta, source)
+        det = cls(session, inputs[0].name, names, lo, hi, threshold, meta, source, margin)
         # One probe row catches graphs whose output does not match the input width.
         try:
             out = det._run(np.zeros((1, F), np.float32))
@@ -603,7 +631,7 @@ class Detector:
             X = X.reshape(1, -1)
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ValueError(f"expected rows of {self.n_features} features, got shape {X.shape}")
-        return _scale(X, self.lo, self._inv)
+        return _scale(X, self.lo, self._inv, self.scale_margin)
 
     def score(self, X_raw) -> np.ndarray:
         """Raw (unscaled) rows in ``feature_names`` order -> per-row score (float64)."""
@@ -619,7 +647,7 @@ class Detector:
         if not (math.isfinite(t) and t >= 0):
             raise ModelError(f"threshold must be finite and >= 0, got {t}")
         return Detector(self._session, self._input, self.feature_names, self.lo, self.hi, t,
-                        {**self.metadata, "shoal.threshold": repr(t)}, self.source)
+                        {**self.metadata, "shoal.threshold": repr(t)}, self.source, self.scale_margin)
 
     def require_features(self, names: Iterable[str]) -> None:
         """Raise ModelError unless ``names`` is exactly this model's feature list."""
@@ -681,4 +709,9 @@ def _parse_metadata(meta: dict[str, str], source: str):
                          "is not a number") from None
     if not (math.isfinite(threshold) and threshold >= 0):
         raise ModelError(f"model {source}: shoal.threshold must be finite and >= 0")
-    return names, lo, hi, threshold
+    try:
+        margin = float(meta.get("shoal.scale_margin", SCALE_MARGIN))
+    except ValueError:
+        raise ModelError(f"model {source}: shoal.scale_margin {meta['shoal.scale_margin']!r} "
+                         "is not a number") from None
+    return names, lo, hi, threshold, check_scale_margin(margin, f"model {source}: shoal.scale_margin")

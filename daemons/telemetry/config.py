@@ -76,6 +76,11 @@ class TrainingSection:
     # on the other windows (this many interleaved folds); 0 = of the training errors (the
     # seed's rule, which flags far more than 2 % of new normal windows on small data).
     folds: int = setting(5, min=0, max=100)
+    # A window's feature may score up to this many training spans past the training range
+    # (it is clipped there: a single wild sensor cannot dominate the score without limit) ...
+    scale_margin: float = setting(1.0, min=0.0, max=1000.0)
+    # ... and the threshold is this many times the percentile above (1 = the percentile itself).
+    threshold_factor: float = setting(1.0, min=1.0, max=1000.0)
     # Train on at most this many of the newest normal (or unlabelled) windows ...
     max_windows: int = setting(20000, min=10, max=1_000_000)
     # ... and refuse to train on fewer than this.

@@ -456,7 +456,8 @@ class TelemetryApp:
                 windows = await trio.to_thread.run_sync(self.store.training, t.max_windows)
                 res = await trio.to_thread.run_sync(partial(
                     model_from_global, weights, [str(f) for f in meta["features"]], windows, self.candidate_path,
-                    percentile=t.percentile, run_id=int(meta.get("run_id", 0))))
+                    percentile=t.percentile, run_id=int(meta.get("run_id", 0)), scale_margin=t.scale_margin,
+                    threshold_factor=t.threshold_factor))
             except (ModelError, ValueError) as exc:
                 self.metrics.model_installs.labels("federated", "refused").inc()
                 log.error("federated model of run %s refused: %s", meta.get("run_id"), exc)
@@ -578,7 +579,8 @@ class TelemetryApp:
                 res = await trio.to_thread.run_sync(partial(
                     train_local, windows, self.candidate_path, epochs=epochs, batch_size=batch, lr=lr,
                     percentile=t.percentile, min_windows=t.min_windows, min_steps=t.min_steps, folds=t.folds,
-                    prefixes=t.features, exclude=t.exclude_features))
+                    prefixes=t.features, exclude=t.exclude_features, scale_margin=t.scale_margin,
+                    threshold_factor=t.threshold_factor))
                 await self._install_candidate("local")
             except ModelError as exc:
                 raise RpcError("train_failed", str(exc)) from None

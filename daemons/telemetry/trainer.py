@@ -30,9 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from shoal.core.telemetry.model import (
+    SCALE_MARGIN,
     Autoencoder,
     MinMaxScaler,
     ModelError,
+    check_scale_margin,
+    check_threshold_factor,
     fit_detector,
     onnx_bytes,
     threshold_from_errors,
@@ -86,32 +89,37 @@ def selected_features(windows: list[StoredWindow], prefixes: Sequence[str],
 
 def train_local(windows: list[StoredWindow], out: Path, *, epochs: int, batch_size: int, lr: float,
                 percentile: float, min_windows: int, min_steps: int = 0, folds: int = 0, seed: int = 0,
-                prefixes: Sequence[str] = (), exclude: Sequence[str] = ()) -> TrainResult:
+                prefixes: Sequence[str] = (), exclude: Sequence[str] = (), scale_margin: float = SCALE_MARGIN,
+                threshold_factor: float = 1.0) -> TrainResult:
     """``prefixes``: only the features whose names start with one of them (none: every feature);
     ``exclude``: not those starting with one of these.
 
-    ``min_steps`` and ``folds``: the live recipe (:func:`shoal.core.telemetry.model.fit_detector`).
+    ``min_steps``, ``folds``, ``scale_margin`` and ``threshold_factor``: the live recipe
+    (:func:`shoal.core.telemetry.model.fit_detector`).
     """
     X, names = training_matrix(windows, selected_features(windows, prefixes, exclude))
     if X.shape[0] < max(min_windows, folds):
         raise ModelError(f"only {X.shape[0]} training windows with the node's current features; "
                          f"at least {max(min_windows, folds)} are needed")
     fit = fit_detector(X, epochs=epochs, batch_size=batch_size, lr=lr, percentile=percentile,
-                       min_steps=min_steps, folds=folds, seed=seed)
+                       min_steps=min_steps, folds=folds, seed=seed, scale_margin=scale_margin,
+                       threshold_factor=threshold_factor)
     export_onnx(fit.ae, fit.scaler, names, fit.threshold, out, extra_metadata={"shoal.origin": "local"})
     return TrainResult(X.shape[0], len(names), fit.threshold, fit.losses[-1])
 
 
 def model_from_global(weights: list[np.ndarray], features: list[str], windows: list[StoredWindow], out: Path,
-                      *, percentile: float, run_id: int) -> TrainResult:
+                      *, percentile: float, run_id: int, scale_margin: float = SCALE_MARGIN,
+                      threshold_factor: float = 1.0) -> TrainResult:
     X, names = training_matrix(windows, features)
     if X.shape[0] == 0:
         raise ModelError(f"none of this node's training windows has all {len(features)} federated features")
     ae = Autoencoder.from_weights(weights)  # ModelError on bad shapes / NaN
     if ae.n_features != len(names):
         raise ModelError(f"federated model takes {ae.n_features} features but names {len(names)}")
-    scaler = MinMaxScaler().fit(X)
-    threshold = threshold_from_errors(ae.reconstruction_error(scaler.transform(X)), percentile)
+    scaler = MinMaxScaler(margin=check_scale_margin(scale_margin)).fit(X)
+    errors = ae.reconstruction_error(scaler.transform(X))
+    threshold = check_threshold_factor(threshold_factor) * threshold_from_errors(errors, percentile)
     export_onnx(ae, scaler, names, threshold, out,
                 extra_metadata={"shoal.origin": "federated", "shoal.run_id": str(run_id)})
     return TrainResult(X.shape[0], len(names), threshold, None)

@@ -41,6 +41,12 @@ def test_scaler_maps_training_range_to_unit_interval_and_bounds_the_rest():
     assert out.dtype == np.float32
 
 
+def test_scaler_margin_sets_how_far_past_the_range_a_value_counts():
+    sc = MinMaxScaler(margin=9.0).fit([[0.0], [2.0]])
+    np.testing.assert_allclose(sc.transform([[-100.0], [5.0], [100.0]]), [[-9.0], [2.5], [10.0]])
+    np.testing.assert_allclose(MinMaxScaler(margin=0.0).fit([[0.0], [2.0]]).transform([[5.0]]), [[1.0]])
+
+
 def test_scaler_rejects_bad_input():
     with pytest.raises(ValueError, match="non-empty"):
         MinMaxScaler().fit(np.zeros((0, 3)))
@@ -366,6 +372,25 @@ def test_metadata_dict_is_what_detector_reads(tmp_path):
     np.testing.assert_allclose(det.scale([[1.0, 3.0]]), [[0.5, 1.0]])
 
 
+def test_a_models_scale_margin_is_read_from_its_metadata_and_checked(tmp_path):
+    meta = metadata_dict(["a", "b"], [0.0, 0.0], [1.0, 1.0], 0.25, scale_margin=9.0)
+    assert meta["shoal.scale_margin"] == "9.0"
+    det = Detector.load(_hand_built(tmp_path / "m.onnx", F=2, meta=meta))
+    np.testing.assert_allclose(det.scale([[5.0, 50.0]]), [[5.0, 10.0]])
+    assert det.with_threshold(1.0).scale([[50.0, 0.0]]).tolist() == [[10.0, 0.0]]
+    # absent (a model exported elsewhere before the key existed): one span, as before
+    old = {k: v for k, v in meta.items() if k != "shoal.scale_margin"}
+    np.testing.assert_allclose(Detector.load(_hand_built(tmp_path / "old.onnx", F=2, meta=old)).scale([[5.0, 50.0]]),
+                               [[2.0, 2.0]])
+    for bad in ("nan", "-1", "1e9", "wide"):
+        path = _hand_built(tmp_path / "bad.onnx", F=2, meta={**meta, "shoal.scale_margin": bad})
+        with pytest.raises(ModelError, match="shoal.scale_margin") as e:
+            Detector.load(path)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ModelError, match="scale_margin"):
+        metadata_dict(["a"], [0.0], [1.0], 0.25, scale_margin=-1.0)
+
+
 # ------------------------------------------------------------ the live recipe
 
 
@@ -460,3 +485,35 @@ def test_held_out_threshold_holds_when_normal_comes_in_phases():
         recall.append(float(flagged(fault).mean()))
         false_alarms.append(float(flagged(fresh).mean()))
     assert np.mean(recall) >= 0.7 and np.mean(false_alarms) <= 0.035, (recall, false_alarms)
+
+
+def test_threshold_factor_multiplies_the_held_out_threshold():
+    rng = np.random.default_rng(3)
+    train = _low_rank_windows(rng, 24, F=6)
+    kw = dict(epochs=10, batch_size=4, lr=1e-3, percentile=100.0, min_steps=200, folds=4)
+    one, ten = fit_detector(train, **kw), fit_detector(train, **kw, threshold_factor=10.0)
+    assert ten.threshold == pytest.approx(10.0 * one.threshold) and one.threshold > 0
+    with pytest.raises(ValueError, match="threshold_factor"):
+        fit_detector(train, **kw, threshold_factor=0.5)
+
+
+def test_a_wide_margin_and_factor_tell_an_ordinary_step_from_a_fault():
+    """The demo's false alarms: an ordinary window a little past a quiet minute's range (two
+    features 1.5 spans past their maximum), and a leak many spans past it on every feature,
+    on heavy-tailed training windows (a quiet minute with a burst or two). Clipped at one span
+    past the range, the step is flagged; with 9 spans and 10 times the largest held-out error
+    it is normal, and the fault is flagged at more than 10 times the threshold."""
+    kw = dict(epochs=30, batch_size=4, lr=1e-3, percentile=100.0, min_steps=500, folds=5)
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        train = np.exp(1.5 * rng.normal(size=(20, 5)))
+        lo, span = train.min(axis=0), np.ptp(train, axis=0)
+        step = np.median(train, axis=0)
+        step[:2] = lo[:2] + 2.5 * span[:2]
+        fault = lo + 30.0 * span
+        ratios = {}
+        for margin, factor in ((1.0, 1.0), (9.0, 10.0)):
+            fit = fit_detector(train, **kw, scale_margin=margin, threshold_factor=factor)
+            ratios[margin] = fit.ae.reconstruction_error(fit.scaler.transform(np.stack([step, fault]))) / fit.threshold
+        assert ratios[1.0][0] > 1 and ratios[1.0][1] > 1, (seed, ratios)
+        assert ratios[9.0][0] < 1 < 10 < ratios[9.0][1], (seed, ratios)
