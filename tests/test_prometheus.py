@@ -107,7 +107,10 @@ async def test_prometheus_scrapes_every_daemon_and_alerts_on_faults_only(tmp_pat
             flappy_port = free_port()
             flap_cfg, flap_sock = peer_config(tmp_path / "leecher.toml", tmp_path, "leecher", flappy_port)
             flap_argv = [*SHOAL, "peer", "run", "--config", str(flap_cfg)]
-            leecher = await start_daemon(flap_argv, state_dir=tmp_path / "leecher-state")
+            # The test restarts this one, so the stack closes whichever is the current one (the
+            # first, left outside it, outlived a failed run by an hour).
+            leechers = [await start_daemon(flap_argv, state_dir=tmp_path / "leecher-state")]
+            stack.push_async_callback(lambda: leechers[-1].aclose())
             node = FakeNode(tmp_path / "root")
             nursery.start_soon(keep_ticking, node, 0.1)
             tel_cfg = write_config(tmp_path / "telemetry.toml", tmp_path / "root", tmp_path / "tel.sock",
@@ -232,14 +235,13 @@ async def test_prometheus_scrapes_every_daemon_and_alerts_on_faults_only(tmp_pat
             flappy = f"127.0.0.1:{flappy_port}"
             expr = f'changes(shoal_peer_start_time_seconds{{instance="{flappy}"}}[15m])'
             for n in range(1, 4):
-                assert await leecher.kill() != 0
-                await leecher.aclose()
-                leecher = await start_daemon(flap_argv, state_dir=tmp_path / "leecher-state")
+                assert await leechers[-1].kill() != 0
+                await leechers[-1].aclose()
+                leechers.append(await start_daemon(flap_argv, state_dir=tmp_path / "leecher-state"))
                 await prom.until(f"restart {n} seen",
                                  lambda n=n: _at_least(prom, expr, n))
             loops = await prom.until("crash loop", lambda: firing(prom, "ShoalDaemonRestarting"))
             assert {(a["labels"]["job"], a["labels"]["instance"]) for a in loops} == {("shoal-peer", flappy)}
-            await leecher.aclose()
             nursery.cancel_scope.cancel()
 
     # Every finding at once, so one run lists all that the daemons must fix.
