@@ -133,11 +133,14 @@ def start_netdata(tmp: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
-def start_shoal(tmp: Path, window: float, interval: float) -> tuple[subprocess.Popen, str]:
+def start_shoal(tmp: Path, window: float, interval: float,
+                exclude: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``exclude``: [training] exclude_features instead of the default."""
     sock = tmp / "telemetry.sock"
     cfg = tmp / "telemetry.toml"
+    training = "" if exclude is None else f"[training]\nexclude_features = {json.dumps(exclude)}\n"
     cfg.write_text(f'[daemon]\nmetrics_listen = "127.0.0.1:0"\nstate_directory = "{tmp}/state"\n'
-                   f'[collector]\nwindow = {window}\ninterval = {interval}\n'
+                   f'[collector]\nwindow = {window}\ninterval = {interval}\n{training}'
                    f'[control]\nsocket = "{sock}"\n')
     with open(tmp / "telemetry.log", "w") as log:
         proc = subprocess.Popen([*SHOAL, "telemetry", "run", "--config", str(cfg)], stdout=subprocess.DEVNULL,
@@ -242,6 +245,8 @@ def main() -> int:
     ap.add_argument("--kinds", default=",".join(FAULTS), help="comma-separated fault kinds")
     ap.add_argument("--no-load", action="store_true", help="no background workload")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--exclude", default=None,
+                    help="comma-separated feature prefixes for [training] exclude_features (default: the daemon's)")
     ap.add_argument("--out", default=str(HERE / "live.json"))
     args = ap.parse_args()
     if shutil.which("netdata") is None:
@@ -260,7 +265,8 @@ def main() -> int:
     try:
         nd, base = start_netdata(tmp)
         procs.append(nd)
-        tel, sock = start_shoal(tmp, args.window, args.interval)
+        exclude = None if args.exclude is None else [p for p in args.exclude.split(",") if p]
+        tel, sock = start_shoal(tmp, args.window, args.interval, exclude)
         procs.append(tel)
         if not args.no_load:
             load = mp.Process(target=background_load, args=(time.time() + total, args.seed), daemon=True)

@@ -63,3 +63,14 @@ def test_a_fault_in_aligned_series_scores_its_windows_above_the_normal_ones():
     fault = np.array([s >= 300 and e <= 320 for s, e in windows])
     normal = np.array([e <= 300 or s >= 320 + WARMUP for s, e in windows])  # lags and smoothing: after-effects
     assert scores[fault].min() > 2 * scores[normal].max()
+
+
+def test_the_bench_picks_a_threshold_for_a_false_positive_rate_and_survives_no_normal_window():
+    from live import threshold_at
+
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 5.0, 6.0])
+    normal = np.array([True, True, True, True, False, False])
+    assert threshold_at(scores, normal, 0.25) == 0.3  # one of the four normal windows above it
+    assert threshold_at(scores, normal, 0.0) == 0.4  # flagged means above it: no normal window is
+    # a short run can score no normal window at all (it crashed with an IndexError): nothing flagged
+    assert threshold_at(scores, np.zeros(6, bool), 0.02) == float("inf")
