@@ -180,7 +180,10 @@ class WorkerApp:
         self.running: dict[str, TaskInfo] = {}
         self.scopes: dict[str, trio.CancelScope] = {}  # running unit -> its scope (cancel kills it)
         self.held: dict[int, int] = {}  # job -> its failed units not yet reported (see "Cancellation")
-        self.suspect: set[int] = set()  # jobs whose failure was answered, until a reply covered their queued units
+        # jobs whose failure was answered, until a reply covered their queued units: job -> the
+        # answer's number (self.answers), so that only a reply to a call sent after it counts
+        self.suspect: dict[int, int] = {}
+        self.answers = 0
         self.unreported: list[list[Any]] = []
         self.changed = trio.Event()  # queue, slots or unreported changed
         self.team_reward = self.policy.name == "marl"  # ask the dispatcher for the others' results
@@ -300,7 +303,8 @@ class WorkerApp:
                 if _failed([TaskResult(r[0], r[1], error=r[4]) for r in rows]):
                     self._unhold(UnitKey.parse(key).job)
             try:
-                self._cancel(ReportReply.decode(reply).cancel or [], sent)
+                # reports go one at a time, after every answer so far: this reply knows them all
+                self._cancel(ReportReply.decode(reply).cancel or [], sent, self.answers)
             except BadParams as exc:
                 raise RpcError("bad_reply", f"report: {exc}") from None
             self._poke()
@@ -308,7 +312,7 @@ class WorkerApp:
     async def _heartbeat_loop(self, rpc) -> None:
         while True:
             changed = self.beat_now
-            sent = self._holding()
+            sent, seen = self._holding(), self.answers
             reply = await rpc.call("heartbeat", Heartbeat(worker=self.id, running=len(self.running),
                                                           verdict=self.verdict, rewards=self.team_reward,
                                                           units=sent, jobs=self.outputs.jobs()[:MAX_HELD]).encode())
@@ -317,7 +321,7 @@ class WorkerApp:
             except BadParams as exc:
                 raise RpcError("bad_reply", f"heartbeat: {exc}") from None
             self._team_rewards(hb.rewards)
-            self._cancel(hb.cancel or [], sent)
+            self._cancel(hb.cancel or [], sent, seen)
             self.outputs.ended(hb.ended or [], time.time())
             await self.outputs.sweep(time.time())
             with trio.move_on_after(self.section.heartbeat_interval):
@@ -326,18 +330,18 @@ class WorkerApp:
     def _holding(self) -> list[str]:
         """The units this worker holds: running, then queued ones of held jobs, then the rest
         (at most MAX_HELD: the rest go next time)."""
-        waiting = {str(j) for j in self.held.keys() | self.suspect}
+        waiting = {str(j) for j in self.held.keys() | self.suspect.keys()}
         first = [lease.key for lease, i in self.queue if i.job in waiting]
         rest = [lease.key for lease, i in self.queue if i.job not in waiting]
         return (list(self.running) + first + rest)[:MAX_HELD]
 
-    def _cancel(self, keys: list[str], sent: list[str]) -> None:
+    def _cancel(self, keys: list[str], sent: list[str], seen: int) -> None:
         """A reply to a heartbeat or report that listed ``sent``: the dispatcher ended the jobs of
         ``keys``: drop the queued ones, kill the running ones. A held job whose queued units were
         all in ``sent`` may start them again; one with units pulled since is asked about at once."""
         if keys:
             self._drop_and_kill(set(keys))
-        self._confirm(set(sent) - set(keys))
+        self._confirm(set(sent) - set(keys), seen)
 
     def _drop_and_kill(self, gone: set[str]) -> None:
         kept = [(lease, i) for lease, i in self.queue if lease.key not in gone]
@@ -359,17 +363,22 @@ class WorkerApp:
             self.held[job] = n
         else:
             self.held.pop(job, None)
-            self.suspect.add(job)  # until a reply covers its queued units (_confirm)
+            self.answers += 1
+            self.suspect[job] = self.answers  # until a reply covers its queued units (_confirm)
 
-    def _confirm(self, alive: set[str]) -> None:
-        """Jobs in ``suspect`` whose every queued unit the dispatcher has just said is alive start again."""
+    def _confirm(self, alive: set[str], seen: int) -> None:
+        """Jobs in ``suspect`` whose every queued unit the dispatcher has just said is alive start again.
+
+        ``seen``: the answers (``self.answers``) given before the call was sent. A heartbeat sent
+        before a failure's answer may have been replied to before the dispatcher knew of the
+        failure: its "alive" is stale, and it started a unit of a failed job (in a CI run)."""
         if not self.suspect:
             return
-        for job in list(self.suspect):
-            if job in self.held:
+        for job, since in list(self.suspect.items()):
+            if job in self.held or since > seen:
                 continue
             if all(lease.key in alive for lease, i in self.queue if i.job == str(job)):
-                self.suspect.discard(job)
+                del self.suspect[job]
             else:  # units pulled since the last list: ask now
                 self._wake_heartbeat()
         self._poke()
@@ -421,7 +430,7 @@ class WorkerApp:
                     await self.changed.wait()
                     continue
                 if self.held or self.suspect:  # units of a job whose failure is not answered yet wait
-                    waiting = self.held.keys() | self.suspect
+                    waiting = self.held.keys() | self.suspect.keys()
                     free = [n for n, (_lease, i) in enumerate(self.queue) if int(i.job) not in waiting]
                     if not free:
                         await self.changed.wait()
