@@ -109,6 +109,12 @@ def _one_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- scaler
 
 
+#: how far past the training range (in training spans) a scaled value may go, by default
+SCALE_MARGIN = 1.0
+#: ... and at most (a model's shoal.scale_margin)
+MAX_SCALE_MARGIN = 1000.0
+
+
 @dataclass
 class MinMaxScaler:
     """Per-feature min-max scaling to [0, 1] over the training range, clipped to [-1, 2].
@@ -119,7 +125,10 @@ class MinMaxScaler:
 
     lo: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     hi: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    margin: float = 1.0
+    margin: float = SCALE_MARGIN
+
+    def __post_init__(self) -> None:
+        self.margin = check_scale_margin(self.margin)
 
     def fit(self, X) -> MinMaxScaler:
         X = np.asarray(X, dtype=np.float64)
@@ -152,12 +161,6 @@ def _inverse_span(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return inv
 
 
-#: how far past the training range (in training spans) a scaled value may go, by default
-SCALE_MARGIN = 1.0
-#: ... and at most (a model's shoal.scale_margin)
-MAX_SCALE_MARGIN = 1000.0
-
-
 def check_scale_margin(margin: float, source: str = "scale_margin") -> float:
     margin = float(margin)
     if not (math.isfinite(margin) and 0.0 <= margin <= MAX_SCALE_MARGIN):
@@ -178,8 +181,9 @@ def _scale(X: np.ndarray, lo: np.ndarray, inv: np.ndarray, margin: float) -> np.
 # ---------------------------------------------------------------------- threshold
 
 
-def threshold_from_errors(errors, percentile: float = SEED_PERCENTILE) -> float:
-    """The ``percentile``-th percentile (linear interpolation) of training errors."""
+def threshold_from_errors(errors, percentile: float = SEED_PERCENTILE, factor: float = 1.0) -> float:
+    """``factor`` (>= 1) times the ``percentile``-th percentile (linear interpolation) of training
+    errors ([training] threshold_factor)."""
     errors = np.asarray(errors, dtype=np.float64).ravel()
     if errors.size == 0:
         raise ValueError("cannot pick a threshold from no errors")
@@ -187,7 +191,9 @@ def threshold_from_errors(errors, percentile: float = SEED_PERCENTILE) -> float:
         raise ValueError("errors contain NaN or infinity")
     if not 0.0 <= percentile <= 100.0:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")
-    return float(np.percentile(errors, percentile))
+    if not (math.isfinite(factor) and factor >= 1.0):
+        raise ValueError(f"threshold_factor must be a finite number >= 1, got {factor}")
+    return float(factor) * float(np.percentile(errors, percentile))
 
 
 def epochs_for(n_windows: int, batch_size: int, epochs: int, min_steps: int) -> int:
@@ -251,7 +257,7 @@ def fit_detector(X_raw, *, epochs: int, batch_size: int, lr: float, percentile: 
       seed's rule).
     """
     X = np.asarray(X_raw, dtype=np.float32)
-    scaler = MinMaxScaler(margin=check_scale_margin(scale_margin)).fit(X)
+    scaler = MinMaxScaler(margin=scale_margin).fit(X)
     Xs = scaler.transform(X)
     n_epochs = epochs_for(Xs.shape[0], batch_size, epochs, min_steps)
     ae = Autoencoder(Xs.shape[1], hidden=hidden, seed=seed)
@@ -261,15 +267,7 @@ def fit_detector(X_raw, *, epochs: int, batch_size: int, lr: float, percentile: 
                              seed=seed, hidden=hidden)
     else:
         errors = ae.reconstruction_error(Xs)
-    threshold = check_threshold_factor(threshold_factor) * threshold_from_errors(errors, percentile)
-    return Fitted(ae, scaler, threshold, n_epochs, losses)
-
-
-def check_threshold_factor(factor: float) -> float:
-    factor = float(factor)
-    if not (math.isfinite(factor) and factor >= 1.0):
-        raise ValueError(f"threshold_factor must be a finite number >= 1, got {factor}")
-    return factor
+    return Fitted(ae, scaler, threshold_from_errors(errors, percentile, threshold_factor), n_epochs, losses)
 
 
 class NodeVerdict:

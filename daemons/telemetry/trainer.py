@@ -34,8 +34,6 @@ from shoal.core.telemetry.model import (
     Autoencoder,
     MinMaxScaler,
     ModelError,
-    check_scale_margin,
-    check_threshold_factor,
     fit_detector,
     onnx_bytes,
     threshold_from_errors,
@@ -117,9 +115,8 @@ def model_from_global(weights: list[np.ndarray], features: list[str], windows: l
     ae = Autoencoder.from_weights(weights)  # ModelError on bad shapes / NaN
     if ae.n_features != len(names):
         raise ModelError(f"federated model takes {ae.n_features} features but names {len(names)}")
-    scaler = MinMaxScaler(margin=check_scale_margin(scale_margin)).fit(X)
-    errors = ae.reconstruction_error(scaler.transform(X))
-    threshold = check_threshold_factor(threshold_factor) * threshold_from_errors(errors, percentile)
+    scaler = MinMaxScaler(margin=scale_margin).fit(X)
+    threshold = threshold_from_errors(ae.reconstruction_error(scaler.transform(X)), percentile, threshold_factor)
     export_onnx(ae, scaler, names, threshold, out,
                 extra_metadata={"shoal.origin": "federated", "shoal.run_id": str(run_id)})
     return TrainResult(X.shape[0], len(names), threshold, None)
