@@ -24,7 +24,9 @@ What it does, in one run:
 
     sudo .venv/bin/python bench/telemetry/live.py [--normal 240] [--fault 20] [--gap 25] [--reps 3]
 
-Prints the table and writes bench/telemetry/live.json. Needs root only to read every
+Prints the table and writes bench/telemetry/live.json, and every window the daemon stored (its
+features too) to live-windows.json.gz, which bench/telemetry/replay.py scores other training
+recipes on. Needs root only to read every
 /proc file Netdata wants; the faults are the injectors' own bounds.
 """
 
@@ -322,6 +324,8 @@ def main() -> int:
                             "netdata_rate": float(r), "truth": None if t is None else f"{t.kind}/{t.intensity}"}
                            for (s, e), t, r in zip(sc.windows, sc.truth, scores, strict=True)]}
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        keep_store(tmp / "state" / "windows.db", windows_file(Path(args.out)),
+                   {"normal_start": t0, "train_start": train_start, "train_end": train_end})
         print_table(results)
         return 0
     finally:
@@ -335,6 +339,30 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def windows_file(out: Path) -> Path:
+    """Where the run's every window (with its features) is kept beside ``out``."""
+    return out.with_name(out.stem + "-windows.json.gz")
+
+
+def keep_store(db: Path, path: Path, times: dict[str, float]) -> None:
+    """Every window of the daemon's store, features and labels included, as gzipped JSON: what
+    bench/telemetry/replay.py trains and scores other recipes on, without a new live run."""
+    import gzip
+    import sqlite3
+
+    import msgpack
+
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT start, end, n_samples, features, label FROM windows ORDER BY start").fetchall()
+    finally:
+        con.close()
+    data = {**times, "windows": [{"start": s, "end": e, "n_samples": n, "label": lab,
+                                  "features": msgpack.unpackb(f)} for s, e, n, f, lab in rows]}
+    with gzip.open(path, "wt") as f:
+        json.dump(data, f)
 
 
 def print_table(results: dict) -> None:

@@ -74,3 +74,58 @@ def test_the_bench_picks_a_threshold_for_a_false_positive_rate_and_survives_no_n
     assert threshold_at(scores, normal, 0.0) == 0.4  # flagged means above it: no normal window is
     # a short run can score no normal window at all (it crashed with an IndexError): nothing flagged
     assert threshold_at(scores, np.zeros(6, bool), 0.02) == float("inf")
+
+
+def test_a_replay_trains_on_the_kept_normal_period_with_the_settings_given():
+    # A kept run as live.py writes it: 40 normal windows (two disturbed by the daemon's own
+    # training), training, then 20 normal windows and one 30 s fault that moves feature "b".
+    from replay import replay
+
+    rng = np.random.default_rng(3)
+
+    def window(start: float, fault: bool, label: str | None = None) -> dict:
+        return {"start": start, "end": start + 5.0, "n_samples": 5, "label": label,
+                "features": {"a:mean": float(rng.normal(10, 1)), "b:mean": float(rng.normal(5 + 20 * fault, 1))}}
+
+    normal = [window(1000.0 + 5 * i, False, "shoal-disturbed" if i in (3, 4) else None) for i in range(40)]
+    after = [window(1300.0 + 5 * i, 1400.0 <= 1300 + 5 * i < 1430) for i in range(30)]
+    kept = {"normal_start": 1000.0, "train_start": 1200.0, "train_end": 1210.0, "windows": normal + after}
+    run = {"injections": [{"kind": "memleak", "intensity": "high", "start": 1400.0, "end": 1430.0}],
+           "windows": [{"start": w["start"], "end": w["end"], "netdata_rate": 0.5 if 1400 <= w["start"] < 1430 else 0.1}
+                       for w in after if not 1430 <= w["start"] < 1435]}  # the window after a fault: unscored
+    out = replay(run, kept, "")
+    assert out["trained_windows"] == 38 and out["features"] == 2  # the disturbed windows left out
+    shoal = out["results"]["shoal"]
+    assert shoal["kinds"]["memleak/high"]["recall"] == 1.0 and shoal["normal_windows"] == 23
+    assert out["results"]["netdata_at_shoal_fpr"]["kinds"]["memleak/high"]["recall"] == 1.0
+    # The settings given are the recipe's: a threshold 1000 times higher flags nothing.
+    high = replay(run, kept, "threshold_factor = 1000.0")
+    assert high["threshold"] == pytest.approx(1000 * out["threshold"], rel=1e-6)
+    assert high["results"]["shoal"]["kinds"]["memleak/high"]["recall"] == 0.0
+    with pytest.raises(Exception, match="threshold_factor"):
+        replay(run, kept, "threshold_factor = 0.5")
+
+
+def test_a_live_run_keeps_every_stored_window_with_its_features_and_labels(tmp_path):
+    import gzip
+    import json
+
+    from live import keep_store, windows_file
+
+    from shoal.core.telemetry.windows import Window
+    from shoal.daemons.telemetry.store import WindowStore
+
+    store = WindowStore(tmp_path / "windows.db")
+    try:
+        for i in range(3):
+            store.add(Window(100.0 + 5 * i, 105.0 + 5 * i, 5, {"a:mean": float(i)}))
+        store.label(105.0, 110.0, "shoal-disturbed")
+        path = windows_file(tmp_path / "live.json")
+        keep_store(tmp_path / "windows.db", path, {"train_start": 110.0})  # read while the daemon has it open
+    finally:
+        store.close()
+    with gzip.open(path, "rt") as f:
+        kept = json.load(f)
+    assert path.name == "live-windows.json.gz" and kept["train_start"] == 110.0
+    assert [(w["start"], w["label"], w["features"]) for w in kept["windows"]] == [
+        (100.0, None, {"a:mean": 0.0}), (105.0, "shoal-disturbed", {"a:mean": 1.0}), (110.0, None, {"a:mean": 2.0})]
