@@ -11,6 +11,10 @@ them as live.py does, Netdata at the replay's false-positive rate included::
     .venv/bin/python bench/telemetry/replay.py --set 'threshold_factor = 2.0'
     .venv/bin/python bench/telemetry/replay.py --set 'exclude_features = ["load_", "mem_"]'
 
+``--deviations K`` tries a candidate feature the collector does not have: per metric, the
+window's mean less the median of that mean over the K windows before it (``<metric>:dev``;
+a level that moves and stays returns to zero after K/2 windows), added to every kept window.
+
 Only the recipe changes: the windows are those the live run's collector closed. The
 verdict differs from the daemon's only by ``[detector] confirm`` (the replay scores each
 window alone, as live.py does).
@@ -24,6 +28,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 
@@ -41,10 +46,27 @@ def stored(w: dict) -> StoredWindow:
     return StoredWindow(w["start"], w["end"], w["n_samples"], w["features"], w["label"], None, None, None)
 
 
-def replay(run: dict, kept: dict, training_toml: str) -> dict:
+def with_deviations(windows: list[dict], k: int, min_past: int = 6) -> list[dict]:
+    """The kept windows, in time order, each with ``<metric>:dev`` = its ``<metric>:mean`` less
+    the median of that mean over the ``k`` windows before it (once ``min(k, min_past)`` had it)."""
+    out = []
+    for i, w in enumerate(windows):
+        past = windows[max(0, i - k):i]
+        features = dict(w["features"])
+        for n, v in w["features"].items():
+            if n.endswith(":mean"):
+                before = [p["features"][n] for p in past if n in p["features"]]
+                if len(before) >= min(k, min_past):
+                    features[n[:-5] + ":dev"] = v - median(before)
+        out.append({**w, "features": features})
+    return out
+
+
+def replay(run: dict, kept: dict, training_toml: str, deviations: int = 0) -> dict:
     cfg = parse_config("[training]\n" + training_toml, TelemetryConfig, source="--set")
     t = cfg.training
-    windows = [stored(w) for w in kept["windows"]]
+    kept_windows = with_deviations(kept["windows"], deviations) if deviations else kept["windows"]
+    windows = [stored(w) for w in kept_windows]
     train = [w for w in windows if w.end <= kept["train_start"] and w.label in (None, NORMAL)][-t.max_windows:]
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model.onnx"
@@ -73,8 +95,8 @@ def replay(run: dict, kept: dict, training_toml: str) -> dict:
     for name, target in (("netdata_at_shoal_fpr", results["shoal"]["fpr"] or 0.0), ("netdata_at_2pct", 0.02)):
         thr = threshold_at(rates, normal, target)
         results[name] = {**evaluate(list(rates > thr), sc, injections), "threshold_rate": thr}
-    return {"training": training_toml, "trained_windows": res.windows, "features": res.features,
-            "threshold": res.threshold, "results": results}
+    return {"training": training_toml, "deviations": deviations, "trained_windows": res.windows,
+            "features": res.features, "threshold": res.threshold, "results": results}
 
 
 def main() -> int:
@@ -82,12 +104,14 @@ def main() -> int:
     ap.add_argument("--run", default=str(HERE / "live.json"), help="a live.py result")
     ap.add_argument("--set", action="append", default=[], metavar="TOML",
                     help="a [training] setting, e.g. 'threshold_factor = 2.0' (repeatable)")
+    ap.add_argument("--deviations", type=int, default=0, metavar="K",
+                    help="add <metric>:dev (the mean less its median over the K windows before) to every window")
     ap.add_argument("--out", default=None, help="write the replay's results here (JSON)")
     args = ap.parse_args()
     run = json.loads(Path(args.run).read_text())
     with gzip.open(windows_file(Path(args.run)), "rt") as f:
         kept = json.load(f)
-    out = replay(run, kept, "\n".join(args.set))
+    out = replay(run, kept, "\n".join(args.set), args.deviations)
     print(f"trained on {out['trained_windows']} windows, {out['features']} features, "
           f"threshold {out['threshold']:.4g}")
     print_table(out["results"])

@@ -129,3 +129,14 @@ def test_a_live_run_keeps_every_stored_window_with_its_features_and_labels(tmp_p
     assert path.name == "live-windows.json.gz" and kept["train_start"] == 110.0
     assert [(w["start"], w["label"], w["features"]) for w in kept["windows"]] == [
         (100.0, None, {"a:mean": 0.0}), (105.0, "shoal-disturbed", {"a:mean": 1.0}), (110.0, None, {"a:mean": 2.0})]
+
+
+def test_the_replays_deviation_feature_returns_to_zero_after_a_level_moves_and_stays():
+    from replay import with_deviations
+
+    windows = [{"start": float(i), "features": {"m:mean": 100.0 if i < 12 else 160.0, "m:std": 1.0}}
+               for i in range(30)]
+    dev = [w["features"].get("m:dev") for w in with_deviations(windows, 8)]
+    assert dev[:6] == [None] * 6 and dev[6:12] == [0.0] * 6  # fewer than 6 windows before: none
+    assert dev[12:16] == [60.0] * 4 and dev[16] == 30.0 and dev[17:] == [0.0] * 13
+    assert all("m:std:dev" not in w["features"] and w["features"]["m:std"] == 1.0 for w in with_deviations(windows, 8))
