@@ -105,6 +105,7 @@ from shoal.protocol.dispatch import (
 log = logging.getLogger("shoal.worker")
 
 POLICY_FILE = "queue-policy.msgpack"
+OUTPUTS_FILE = "outputs.json"  # what this worker publishes, secrets included (outputs.py)
 TOKEN_KEY = "worker.token_file"
 PULL_WAIT = 5.0  # seconds one long poll waits for work
 RTT_PINGS = 3
@@ -166,7 +167,8 @@ class WorkerApp:
         self.isolation = make_isolation(w, self.limits.work_dir, str(ctx.config_path or "worker"))
         self.swarm = SwarmHook(w.peer_socket)
         self.outputs = OutputServer(self.limits.work_dir, retention=w.output_retention, public_url=w.outputs_url,
-                                    tracker=w.publish_tracker, swarm=self.swarm)
+                                    tracker=w.publish_tracker, swarm=self.swarm,
+                                    state_file=ctx.state_dir / OUTPUTS_FILE)
         self.policy = make_queue_policy(w.queue_policy)
         self.policy_file = ctx.state_dir / POLICY_FILE
         self._load_policy()

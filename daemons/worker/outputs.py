@@ -29,9 +29,16 @@ an input error saying so (a wrong input is never handed to a task).
 **Retention.** Published outputs live until their job ends plus
 ``output_retention`` seconds: every heartbeat lists the jobs this worker keeps
 outputs for, the reply names those that ended, and a sweep removes their
-directories (and their torrents from the peer) once the period is over. A
-worker restart forgets the secrets, so its outputs are no longer served;
-a consumer that needs them fails loudly (``input: ...``).
+directories (and their torrents from the peer) once the period is over.
+
+**Restarts.** What is published (each task's secret, directory and outputs) is
+kept in ``<state directory>/outputs.json`` (mode 0600), written before the
+result that carries the secret is reported, so a worker restarted, even after
+``kill -9``, serves the outputs it had published (on the same ``outputs_listen``
+address: the dispatcher keeps the URL it was given). An entry whose directory
+is gone is dropped at start; an unreadable file is logged in one line and the
+worker starts with nothing published, and a consumer that needs those outputs
+fails loudly (``input: ...``), as when a file was tampered with.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import shutil
@@ -53,6 +61,7 @@ import trio
 
 from shoal.daemons.runtime.config import ListenAddr
 from shoal.daemons.runtime.http import HttpRequest, HttpResponse, serve_http
+from shoal.daemons.runtime.state import atomic_write
 from shoal.protocol.dispatch import FetchSource
 
 log = logging.getLogger("shoal.worker")
@@ -76,8 +85,9 @@ class OutputServer:
     """The worker's published outputs: served over HTTP, seeded by the peer, swept after retention."""
 
     def __init__(self, work_dir: Path, *, retention: float, public_url: str = "", tracker: str = "",
-                 swarm: Any = None, metrics: Any = None) -> None:
+                 swarm: Any = None, metrics: Any = None, state_file: Path | None = None) -> None:
         self.work_dir = work_dir
+        self.state_file = state_file
         self.retention = retention
         self.public_url = public_url
         self.tracker = tracker
@@ -86,6 +96,38 @@ class OutputServer:
         self.url = ""  # set once serving
         self.published: dict[tuple[int, str], _Published] = {}
         self.expiry: dict[int, float] = {}  # job -> when its outputs go
+        self._load()
+
+    # -- what is published, on disk ------------------------------------------------------
+
+    def _load(self) -> None:
+        if self.state_file is None or not self.state_file.exists():
+            return
+        try:
+            entries = json.loads(self.state_file.read_bytes())
+            for e in entries:
+                pub = _Published(str(e["secret"]), Path(e["directory"]),
+                                 {str(k): int(v) for k, v in e["outputs"].items()}, [str(h) for h in e["info_hashes"]])
+                if pub.directory.is_dir():
+                    self.published[int(e["job"]), str(e["task"])] = pub
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            self.published.clear()
+            log.error("published outputs not restored from %s (%s): none are served until published again",
+                      self.state_file, exc)
+            return
+        if self.published:
+            log.info("restored %d published task outputs from %s", len(self.published), self.state_file)
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        entries = [{"job": job, "task": task, "secret": p.secret, "directory": str(p.directory),
+                    "outputs": p.outputs, "info_hashes": p.info_hashes} for (job, task), p in self.published.items()]
+        try:
+            atomic_write(self.state_file, json.dumps(entries).encode(), mode=0o600)
+        except OSError as exc:
+            log.error("cannot save the published outputs to %s: %s (a restart will not serve them)",
+                      self.state_file, exc.strerror or exc)
 
     async def serve(self, listen: ListenAddr, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -121,6 +163,7 @@ class OutputServer:
                     continue
                 pub.info_hashes.append(info_hash)
                 magnets[str(rel)] = magnet
+        await trio.to_thread.run_sync(self._save)  # before the result with the secret is reported
         source: dict[str, Any] = {"url": self.url, "secret": pub.secret}
         if magnets:
             source["magnets"] = magnets
@@ -143,6 +186,7 @@ class OutputServer:
                 for info_hash in pub.info_hashes:
                     with contextlib.suppress(OSError, ValueError):
                         await self.swarm.unseed(info_hash)
+            await trio.to_thread.run_sync(self._save)
             await trio.to_thread.run_sync(shutil.rmtree, self.work_dir / str(job), True)
             if self.metrics is not None:
                 self.metrics.outputs_swept.inc()

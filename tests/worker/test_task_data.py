@@ -1,6 +1,7 @@
 """Data between tasks: task B names task A's output as an input and runs on another worker, with
 its own work directory; the output comes from A's worker, verified by its recorded SHA-256."""
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -103,6 +104,53 @@ async def test_a_task_reads_another_tasks_output_from_another_worker(tmp_path):
             assert await d.terminate() == 0
 
 
+async def test_a_producer_worker_killed_and_restarted_still_serves_its_published_output(tmp_path):
+    # A on w1 publishes its output; w1 is killed -9 and started again (same state directory and
+    # outputs address) before B, on w2, fetches it. The restart used to forget the secrets: B
+    # failed with "input: ... 404".
+    from tests.promlab import free_port
+
+    gate = tmp_path / "gate"
+    wait = (f"import os,time; t=time.monotonic()+60\n"
+            f"while not os.path.exists({str(gate)!r}) and time.monotonic()<t: time.sleep(0.05)")
+    tasks = [
+        {"name": "A", "cpus": 3, "command": [PY, "-c", MAKE], "outputs": ["result.bin"]},
+        {"name": "G", "memory": "2GB", "command": [PY, "-c", wait]},  # w2 only: holds B until told
+        {"name": "B", "memory": "2GB", "deps": ["G"], "command": [PY, "-c", USE], "inputs": ["task:A/result.bin"]},
+    ]
+    w1_extra = f'cpus = 4.0\nmemory = 1000000000\noutputs_listen = "127.0.0.1:{free_port()}"\n' \
+               f'work_dir = "{tmp_path / "w1work"}"'
+    w2_extra = f'cpus = 1.0\nmemory = 8000000000\nwork_dir = "{tmp_path / "w2work"}"'
+    with trio.fail_after(120):
+        async with await start_dispatcher(tmp_path) as d:
+            addr = d.addresses["rpc"]
+            async with await start_worker(tmp_path, addr, "w2", extra=w2_extra) as w2, await connect(d) as c:
+                w1 = await start_worker(tmp_path, addr, "w1", extra=w1_extra)
+                async with w1:
+                    await wait_workers(c, 2)
+                    job = (await c.call("submit", {"spec": json.dumps({"name": "r", "tasks": tasks}).encode()}))["job"]
+                    states = {}
+                    while states.get("A") != "done":  # noqa: ASYNC110 - another process's state: polled
+                        states = {t["task"]: t["state"] for t in (await c.call("job", {"id": job}))["tasks"]}
+                        await trio.sleep(0.05)
+                    out = tmp_path / "w1work" / str(job) / "A" / "result.bin"
+                    made = hashlib.sha256(out.read_bytes()).hexdigest()
+                    assert await w1.kill() == -9
+                async with await start_worker(tmp_path, addr, "w1", extra=w1_extra) as w1:
+                    m1 = await scrape(w1.addresses["metrics"])  # up and serving again
+                    assert metric(m1, "shoal_worker_output_served_bytes_total") == 0
+                    gate.touch()
+                    view = await wait_job(c, job, timeout=60)
+                    by = {t["task"]: t for t in (await c.call("job", {"id": job, "logs": True}))["tasks"]}
+                    assert view["state"] == "done", (view, by["B"].get("error"))
+                    assert by["B"]["worker"] == "w2" and by["B"]["stdout"].decode().strip() == made
+                    assert metric(await scrape(w1.addresses["metrics"]), "shoal_worker_output_served_bytes_total") \
+                        == 5 * 2**20 + 123
+                    assert await w1.terminate() == 0
+                assert await w2.terminate() == 0
+            assert await d.terminate() == 0
+
+
 def peer_config(path, sock, downloads) -> str:
     path.write_text(f"""
 [daemon]
@@ -156,3 +204,47 @@ async def test_the_consumer_fetches_the_output_through_the_swarm(tmp_path):
                 assert await d.terminate() == 0
                 assert await p1.terminate() == 0 and await p2.terminate() == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_published_outputs_survive_a_restart_and_a_bad_state_file_is_refused_in_one_line(tmp_path, caplog):
+    from shoal.daemons.runtime.config import ListenAddr
+    from shoal.daemons.worker.outputs import OutputServer, _http_fetch
+
+    state = tmp_path / "outputs.json"
+    (tmp_path / "work" / "7" / "A").mkdir(parents=True)
+    (tmp_path / "work" / "7" / "A" / "out.bin").write_bytes(b"x" * 1000)
+    (tmp_path / "work" / "8" / "A").mkdir(parents=True)
+    (tmp_path / "work" / "8" / "A" / "out.bin").write_bytes(b"y")
+
+    @contextlib.asynccontextmanager
+    async def serving(server: OutputServer):
+        async with trio.open_nursery() as n:
+            await n.start(server.serve, ListenAddr("127.0.0.1", 0))
+            yield server
+            n.cancel_scope.cancel()
+
+    async def fetch(server: OutputServer, job: int, secret: str, size: int) -> str:
+        return await trio.to_thread.run_sync(_http_fetch, f"{server.url}/{job}/A/out.bin", secret, size,
+                                             tmp_path / "got")
+
+    first = OutputServer(tmp_path / "work", retention=60.0, state_file=state)
+    async with serving(first) as s:
+        src7 = await s.publish(7, "A", tmp_path / "work" / "7" / "A", [["out.bin", 1000, "-"]])
+        src8 = await s.publish(8, "A", tmp_path / "work" / "8" / "A", [["out.bin", 1, "-"]])
+    assert state.stat().st_mode & 0o777 == 0o600  # secrets inside
+    (tmp_path / "work" / "8" / "A" / "out.bin").unlink()
+    (tmp_path / "work" / "8" / "A").rmdir()  # job 8's directory went while the worker was down
+    again = OutputServer(tmp_path / "work", retention=60.0, state_file=state)
+    assert set(again.published) == {(7, "A")} and again.jobs() == [7]
+    async with serving(again) as s:
+        assert await fetch(s, 7, src7["secret"], 1000) == hashlib.sha256(b"x" * 1000).hexdigest()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            await fetch(s, 7, src8["secret"], 1000)  # another task's secret
+        assert e.value.code == 403
+    for bad in (b"{not json", b'[{"job": "seven"}]', b'{"job": 7}'):
+        state.write_bytes(bad)
+        caplog.clear()
+        broken = OutputServer(tmp_path / "work", retention=60.0, state_file=state)
+        assert broken.published == {}
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "\n" not in errors[0] and str(state) in errors[0], errors
