@@ -38,9 +38,10 @@ each command task
   its cgroup (or process group) is killed; and a small *reaper* process
   (:mod:`shoal.daemons.worker.reaper`), started by the worker as the worker's
   user (the task user cannot signal it), holds the read end of a pipe from the
-  worker. When the worker dies, even by ``kill -9``, the pipe reaches EOF and
-  the reaper kills every task cgroup and every task process group it was told
-  about, then exits.
+  worker; each task's leader writes its process group there itself, just
+  before exec. When the worker dies, even by ``kill -9``, the pipe reaches EOF
+  and the reaper kills every task cgroup and every task process group it was
+  told about, then exits.
 """
 
 from __future__ import annotations
@@ -349,11 +350,20 @@ class Isolation:
         self.cgroups = cgroups  # None: process groups only
         self.reaper: Reaper | None = None
 
-    def preexec(self, cgroup: TaskCgroup | None) -> Callable[[], None]:
-        """What the child does between fork and exec (it runs as the worker's user until then)."""
+    def preexec(self, cgroup: TaskCgroup | None, *, task: bool = False) -> Callable[[], None]:
+        """What the child does between fork and exec (it runs as the worker's user until then).
+
+        ``task``: a task's leader in process-group mode tells the reaper its group itself, last
+        before exec, so the group is known before the task can fork. The worker's own
+        :meth:`started` comes only after the spawn returns; a worker killed in between left the
+        task's children running (a CI run of test_a_killed_worker_leaves_no_task_process_behind).
+        An exec that fails after this leaves the reaper one stale group, killed only if the
+        worker dies and the number was reused as a process group.
+        """
         procs = cgroup.procs_files() if cgroup is not None else []
         user = self.user
         parent = os.getpid()
+        tell = self.reaper.fd if task and self.reaper is not None and self.cgroups is None else None
 
         def child() -> None:
             for path in procs:  # join the task's cgroup while still allowed to
@@ -373,6 +383,8 @@ class Isolation:
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent:
                 os._exit(137)  # the worker died before the death signal was armed
+            if tell is not None:
+                os.write(tell, b"+%d\n" % os.getpid())  # the group's id: start_new_session made this its leader
 
         return child
 
@@ -465,5 +477,5 @@ class Reaper:
 def task_subprocess_kwargs(isolation: Isolation | None, cgroup: TaskCgroup | None) -> dict:
     if isolation is None:
         return {"start_new_session": True}
-    return {"start_new_session": True, "preexec_fn": isolation.preexec(cgroup)}
+    return {"start_new_session": True, "preexec_fn": isolation.preexec(cgroup, task=True)}
 

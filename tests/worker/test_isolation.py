@@ -180,6 +180,31 @@ async def test_a_killed_worker_leaves_no_task_process_behind(tmp_path, open_dir,
         assert await d.terminate() == 0
 
 
+async def test_a_tasks_group_is_the_reapers_before_the_worker_hears_of_it():
+    # The worker tells the reaper a task's process group after the spawn returns; killed in
+    # between (a CI run), the task's children outlived it. The leader tells it itself now.
+    from shoal.daemons.worker.isolation import Isolation, Reaper, task_subprocess_kwargs
+
+    iso = Isolation(None, None)  # process groups, tasks as this user
+    iso.reaper = await Reaper.start([])
+    marker = f"sleep {5000 + os.getpid() % 1000}"
+    try:
+        proc = await trio.lowlevel.open_process(["/bin/sh", "-c", f"{marker} & {marker}"],
+                                                **task_subprocess_kwargs(iso, None))
+        with trio.fail_after(20):
+            while len(_pids_with(marker)) < 3:  # noqa: ASYNC110 - polls /proc: no event to wait on
+                await trio.sleep(0.02)
+        await iso.reaper.stop()  # the worker is gone before isolation.started(proc.pid): EOF
+        with trio.fail_after(10):
+            while _pids_with(marker):  # noqa: ASYNC110 - polls /proc: no event to wait on
+                await trio.sleep(0.02)
+        assert await proc.wait() == -signal.SIGKILL
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            for p in _pids_with(marker):
+                os.kill(p, signal.SIGKILL)
+
+
 def test_a_worker_that_cannot_switch_users_refuses_or_says_so_once(tmp_path, caplog):
     from shoal.daemons.runtime.config import ConfigError
     from shoal.daemons.worker.config import WorkerSection
