@@ -383,8 +383,14 @@ class Isolation:
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent:
                 os._exit(137)  # the worker died before the death signal was armed
-            if tell is not None:
-                os.write(tell, b"+%d\n" % os.getpid())  # the group's id: start_new_session made this its leader
+            if tell is not None:  # the group's id: start_new_session made this its leader
+                pipe = signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # restored to default by now
+                try:
+                    os.write(tell, b"+%d\n" % os.getpid())
+                except OSError:
+                    pass  # a dead reaper must not stop the task (the worker's tell() says the same)
+                finally:
+                    signal.signal(signal.SIGPIPE, pipe)
 
         return child
 

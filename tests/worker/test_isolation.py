@@ -207,6 +207,22 @@ async def test_a_tasks_group_is_the_reapers_before_the_worker_hears_of_it():
                 os.kill(p, signal.SIGKILL)
 
 
+async def test_a_dead_reaper_does_not_stop_a_task_from_starting():
+    # The leader writes to the reaper's pipe before exec; with the reaper gone that write is
+    # EPIPE (and SIGPIPE, the default again in the child by then), which must not kill the task.
+    from shoal.daemons.worker.isolation import Isolation, Reaper, task_subprocess_kwargs
+
+    iso = Isolation(None, None)
+    iso.reaper = await Reaper.start([])
+    iso.reaper.proc.kill()
+    await iso.reaper.proc.wait()
+    try:
+        result = await trio.run_process(["/bin/sh", "-c", "exit 7"], check=False, **task_subprocess_kwargs(iso, None))
+        assert result.returncode == 7
+    finally:
+        await iso.reaper.stop()
+
+
 def test_a_worker_that_cannot_switch_users_refuses_or_says_so_once(tmp_path, caplog):
     from shoal.daemons.runtime.config import ConfigError
     from shoal.daemons.worker.config import WorkerSection
