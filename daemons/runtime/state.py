@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -55,6 +56,7 @@ class StateSaver:
         self.interval = interval
         self.log = log or logging.getLogger("shoal.state")
         self.failing = False
+        self._lock: Any = None  # a trio.Lock, made by the first save()
         self._counter = None
         if metrics is not None:
             self._counter = metrics.state_saves
@@ -85,12 +87,21 @@ class StateSaver:
         blob = self.snapshot()
         return True if blob is None else self._write(blob)
 
+    async def save(self) -> bool:
+        """Snapshot on the event loop and write in a worker thread, one save at a time (so the
+        newest snapshot is the one left on disk); True if the state is on disk."""
+        import trio
+
+        if self._lock is None:
+            self._lock = trio.Lock()
+        async with self._lock:
+            blob = self.snapshot()
+            return True if blob is None else await trio.to_thread.run_sync(self._write, blob)
+
     async def run(self) -> None:
         """Save every ``interval`` seconds until cancelled."""
         import trio
 
         while True:
             await trio.sleep(self.interval)
-            blob = self.snapshot()
-            if blob is not None:
-                await trio.to_thread.run_sync(self._write, blob)
+            await self.save()

@@ -168,7 +168,7 @@ class WorkerApp:
         self.swarm = SwarmHook(w.peer_socket)
         self.outputs = OutputServer(self.limits.work_dir, retention=w.output_retention, public_url=w.outputs_url,
                                     tracker=w.publish_tracker, swarm=self.swarm,
-                                    state_file=ctx.state_dir / OUTPUTS_FILE)
+                                    state_file=ctx.state_dir / OUTPUTS_FILE, daemon_metrics=ctx.metrics)
         self.policy = make_queue_policy(w.queue_policy)
         self.policy_file = ctx.state_dir / POLICY_FILE
         self._load_policy()

@@ -61,7 +61,7 @@ import trio
 
 from shoal.daemons.runtime.config import ListenAddr
 from shoal.daemons.runtime.http import HttpRequest, HttpResponse, serve_http
-from shoal.daemons.runtime.state import atomic_write
+from shoal.daemons.runtime.state import StateSaver
 from shoal.protocol.dispatch import FetchSource
 
 log = logging.getLogger("shoal.worker")
@@ -85,9 +85,13 @@ class OutputServer:
     """The worker's published outputs: served over HTTP, seeded by the peer, swept after retention."""
 
     def __init__(self, work_dir: Path, *, retention: float, public_url: str = "", tracker: str = "",
-                 swarm: Any = None, metrics: Any = None, state_file: Path | None = None) -> None:
+                 swarm: Any = None, metrics: Any = None, state_file: Path | None = None,
+                 daemon_metrics: Any = None) -> None:
         self.work_dir = work_dir
         self.state_file = state_file
+        # the runtime's state saver: saves counted in shoal_worker_state_saves_total{what="published_outputs"}
+        self.saver = None if state_file is None else StateSaver(
+            "published_outputs", state_file, self._snapshot, 0.0, metrics=daemon_metrics, log=log)
         self.retention = retention
         self.public_url = public_url
         self.tracker = tracker
@@ -118,16 +122,16 @@ class OutputServer:
         if self.published:
             log.info("restored %d published task outputs from %s", len(self.published), self.state_file)
 
-    def _save(self) -> None:
-        if self.state_file is None:
-            return
-        entries = [{"job": job, "task": task, "secret": p.secret, "directory": str(p.directory),
-                    "outputs": p.outputs, "info_hashes": p.info_hashes} for (job, task), p in self.published.items()]
-        try:
-            atomic_write(self.state_file, json.dumps(entries).encode(), mode=0o600)
-        except OSError as exc:
-            log.error("cannot save the published outputs to %s: %s (a restart will not serve them)",
-                      self.state_file, exc.strerror or exc)
+    def _snapshot(self) -> bytes:
+        return json.dumps([{"job": job, "task": task, "secret": p.secret, "directory": str(p.directory),
+                            "outputs": p.outputs, "info_hashes": p.info_hashes}
+                           for (job, task), p in self.published.items()]).encode()
+
+    async def _save(self) -> None:
+        """On disk before a result with a secret is reported; a failure is logged and counted by the
+        saver, and the outputs are still served until a restart."""
+        if self.saver is not None:
+            await self.saver.save()
 
     async def serve(self, listen: ListenAddr, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -163,7 +167,7 @@ class OutputServer:
                     continue
                 pub.info_hashes.append(info_hash)
                 magnets[str(rel)] = magnet
-        await trio.to_thread.run_sync(self._save)  # before the result with the secret is reported
+        await self._save()  # before the result with the secret is reported
         source: dict[str, Any] = {"url": self.url, "secret": pub.secret}
         if magnets:
             source["magnets"] = magnets
@@ -186,7 +190,7 @@ class OutputServer:
                 for info_hash in pub.info_hashes:
                     with contextlib.suppress(OSError, ValueError):
                         await self.swarm.unseed(info_hash)
-            await trio.to_thread.run_sync(self._save)
+            await self._save()
             await trio.to_thread.run_sync(shutil.rmtree, self.work_dir / str(job), True)
             if self.metrics is not None:
                 self.metrics.outputs_swept.inc()

@@ -232,10 +232,17 @@ async def test_published_outputs_survive_a_restart_and_a_bad_state_file_is_refus
         src7 = await s.publish(7, "A", tmp_path / "work" / "7" / "A", [["out.bin", 1000, "-"]])
         src8 = await s.publish(8, "A", tmp_path / "work" / "8" / "A", [["out.bin", 1, "-"]])
     assert state.stat().st_mode & 0o777 == 0o600  # secrets inside
+    (tmp_path / "work" / "9").mkdir()
+    async with serving(first) as s, trio.open_nursery() as n:  # publishes at once: each save whole, the last last
+        for t in ("A", "B", "C"):
+            (tmp_path / "work" / "9" / t).mkdir()
+            n.start_soon(s.publish, 9, t, tmp_path / "work" / "9" / t, [["out.bin", 1, "-"]])
+    assert {k for k in OutputServer(tmp_path / "work", retention=60.0, state_file=state).published} == {
+        (7, "A"), (8, "A"), (9, "A"), (9, "B"), (9, "C")}
     (tmp_path / "work" / "8" / "A" / "out.bin").unlink()
     (tmp_path / "work" / "8" / "A").rmdir()  # job 8's directory went while the worker was down
     again = OutputServer(tmp_path / "work", retention=60.0, state_file=state)
-    assert set(again.published) == {(7, "A")} and again.jobs() == [7]
+    assert set(again.published) == {(7, "A"), (9, "A"), (9, "B"), (9, "C")} and again.jobs() == [7, 9]
     async with serving(again) as s:
         assert await fetch(s, 7, src7["secret"], 1000) == hashlib.sha256(b"x" * 1000).hexdigest()
         with pytest.raises(urllib.error.HTTPError) as e:
